@@ -1,0 +1,118 @@
+#pragma once
+// Value types shared by every Communicator backend: reduction ops,
+// all-reduce algorithms, timeouts and the per-op options structs.
+//
+// Options structs are how new knobs are added without breaking signatures:
+// every op takes exactly one, and every field has a documented default.
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace dtrain::collectives {
+
+/// Per-op timeout. Every blocking call in dtrain has one.
+using Timeout = std::chrono::milliseconds;
+
+/// Element-wise reduction applied by all_reduce and reduce_scatter.
+enum class ReduceOp : std::uint8_t {
+  kSum,
+  kAvg,  ///< Sum divided by the communicator size; floating dtypes only.
+  kMin,
+  kMax,
+  kProduct,
+};
+
+/// How all_reduce moves and reduces data (CPU/MPI backend).
+enum class Algorithm : std::uint8_t {
+  /// Picks one of the others from the message size and world size, using
+  /// crossover points measured with benchmarks/allreduce_perf (see
+  /// docs/collectives.md). Deterministic: every rank picks the same.
+  kAuto,
+  /// Reduce-scatter then all-gather around a ring, chunked so that receiving
+  /// the next chunk overlaps reducing the current one. Bandwidth-optimal:
+  /// each rank sends 2(n-1)/n of the message.
+  kRing,
+  /// Reduce up a binary tree to rank 0, then broadcast down, chunked and
+  /// pipelined. 2*log2(n) latency steps.
+  kTree,
+  /// Recursive halving-doubling (Rabenseifner): reduce-scatter by recursive
+  /// halving, all-gather by recursive doubling; below a small size it
+  /// exchanges whole vectors (recursive doubling, log2(n) steps).
+  kRhd,
+  /// The MPI library's own MPI_Iallreduce.
+  kNative,
+};
+
+const char* to_string(ReduceOp op);
+const char* to_string(Algorithm algorithm);
+/// Parses "auto", "ring", "tree", "rhd" or "native" (case-sensitive).
+/// Throws InvalidArgument naming the valid choices otherwise.
+Algorithm parse_algorithm(std::string_view name);
+
+/// Options of Communicator::all_reduce.
+struct AllReduceOptions {
+  ReduceOp op = ReduceOp::kSum;
+  /// Unset: the communicator's default (CommunicatorOptions::allreduce_algorithm).
+  std::optional<Algorithm> algorithm;
+  /// Unset: the communicator's default timeout.
+  std::optional<Timeout> timeout;
+};
+
+/// Options of Communicator::broadcast.
+struct BroadcastOptions {
+  int root = 0;  ///< Rank (in this communicator) whose tensor is sent.
+  std::optional<Timeout> timeout;
+};
+
+/// Options of Communicator::all_gather.
+struct AllGatherOptions {
+  std::optional<Timeout> timeout;
+};
+
+/// Options of Communicator::reduce_scatter.
+struct ReduceScatterOptions {
+  ReduceOp op = ReduceOp::kSum;
+  std::optional<Timeout> timeout;
+};
+
+/// Options of Communicator::send and Communicator::recv.
+struct PointToPointOptions {
+  /// Messages between one pair of ranks match by tag, in issue order.
+  /// Must be in [0, 1'000'000).
+  int tag = 0;
+  std::optional<Timeout> timeout;
+};
+
+/// Options of Communicator::barrier.
+struct BarrierOptions {
+  std::optional<Timeout> timeout;
+};
+
+/// Options of Communicator::split.
+struct SplitOptions {
+  /// Name of the new communicator in logs and errors. Empty: "<parent>/<color>".
+  std::string name;
+  /// Unset: the parent's default timeout (also used for the split itself).
+  std::optional<Timeout> timeout;
+};
+
+/// Configuration of a communicator. Plain struct with documented defaults;
+/// validate() throws InvalidArgument on nonsense.
+struct CommunicatorOptions {
+  /// Name used in logs and error messages ("world", "dp", "tp", ...).
+  std::string name = "world";
+  /// Default timeout of every op on this communicator (DTRAIN_TIMEOUT_MS).
+  Timeout timeout = std::chrono::minutes(5);
+  /// Default all-reduce algorithm (DTRAIN_ALLREDUCE_ALGO).
+  Algorithm allreduce_algorithm = Algorithm::kAuto;
+  /// Pipelining unit of the ring and tree algorithms, in bytes
+  /// (DTRAIN_CHUNK_BYTES). Must be at least 4 KiB.
+  std::size_t chunk_bytes = std::size_t{256} << 10;
+
+  void validate() const;
+};
+
+}  // namespace dtrain::collectives

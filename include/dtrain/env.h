@@ -1,0 +1,31 @@
+#pragma once
+// The DTRAIN_* environment variables, read in this one place.
+//
+// | variable              | meaning                                        |
+// |-----------------------|------------------------------------------------|
+// | DTRAIN_ALLREDUCE_ALGO | default all-reduce algorithm: auto, ring, tree, rhd, native |
+// | DTRAIN_TIMEOUT_MS     | default op timeout of new communicators, in ms |
+// | DTRAIN_CHUNK_BYTES    | pipelining chunk of the ring/tree algorithms   |
+//
+// Values that do not parse throw InvalidArgument naming the variable.
+
+#include <cstddef>
+#include <optional>
+
+#include "dtrain/collectives/types.h"
+
+namespace dtrain {
+
+struct EnvOverrides {
+  std::optional<collectives::Algorithm> allreduce_algorithm;
+  std::optional<collectives::Timeout> timeout;
+  std::optional<std::size_t> chunk_bytes;
+
+  /// Writes the overrides that are set into `options`.
+  void apply(collectives::CommunicatorOptions& options) const;
+};
+
+/// Reads every DTRAIN_* variable. Throws InvalidArgument on a malformed value.
+EnvOverrides read_env_overrides();
+
+}  // namespace dtrain

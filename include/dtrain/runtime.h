@@ -1,0 +1,80 @@
+#pragma once
+// Runtime: process-wide setup of the transports dtrain uses (MPI today).
+//
+// Create exactly one Runtime at the top of main() and pass it (or the
+// communicators it creates) to the rest of the program; dtrain has no
+// mutable globals. Destroying it finalizes MPI if the Runtime initialized it.
+//
+//   int main(int argc, char** argv) {
+//     dtrain::Runtime runtime(&argc, &argv);
+//     auto world = runtime.world();
+//     ...
+//   }
+//
+// The same binary runs with or without mpirun/srun: started on its own it is
+// a world of one rank.
+
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "dtrain/collectives/types.h"
+
+namespace dtrain {
+
+namespace collectives {
+class Communicator;
+}
+
+/// Where this process sits in the job, as the launcher's environment says
+/// (OMPI_COMM_WORLD_*, PMI_*/PMIX_*, SLURM_*). Readable before MPI is up,
+/// for logging; the communicators' rank()/size() are authoritative.
+struct LaunchInfo {
+  int rank = 0;
+  int size = 1;
+  int local_rank = 0;  ///< Rank among the processes on this node.
+  int local_size = 1;
+  /// "openmpi", "pmi", "slurm" or "none" (started without a launcher).
+  std::string launcher = "none";
+};
+
+/// Reads LaunchInfo from the environment. Pure; never throws.
+LaunchInfo detect_launch();
+
+class Runtime {
+ public:
+  /// Initializes MPI with MPI_THREAD_MULTIPLE (each communicator runs ops on
+  /// its own thread). Throws CommError if the MPI library cannot provide that
+  /// level. If MPI is already initialized (by the application), checks its
+  /// thread level and leaves finalization to the application.
+  /// At most one Runtime may exist in a process.
+  Runtime(int* argc, char*** argv);
+  Runtime() : Runtime(nullptr, nullptr) {}
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  /// This process's rank in the whole job.
+  int rank() const noexcept { return rank_; }
+  /// Number of processes in the whole job.
+  int size() const noexcept { return size_; }
+  const LaunchInfo& launch() const noexcept { return launch_; }
+
+  /// Creates a new communicator over every process of the job. Collective:
+  /// every process must call it, in the same order. The DTRAIN_* environment
+  /// overrides (see docs/configuration.md) are applied on top of `options`.
+  std::shared_ptr<collectives::Communicator> world(collectives::CommunicatorOptions options = {});
+
+  /// Ends the whole job now (MPI_Abort) after writing `reason` to stderr with
+  /// this process's rank. For use after a CommError/TimeoutError, so that the
+  /// launcher sees the failure promptly instead of ranks hanging.
+  [[noreturn]] static void abort_job(int exit_code, std::string_view reason) noexcept;
+
+ private:
+  bool owns_mpi_ = false;
+  int rank_ = 0;
+  int size_ = 1;
+  LaunchInfo launch_;
+};
+
+}  // namespace dtrain

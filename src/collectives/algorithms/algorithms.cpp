@@ -1,0 +1,52 @@
+// Scratch buffers and the choice made by Algorithm::kAuto.
+
+#include "src/collectives/algorithms/algorithms.h"
+
+#include <cstdlib>
+#include <new>
+
+#include "dtrain/error.h"
+
+namespace dtrain::collectives::detail {
+
+void Scratch::Free::operator()(void* p) const noexcept { std::free(p); }
+
+void* Scratch::get(std::size_t bytes) {
+  if (bytes <= capacity_ && data_) return data_.get();
+  // Grow geometrically so a slowly growing workload reallocates O(log n) times.
+  std::size_t capacity = std::max<std::size_t>(bytes, capacity_ + capacity_ / 2);
+  capacity = (capacity + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, capacity);
+  if (p == nullptr) throw std::bad_alloc();
+  data_.reset(p);
+  capacity_ = capacity;
+  return p;
+}
+
+// Crossover points measured with benchmarks/allreduce_perf on 2-core VMs
+// (2 and 4 ranks over Open MPI's shared-memory transport); see
+// docs/collectives.md for the tables they come from.
+Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size) {
+  if (world_size <= 1) return Algorithm::kRing;
+  if (bytes <= (std::size_t{32} << 10)) return Algorithm::kRhd;
+  return Algorithm::kRing;
+}
+
+void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::size_t count,
+                    const Reducer& reducer, Scratch& scratch, std::size_t chunk_bytes) {
+  switch (algorithm) {
+    case Algorithm::kRing:
+      return ring_all_reduce(transport, data, count, reducer, scratch, chunk_bytes);
+    case Algorithm::kTree:
+      return tree_all_reduce(transport, data, count, reducer, scratch, chunk_bytes);
+    case Algorithm::kRhd:
+      return rhd_all_reduce(transport, data, count, reducer, scratch);
+    case Algorithm::kAuto:
+    case Algorithm::kNative:
+      break;
+  }
+  DTRAIN_THROW(Error, "run_all_reduce: ", to_string(algorithm),
+               " is not a point-to-point algorithm");
+}
+
+}  // namespace dtrain::collectives::detail

@@ -1,0 +1,123 @@
+// Ring algorithms.
+//
+// All-reduce = reduce-scatter + all-gather around the ring r -> r+1. The
+// message is cut into n segments (Segments{count, n}). In reduce-scatter step
+// s, rank r sends segment (r-s-1) to its right neighbour and receives segment
+// (r-s-2) from its left neighbour, which it reduces into its own copy; after
+// n-1 steps rank r holds the full reduction of segment r. Each segment is
+// reduced along a fixed chain of ranks, once, so the result is the same on
+// every rank. The all-gather then passes the finished segments around the
+// ring in n-1 more steps. Every rank sends and receives 2(n-1)/n of the
+// message: bandwidth-optimal.
+//
+// Within a step the segment moves in chunks of chunk_bytes, received into a
+// small ring of scratch slots (kPipelineDepth of them), so the reduction of
+// chunk k overlaps the transfer of chunks k+1..k+depth-1.
+
+#include <algorithm>
+
+#include "dtrain/error.h"
+#include "src/collectives/algorithms/algorithms.h"
+
+namespace dtrain::collectives::detail {
+namespace {
+
+constexpr std::size_t kPipelineDepth = 4;
+// Keeps every message well below MPI's int count limit.
+constexpr std::size_t kMaxMessageBytes = std::size_t{64} << 20;
+
+inline std::size_t wrap(long long value, int n) {
+  long long m = value % n;
+  return static_cast<std::size_t>(m < 0 ? m + n : m);
+}
+
+inline char* offset(void* base, std::size_t elements, std::size_t element_size) {
+  return static_cast<char*>(base) + elements * element_size;
+}
+
+// Posts sends of [begin, begin+len) elements in messages of at most
+// `message_elems` elements.
+void send_range(Transport& transport, void* data, std::size_t begin, std::size_t len,
+                std::size_t element_size, std::size_t message_elems, int peer) {
+  for (std::size_t off = 0; off < len; off += message_elems) {
+    const std::size_t n = std::min(message_elems, len - off);
+    transport.isend(offset(data, begin + off, element_size), n * element_size, peer);
+  }
+}
+
+void recv_range(Transport& transport, void* data, std::size_t begin, std::size_t len,
+                std::size_t element_size, std::size_t message_elems, int peer) {
+  for (std::size_t off = 0; off < len; off += message_elems) {
+    const std::size_t n = std::min(message_elems, len - off);
+    transport.irecv(offset(data, begin + off, element_size), n * element_size, peer);
+  }
+}
+
+}  // namespace
+
+void ring_reduce_scatter(Transport& transport, void* data, std::size_t count,
+                         const Reducer& reducer, Scratch& scratch, std::size_t chunk_bytes) {
+  const int n = transport.size();
+  const int r = transport.rank();
+  if (n == 1 || count == 0) return;
+  const std::size_t es = reducer.element_size;
+  const std::size_t chunk = std::max<std::size_t>(1, chunk_bytes / es);
+  char* slots = static_cast<char*>(scratch.get(kPipelineDepth * chunk * es));
+  const int right = (r + 1) % n;
+  const int left = (r + n - 1) % n;
+  const Segments seg{count, static_cast<std::size_t>(n)};
+
+  for (int step = 0; step < n - 1; ++step) {
+    const std::size_t send_seg = wrap(static_cast<long long>(r) - step - 1, n);
+    const std::size_t recv_seg = wrap(static_cast<long long>(r) - step - 2, n);
+    send_range(transport, data, seg.begin(send_seg), seg.length(send_seg), es, chunk, right);
+
+    const std::size_t recv_begin = seg.begin(recv_seg);
+    const std::size_t recv_len = seg.length(recv_seg);
+    const std::size_t n_chunks = (recv_len + chunk - 1) / chunk;
+    Transport::Request pending[kPipelineDepth] = {};
+    auto slot = [&](std::size_t c) { return slots + (c % kPipelineDepth) * chunk * es; };
+    auto chunk_len = [&](std::size_t c) { return std::min(chunk, recv_len - c * chunk); };
+    auto post = [&](std::size_t c) {
+      pending[c % kPipelineDepth] = transport.irecv(slot(c), chunk_len(c) * es, left);
+    };
+    for (std::size_t c = 0; c < std::min(n_chunks, kPipelineDepth); ++c) post(c);
+    for (std::size_t c = 0; c < n_chunks; ++c) {
+      transport.wait(pending[c % kPipelineDepth]);
+      reducer(offset(data, recv_begin + c * chunk, es), slot(c), chunk_len(c));
+      if (c + kPipelineDepth < n_chunks) post(c + kPipelineDepth);
+    }
+    // The next step sends the segment reduced here; this step's sends must
+    // have left before any buffer they read is changed.
+    transport.wait_all();
+  }
+}
+
+void ring_all_gather(Transport& transport, void* data, std::size_t count, std::size_t element_size,
+                     std::size_t chunk_bytes) {
+  const int n = transport.size();
+  const int r = transport.rank();
+  if (n == 1 || count == 0) return;
+  const std::size_t message_elems =
+      std::max<std::size_t>(1, std::max(chunk_bytes, kMaxMessageBytes) / element_size);
+  const int right = (r + 1) % n;
+  const int left = (r + n - 1) % n;
+  const Segments seg{count, static_cast<std::size_t>(n)};
+  for (int step = 0; step < n - 1; ++step) {
+    const std::size_t send_seg = wrap(static_cast<long long>(r) - step, n);
+    const std::size_t recv_seg = wrap(static_cast<long long>(r) - step - 1, n);
+    recv_range(transport, data, seg.begin(recv_seg), seg.length(recv_seg), element_size,
+               message_elems, left);
+    send_range(transport, data, seg.begin(send_seg), seg.length(send_seg), element_size,
+               message_elems, right);
+    transport.wait_all();
+  }
+}
+
+void ring_all_reduce(Transport& transport, void* data, std::size_t count, const Reducer& reducer,
+                     Scratch& scratch, std::size_t chunk_bytes) {
+  ring_reduce_scatter(transport, data, count, reducer, scratch, chunk_bytes);
+  ring_all_gather(transport, data, count, reducer.element_size, chunk_bytes);
+}
+
+}  // namespace dtrain::collectives::detail

@@ -1,0 +1,492 @@
+// MpiCommunicator: validates tensors on the caller's thread, then queues
+// each op on its ProgressEngine, where it runs over MpiTransport with the
+// algorithms of src/collectives/algorithms.
+
+#include "src/collectives/mpi/mpi_communicator.h"
+
+#include <ATen/ops/from_blob.h>
+
+#include <atomic>
+#include <climits>
+#include <cstring>
+#include <mutex>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "dtrain/error.h"
+#include "src/collectives/algorithms/algorithms.h"
+#include "src/collectives/mpi/mpi_error.h"
+#include "src/collectives/mpi/mpi_transport.h"
+#include "src/collectives/mpi/progress_engine.h"
+
+namespace dtrain::collectives::detail {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Point-to-point ops are not numbered in the collective order.
+constexpr std::uint64_t kPointToPointSeq = ~std::uint64_t{0};
+constexpr int kMaxUserTag = 1'000'000;
+
+ElementType element_type_of(const at::Tensor& tensor, const char* op) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat:
+      return ElementType::kFloat32;
+    case at::kDouble:
+      return ElementType::kFloat64;
+    case at::kBFloat16:
+      return ElementType::kBFloat16;
+    case at::kHalf:
+      return ElementType::kFloat16;
+    case at::kInt:
+      return ElementType::kInt32;
+    case at::kLong:
+      return ElementType::kInt64;
+    case at::kByte:
+      return ElementType::kUInt8;
+    default:
+      DTRAIN_THROW(InvalidArgument, op, ": dtype ", tensor.scalar_type(),
+                   " is not supported by the MPI backend (supported: float32, float64, "
+                   "bfloat16, float16, int32, int64, uint8)");
+  }
+}
+
+void check_cpu_tensor(const at::Tensor& tensor, const char* op, const char* which) {
+  DTRAIN_CHECK_ARG(tensor.defined(), op, ": ", which, " tensor is undefined");
+  DTRAIN_CHECK_ARG(tensor.device().is_cpu(), op, ": ", which, " tensor is on ", tensor.device(),
+                   "; the MPI backend takes CPU tensors (use the NCCL backend for CUDA tensors)");
+  DTRAIN_CHECK_ARG(tensor.layout() == at::kStrided, op, ": ", which,
+                   " tensor must be dense (strided), got layout ", tensor.layout());
+}
+
+std::string describe(const char* op, const char* detail, std::size_t count, ElementType type) {
+  std::ostringstream os;
+  os << op << "(";
+  if (detail != nullptr && *detail != '\0') os << detail << ", ";
+  os << count << " x " << to_string(type) << ")";
+  return os.str();
+}
+
+MPI_Datatype mpi_datatype(ElementType type) {
+  switch (type) {
+    case ElementType::kFloat32:
+      return MPI_FLOAT;
+    case ElementType::kFloat64:
+      return MPI_DOUBLE;
+    case ElementType::kBFloat16:
+    case ElementType::kFloat16:
+      return MPI_UINT16_T;  // reduced by our own MPI_Op, see half_op
+    case ElementType::kInt32:
+      return MPI_INT32_T;
+    case ElementType::kInt64:
+      return MPI_INT64_T;
+    case ElementType::kUInt8:
+      return MPI_UINT8_T;
+  }
+  return MPI_DATATYPE_NULL;
+}
+
+// MPI_Op callbacks for the 16-bit floating types, which MPI cannot reduce.
+template <ElementType kType, ReduceOp kOp>
+void half_op_callback(void* in, void* inout, int* len, MPI_Datatype* /*type*/) {
+  static const Reducer reducer = make_reducer(kType, kOp);
+  reducer(inout, in, static_cast<std::size_t>(*len));
+}
+
+template <ElementType kType>
+void create_half_ops(MPI_Op (&ops)[4]) {
+  DTRAIN_MPI_CHECK(MPI_Op_create(&half_op_callback<kType, ReduceOp::kSum>, 1, &ops[0]));
+  DTRAIN_MPI_CHECK(MPI_Op_create(&half_op_callback<kType, ReduceOp::kProduct>, 1, &ops[1]));
+  DTRAIN_MPI_CHECK(MPI_Op_create(&half_op_callback<kType, ReduceOp::kMin>, 1, &ops[2]));
+  DTRAIN_MPI_CHECK(MPI_Op_create(&half_op_callback<kType, ReduceOp::kMax>, 1, &ops[3]));
+}
+
+int half_op_index(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      return 0;
+    case ReduceOp::kProduct:
+      return 1;
+    case ReduceOp::kMin:
+      return 2;
+    case ReduceOp::kMax:
+      return 3;
+  }
+  return 0;
+}
+
+MPI_Op builtin_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      return MPI_SUM;
+    case ReduceOp::kProduct:
+      return MPI_PROD;
+    case ReduceOp::kMin:
+      return MPI_MIN;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+  }
+  return MPI_OP_NULL;
+}
+
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator(MPI_Comm comm, CommunicatorOptions options)
+      : comm_(comm), options_(std::move(options)) {
+    options_.validate();
+    DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+    DTRAIN_MPI_CHECK(MPI_Comm_dup(comm_, &p2p_comm_));
+    DTRAIN_MPI_CHECK(MPI_Comm_dup(comm_, &diag_comm_));
+    DTRAIN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    DTRAIN_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    transport_ = std::make_unique<MpiTransport>(comm_, diag_comm_, options_.name);
+    p2p_transport_ = std::make_unique<MpiTransport>(p2p_comm_, diag_comm_, options_.name);
+    create_half_ops<ElementType::kBFloat16>(half_ops_[0]);
+    create_half_ops<ElementType::kFloat16>(half_ops_[1]);
+    engine_ = std::make_unique<ProgressEngine>();
+  }
+
+  ~MpiCommunicator() override {
+    engine_.reset();  // runs or fails what is queued, joins the thread
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (failed_.load() || finalized) {
+      // MPI may still hold requests that point into our buffers or
+      // communicators: leave them all allocated rather than risk a write
+      // into freed memory.
+      slots_.leak();
+      workspace_.leak();
+      return;
+    }
+    for (auto& ops : half_ops_) {
+      for (MPI_Op& op : ops) MPI_Op_free(&op);
+    }
+    MPI_Comm_free(&diag_comm_);
+    MPI_Comm_free(&p2p_comm_);
+    MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return options_.name; }
+  const CommunicatorOptions& options() const override { return options_; }
+  bool failed() const override { return failed_.load(); }
+
+  std::shared_ptr<Work> all_reduce(const at::Tensor& tensor,
+                                   const AllReduceOptions& opts) override {
+    constexpr const char* kOp = "all_reduce";
+    check_cpu_tensor(tensor, kOp, "the");
+    const ElementType type = element_type_of(tensor, kOp);
+    const Reducer reducer = make_reducer(type, opts.op);
+    const std::size_t count = static_cast<std::size_t>(tensor.numel());
+    Algorithm algorithm = opts.algorithm.value_or(options_.allreduce_algorithm);
+    if (algorithm == Algorithm::kAuto) {
+      algorithm = choose_all_reduce_algorithm(count * reducer.element_size, size_);
+    }
+    DTRAIN_CHECK_ARG(algorithm != Algorithm::kNative || count <= static_cast<std::size_t>(INT_MAX),
+                     "all_reduce: ", count,
+                     " elements exceed MPI's int count limit of the "
+                     "native algorithm; use ring");
+    std::string detail = std::string(to_string(algorithm)) + ", " + to_string(opts.op);
+    const ReduceOp op = opts.op;
+    return submit(describe(kOp, detail.c_str(), count, type), opts.timeout, /*collective=*/true,
+                  tensor, [=](MpiTransport& transport) {
+                    Staged staged = stage(tensor, workspace_);
+                    void* data = staged.tensor.data_ptr();
+                    if (algorithm == Algorithm::kNative) {
+                      native_all_reduce(transport, data, count, type, op);
+                    } else {
+                      run_all_reduce(algorithm, transport, data, count, reducer, slots_,
+                                     options_.chunk_bytes);
+                    }
+                    if (op == ReduceOp::kAvg) divide_in_place(data, count, type, size_);
+                    unstage(staged, tensor);
+                  });
+  }
+
+  std::shared_ptr<Work> broadcast(const at::Tensor& tensor, const BroadcastOptions& opts) override {
+    constexpr const char* kOp = "broadcast";
+    check_cpu_tensor(tensor, kOp, "the");
+    const ElementType type = element_type_of(tensor, kOp);
+    DTRAIN_CHECK_ARG(opts.root >= 0 && opts.root < size_, "broadcast: root ", opts.root,
+                     " is not a rank of communicator '", options_.name, "' (size ", size_, ")");
+    const std::size_t count = static_cast<std::size_t>(tensor.numel());
+    const int root = opts.root;
+    std::string detail = "root " + std::to_string(root);
+    return submit(describe(kOp, detail.c_str(), count, type), opts.timeout, true, tensor,
+                  [=](MpiTransport& transport) {
+                    Staged staged = stage(tensor, workspace_, /*copy_in=*/rank_ == root);
+                    tree_broadcast(transport, staged.tensor.data_ptr(), count * element_size(type),
+                                   root, options_.chunk_bytes);
+                    unstage(staged, tensor);
+                  });
+  }
+
+  std::shared_ptr<Work> all_gather(const at::Tensor& output, const at::Tensor& input,
+                                   const AllGatherOptions& opts) override {
+    constexpr const char* kOp = "all_gather";
+    check_cpu_tensor(input, kOp, "input");
+    check_cpu_tensor(output, kOp, "output");
+    const ElementType type = element_type_of(input, kOp);
+    DTRAIN_CHECK_ARG(output.scalar_type() == input.scalar_type(), kOp, ": output dtype ",
+                     output.scalar_type(), " differs from input dtype ", input.scalar_type());
+    const std::size_t count = static_cast<std::size_t>(input.numel());
+    DTRAIN_CHECK_ARG(static_cast<std::size_t>(output.numel()) == count * size_, kOp,
+                     ": output has ", output.numel(),
+                     " elements; it needs size() * input.numel() = ", size_, " * ", count, " = ",
+                     count * size_);
+    const std::size_t es = element_size(type);
+    return submit(
+        describe(kOp, "", count, type), opts.timeout, true, output,
+        [=](MpiTransport& transport) {
+          Staged staged = stage(output, workspace_, /*copy_in=*/false);
+          char* out = static_cast<char*>(staged.tensor.data_ptr());
+          copy_into(out + rank_ * count * es, input);
+          ring_all_gather(transport, out, count * size_, es, options_.chunk_bytes);
+          unstage(staged, output);
+        },
+        input);
+  }
+
+  std::shared_ptr<Work> reduce_scatter(const at::Tensor& output, const at::Tensor& input,
+                                       const ReduceScatterOptions& opts) override {
+    constexpr const char* kOp = "reduce_scatter";
+    check_cpu_tensor(input, kOp, "input");
+    check_cpu_tensor(output, kOp, "output");
+    const ElementType type = element_type_of(input, kOp);
+    DTRAIN_CHECK_ARG(output.scalar_type() == input.scalar_type(), kOp, ": output dtype ",
+                     output.scalar_type(), " differs from input dtype ", input.scalar_type());
+    const Reducer reducer = make_reducer(type, opts.op);
+    const std::size_t count = static_cast<std::size_t>(output.numel());
+    DTRAIN_CHECK_ARG(static_cast<std::size_t>(input.numel()) == count * size_, kOp, ": input has ",
+                     input.numel(), " elements; it needs size() * output.numel() = ", size_, " * ",
+                     count, " = ", count * size_);
+    const std::size_t es = element_size(type);
+    const ReduceOp op = opts.op;
+    return submit(
+        describe(kOp, to_string(op), count, type), opts.timeout, true, output,
+        [=](MpiTransport& transport) {
+          // Reduce in a reused workspace: the input must stay unchanged.
+          char* work = static_cast<char*>(workspace_.get(count * size_ * es));
+          copy_into(work, input);
+          ring_reduce_scatter(transport, work, count * size_, reducer, slots_,
+                              options_.chunk_bytes);
+          char* mine = work + rank_ * count * es;
+          if (op == ReduceOp::kAvg) divide_in_place(mine, count, type, size_);
+          copy_out(output, mine);
+        },
+        input);
+  }
+
+  std::shared_ptr<Work> send(const at::Tensor& tensor, int dst,
+                             const PointToPointOptions& opts) override {
+    return point_to_point("send", tensor, dst, opts, /*is_recv=*/false);
+  }
+
+  std::shared_ptr<Work> recv(const at::Tensor& tensor, int src,
+                             const PointToPointOptions& opts) override {
+    return point_to_point("recv", tensor, src, opts, /*is_recv=*/true);
+  }
+
+  std::shared_ptr<Work> barrier(const BarrierOptions& opts) override {
+    return submit("barrier()", opts.timeout, true, at::Tensor(), [this](MpiTransport& transport) {
+      MPI_Request request;
+      DTRAIN_MPI_CHECK(MPI_Ibarrier(comm_, &request));
+      transport.wait_native(&request);
+    });
+  }
+
+  std::shared_ptr<Communicator> split(int color, int key, const SplitOptions& opts) override {
+    const Timeout timeout = opts.timeout.value_or(options_.timeout);
+    MPI_Comm new_comm = MPI_COMM_NULL;
+    std::ostringstream what;
+    what << "split(color " << color << ", key " << key << ")";
+    auto work =
+        submit(what.str(), timeout, true, at::Tensor(), [&, color, key](MpiTransport& transport) {
+          // Rendezvous under the timeout first (MPI_Comm_split has none): after
+          // this all-gather every rank is known to be inside the split.
+          auto* ids = static_cast<std::int64_t*>(workspace_.get(sizeof(std::int64_t) * size_));
+          ids[rank_] = color;
+          ring_all_gather(transport, ids, static_cast<std::size_t>(size_), sizeof(std::int64_t),
+                          options_.chunk_bytes);
+          DTRAIN_MPI_CHECK(
+              MPI_Comm_split(comm_, color < 0 ? MPI_UNDEFINED : color, key, &new_comm));
+        });
+    work->wait();
+    if (new_comm == MPI_COMM_NULL) return nullptr;
+    CommunicatorOptions child = options_;
+    child.timeout = timeout;
+    child.name = opts.name.empty() ? options_.name + "/" + std::to_string(color) : opts.name;
+    return std::make_shared<MpiCommunicator>(new_comm, std::move(child));
+  }
+
+ private:
+  // A contiguous tensor to run the op on: the caller's own, or a view of the
+  // reused workspace when the caller's is not contiguous.
+  struct Staged {
+    at::Tensor tensor;
+    bool copied = false;
+  };
+
+  static Staged stage(const at::Tensor& tensor, Scratch& workspace, bool copy_in = true) {
+    if (tensor.is_contiguous()) return Staged{tensor, false};
+    void* buffer = workspace.get(static_cast<std::size_t>(tensor.numel()) * tensor.element_size());
+    at::Tensor staged = at::from_blob(buffer, tensor.sizes(), tensor.options());
+    if (copy_in) staged.copy_(tensor);
+    return Staged{staged, true};
+  }
+
+  static void unstage(const Staged& staged, const at::Tensor& tensor) {
+    if (staged.copied) tensor.copy_(staged.tensor);
+  }
+
+  static void copy_into(void* dst, const at::Tensor& src) {
+    if (src.numel() == 0) return;
+    if (src.is_contiguous()) {
+      std::memcpy(dst, src.data_ptr(), static_cast<std::size_t>(src.numel()) * src.element_size());
+    } else {
+      at::from_blob(dst, src.sizes(), src.options()).copy_(src);
+    }
+  }
+
+  static void copy_out(const at::Tensor& dst, const void* src) {
+    if (dst.numel() == 0) return;
+    if (dst.is_contiguous()) {
+      std::memcpy(dst.data_ptr(), src, static_cast<std::size_t>(dst.numel()) * dst.element_size());
+    } else {
+      dst.copy_(at::from_blob(const_cast<void*>(src), dst.sizes(), dst.options()));
+    }
+  }
+
+  void native_all_reduce(MpiTransport& transport, void* data, std::size_t count, ElementType type,
+                         ReduceOp op) {
+    if (count == 0) return;
+    MPI_Op mpi_op = builtin_op(op);
+    if (type == ElementType::kBFloat16) mpi_op = half_ops_[0][half_op_index(op)];
+    if (type == ElementType::kFloat16) mpi_op = half_ops_[1][half_op_index(op)];
+    MPI_Request request;
+    DTRAIN_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(count), mpi_datatype(type),
+                                    mpi_op, comm_, &request));
+    transport.wait_native(&request);
+  }
+
+  std::shared_ptr<Work> point_to_point(const char* op, const at::Tensor& tensor, int peer,
+                                       const PointToPointOptions& opts, bool is_recv) {
+    check_cpu_tensor(tensor, op, "the");
+    const ElementType type = element_type_of(tensor, op);
+    DTRAIN_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, op, ": peer rank ", peer,
+                     " is not another rank of communicator '", options_.name, "' (size ", size_,
+                     ", this rank ", rank_, ")");
+    DTRAIN_CHECK_ARG(opts.tag >= 0 && opts.tag < kMaxUserTag, op, ": tag ", opts.tag,
+                     " is outside [0, ", kMaxUserTag, ")");
+    const std::size_t count = static_cast<std::size_t>(tensor.numel());
+    const std::size_t bytes = count * element_size(type);
+    const int tag = opts.tag;
+    std::string detail = std::string(is_recv ? "from" : "to") + " rank " + std::to_string(peer) +
+                         ", tag " + std::to_string(tag);
+    return submit(describe(op, detail.c_str(), count, type), opts.timeout, /*collective=*/false,
+                  tensor, [=](MpiTransport&) {
+                    Staged staged = stage(tensor, workspace_, /*copy_in=*/!is_recv);
+                    void* data = staged.tensor.data_ptr();
+                    auto request = is_recv ? p2p_transport_->irecv_tagged(data, bytes, peer, tag)
+                                           : p2p_transport_->isend_tagged(data, bytes, peer, tag);
+                    p2p_transport_->wait(request);
+                    p2p_transport_->wait_all();
+                    if (is_recv) unstage(staged, tensor);
+                  });
+  }
+
+  // Queues `body` and returns its Work. Runs on the progress thread:
+  // checks that the communicator is healthy, sets the op's deadline, and on
+  // any failure marks the communicator failed and keeps the op's tensors
+  // alive for good (MPI may still write into them).
+  std::shared_ptr<Work> submit(std::string description, std::optional<Timeout> timeout,
+                               bool collective, at::Tensor keep,
+                               std::function<void(MpiTransport&)> body,
+                               at::Tensor keep_too = at::Tensor()) {
+    const Timeout op_timeout = timeout.value_or(options_.timeout);
+    DTRAIN_CHECK_ARG(op_timeout.count() > 0, description, ": timeout must be positive, got ",
+                     op_timeout.count(), " ms");
+    auto work = std::make_shared<Work>(description + " on communicator '" + options_.name + "'");
+    engine_->enqueue(
+        work, [this, description = std::move(description), op_timeout, collective,
+               keep = std::move(keep), keep_too = std::move(keep_too), body = std::move(body)]() {
+          MpiTransport& transport = collective ? *transport_ : *p2p_transport_;
+          if (failed_.load()) {
+            std::lock_guard<std::mutex> lock(failure_mutex_);
+            DTRAIN_THROW(CommError, description, " was not run: communicator '", options_.name,
+                         "' failed earlier: ", failure_);
+          }
+          OpInfo info;
+          info.seq = collective ? collective_seq_++ : kPointToPointSeq;
+          info.description = description;
+          info.timeout = op_timeout;
+          info.deadline = Clock::now() + op_timeout;
+          transport.begin_op(std::move(info));
+          try {
+            body(transport);
+            transport.end_op();
+          } catch (const std::exception& e) {
+            transport.abandon_op();
+            {
+              std::lock_guard<std::mutex> lock(failure_mutex_);
+              if (!failed_.load()) failure_ = e.what();
+              graveyard_.push_back(keep);
+              graveyard_.push_back(keep_too);
+            }
+            failed_.store(true);
+            throw;
+          }
+        });
+    return work;
+  }
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  MPI_Comm p2p_comm_ = MPI_COMM_NULL;
+  MPI_Comm diag_comm_ = MPI_COMM_NULL;
+  CommunicatorOptions options_;
+  int rank_ = 0;
+  int size_ = 1;
+  MPI_Op half_ops_[2][4] = {};  // [bfloat16, float16][sum, product, min, max]
+  std::unique_ptr<MpiTransport> transport_;
+  std::unique_ptr<MpiTransport> p2p_transport_;
+
+  // Touched only by the progress thread.
+  Scratch slots_;      // the algorithms' pipelining slots
+  Scratch workspace_;  // staging of non-contiguous tensors, reduce-scatter input
+  std::uint64_t collective_seq_ = 0;
+
+  std::atomic<bool> failed_{false};
+  std::mutex failure_mutex_;
+  std::string failure_;
+  std::vector<at::Tensor> graveyard_;
+
+  std::unique_ptr<ProgressEngine> engine_;  // last: stopped first
+};
+
+}  // namespace
+
+std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommunicatorOptions options) {
+  return std::make_shared<MpiCommunicator>(comm, std::move(options));
+}
+
+void rendezvous(MPI_Comm comm, Timeout timeout, const char* what) {
+  MPI_Request request;
+  DTRAIN_MPI_CHECK(MPI_Ibarrier(comm, &request));
+  const auto deadline = Clock::now() + timeout;
+  int flag = 0;
+  while (true) {
+    DTRAIN_MPI_CHECK(MPI_Test(&request, &flag, MPI_STATUS_IGNORE));
+    if (flag) return;
+    if (Clock::now() >= deadline) {
+      DTRAIN_THROW(TimeoutError, what, ": not every rank arrived within ", timeout.count(),
+                   " ms (a process did not start, or did not call it)");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+}
+
+}  // namespace dtrain::collectives::detail

@@ -1,0 +1,106 @@
+#pragma once
+// MPI implementation of the algorithms' Transport, plus the deadline,
+// polling and failure diagnosis shared by every op of the MPI backend.
+//
+// Used only from the communicator's progress thread. Waiting polls
+// MPI_Test with a back-off (spin, then yield, then short sleeps) so that an
+// idle wait does not steal a core from the training thread, and checks the
+// op's deadline. When the deadline passes it runs a "roll call" on a
+// separate MPI communicator to find out which ranks are alive and in which
+// op, and raises a TimeoutError that names them.
+
+#include <mpi.h>
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "src/collectives/algorithms/transport.h"
+
+namespace dtrain::collectives::detail {
+
+/// What the op currently running is, for tags and error messages.
+struct OpInfo {
+  std::uint64_t seq = 0;    ///< Position in the communicator's op order.
+  std::string description;  ///< e.g. "all_reduce(ring, sum, 1024 x float32)"
+  std::chrono::steady_clock::time_point deadline;
+  std::chrono::milliseconds timeout{0};
+};
+
+class MpiTransport final : public Transport {
+ public:
+  /// `comm` carries the op's messages; `diag_comm` (same group) the roll
+  /// call. Neither is owned.
+  MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name);
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  Request isend(const void* data, std::size_t bytes, int peer) override;
+  Request irecv(void* data, std::size_t bytes, int peer) override;
+  void wait(Request request) override;
+  void wait_all() override;
+
+  /// Starts an op: sets its tag (from seq), deadline and description.
+  void begin_op(OpInfo info);
+  /// Ends an op that succeeded. All requests must have completed.
+  void end_op();
+  /// After a failure: cancels what can be cancelled and forgets the rest.
+  /// Returns false if some receive could not be cancelled (its buffer may
+  /// still be written by MPI and must be kept alive).
+  bool abandon_op() noexcept;
+
+  /// Waits for a request of an MPI nonblocking collective (MPI_Iallreduce...)
+  /// under the op's deadline. On timeout the request is left pending.
+  void wait_native(MPI_Request* request);
+
+  /// Point-to-point with a caller-chosen tag on `comm` (user send/recv).
+  Request isend_tagged(const void* data, std::size_t bytes, int peer, int tag);
+  Request irecv_tagged(void* data, std::size_t bytes, int peer, int tag);
+
+ private:
+  struct Pending {
+    MPI_Request request = MPI_REQUEST_NULL;
+    int peer = -1;
+    std::size_t bytes = 0;
+    bool is_recv = false;
+    bool done = false;
+  };
+
+  Request post(void* data, std::size_t bytes, int peer, int tag, bool is_recv);
+  /// True once `pending` has completed; throws CommError on an MPI error or a
+  /// size mismatch.
+  bool test(Pending& pending);
+  /// Called while polling: answers roll-call queries from peers and notes
+  /// whether a peer gave up on this very op.
+  void service_diag();
+  /// True when this op must end: its deadline passed or a peer gave up on it.
+  bool should_give_up();
+  [[noreturn]] void fail_timeout(const std::string& waiting_on);
+  /// Sends every peer a roll-call query for the current op (at most one
+  /// diag message per peer in flight). Peers waiting in the same op end it.
+  void notify_peers();
+  std::string op_label() const;
+
+  MPI_Comm comm_;
+  MPI_Comm diag_comm_;
+  std::string comm_name_;
+  int rank_ = 0;
+  int size_ = 1;
+  int tag_space_ = 32767;
+  int tag_ = 0;
+  OpInfo op_;
+  std::vector<Pending> pending_;
+  // Roll-call state: one small buffer per peer for replies and queries (sends
+  // of at most one message per peer are in flight).
+  std::vector<std::int64_t> diag_out_;
+  std::vector<MPI_Request> diag_requests_;
+  // What each peer last told us about its current op (roll call), and
+  // whether one of them gave up on our op.
+  std::vector<std::int64_t> heard_;
+  int gave_up_peer_ = -1;
+  bool notified_peers_ = false;
+  std::uint32_t polls_since_diag_ = 0;
+};
+
+}  // namespace dtrain::collectives::detail

@@ -1,0 +1,42 @@
+#include "dtrain/collectives/work.h"
+
+#include <thread>
+
+#include "dtrain/error.h"
+
+namespace dtrain::collectives {
+
+Work::Work(std::string description) : description_(std::move(description)) {}
+
+bool Work::is_completed() const noexcept { return completed_.load(std::memory_order_acquire); }
+
+std::exception_ptr Work::error() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return error_;
+}
+
+void Work::wait(std::optional<Timeout> timeout) {
+  // Small ops finish within microseconds: check briefly before sleeping.
+  for (int i = 0; i < 200 && !is_completed(); ++i) std::this_thread::yield();
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (timeout) {
+    if (!cv_.wait_for(lock, *timeout, [this] { return is_completed(); })) {
+      DTRAIN_THROW(TimeoutError, "Work::wait: ", description_, " still running after ",
+                   timeout->count(), " ms");
+    }
+  } else {
+    cv_.wait(lock, [this] { return is_completed(); });
+  }
+  if (error_) std::rethrow_exception(error_);
+}
+
+void Work::complete(std::exception_ptr error) noexcept {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    error_ = std::move(error);
+    completed_.store(true, std::memory_order_release);
+  }
+  cv_.notify_all();
+}
+
+}  // namespace dtrain::collectives

@@ -1,0 +1,47 @@
+// The only place dtrain reads DTRAIN_* environment variables.
+
+#include "dtrain/env.h"
+
+#include <cstdlib>
+#include <string>
+
+#include "dtrain/error.h"
+
+namespace dtrain {
+namespace {
+
+std::optional<long long> read_integer(const char* name, long long min_value) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr || *raw == '\0') return std::nullopt;
+  char* end = nullptr;
+  const long long value = std::strtoll(raw, &end, 10);
+  DTRAIN_CHECK_ARG(end != raw && *end == '\0' && value >= min_value, "environment variable ", name,
+                   "='", raw, "' is not an integer >= ", min_value);
+  return value;
+}
+
+}  // namespace
+
+void EnvOverrides::apply(collectives::CommunicatorOptions& options) const {
+  if (allreduce_algorithm) options.allreduce_algorithm = *allreduce_algorithm;
+  if (timeout) options.timeout = *timeout;
+  if (chunk_bytes) options.chunk_bytes = *chunk_bytes;
+}
+
+EnvOverrides read_env_overrides() {
+  EnvOverrides env;
+  if (const char* algo = std::getenv("DTRAIN_ALLREDUCE_ALGO"); algo != nullptr && *algo != '\0') {
+    try {
+      env.allreduce_algorithm = collectives::parse_algorithm(algo);
+    } catch (const InvalidArgument& e) {
+      DTRAIN_THROW(InvalidArgument, "environment variable DTRAIN_ALLREDUCE_ALGO: ", e.what());
+    }
+  }
+  if (auto ms = read_integer("DTRAIN_TIMEOUT_MS", 1)) env.timeout = collectives::Timeout(*ms);
+  if (auto bytes = read_integer("DTRAIN_CHUNK_BYTES", 4096)) {
+    env.chunk_bytes = static_cast<std::size_t>(*bytes);
+  }
+  return env;
+}
+
+}  // namespace dtrain

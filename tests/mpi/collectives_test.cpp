@@ -1,0 +1,274 @@
+// Every collective of the MPI backend on real processes, parameterised over
+// algorithm x dtype x op x count (0, 1, 7, not divisible by the world size,
+// 16 MiB), plus non-contiguous tensors and argument errors.
+
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+
+#include "dtrain/collectives/communicator.h"
+#include "dtrain/error.h"
+#include "tests/mpi/mpi_test_env.h"
+
+namespace dtrain::collectives {
+namespace {
+
+using dtrain::testing::world;
+
+// Small integers, exact in every dtype; sums over <= 4 ranks stay exact.
+// Built in int32 (cheap for the 16 MiB cases), then converted.
+at::Tensor pattern_int(ReduceOp op, int rank, std::int64_t count) {
+  at::Tensor i = at::arange(count, at::kInt);
+  return op == ReduceOp::kProduct ? (i + rank).remainder_(2).add_(1)
+                                  : i.mul_(3).add_(rank * 7).remainder_(5).add_(1);
+}
+
+at::Tensor pattern(ReduceOp op, int rank, std::int64_t count, at::ScalarType dtype) {
+  return pattern_int(op, rank, count).to(dtype);
+}
+
+at::Tensor expected(ReduceOp op, int world_size, std::int64_t count, at::ScalarType dtype) {
+  at::Tensor acc = pattern_int(op, 0, count);
+  for (int r = 1; r < world_size; ++r) {
+    at::Tensor v = pattern_int(op, r, count);
+    switch (op) {
+      case ReduceOp::kSum:
+      case ReduceOp::kAvg:
+        acc.add_(v);
+        break;
+      case ReduceOp::kProduct:
+        acc.mul_(v);
+        break;
+      case ReduceOp::kMin:
+        acc = at::minimum(acc, v);
+        break;
+      case ReduceOp::kMax:
+        acc = at::maximum(acc, v);
+        break;
+    }
+  }
+  if (op == ReduceOp::kAvg) return (acc.to(at::kDouble) / world_size).to(dtype);
+  return acc.to(dtype);
+}
+
+void expect_equal(const at::Tensor& got, const at::Tensor& want) {
+  ASSERT_EQ(got.numel(), want.numel());
+  ASSERT_EQ(got.scalar_type(), want.scalar_type());
+  if (at::isFloatingType(want.scalar_type()) && want.element_size() == 2) {
+    EXPECT_TRUE(at::allclose(got.to(at::kFloat), want.to(at::kFloat), 1e-2, 1e-6))
+        << "max difference "
+        << (got.to(at::kFloat) - want.to(at::kFloat)).abs().max().item<float>();
+  } else if (at::isFloatingType(want.scalar_type())) {
+    EXPECT_TRUE(at::allclose(got, want, 1e-6, 1e-6))
+        << "max difference " << (got - want).abs().max().item<double>();
+  } else {
+    EXPECT_TRUE(at::equal(got, want));
+  }
+}
+
+const at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf,
+                                  at::kInt,   at::kLong,   at::kByte};
+
+std::int64_t not_divisible(int world_size) { return world_size * 100 + 1; }
+
+// 16 MiB of the dtype.
+std::int64_t sixteen_mib(at::ScalarType dtype) {
+  return (std::int64_t{16} << 20) / static_cast<std::int64_t>(c10::elementSize(dtype));
+}
+
+enum class CountKind { kZero, kOne, kSeven, kNotDivisible, kSixteenMiB };
+
+std::int64_t count_of(CountKind kind, int world_size, at::ScalarType dtype) {
+  switch (kind) {
+    case CountKind::kZero:
+      return 0;
+    case CountKind::kOne:
+      return 1;
+    case CountKind::kSeven:
+      return 7;
+    case CountKind::kNotDivisible:
+      return not_divisible(world_size);
+    case CountKind::kSixteenMiB:
+      return sixteen_mib(dtype);
+  }
+  return 0;
+}
+
+const char* count_name(CountKind kind) {
+  switch (kind) {
+    case CountKind::kZero:
+      return "0";
+    case CountKind::kOne:
+      return "1";
+    case CountKind::kSeven:
+      return "7";
+    case CountKind::kNotDivisible:
+      return "ndiv";
+    case CountKind::kSixteenMiB:
+      return "16MiB";
+  }
+  return "?";
+}
+
+using AllReduceCase = std::tuple<Algorithm, at::ScalarType, ReduceOp, CountKind>;
+
+class AllReduceTest : public ::testing::TestWithParam<AllReduceCase> {};
+
+TEST_P(AllReduceTest, MatchesTheSequentialReduction) {
+  const auto [algorithm, dtype, op, kind] = GetParam();
+  Communicator& comm = world();
+  const std::int64_t count = count_of(kind, comm.size(), dtype);
+  at::Tensor tensor = pattern(op, comm.rank(), count, dtype);
+  AllReduceOptions options;
+  options.op = op;
+  options.algorithm = algorithm;
+  if (op == ReduceOp::kAvg && !at::isFloatingType(dtype)) {
+    EXPECT_THROW(comm.all_reduce(tensor, options), InvalidArgument);
+    return;
+  }
+  comm.all_reduce(tensor, options)->wait();
+  expect_equal(tensor, expected(op, comm.size(), count, dtype));
+}
+
+std::string all_reduce_name(const ::testing::TestParamInfo<AllReduceCase>& info) {
+  const auto [algorithm, dtype, op, kind] = info.param;
+  return std::string(to_string(algorithm)) + "_" + c10::toString(dtype) + "_" + to_string(op) +
+         "_" + count_name(kind);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Matrix, AllReduceTest,
+    ::testing::Combine(::testing::Values(Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
+                                         Algorithm::kNative, Algorithm::kAuto),
+                       ::testing::ValuesIn(kDtypes),
+                       ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin,
+                                         ReduceOp::kMax, ReduceOp::kProduct),
+                       ::testing::Values(CountKind::kZero, CountKind::kOne, CountKind::kSeven,
+                                         CountKind::kNotDivisible, CountKind::kSixteenMiB)),
+    all_reduce_name);
+
+class AllReduceLayoutTest : public ::testing::TestWithParam<Algorithm> {};
+
+TEST_P(AllReduceLayoutTest, NonContiguousTensorsAreReducedInPlace) {
+  Communicator& comm = world();
+  at::Tensor base = pattern(ReduceOp::kSum, comm.rank(), 37 * 11, at::kFloat).reshape({37, 11});
+  at::Tensor transposed = base.t();  // non-contiguous view into `base`
+  ASSERT_FALSE(transposed.is_contiguous());
+  AllReduceOptions options;
+  options.algorithm = GetParam();
+  comm.all_reduce(transposed, options)->wait();
+  expect_equal(base.flatten(), expected(ReduceOp::kSum, comm.size(), 37 * 11, at::kFloat));
+}
+
+INSTANTIATE_TEST_SUITE_P(Algorithms, AllReduceLayoutTest,
+                         ::testing::Values(Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
+                                           Algorithm::kNative));
+
+class BroadcastTest : public ::testing::TestWithParam<std::tuple<at::ScalarType, CountKind>> {};
+
+TEST_P(BroadcastTest, EveryRootReachesEveryRank) {
+  const auto [dtype, kind] = GetParam();
+  Communicator& comm = world();
+  const std::int64_t count = count_of(kind, comm.size(), dtype);
+  for (int root = 0; root < comm.size(); ++root) {
+    at::Tensor tensor = comm.rank() == root ? pattern(ReduceOp::kSum, root, count, dtype)
+                                            : at::zeros({count}, dtype);
+    BroadcastOptions options;
+    options.root = root;
+    comm.broadcast(tensor, options)->wait();
+    expect_equal(tensor, pattern(ReduceOp::kSum, root, count, dtype));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Matrix, BroadcastTest,
+                         ::testing::Combine(::testing::ValuesIn(kDtypes),
+                                            ::testing::Values(CountKind::kZero, CountKind::kOne,
+                                                              CountKind::kNotDivisible,
+                                                              CountKind::kSixteenMiB)));
+
+class AllGatherTest : public ::testing::TestWithParam<std::tuple<at::ScalarType, CountKind>> {};
+
+TEST_P(AllGatherTest, OutputIsRankMajor) {
+  const auto [dtype, kind] = GetParam();
+  Communicator& comm = world();
+  const std::int64_t count = count_of(kind, comm.size(), dtype) / comm.size();
+  at::Tensor input = pattern(ReduceOp::kSum, comm.rank(), count, dtype);
+  at::Tensor output = at::full({comm.size() * count}, 99, dtype);
+  comm.all_gather(output, input)->wait();
+  for (int r = 0; r < comm.size(); ++r) {
+    expect_equal(output.narrow(0, r * count, count), pattern(ReduceOp::kSum, r, count, dtype));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Matrix, AllGatherTest,
+                         ::testing::Combine(::testing::ValuesIn(kDtypes),
+                                            ::testing::Values(CountKind::kZero, CountKind::kSeven,
+                                                              CountKind::kNotDivisible,
+                                                              CountKind::kSixteenMiB)));
+
+class ReduceScatterTest
+    : public ::testing::TestWithParam<std::tuple<at::ScalarType, ReduceOp, CountKind>> {};
+
+TEST_P(ReduceScatterTest, EachRankGetsItsBlock) {
+  const auto [dtype, op, kind] = GetParam();
+  Communicator& comm = world();
+  const std::int64_t block = count_of(kind, comm.size(), dtype) / comm.size();
+  const std::int64_t total = block * comm.size();
+  at::Tensor input = pattern(op, comm.rank(), total, dtype);
+  at::Tensor input_copy = input.clone();
+  at::Tensor output = at::zeros({block}, dtype);
+  ReduceScatterOptions options;
+  options.op = op;
+  if (op == ReduceOp::kAvg && !at::isFloatingType(dtype)) {
+    EXPECT_THROW(comm.reduce_scatter(output, input, options), InvalidArgument);
+    return;
+  }
+  comm.reduce_scatter(output, input, options)->wait();
+  expect_equal(output,
+               expected(op, comm.size(), total, dtype).narrow(0, comm.rank() * block, block));
+  EXPECT_TRUE(at::equal(input, input_copy)) << "reduce_scatter changed its input";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Matrix, ReduceScatterTest,
+    ::testing::Combine(::testing::ValuesIn(kDtypes),
+                       ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin,
+                                         ReduceOp::kMax, ReduceOp::kProduct),
+                       ::testing::Values(CountKind::kZero, CountKind::kSeven,
+                                         CountKind::kNotDivisible, CountKind::kSixteenMiB)));
+
+TEST(ArgumentTest, WrongShapesDtypesAndRanksAreRejectedBeforeAnythingRuns) {
+  Communicator& comm = world();
+  at::Tensor input = at::ones({10}, at::kFloat);
+  EXPECT_THROW(comm.all_gather(at::zeros({10 * comm.size() + 1}, at::kFloat), input),
+               InvalidArgument);
+  EXPECT_THROW(comm.all_gather(at::zeros({10 * comm.size()}, at::kDouble), input), InvalidArgument);
+  EXPECT_THROW(comm.reduce_scatter(at::zeros({3}, at::kFloat), input), InvalidArgument);
+  EXPECT_THROW(comm.all_reduce(at::ones({4}, at::kBool)), InvalidArgument);
+  EXPECT_THROW(comm.all_reduce(at::Tensor()), InvalidArgument);
+  BroadcastOptions bad_root;
+  bad_root.root = comm.size();
+  EXPECT_THROW(comm.broadcast(input, bad_root), InvalidArgument);
+  EXPECT_THROW(comm.send(input, comm.rank()), InvalidArgument);
+  EXPECT_THROW(comm.recv(input, -1), InvalidArgument);
+  PointToPointOptions bad_tag;
+  bad_tag.tag = -3;
+  EXPECT_THROW(comm.send(input, (comm.rank() + 1) % comm.size(), bad_tag), InvalidArgument);
+  try {
+    comm.all_reduce(at::ones({4}, at::kComplexFloat));
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("float32"), std::string::npos) << e.what();
+  }
+  // The communicator is still healthy: argument errors never reach it.
+  EXPECT_FALSE(comm.failed());
+  at::Tensor ok = at::ones({3});
+  comm.all_reduce(ok)->wait();
+  EXPECT_TRUE(at::equal(ok, at::full({3}, static_cast<float>(comm.size()))));
+}
+
+}  // namespace
+}  // namespace dtrain::collectives

@@ -1,0 +1,226 @@
+// Communicator semantics on real processes: issue order with many ops in
+// flight, concurrent split communicators, point-to-point, timeouts naming
+// the missing rank, mismatched sizes, failed communicators, ProcessGrid.
+
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "dtrain/collectives/communicator.h"
+#include "dtrain/collectives/process_grid.h"
+#include "dtrain/error.h"
+#include "tests/mpi/mpi_test_env.h"
+
+namespace dtrain::collectives {
+namespace {
+
+using dtrain::testing::runtime;
+using dtrain::testing::world;
+using Clock = std::chrono::steady_clock;
+
+std::shared_ptr<Communicator> fresh_world(const std::string& name, Timeout timeout) {
+  CommunicatorOptions options;
+  options.name = name;
+  options.timeout = timeout;
+  return runtime().world(options);
+}
+
+TEST(OrderingTest, ManyAsyncOpsInFlightCompleteInIssueOrder) {
+  Communicator& comm = world();
+  const int n = comm.size();
+  constexpr int kOps = 200;
+  std::vector<at::Tensor> tensors;
+  std::vector<std::shared_ptr<Work>> works;
+  const Algorithm algorithms[] = {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
+                                  Algorithm::kNative, Algorithm::kAuto};
+  for (int i = 0; i < kOps; ++i) {
+    // Sizes vary so that ops of different lengths overlap.
+    tensors.push_back(at::full({1 + (i % 7) * 1000}, static_cast<float>(comm.rank() + i)));
+    AllReduceOptions options;
+    options.algorithm = algorithms[i % 5];
+    works.push_back(comm.all_reduce(tensors.back(), options));
+  }
+  // Completion order: when op i is complete, every op before it is too.
+  for (int i = kOps - 1; i >= 0; --i) {
+    works[i]->wait();
+    for (int j = 0; j < i; ++j) ASSERT_TRUE(works[j]->is_completed()) << j << " before " << i;
+  }
+  for (int i = 0; i < kOps; ++i) {
+    const float want = static_cast<float>(n * i + n * (n - 1) / 2);
+    ASSERT_TRUE(at::equal(tensors[i], at::full_like(tensors[i], want))) << "op " << i;
+  }
+}
+
+TEST(SplitTest, SplitCommunicatorsRunConcurrentlyWithTheParent) {
+  Communicator& comm = world();
+  auto half = comm.split(comm.rank() % 2, comm.rank());
+  ASSERT_NE(half, nullptr);
+  const int expected_size = (comm.size() + 1 - comm.rank() % 2) / 2;
+  EXPECT_EQ(half->size(), expected_size);
+  EXPECT_EQ(half->rank(), comm.rank() / 2);
+  EXPECT_EQ(half->name(), comm.name() + "/" + std::to_string(comm.rank() % 2));
+
+  // Drive both communicators at once from two threads.
+  constexpr int kOps = 50;
+  std::vector<at::Tensor> on_world;
+  std::vector<at::Tensor> on_half;
+  std::thread other([&] {
+    for (int i = 0; i < kOps; ++i) {
+      on_half.push_back(at::full({513}, 1.0f));
+      half->all_reduce(on_half.back())->wait();
+    }
+  });
+  std::vector<std::shared_ptr<Work>> works;
+  for (int i = 0; i < kOps; ++i) {
+    on_world.push_back(at::full({1025}, 1.0f));
+    works.push_back(comm.all_reduce(on_world.back()));
+  }
+  for (auto& w : works) w->wait();
+  other.join();
+  for (auto& t : on_world) ASSERT_TRUE(at::equal(t, at::full({1025}, float(comm.size()))));
+  for (auto& t : on_half) ASSERT_TRUE(at::equal(t, at::full({513}, float(expected_size))));
+}
+
+TEST(SplitTest, NegativeColorGetsNoCommunicatorAndKeyOrdersRanks) {
+  Communicator& comm = world();
+  // Rank 0 opts out; the others are ordered in reverse.
+  const int color = comm.rank() == 0 ? -1 : 7;
+  auto sub = comm.split(color, -comm.rank(), {"reversed", std::nullopt});
+  if (comm.rank() == 0) {
+    EXPECT_EQ(sub, nullptr);
+    return;
+  }
+  ASSERT_NE(sub, nullptr);
+  EXPECT_EQ(sub->size(), comm.size() - 1);
+  EXPECT_EQ(sub->rank(), comm.size() - 1 - comm.rank());
+  EXPECT_EQ(sub->name(), "reversed");
+  at::Tensor t = at::full({3}, static_cast<std::int64_t>(comm.rank()));
+  sub->all_reduce(t, {ReduceOp::kMax, std::nullopt, std::nullopt})->wait();
+  EXPECT_EQ(t[0].item<std::int64_t>(), comm.size() - 1);
+}
+
+TEST(PointToPointTest, RingExchangeWithTags) {
+  Communicator& comm = world();
+  const int right = (comm.rank() + 1) % comm.size();
+  const int left = (comm.rank() + comm.size() - 1) % comm.size();
+  at::Tensor out_a = at::full({100}, comm.rank(), at::kDouble);
+  at::Tensor out_b = at::full({5}, comm.rank() * 10, at::kDouble);
+  at::Tensor in_a = at::zeros({100}, at::kDouble);
+  at::Tensor in_b = at::zeros({5}, at::kDouble);
+  PointToPointOptions tag_a;
+  tag_a.tag = 1;
+  PointToPointOptions tag_b;
+  tag_b.tag = 2;
+  // Even ranks send first, odd ranks receive first (no reliance on buffering).
+  std::vector<std::shared_ptr<Work>> works;
+  if (comm.rank() % 2 == 0) {
+    works.push_back(comm.send(out_a, right, tag_a));
+    works.push_back(comm.send(out_b, right, tag_b));
+    works.push_back(comm.recv(in_a, left, tag_a));
+    works.push_back(comm.recv(in_b, left, tag_b));
+  } else {
+    works.push_back(comm.recv(in_a, left, tag_a));
+    works.push_back(comm.recv(in_b, left, tag_b));
+    works.push_back(comm.send(out_a, right, tag_a));
+    works.push_back(comm.send(out_b, right, tag_b));
+  }
+  for (auto& w : works) w->wait();
+  EXPECT_TRUE(at::equal(in_a, at::full({100}, left, at::kDouble)));
+  EXPECT_TRUE(at::equal(in_b, at::full({5}, left * 10, at::kDouble)));
+}
+
+TEST(BarrierTest, CompletesOnEveryRank) {
+  for (int i = 0; i < 10; ++i) world().barrier()->wait();
+}
+
+TEST(TimeoutTest, SkippedCollectiveGivesTimeoutErrorNamingTheMissingRank) {
+  const Timeout timeout(2000);
+  auto comm = fresh_world("timeout-test", timeout);
+  const int skipper = comm->size() - 1;
+  if (comm->rank() != skipper) {
+    at::Tensor t = at::ones({8});
+    const auto start = Clock::now();
+    std::string message;
+    try {
+      comm->all_reduce(t)->wait();
+      ADD_FAILURE() << "all_reduce with a missing rank succeeded";
+    } catch (const TimeoutError& e) {
+      message = e.what();
+    }
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    EXPECT_GE(seconds, 1.5) << message;
+    EXPECT_LE(seconds, 5.0) << message;
+    EXPECT_NE(message.find("all_reduce"), std::string::npos) << message;
+    EXPECT_NE(message.find("8 x float32"), std::string::npos) << message;
+    EXPECT_NE(message.find("'timeout-test'"), std::string::npos) << message;
+    EXPECT_NE(message.find("not heard from: [" + std::to_string(skipper) + "]"), std::string::npos)
+        << message;
+    // The communicator is failed from now on: later ops fail at once.
+    EXPECT_TRUE(comm->failed());
+    const auto again = Clock::now();
+    EXPECT_THROW(comm->all_reduce(t)->wait(), CommError);
+    EXPECT_LT(std::chrono::duration<double>(Clock::now() - again).count(), 0.5);
+  }
+  world().barrier()->wait();
+}
+
+TEST(TimeoutTest, PerCallTimeoutOverridesTheDefault) {
+  auto comm = fresh_world("per-call-timeout", std::chrono::minutes(5));
+  if (comm->rank() == 0) {
+    at::Tensor t = at::ones({4});
+    AllReduceOptions options;
+    options.timeout = Timeout(500);
+    const auto start = Clock::now();
+    EXPECT_THROW(comm->all_reduce(t, options)->wait(), TimeoutError);
+    EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), 3.0);
+  }
+  world().barrier()->wait();
+}
+
+TEST(MismatchTest, DifferentSizesAcrossRanksAreACommErrorNotCorruption) {
+  for (Algorithm algorithm : {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd}) {
+    auto comm = fresh_world(std::string("mismatch-") + to_string(algorithm), Timeout(3000));
+    // Guard elements around the data must stay untouched.
+    const std::int64_t count = comm->rank() == 0 ? 1000 : 1200;
+    at::Tensor buffer = at::full({count + 2}, -7.0f);
+    at::Tensor data = buffer.narrow(0, 1, count);
+    data.fill_(1.0f);
+    AllReduceOptions options;
+    options.algorithm = algorithm;
+    EXPECT_THROW(comm->all_reduce(data, options)->wait(), CommError) << to_string(algorithm);
+    EXPECT_EQ(buffer[0].item<float>(), -7.0f);
+    EXPECT_EQ(buffer[count + 1].item<float>(), -7.0f);
+    world().barrier()->wait();
+  }
+}
+
+TEST(ProcessGridTest, GroupsFollowTheRankMath) {
+  Communicator& comm = world();
+  for (int tp : {1, 2}) {
+    if (comm.size() % tp != 0) continue;
+    auto world_ptr = runtime().world({"grid", Timeout(60000)});
+    ProcessGrid grid(world_ptr, tp, /*pp=*/1);
+    EXPECT_EQ(grid.shape().tp, tp);
+    EXPECT_EQ(grid.shape().dp, comm.size() / tp);
+    EXPECT_EQ(grid.coord(), grid_coord(grid.shape(), comm.rank()));
+    EXPECT_EQ(grid.tp().size(), tp);
+    EXPECT_EQ(grid.tp().rank(), grid.coord().tp);
+    EXPECT_EQ(grid.dp().rank(), grid.coord().dp);
+    // Summing world ranks over the dp group gives the ranks with our tp coordinate.
+    at::Tensor r = at::full({1}, static_cast<std::int64_t>(comm.rank()));
+    grid.dp().all_reduce(r)->wait();
+    std::int64_t want = 0;
+    for (int d = 0; d < grid.shape().dp; ++d)
+      want += grid_rank(grid.shape(), {d, 0, grid.coord().tp});
+    EXPECT_EQ(r.item<std::int64_t>(), want);
+  }
+  EXPECT_THROW(ProcessGrid(runtime().world({"bad-grid", Timeout(60000)}), comm.size() + 1, 1),
+               InvalidArgument);
+}
+
+}  // namespace
+}  // namespace dtrain::collectives

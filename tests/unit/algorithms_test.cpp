@@ -1,0 +1,330 @@
+// The collective algorithms over an in-process transport: every algorithm x
+// dtype x op x count x world size, checked against a sequential reduction,
+// plus bitwise agreement across ranks.
+
+#include <gtest/gtest.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "src/collectives/algorithms/algorithms.h"
+#include "tests/support/thread_transport.h"
+
+namespace dtrain::collectives::detail {
+namespace {
+
+using dtrain::testing::Fabric;
+using dtrain::testing::ThreadTransport;
+
+// Small integers: exact in every dtype, sums of up to 8 ranks stay exact.
+std::int64_t pattern(ReduceOp op, int rank, std::size_t i) {
+  if (op == ReduceOp::kProduct) return 1 + static_cast<std::int64_t>((rank + i) % 2);
+  return 1 + static_cast<std::int64_t>((rank * 7 + i * 3) % 5);
+}
+
+void store(ElementType type, void* base, std::size_t i, double value) {
+  switch (type) {
+    case ElementType::kFloat32:
+      static_cast<float*>(base)[i] = static_cast<float>(value);
+      break;
+    case ElementType::kFloat64:
+      static_cast<double*>(base)[i] = value;
+      break;
+    case ElementType::kBFloat16:
+      static_cast<c10::BFloat16*>(base)[i] = c10::BFloat16(static_cast<float>(value));
+      break;
+    case ElementType::kFloat16:
+      static_cast<c10::Half*>(base)[i] = c10::Half(static_cast<float>(value));
+      break;
+    case ElementType::kInt32:
+      static_cast<std::int32_t*>(base)[i] = static_cast<std::int32_t>(value);
+      break;
+    case ElementType::kInt64:
+      static_cast<std::int64_t*>(base)[i] = static_cast<std::int64_t>(value);
+      break;
+    case ElementType::kUInt8:
+      static_cast<std::uint8_t*>(base)[i] =
+          static_cast<std::uint8_t>(static_cast<std::int64_t>(value));
+      break;
+  }
+}
+
+double load(ElementType type, const void* base, std::size_t i) {
+  switch (type) {
+    case ElementType::kFloat32:
+      return static_cast<const float*>(base)[i];
+    case ElementType::kFloat64:
+      return static_cast<const double*>(base)[i];
+    case ElementType::kBFloat16:
+      return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
+    case ElementType::kFloat16:
+      return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
+    case ElementType::kInt32:
+      return static_cast<const std::int32_t*>(base)[i];
+    case ElementType::kInt64:
+      return static_cast<double>(static_cast<const std::int64_t*>(base)[i]);
+    case ElementType::kUInt8:
+      return static_cast<const std::uint8_t*>(base)[i];
+  }
+  return 0;
+}
+
+double expected_value(ReduceOp op, int world, std::size_t i) {
+  double acc = pattern(op, 0, i);
+  for (int r = 1; r < world; ++r) {
+    const double v = pattern(op, r, i);
+    switch (op) {
+      case ReduceOp::kSum:
+      case ReduceOp::kAvg:
+        acc += v;
+        break;
+      case ReduceOp::kProduct:
+        acc *= v;
+        break;
+      case ReduceOp::kMin:
+        acc = std::min(acc, v);
+        break;
+      case ReduceOp::kMax:
+        acc = std::max(acc, v);
+        break;
+    }
+  }
+  return op == ReduceOp::kAvg ? acc / world : acc;
+}
+
+// Runs `body(transport, rank)` on `world` threads; rethrows the first failure.
+void run_ranks(int world, const std::function<void(ThreadTransport&, int)>& body,
+               std::chrono::milliseconds timeout = std::chrono::seconds(20)) {
+  Fabric fabric(world);
+  std::vector<std::exception_ptr> errors(world);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        ThreadTransport transport(fabric, r, timeout);
+        body(transport, r);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+using Case = std::tuple<Algorithm, ElementType, ReduceOp, std::size_t, int>;
+
+class AllReduceAlgorithmTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AllReduceAlgorithmTest, MatchesSequentialReductionOnEveryRank) {
+  const auto [algorithm, type, op, count, world] = GetParam();
+  if (op == ReduceOp::kAvg && !is_floating(type)) {
+    EXPECT_THROW(make_reducer(type, op), InvalidArgument);
+    return;
+  }
+  const Reducer reducer = make_reducer(type, op);
+  const std::size_t es = element_size(type);
+  std::vector<std::vector<char>> results(world);
+  run_ranks(world, [&](ThreadTransport& transport, int rank) {
+    std::vector<char> data(count * es + 1);
+    for (std::size_t i = 0; i < count; ++i) store(type, data.data(), i, pattern(op, rank, i));
+    Scratch scratch;
+    // Small chunks so that even modest counts exercise the pipelining.
+    run_all_reduce(algorithm, transport, data.data(), count, reducer, scratch, 4096);
+    if (op == ReduceOp::kAvg) divide_in_place(data.data(), count, type, world);
+    results[rank] = std::move(data);
+  });
+  const double tolerance = es == 2 ? 1e-2 : 1e-6;
+  for (std::size_t i = 0; i < count; ++i) {
+    const double want = expected_value(op, world, i);
+    const double got = load(type, results[0].data(), i);
+    ASSERT_NEAR(got, want, tolerance * std::max(1.0, std::abs(want)))
+        << "element " << i << " of " << count;
+  }
+  for (int r = 1; r < world; ++r) {
+    ASSERT_EQ(std::memcmp(results[r].data(), results[0].data(), count * es), 0)
+        << "rank " << r << " differs bitwise from rank 0";
+  }
+}
+
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  const auto [algorithm, type, op, count, world] = info.param;
+  return std::string(to_string(algorithm)) + "_" + to_string(type) + "_" + to_string(op) + "_n" +
+         std::to_string(count) + "_w" + std::to_string(world);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    DtypesAndOps, AllReduceAlgorithmTest,
+    ::testing::Combine(
+        ::testing::Values(Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd),
+        ::testing::Values(ElementType::kFloat32, ElementType::kFloat64, ElementType::kBFloat16,
+                          ElementType::kFloat16, ElementType::kInt32, ElementType::kInt64,
+                          ElementType::kUInt8),
+        ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax,
+                          ReduceOp::kProduct),
+        ::testing::Values(std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{1001}),
+        ::testing::Values(2, 3)),
+    case_name);
+
+INSTANTIATE_TEST_SUITE_P(
+    WorldSizesAndCounts, AllReduceAlgorithmTest,
+    ::testing::Combine(::testing::Values(Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd),
+                       ::testing::Values(ElementType::kFloat32),
+                       ::testing::Values(ReduceOp::kSum, ReduceOp::kMax),
+                       ::testing::Values(std::size_t{0}, std::size_t{1}, std::size_t{2},
+                                         std::size_t{5}, std::size_t{63}, std::size_t{4097},
+                                         std::size_t{100003}),
+                       ::testing::Values(1, 2, 3, 4, 5, 6, 7, 8, 13)),
+    case_name);
+
+TEST(RingTest, ReduceScatterLeavesSegmentRankOnRankR) {
+  for (int world : {2, 3, 5}) {
+    const std::size_t count = 103;
+    const Segments seg{count, static_cast<std::size_t>(world)};
+    run_ranks(world, [&](ThreadTransport& transport, int rank) {
+      std::vector<float> data(count);
+      for (std::size_t i = 0; i < count; ++i) data[i] = static_cast<float>(rank + i);
+      Scratch scratch;
+      ring_reduce_scatter(transport, data.data(), count,
+                          make_reducer(ElementType::kFloat32, ReduceOp::kSum), scratch, 4096);
+      for (std::size_t i = seg.begin(rank); i < seg.begin(rank + 1); ++i) {
+        const float want = static_cast<float>(world * i + world * (world - 1) / 2);
+        ASSERT_EQ(data[i], want) << "rank " << rank << " element " << i;
+      }
+    });
+  }
+}
+
+TEST(RingTest, AllGatherCollectsEverySegment) {
+  for (int world : {1, 2, 3, 4, 7}) {
+    const std::size_t per_rank = 37;
+    run_ranks(world, [&](ThreadTransport& transport, int rank) {
+      std::vector<std::int64_t> data(per_rank * world, -1);
+      for (std::size_t i = 0; i < per_rank; ++i) data[rank * per_rank + i] = rank * 1000 + i;
+      ring_all_gather(transport, data.data(), data.size(), sizeof(std::int64_t), 4096);
+      for (int r = 0; r < world; ++r) {
+        for (std::size_t i = 0; i < per_rank; ++i) {
+          ASSERT_EQ(data[r * per_rank + i], static_cast<std::int64_t>(r * 1000 + i));
+        }
+      }
+    });
+  }
+}
+
+TEST(TreeTest, BroadcastFromEveryRoot) {
+  for (int world : {1, 2, 3, 4, 6}) {
+    for (int root = 0; root < world; ++root) {
+      run_ranks(world, [&](ThreadTransport& transport, int rank) {
+        std::vector<std::uint8_t> data(10000, static_cast<std::uint8_t>(rank == root ? 0 : 255));
+        if (rank == root) {
+          for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::uint8_t>(i * 7);
+        }
+        tree_broadcast(transport, data.data(), data.size(), root, 4096);
+        for (std::size_t i = 0; i < data.size(); ++i) {
+          ASSERT_EQ(data[i], static_cast<std::uint8_t>(i * 7))
+              << "rank " << rank << " root " << root;
+        }
+      });
+    }
+  }
+}
+
+TEST(AlgorithmTest, SizeMismatchAcrossRanksIsACommErrorNotCorruption) {
+  for (Algorithm algorithm : {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd}) {
+    EXPECT_THROW(run_ranks(
+                     2,
+                     [&](ThreadTransport& transport, int rank) {
+                       const std::size_t count = rank == 0 ? 100 : 120;
+                       std::vector<float> data(count, 1.0f);
+                       Scratch scratch;
+                       run_all_reduce(algorithm, transport, data.data(), count,
+                                      make_reducer(ElementType::kFloat32, ReduceOp::kSum), scratch,
+                                      4096);
+                     },
+                     std::chrono::milliseconds(500)),
+                 CommError)
+        << to_string(algorithm);
+  }
+}
+
+TEST(AlgorithmTest, MissingPeerTimesOut) {
+  EXPECT_THROW(run_ranks(
+                   3,
+                   [&](ThreadTransport& transport, int rank) {
+                     if (rank == 2) return;  // never joins
+                     std::vector<float> data(10, 1.0f);
+                     Scratch scratch;
+                     ring_all_reduce(transport, data.data(), data.size(),
+                                     make_reducer(ElementType::kFloat32, ReduceOp::kSum), scratch,
+                                     4096);
+                   },
+                   std::chrono::milliseconds(200)),
+               TimeoutError);
+}
+
+TEST(AlgorithmTest, ScratchIsReusedAcrossCalls) {
+  run_ranks(2, [&](ThreadTransport& transport, int rank) {
+    std::vector<float> data(1 << 16, 1.0f);
+    Scratch scratch;
+    const Reducer sum = make_reducer(ElementType::kFloat32, ReduceOp::kSum);
+    for (Algorithm a : {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd}) {
+      run_all_reduce(a, transport, data.data(), data.size(), sum, scratch, 4096);
+    }
+    void* first = scratch.get(1);
+    const std::size_t capacity = scratch.capacity();
+    for (int i = 0; i < 5; ++i) {
+      for (Algorithm a : {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd}) {
+        run_all_reduce(a, transport, data.data(), data.size(), sum, scratch, 4096);
+      }
+    }
+    EXPECT_EQ(scratch.get(1), first);
+    EXPECT_EQ(scratch.capacity(), capacity);
+  });
+}
+
+TEST(AlgorithmTest, AutoNeverReturnsAutoOrNative) {
+  for (int world : {1, 2, 3, 4, 64}) {
+    for (std::size_t bytes = 0; bytes < (std::size_t{1} << 31); bytes = bytes * 2 + 1) {
+      const Algorithm a = choose_all_reduce_algorithm(bytes, world);
+      EXPECT_NE(a, Algorithm::kAuto);
+    }
+  }
+}
+
+TEST(SegmentsTest, PartitionIsBalancedAndCoversTheRange) {
+  for (std::size_t count : {0, 1, 5, 7, 100, 1001}) {
+    for (std::size_t parts : {1, 2, 3, 4, 7}) {
+      const Segments seg{count, parts};
+      EXPECT_EQ(seg.begin(0), 0u);
+      EXPECT_EQ(seg.begin(parts), count);
+      for (std::size_t i = 0; i < parts; ++i) {
+        EXPECT_LE(seg.length(i), count / parts + 1);
+        EXPECT_GE(seg.length(i), count / parts);
+      }
+    }
+  }
+}
+
+TEST(ReduceKernelTest, BFloat16RoundsToNearestEven) {
+  const Reducer sum = make_reducer(ElementType::kBFloat16, ReduceOp::kSum);
+  c10::BFloat16 a(256.0f);
+  c10::BFloat16 b(1.0f);  // 257 is not representable: ties to even -> 256
+  sum(&a, &b, 1);
+  EXPECT_EQ(static_cast<float>(a), 256.0f);
+  c10::BFloat16 c(258.0f);
+  c10::BFloat16 d(1.0f);  // 259 -> 260 (ties to even)
+  sum(&c, &d, 1);
+  EXPECT_EQ(static_cast<float>(c), 260.0f);
+}
+
+}  // namespace
+}  // namespace dtrain::collectives::detail

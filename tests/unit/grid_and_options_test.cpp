@@ -1,0 +1,181 @@
+// Pure logic without communication: grid rank math, option validation,
+// environment overrides, launcher detection, Work.
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <set>
+#include <thread>
+
+#include "dtrain/collectives/process_grid.h"
+#include "dtrain/collectives/types.h"
+#include "dtrain/collectives/work.h"
+#include "dtrain/env.h"
+#include "dtrain/error.h"
+#include "dtrain/runtime.h"
+
+namespace dtrain::collectives {
+namespace {
+
+TEST(GridShapeTest, FactorizesTheWorld) {
+  const GridShape shape = GridShape::from_world(16, /*tp=*/2, /*pp=*/2);
+  EXPECT_EQ(shape.dp, 4);
+  EXPECT_EQ(shape.pp, 2);
+  EXPECT_EQ(shape.tp, 2);
+  EXPECT_EQ(shape.world_size(), 16);
+}
+
+TEST(GridShapeTest, RejectsFactorizationsThatDoNotDivide) {
+  EXPECT_THROW(GridShape::from_world(6, 4, 1), InvalidArgument);
+  EXPECT_THROW(GridShape::from_world(8, 3, 1), InvalidArgument);
+  EXPECT_THROW(GridShape::from_world(8, 0, 1), InvalidArgument);
+  EXPECT_THROW(GridShape::from_world(8, 1, -2), InvalidArgument);
+  try {
+    GridShape::from_world(6, 4, 1);
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("not divisible"), std::string::npos) << e.what();
+  }
+}
+
+TEST(GridCoordTest, WorkedExampleFromTheHeader) {
+  const GridShape shape{4, 2, 2};
+  EXPECT_EQ(grid_coord(shape, 6), (GridCoord{1, 1, 0}));
+  EXPECT_EQ(grid_coord(shape, 13), (GridCoord{3, 0, 1}));
+  EXPECT_EQ(grid_rank(shape, GridCoord{2, 1, 1}), 11);
+}
+
+TEST(GridCoordTest, RoundTripsAndTpIsFastest) {
+  for (int tp : {1, 2, 3}) {
+    for (int pp : {1, 2, 4}) {
+      for (int dp : {1, 2, 3}) {
+        const GridShape shape{dp, pp, tp};
+        std::set<int> seen;
+        for (int r = 0; r < shape.world_size(); ++r) {
+          const GridCoord c = grid_coord(shape, r);
+          EXPECT_EQ(grid_rank(shape, c), r);
+          EXPECT_EQ(c.tp, r % tp);
+          seen.insert(grid_rank(shape, c));
+        }
+        EXPECT_EQ(static_cast<int>(seen.size()), shape.world_size());
+      }
+    }
+  }
+  EXPECT_THROW(grid_coord(GridShape{2, 1, 1}, 2), InvalidArgument);
+  EXPECT_THROW(grid_rank(GridShape{2, 1, 1}, GridCoord{0, 1, 0}), InvalidArgument);
+}
+
+TEST(OptionsTest, ParsesAlgorithmsAndRejectsUnknownOnes) {
+  EXPECT_EQ(parse_algorithm("ring"), Algorithm::kRing);
+  EXPECT_EQ(parse_algorithm("tree"), Algorithm::kTree);
+  EXPECT_EQ(parse_algorithm("rhd"), Algorithm::kRhd);
+  EXPECT_EQ(parse_algorithm("native"), Algorithm::kNative);
+  EXPECT_EQ(parse_algorithm("auto"), Algorithm::kAuto);
+  try {
+    parse_algorithm("butterfly");
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("ring"), std::string::npos);
+  }
+}
+
+TEST(OptionsTest, ValidateRejectsNonsense) {
+  CommunicatorOptions options;
+  EXPECT_NO_THROW(options.validate());
+  options.timeout = Timeout(0);
+  EXPECT_THROW(options.validate(), InvalidArgument);
+  options = CommunicatorOptions{};
+  options.chunk_bytes = 100;
+  EXPECT_THROW(options.validate(), InvalidArgument);
+  options = CommunicatorOptions{};
+  options.name = "";
+  EXPECT_THROW(options.validate(), InvalidArgument);
+}
+
+class EnvTest : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    unsetenv("DTRAIN_ALLREDUCE_ALGO");
+    unsetenv("DTRAIN_TIMEOUT_MS");
+    unsetenv("DTRAIN_CHUNK_BYTES");
+  }
+};
+
+TEST_F(EnvTest, OverridesApplyOnTopOfOptions) {
+  setenv("DTRAIN_ALLREDUCE_ALGO", "tree", 1);
+  setenv("DTRAIN_TIMEOUT_MS", "1500", 1);
+  setenv("DTRAIN_CHUNK_BYTES", "65536", 1);
+  CommunicatorOptions options;
+  read_env_overrides().apply(options);
+  EXPECT_EQ(options.allreduce_algorithm, Algorithm::kTree);
+  EXPECT_EQ(options.timeout, Timeout(1500));
+  EXPECT_EQ(options.chunk_bytes, 65536u);
+}
+
+TEST_F(EnvTest, UnsetVariablesChangeNothing) {
+  CommunicatorOptions options;
+  options.timeout = Timeout(123);
+  read_env_overrides().apply(options);
+  EXPECT_EQ(options.timeout, Timeout(123));
+  EXPECT_EQ(options.allreduce_algorithm, Algorithm::kAuto);
+}
+
+TEST_F(EnvTest, MalformedValuesNameTheVariable) {
+  setenv("DTRAIN_TIMEOUT_MS", "soon", 1);
+  try {
+    read_env_overrides();
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("DTRAIN_TIMEOUT_MS"), std::string::npos);
+  }
+  unsetenv("DTRAIN_TIMEOUT_MS");
+  setenv("DTRAIN_ALLREDUCE_ALGO", "fast", 1);
+  EXPECT_THROW(read_env_overrides(), InvalidArgument);
+}
+
+TEST(LaunchTest, ReadsOpenMpiAndSlurmVariables) {
+  setenv("SLURM_PROCID", "3", 1);
+  setenv("SLURM_NTASKS", "8", 1);
+  setenv("SLURM_LOCALID", "1", 1);
+  unsetenv("OMPI_COMM_WORLD_RANK");
+  unsetenv("PMIX_RANK");
+  unsetenv("PMI_RANK");
+  LaunchInfo info = detect_launch();
+  EXPECT_EQ(info.launcher, "slurm");
+  EXPECT_EQ(info.rank, 3);
+  EXPECT_EQ(info.size, 8);
+  EXPECT_EQ(info.local_rank, 1);
+  setenv("OMPI_COMM_WORLD_RANK", "5", 1);
+  setenv("OMPI_COMM_WORLD_SIZE", "6", 1);
+  setenv("OMPI_COMM_WORLD_LOCAL_RANK", "2", 1);
+  setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "3", 1);
+  info = detect_launch();
+  EXPECT_EQ(info.launcher, "openmpi");
+  EXPECT_EQ(info.rank, 5);
+  EXPECT_EQ(info.size, 6);
+  EXPECT_EQ(info.local_rank, 2);
+  for (const char* v :
+       {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"}) {
+    unsetenv(v);
+  }
+  EXPECT_EQ(detect_launch().launcher, "none");
+}
+
+TEST(WorkTest, WaitRethrowsTheOpsError) {
+  Work work("test op");
+  EXPECT_FALSE(work.is_completed());
+  std::thread finisher([&] { work.complete(std::make_exception_ptr(CommError("peer vanished"))); });
+  EXPECT_THROW(work.wait(), CommError);
+  finisher.join();
+  EXPECT_TRUE(work.is_completed());
+}
+
+TEST(WorkTest, WaitWithTimeoutThrowsWhileTheOpRuns) {
+  Work work("slow op");
+  EXPECT_THROW(work.wait(Timeout(20)), TimeoutError);
+  work.complete();
+  EXPECT_NO_THROW(work.wait(Timeout(20)));
+}
+
+}  // namespace
+}  // namespace dtrain::collectives
