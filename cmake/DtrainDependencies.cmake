@@ -39,3 +39,7 @@ endif()
 if(DTRAIN_BUILD_TESTS)
   find_package(GTest REQUIRED)
 endif()
+
+# Command-line parsing and JSON for tools, examples and benchmarks.
+find_package(cxxopts REQUIRED)
+find_package(nlohmann_json 3 REQUIRED)

@@ -6,6 +6,7 @@
 // | DTRAIN_ALLREDUCE_ALGO | default all-reduce algorithm: auto, ring, tree, rhd, native |
 // | DTRAIN_TIMEOUT_MS     | default op timeout of new communicators, in ms |
 // | DTRAIN_CHUNK_BYTES    | pipelining chunk of the ring/tree algorithms   |
+// | DTRAIN_INLINE_MAX_BYTES | largest collective run on the caller's thread when idle (0: never) |
 //
 // Values that do not parse throw InvalidArgument naming the variable.
 
@@ -20,6 +21,7 @@ struct EnvOverrides {
   std::optional<collectives::Algorithm> allreduce_algorithm;
   std::optional<collectives::Timeout> timeout;
   std::optional<std::size_t> chunk_bytes;
+  std::optional<std::size_t> inline_max_bytes;
 
   /// Writes the overrides that are set into `options`.
   void apply(collectives::CommunicatorOptions& options) const;

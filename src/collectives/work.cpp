@@ -1,7 +1,5 @@
 #include "dtrain/collectives/work.h"
 
-#include <thread>
-
 #include "dtrain/error.h"
 
 namespace dtrain::collectives {
@@ -16,12 +14,12 @@ std::exception_ptr Work::error() const {
 }
 
 void Work::wait(std::optional<Timeout> timeout) {
-  // Small ops finish within microseconds: check briefly before sleeping.
-  for (int i = 0; i < 200 && !is_completed(); ++i) std::this_thread::yield();
+  // Block at once rather than spin: on a machine with as many ranks as
+  // cores, a spinning caller takes the core its progress thread needs.
   std::unique_lock<std::mutex> lock(mutex_);
   if (timeout) {
     if (!cv_.wait_for(lock, *timeout, [this] { return is_completed(); })) {
-      DTRAIN_THROW(TimeoutError, "Work::wait: ", description_, " still running after ",
+      DTRAIN_THROW(TimeoutError, "Work::wait: ", description(), " still running after ",
                    timeout->count(), " ms");
     }
   } else {

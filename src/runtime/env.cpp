@@ -26,6 +26,7 @@ void EnvOverrides::apply(collectives::CommunicatorOptions& options) const {
   if (allreduce_algorithm) options.allreduce_algorithm = *allreduce_algorithm;
   if (timeout) options.timeout = *timeout;
   if (chunk_bytes) options.chunk_bytes = *chunk_bytes;
+  if (inline_max_bytes) options.inline_max_bytes = *inline_max_bytes;
 }
 
 EnvOverrides read_env_overrides() {
@@ -40,6 +41,9 @@ EnvOverrides read_env_overrides() {
   if (auto ms = read_integer("DTRAIN_TIMEOUT_MS", 1)) env.timeout = collectives::Timeout(*ms);
   if (auto bytes = read_integer("DTRAIN_CHUNK_BYTES", 4096)) {
     env.chunk_bytes = static_cast<std::size_t>(*bytes);
+  }
+  if (auto bytes = read_integer("DTRAIN_INLINE_MAX_BYTES", 0)) {
+    env.inline_max_bytes = static_cast<std::size_t>(*bytes);
   }
   return env;
 }

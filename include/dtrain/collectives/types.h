@@ -111,6 +111,13 @@ struct CommunicatorOptions {
   /// Pipelining unit of the ring and tree algorithms, in bytes
   /// (DTRAIN_CHUNK_BYTES). Must be at least 4 KiB.
   std::size_t chunk_bytes = std::size_t{256} << 10;
+  /// Collectives of at most this many bytes that are issued while the
+  /// communicator is idle run on the caller's thread (the call returns with
+  /// the op complete): a thread hand-off costs more than such an op takes.
+  /// Larger ops, and ops issued while others are in flight, always run on the
+  /// progress thread, so they overlap the caller's compute. 0 disables
+  /// (DTRAIN_INLINE_MAX_BYTES).
+  std::size_t inline_max_bytes = std::size_t{16} << 10;
 
   void validate() const;
 };

@@ -41,11 +41,17 @@ class Work {
   /// The op's error, or nullptr if it succeeded or is still running.
   std::exception_ptr error() const;
 
-  const std::string& description() const noexcept { return description_; }
+  /// Names the op in errors, e.g. "all_reduce(ring, sum, 1024 x float32) on
+  /// communicator 'world'". Backends may build it lazily.
+  virtual std::string description() const { return description_; }
 
   /// Backend side: marks the op finished, with `error` if it failed, and wakes
   /// waiters. Called exactly once, by the thread that ran the op.
   void complete(std::exception_ptr error = nullptr) noexcept;
+
+ protected:
+  /// For backends that override description().
+  Work() = default;
 
  private:
   std::string description_;

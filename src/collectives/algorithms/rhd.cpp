@@ -28,7 +28,9 @@ namespace dtrain::collectives::detail {
 namespace {
 
 // Below this the whole vector is exchanged (recursive doubling).
-constexpr std::size_t kDoublingMaxBytes = std::size_t{32} << 10;
+// Whole-vector exchanges stay below Open MPI's shared-memory eager limit
+// (4 KiB); past it each exchange pays a rendezvous handshake and halving wins.
+constexpr std::size_t kDoublingMaxBytes = std::size_t{2} << 10;
 
 inline char* offset(void* base, std::size_t elements, std::size_t element_size) {
   return static_cast<char*>(base) + elements * element_size;

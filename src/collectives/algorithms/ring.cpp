@@ -53,6 +53,72 @@ void recv_range(Transport& transport, void* data, std::size_t begin, std::size_t
   }
 }
 
+// One reduce-scatter step: sends segment `send_seg` to the right, receives
+// segment `recv_seg` from the left chunk by chunk and reduces it in place.
+// With `forward`, each finished chunk is also sent on to the right at once
+// (the first all-gather step of an all-reduce, overlapped with the last
+// reduce-scatter step), and the left neighbour's forwarded chunks of
+// `forward_recv_seg` are received straight into `data`.
+struct RingStep {
+  Transport& transport;
+  void* data;
+  const Reducer& reducer;
+  char* slots;
+  std::size_t chunk;  // elements
+  int left;
+  int right;
+};
+
+void reduce_scatter_step(const RingStep& ring, const Segments& seg, std::size_t send_seg,
+                         std::size_t recv_seg, bool forward, std::size_t forward_recv_seg) {
+  Transport& transport = ring.transport;
+  const std::size_t es = ring.reducer.element_size;
+  const std::size_t chunk = ring.chunk;
+  send_range(transport, ring.data, seg.begin(send_seg), seg.length(send_seg), es, chunk,
+             ring.right);
+
+  const std::size_t recv_begin = seg.begin(recv_seg);
+  const std::size_t recv_len = seg.length(recv_seg);
+  const std::size_t n_chunks = (recv_len + chunk - 1) / chunk;
+  Transport::Request pending[kPipelineDepth] = {};
+  auto slot = [&](std::size_t c) { return ring.slots + (c % kPipelineDepth) * chunk * es; };
+  auto chunk_len = [&](std::size_t c) { return std::min(chunk, recv_len - c * chunk); };
+  // Receives are posted in the order the left neighbour sends: all of this
+  // step's reduce-scatter chunks first, then its forwarded chunks.
+  bool forward_posted = !forward;
+  auto post_forward_receives = [&] {
+    recv_range(transport, ring.data, seg.begin(forward_recv_seg), seg.length(forward_recv_seg), es,
+               chunk, ring.left);
+    forward_posted = true;
+  };
+  auto post = [&](std::size_t c) {
+    pending[c % kPipelineDepth] = transport.irecv(slot(c), chunk_len(c) * es, ring.left);
+    if (c + 1 == n_chunks && !forward_posted) post_forward_receives();
+  };
+  if (n_chunks == 0 && !forward_posted) post_forward_receives();
+  for (std::size_t c = 0; c < std::min(n_chunks, kPipelineDepth); ++c) post(c);
+  for (std::size_t c = 0; c < n_chunks; ++c) {
+    transport.wait(pending[c % kPipelineDepth]);
+    char* target = offset(ring.data, recv_begin + c * chunk, es);
+    ring.reducer(target, slot(c), chunk_len(c));
+    if (forward) transport.isend(target, chunk_len(c) * es, ring.right);
+    if (c + kPipelineDepth < n_chunks) post(c + kPipelineDepth);
+  }
+  // The next step sends the segment reduced here; this step's sends must
+  // have left before any buffer they read is changed.
+  transport.wait_all();
+}
+
+RingStep make_ring(Transport& transport, void* data, const Reducer& reducer, Scratch& scratch,
+                   std::size_t chunk_bytes) {
+  const int n = transport.size();
+  const int r = transport.rank();
+  const std::size_t es = reducer.element_size;
+  const std::size_t chunk = std::max<std::size_t>(1, chunk_bytes / es);
+  char* slots = static_cast<char*>(scratch.get(kPipelineDepth * chunk * es));
+  return RingStep{transport, data, reducer, slots, chunk, (r + n - 1) % n, (r + 1) % n};
+}
+
 }  // namespace
 
 void ring_reduce_scatter(Transport& transport, void* data, std::size_t count,
@@ -60,36 +126,11 @@ void ring_reduce_scatter(Transport& transport, void* data, std::size_t count,
   const int n = transport.size();
   const int r = transport.rank();
   if (n == 1 || count == 0) return;
-  const std::size_t es = reducer.element_size;
-  const std::size_t chunk = std::max<std::size_t>(1, chunk_bytes / es);
-  char* slots = static_cast<char*>(scratch.get(kPipelineDepth * chunk * es));
-  const int right = (r + 1) % n;
-  const int left = (r + n - 1) % n;
+  const RingStep ring = make_ring(transport, data, reducer, scratch, chunk_bytes);
   const Segments seg{count, static_cast<std::size_t>(n)};
-
   for (int step = 0; step < n - 1; ++step) {
-    const std::size_t send_seg = wrap(static_cast<long long>(r) - step - 1, n);
-    const std::size_t recv_seg = wrap(static_cast<long long>(r) - step - 2, n);
-    send_range(transport, data, seg.begin(send_seg), seg.length(send_seg), es, chunk, right);
-
-    const std::size_t recv_begin = seg.begin(recv_seg);
-    const std::size_t recv_len = seg.length(recv_seg);
-    const std::size_t n_chunks = (recv_len + chunk - 1) / chunk;
-    Transport::Request pending[kPipelineDepth] = {};
-    auto slot = [&](std::size_t c) { return slots + (c % kPipelineDepth) * chunk * es; };
-    auto chunk_len = [&](std::size_t c) { return std::min(chunk, recv_len - c * chunk); };
-    auto post = [&](std::size_t c) {
-      pending[c % kPipelineDepth] = transport.irecv(slot(c), chunk_len(c) * es, left);
-    };
-    for (std::size_t c = 0; c < std::min(n_chunks, kPipelineDepth); ++c) post(c);
-    for (std::size_t c = 0; c < n_chunks; ++c) {
-      transport.wait(pending[c % kPipelineDepth]);
-      reducer(offset(data, recv_begin + c * chunk, es), slot(c), chunk_len(c));
-      if (c + kPipelineDepth < n_chunks) post(c + kPipelineDepth);
-    }
-    // The next step sends the segment reduced here; this step's sends must
-    // have left before any buffer they read is changed.
-    transport.wait_all();
+    reduce_scatter_step(ring, seg, wrap(static_cast<long long>(r) - step - 1, n),
+                        wrap(static_cast<long long>(r) - step - 2, n), false, 0);
   }
 }
 
@@ -116,8 +157,32 @@ void ring_all_gather(Transport& transport, void* data, std::size_t count, std::s
 
 void ring_all_reduce(Transport& transport, void* data, std::size_t count, const Reducer& reducer,
                      Scratch& scratch, std::size_t chunk_bytes) {
-  ring_reduce_scatter(transport, data, count, reducer, scratch, chunk_bytes);
-  ring_all_gather(transport, data, count, reducer.element_size, chunk_bytes);
+  const int n = transport.size();
+  const int r = transport.rank();
+  if (n == 1 || count == 0) return;
+  const RingStep ring = make_ring(transport, data, reducer, scratch, chunk_bytes);
+  const Segments seg{count, static_cast<std::size_t>(n)};
+  for (int step = 0; step < n - 1; ++step) {
+    // The last step finishes segment r; its chunks go on to the right as
+    // soon as they are reduced (all-gather step 0), while segment r-1
+    // arrives from the left the same way.
+    const bool last = step == n - 2;
+    reduce_scatter_step(ring, seg, wrap(static_cast<long long>(r) - step - 1, n),
+                        wrap(static_cast<long long>(r) - step - 2, n), last,
+                        wrap(static_cast<long long>(r) - 1, n));
+  }
+  // All-gather steps 1..n-2 (step 0 was overlapped above).
+  const std::size_t message_elems =
+      std::max<std::size_t>(1, std::max(chunk_bytes, kMaxMessageBytes) / reducer.element_size);
+  for (int step = 1; step < n - 1; ++step) {
+    const std::size_t send_seg = wrap(static_cast<long long>(r) - step, n);
+    const std::size_t recv_seg = wrap(static_cast<long long>(r) - step - 1, n);
+    recv_range(transport, data, seg.begin(recv_seg), seg.length(recv_seg), reducer.element_size,
+               message_elems, ring.left);
+    send_range(transport, data, seg.begin(send_seg), seg.length(send_seg), reducer.element_size,
+               message_elems, ring.right);
+    transport.wait_all();
+  }
 }
 
 }  // namespace dtrain::collectives::detail

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <sstream>
@@ -28,6 +29,8 @@ using Clock = std::chrono::steady_clock;
 // Point-to-point ops are not numbered in the collective order.
 constexpr std::uint64_t kPointToPointSeq = ~std::uint64_t{0};
 constexpr int kMaxUserTag = 1'000'000;
+// Payload size that never qualifies for running on the caller's thread.
+constexpr std::size_t kNeverInline = ~std::size_t{0};
 
 ElementType element_type_of(const at::Tensor& tensor, const char* op) {
   switch (tensor.scalar_type()) {
@@ -58,14 +61,6 @@ void check_cpu_tensor(const at::Tensor& tensor, const char* op, const char* whic
                    "; the MPI backend takes CPU tensors (use the NCCL backend for CUDA tensors)");
   DTRAIN_CHECK_ARG(tensor.layout() == at::kStrided, op, ": ", which,
                    " tensor must be dense (strided), got layout ", tensor.layout());
-}
-
-std::string describe(const char* op, const char* detail, std::size_t count, ElementType type) {
-  std::ostringstream os;
-  os << op << "(";
-  if (detail != nullptr && *detail != '\0') os << detail << ", ";
-  os << count << " x " << to_string(type) << ")";
-  return os.str();
 }
 
 MPI_Datatype mpi_datatype(ElementType type) {
@@ -137,6 +132,7 @@ class MpiCommunicator final : public Communicator {
   MpiCommunicator(MPI_Comm comm, CommunicatorOptions options)
       : comm_(comm), options_(std::move(options)) {
     options_.validate();
+    name_ = std::make_shared<const std::string>(options_.name);
     DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
     DTRAIN_MPI_CHECK(MPI_Comm_dup(comm_, &p2p_comm_));
     DTRAIN_MPI_CHECK(MPI_Comm_dup(comm_, &diag_comm_));
@@ -188,12 +184,13 @@ class MpiCommunicator final : public Communicator {
     }
     DTRAIN_CHECK_ARG(algorithm != Algorithm::kNative || count <= static_cast<std::size_t>(INT_MAX),
                      "all_reduce: ", count,
-                     " elements exceed MPI's int count limit of the "
-                     "native algorithm; use ring");
-    std::string detail = std::string(to_string(algorithm)) + ", " + to_string(opts.op);
+                     " elements exceed MPI's int count limit of the native algorithm; use ring");
+    OpDescriptor what = describe(kOp, count, type);
+    what.algorithm = to_string(algorithm);
+    what.reduce = to_string(opts.op);
     const ReduceOp op = opts.op;
-    return submit(describe(kOp, detail.c_str(), count, type), opts.timeout, /*collective=*/true,
-                  tensor, [=](MpiTransport& transport) {
+    return submit(what, opts.timeout, /*collective=*/true, count * reducer.element_size, tensor,
+                  at::Tensor(), [=](MpiTransport& transport) {
                     Staged staged = stage(tensor, workspace_);
                     void* data = staged.tensor.data_ptr();
                     if (algorithm == Algorithm::kNative) {
@@ -214,15 +211,16 @@ class MpiCommunicator final : public Communicator {
     DTRAIN_CHECK_ARG(opts.root >= 0 && opts.root < size_, "broadcast: root ", opts.root,
                      " is not a rank of communicator '", options_.name, "' (size ", size_, ")");
     const std::size_t count = static_cast<std::size_t>(tensor.numel());
+    const std::size_t bytes = count * element_size(type);
     const int root = opts.root;
-    std::string detail = "root " + std::to_string(root);
-    return submit(describe(kOp, detail.c_str(), count, type), opts.timeout, true, tensor,
-                  [=](MpiTransport& transport) {
-                    Staged staged = stage(tensor, workspace_, /*copy_in=*/rank_ == root);
-                    tree_broadcast(transport, staged.tensor.data_ptr(), count * element_size(type),
-                                   root, options_.chunk_bytes);
-                    unstage(staged, tensor);
-                  });
+    OpDescriptor what = describe(kOp, count, type);
+    what.root = root;
+    return submit(
+        what, opts.timeout, true, bytes, tensor, at::Tensor(), [=](MpiTransport& transport) {
+          Staged staged = stage(tensor, workspace_, /*copy_in=*/rank_ == root);
+          tree_broadcast(transport, staged.tensor.data_ptr(), bytes, root, options_.chunk_bytes);
+          unstage(staged, tensor);
+        });
   }
 
   std::shared_ptr<Work> all_gather(const at::Tensor& output, const at::Tensor& input,
@@ -239,16 +237,14 @@ class MpiCommunicator final : public Communicator {
                      " elements; it needs size() * input.numel() = ", size_, " * ", count, " = ",
                      count * size_);
     const std::size_t es = element_size(type);
-    return submit(
-        describe(kOp, "", count, type), opts.timeout, true, output,
-        [=](MpiTransport& transport) {
-          Staged staged = stage(output, workspace_, /*copy_in=*/false);
-          char* out = static_cast<char*>(staged.tensor.data_ptr());
-          copy_into(out + rank_ * count * es, input);
-          ring_all_gather(transport, out, count * size_, es, options_.chunk_bytes);
-          unstage(staged, output);
-        },
-        input);
+    return submit(describe(kOp, count, type), opts.timeout, true, count * size_ * es, output, input,
+                  [=](MpiTransport& transport) {
+                    Staged staged = stage(output, workspace_, /*copy_in=*/false);
+                    char* out = static_cast<char*>(staged.tensor.data_ptr());
+                    copy_into(out + rank_ * count * es, input);
+                    ring_all_gather(transport, out, count * size_, es, options_.chunk_bytes);
+                    unstage(staged, output);
+                  });
   }
 
   std::shared_ptr<Work> reduce_scatter(const at::Tensor& output, const at::Tensor& input,
@@ -266,19 +262,19 @@ class MpiCommunicator final : public Communicator {
                      count, " = ", count * size_);
     const std::size_t es = element_size(type);
     const ReduceOp op = opts.op;
-    return submit(
-        describe(kOp, to_string(op), count, type), opts.timeout, true, output,
-        [=](MpiTransport& transport) {
-          // Reduce in a reused workspace: the input must stay unchanged.
-          char* work = static_cast<char*>(workspace_.get(count * size_ * es));
-          copy_into(work, input);
-          ring_reduce_scatter(transport, work, count * size_, reducer, slots_,
-                              options_.chunk_bytes);
-          char* mine = work + rank_ * count * es;
-          if (op == ReduceOp::kAvg) divide_in_place(mine, count, type, size_);
-          copy_out(output, mine);
-        },
-        input);
+    OpDescriptor what = describe(kOp, count, type);
+    what.reduce = to_string(op);
+    return submit(what, opts.timeout, true, count * size_ * es, output, input,
+                  [=](MpiTransport& transport) {
+                    // Reduce in a reused workspace: the input must stay unchanged.
+                    char* work = static_cast<char*>(workspace_.get(count * size_ * es));
+                    copy_into(work, input);
+                    ring_reduce_scatter(transport, work, count * size_, reducer, slots_,
+                                        options_.chunk_bytes);
+                    char* mine = work + rank_ * count * es;
+                    if (op == ReduceOp::kAvg) divide_in_place(mine, count, type, size_);
+                    copy_out(output, mine);
+                  });
   }
 
   std::shared_ptr<Work> send(const at::Tensor& tensor, int dst,
@@ -292,22 +288,31 @@ class MpiCommunicator final : public Communicator {
   }
 
   std::shared_ptr<Work> barrier(const BarrierOptions& opts) override {
-    return submit("barrier()", opts.timeout, true, at::Tensor(), [this](MpiTransport& transport) {
-      MPI_Request request;
-      DTRAIN_MPI_CHECK(MPI_Ibarrier(comm_, &request));
-      transport.wait_native(&request);
-    });
+    OpDescriptor what;
+    what.op = "barrier";
+    what.has_tensor = false;
+    return submit(what, opts.timeout, true, 0, at::Tensor(), at::Tensor(),
+                  [this](MpiTransport& transport) {
+                    MPI_Request request;
+                    DTRAIN_MPI_CHECK(MPI_Ibarrier(comm_, &request));
+                    transport.wait_native(&request);
+                  });
   }
 
   std::shared_ptr<Communicator> split(int color, int key, const SplitOptions& opts) override {
     const Timeout timeout = opts.timeout.value_or(options_.timeout);
     MPI_Comm new_comm = MPI_COMM_NULL;
-    std::ostringstream what;
-    what << "split(color " << color << ", key " << key << ")";
-    auto work =
-        submit(what.str(), timeout, true, at::Tensor(), [&, color, key](MpiTransport& transport) {
-          // Rendezvous under the timeout first (MPI_Comm_split has none): after
-          // this all-gather every rank is known to be inside the split.
+    OpDescriptor what;
+    what.op = "split";
+    what.has_tensor = false;
+    what.color = color;
+    what.key = key;
+    auto work = submit(
+        what, timeout, true, kNeverInline, at::Tensor(), at::Tensor(),
+        [&, color, key](MpiTransport& transport) {
+          // Rendezvous under the timeout first (MPI_Comm_split
+          // has none): after this all-gather every rank is
+          // known to be inside the split.
           auto* ids = static_cast<std::int64_t*>(workspace_.get(sizeof(std::int64_t) * size_));
           ids[rank_] = color;
           ring_all_gather(transport, ids, static_cast<std::size_t>(size_), sizeof(std::int64_t),
@@ -324,12 +329,34 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
+  // The Work of an MPI op: describes itself only when asked (errors, logs).
+  class MpiWork final : public Work {
+   public:
+    MpiWork(const OpDescriptor& what, std::shared_ptr<const std::string> comm_name)
+        : what_(what), comm_name_(std::move(comm_name)) {}
+    std::string description() const override {
+      return what_.str() + " on communicator '" + *comm_name_ + "'";
+    }
+
+   private:
+    OpDescriptor what_;
+    std::shared_ptr<const std::string> comm_name_;
+  };
+
   // A contiguous tensor to run the op on: the caller's own, or a view of the
   // reused workspace when the caller's is not contiguous.
   struct Staged {
     at::Tensor tensor;
     bool copied = false;
   };
+
+  static OpDescriptor describe(const char* op, std::size_t count, ElementType type) {
+    OpDescriptor what;
+    what.op = op;
+    what.count = count;
+    what.type = type;
+    return what;
+  }
 
   static Staged stage(const at::Tensor& tensor, Scratch& workspace, bool copy_in = true) {
     if (tensor.is_contiguous()) return Staged{tensor, false};
@@ -385,62 +412,82 @@ class MpiCommunicator final : public Communicator {
     const std::size_t count = static_cast<std::size_t>(tensor.numel());
     const std::size_t bytes = count * element_size(type);
     const int tag = opts.tag;
-    std::string detail = std::string(is_recv ? "from" : "to") + " rank " + std::to_string(peer) +
-                         ", tag " + std::to_string(tag);
-    return submit(describe(op, detail.c_str(), count, type), opts.timeout, /*collective=*/false,
-                  tensor, [=](MpiTransport&) {
+    OpDescriptor what = describe(op, count, type);
+    what.peer = peer;
+    what.tag = tag;
+    return submit(what, opts.timeout, /*collective=*/false, kNeverInline, tensor, at::Tensor(),
+                  [=](MpiTransport& transport) {
                     Staged staged = stage(tensor, workspace_, /*copy_in=*/!is_recv);
                     void* data = staged.tensor.data_ptr();
-                    auto request = is_recv ? p2p_transport_->irecv_tagged(data, bytes, peer, tag)
-                                           : p2p_transport_->isend_tagged(data, bytes, peer, tag);
-                    p2p_transport_->wait(request);
-                    p2p_transport_->wait_all();
+                    auto request = is_recv ? transport.irecv_tagged(data, bytes, peer, tag)
+                                           : transport.isend_tagged(data, bytes, peer, tag);
+                    transport.wait(request);
+                    transport.wait_all();
                     if (is_recv) unstage(staged, tensor);
                   });
   }
 
-  // Queues `body` and returns its Work. Runs on the progress thread:
-  // checks that the communicator is healthy, sets the op's deadline, and on
-  // any failure marks the communicator failed and keeps the op's tensors
-  // alive for good (MPI may still write into them).
-  std::shared_ptr<Work> submit(std::string description, std::optional<Timeout> timeout,
-                               bool collective, at::Tensor keep,
-                               std::function<void(MpiTransport&)> body,
-                               at::Tensor keep_too = at::Tensor()) {
+  // Runs `body` as one op: checks that the communicator is healthy, sets the
+  // op's deadline and tag, and on any failure marks the communicator failed
+  // and keeps the op's tensors alive for good (MPI may still write into
+  // them). Runs on the progress thread, or on the caller's for small ops.
+  template <typename Body>
+  void run_op(const OpDescriptor& what, Timeout timeout, bool collective, const at::Tensor& keep,
+              const at::Tensor& keep_too, Body& body) {
+    MpiTransport& transport = collective ? *transport_ : *p2p_transport_;
+    if (failed_.load()) {
+      std::lock_guard<std::mutex> lock(failure_mutex_);
+      DTRAIN_THROW(CommError, what.str(), " was not run: communicator '", options_.name,
+                   "' failed earlier: ", failure_);
+    }
+    OpInfo info;
+    info.seq = collective ? collective_seq_++ : kPointToPointSeq;
+    info.what = what;
+    info.timeout = timeout;
+    info.deadline = Clock::now() + timeout;
+    transport.begin_op(info);
+    try {
+      body(transport);
+      transport.end_op();
+    } catch (const std::exception& e) {
+      transport.abandon_op();
+      {
+        std::lock_guard<std::mutex> lock(failure_mutex_);
+        if (!failed_.load()) failure_ = e.what();
+        graveyard_.push_back(keep);
+        graveyard_.push_back(keep_too);
+      }
+      failed_.store(true);
+      throw;
+    }
+  }
+
+  // Issues an op and returns its Work. Collectives of at most
+  // options_.inline_max_bytes issued while the engine is idle run right here
+  // on the caller's thread; everything else is queued on the engine.
+  template <typename Body>
+  std::shared_ptr<Work> submit(const OpDescriptor& what, std::optional<Timeout> timeout,
+                               bool collective, std::size_t payload_bytes, at::Tensor keep,
+                               at::Tensor keep_too, Body body) {
     const Timeout op_timeout = timeout.value_or(options_.timeout);
-    DTRAIN_CHECK_ARG(op_timeout.count() > 0, description, ": timeout must be positive, got ",
+    DTRAIN_CHECK_ARG(op_timeout.count() > 0, what.str(), ": timeout must be positive, got ",
                      op_timeout.count(), " ms");
-    auto work = std::make_shared<Work>(description + " on communicator '" + options_.name + "'");
-    engine_->enqueue(
-        work, [this, description = std::move(description), op_timeout, collective,
-               keep = std::move(keep), keep_too = std::move(keep_too), body = std::move(body)]() {
-          MpiTransport& transport = collective ? *transport_ : *p2p_transport_;
-          if (failed_.load()) {
-            std::lock_guard<std::mutex> lock(failure_mutex_);
-            DTRAIN_THROW(CommError, description, " was not run: communicator '", options_.name,
-                         "' failed earlier: ", failure_);
-          }
-          OpInfo info;
-          info.seq = collective ? collective_seq_++ : kPointToPointSeq;
-          info.description = description;
-          info.timeout = op_timeout;
-          info.deadline = Clock::now() + op_timeout;
-          transport.begin_op(std::move(info));
-          try {
-            body(transport);
-            transport.end_op();
-          } catch (const std::exception& e) {
-            transport.abandon_op();
-            {
-              std::lock_guard<std::mutex> lock(failure_mutex_);
-              if (!failed_.load()) failure_ = e.what();
-              graveyard_.push_back(keep);
-              graveyard_.push_back(keep_too);
-            }
-            failed_.store(true);
-            throw;
-          }
-        });
+    auto work = std::make_shared<MpiWork>(what, name_);
+    if (collective && payload_bytes <= options_.inline_max_bytes && engine_->try_begin_inline()) {
+      std::exception_ptr error;
+      try {
+        run_op(what, op_timeout, collective, keep, keep_too, body);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      engine_->end_inline();
+      work->complete(error);
+      return work;
+    }
+    engine_->enqueue(work, [this, what, op_timeout, collective, keep = std::move(keep),
+                            keep_too = std::move(keep_too), body = std::move(body)]() mutable {
+      run_op(what, op_timeout, collective, keep, keep_too, body);
+    });
     return work;
   }
 
@@ -448,6 +495,7 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm p2p_comm_ = MPI_COMM_NULL;
   MPI_Comm diag_comm_ = MPI_COMM_NULL;
   CommunicatorOptions options_;
+  std::shared_ptr<const std::string> name_;  // shared with every Work, for its description
   int rank_ = 0;
   int size_ = 1;
   MPI_Op half_ops_[2][4] = {};  // [bfloat16, float16][sum, product, min, max]

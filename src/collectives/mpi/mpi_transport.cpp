@@ -23,15 +23,19 @@ constexpr std::int64_t kNotInOp = -1;
 // Polls MPI_Test in a tight loop first (small messages complete in a few
 // microseconds), then yields the core, then sleeps briefly: a rank waiting
 // for a slow peer must not compete with its own training thread.
+// The first polls do not read the clock at all: most waits of small
+// messages end within them.
 class Backoff {
  public:
   void pause() {
-    const auto waited = Clock::now() - start_;
-    if (waited < std::chrono::microseconds(50)) {
+    if (++polls_ < kSpinPolls) {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
 #endif
-    } else if (waited < std::chrono::milliseconds(2)) {
+      return;
+    }
+    if (polls_ == kSpinPolls) start_ = Clock::now();
+    if (Clock::now() - start_ < std::chrono::milliseconds(2)) {
       sched_yield();
     } else {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
@@ -39,10 +43,31 @@ class Backoff {
   }
 
  private:
-  Clock::time_point start_ = Clock::now();
+  static constexpr std::uint32_t kSpinPolls = 2000;
+  std::uint32_t polls_ = 0;
+  Clock::time_point start_;
 };
 
 }  // namespace
+
+std::string OpDescriptor::str() const {
+  std::string out = op;
+  out += "(";
+  auto item = [&out](const std::string& text) {
+    if (out.back() != '(') out += ", ";
+    out += text;
+  };
+  if (algorithm != nullptr) item(algorithm);
+  if (reduce != nullptr) item(reduce);
+  if (root >= 0) item("root " + std::to_string(root));
+  if (peer >= 0)
+    item(std::string(std::string(op) == "recv" ? "from" : "to") + " rank " + std::to_string(peer));
+  if (tag >= 0) item("tag " + std::to_string(tag));
+  if (std::string(op) == "split")
+    item("color " + std::to_string(color) + ", key " + std::to_string(key));
+  if (has_tensor) item(std::to_string(count) + " x " + to_string(type));
+  return out + ")";
+}
 
 std::string mpi_error_string(int code) {
   char text[MPI_MAX_ERROR_STRING];
@@ -159,7 +184,7 @@ bool MpiTransport::test(Pending& p) {
     context << op_label() << " on '" << comm_name_ << "', " << (p.is_recv ? "from" : "to")
             << " rank " << p.peer;
     if (rc == MPI_ERR_TRUNCATE) {
-      DTRAIN_THROW(CommError, op_.description, " on communicator '", comm_name_, "': rank ", p.peer,
+      DTRAIN_THROW(CommError, op_.what.str(), " on communicator '", comm_name_, "': rank ", p.peer,
                    " sent more than the ", p.bytes,
                    " bytes expected; the ranks passed tensors of different sizes or dtypes");
     }
@@ -170,7 +195,7 @@ bool MpiTransport::test(Pending& p) {
   if (p.is_recv) {
     int received = 0;
     MPI_Get_count(&status, MPI_BYTE, &received);
-    DTRAIN_CHECK_T(CommError, static_cast<std::size_t>(received) == p.bytes, op_.description,
+    DTRAIN_CHECK_T(CommError, static_cast<std::size_t>(received) == p.bytes, op_.what.str(),
                    " on communicator '", comm_name_, "': received ", received, " bytes from rank ",
                    p.peer, ", expected ", p.bytes,
                    "; the ranks passed tensors of different sizes or dtypes");
@@ -211,7 +236,7 @@ void MpiTransport::wait_native(MPI_Request* request) {
   while (true) {
     MPI_Status status;
     const int rc = MPI_Test(request, &flag, &status);
-    if (rc != MPI_SUCCESS) throw_mpi_error(rc, "MPI_Test", op_.description);
+    if (rc != MPI_SUCCESS) throw_mpi_error(rc, "MPI_Test", op_.what.str());
     if (flag) return;
     if (++polls_since_diag_ % 256 == 0) {
       service_diag();
@@ -250,8 +275,8 @@ void MpiTransport::service_diag() {
 bool MpiTransport::should_give_up() { return gave_up_peer_ >= 0 || Clock::now() >= op_.deadline; }
 
 std::string MpiTransport::op_label() const {
-  if (op_.seq == ~std::uint64_t{0}) return op_.description;
-  return op_.description + " #" + std::to_string(op_.seq);
+  if (op_.seq == ~std::uint64_t{0}) return op_.what.str();
+  return op_.what.str() + " #" + std::to_string(op_.seq);
 }
 
 void MpiTransport::notify_peers() {

@@ -16,14 +16,34 @@
 #include <string>
 #include <vector>
 
+#include "src/collectives/algorithms/element_type.h"
 #include "src/collectives/algorithms/transport.h"
 
 namespace dtrain::collectives::detail {
 
+/// What an op is, kept as plain fields and formatted only when an error or
+/// a log needs the text (formatting costs more than a small op takes).
+struct OpDescriptor {
+  const char* op = "";
+  const char* algorithm = nullptr;  ///< all_reduce only
+  const char* reduce = nullptr;     ///< reducing ops only
+  std::size_t count = 0;
+  ElementType type = ElementType::kUInt8;
+  bool has_tensor = true;
+  int root = -1;  ///< broadcast
+  int peer = -1;  ///< send/recv
+  int tag = -1;   ///< send/recv
+  int color = 0;  ///< split
+  int key = 0;    ///< split
+
+  /// e.g. "all_reduce(ring, sum, 1024 x float32)".
+  std::string str() const;
+};
+
 /// What the op currently running is, for tags and error messages.
 struct OpInfo {
-  std::uint64_t seq = 0;    ///< Position in the communicator's op order.
-  std::string description;  ///< e.g. "all_reduce(ring, sum, 1024 x float32)"
+  std::uint64_t seq = 0;  ///< Position in the communicator's op order.
+  OpDescriptor what;
   std::chrono::steady_clock::time_point deadline;
   std::chrono::milliseconds timeout{0};
 };

@@ -30,17 +30,26 @@ class ProgressEngine {
   /// time, in the order queued.
   void enqueue(std::shared_ptr<Work> work, Task task);
 
+  /// If nothing is queued or running, reserves the engine for the calling
+  /// thread and returns true: the caller runs its op itself, then calls
+  /// end_inline(). Otherwise returns false (the op must be queued, to keep
+  /// issue order).
+  bool try_begin_inline();
+  void end_inline();
+
  private:
   struct Item {
     std::shared_ptr<Work> work;
     Task task;
   };
   void loop();
+  static void run(Work& work, Task& task);
 
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Item> queue_;
   bool stopping_ = false;
+  bool busy_ = false;  // a task is running (on the engine thread or inline)
   std::thread thread_;
 };
 

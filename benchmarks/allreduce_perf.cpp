@@ -1,0 +1,281 @@
+// allreduce_perf: all-reduce bandwidth and latency of every dtrain algorithm
+// against MPI_Allreduce, in the same process and run (nccl-tests style).
+//
+//   mpirun -n 2 allreduce_perf -b 8 -e 128M -f 2 --algo ring,tree,rhd,native,auto
+//
+// For each size, every algorithm runs in turn (warm-up, then `iters` ops
+// issued back to back and waited for together, as nccl-tests does); time is
+// the slowest rank's. `mpi` is MPI_Allreduce called directly on the
+// caller's thread: the peer a user would otherwise pick. `native` is the
+// same MPI library's MPI_Iallreduce run through dtrain's progress thread.
+
+#include <mpi.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "benchmarks/harness.h"
+#include "dtrain/collectives/communicator.h"
+#include "dtrain/error.h"
+#include "dtrain/runtime.h"
+
+namespace {
+
+using dtrain::collectives::Algorithm;
+using dtrain::collectives::Communicator;
+using Clock = std::chrono::steady_clock;
+
+struct Row {
+  std::string algo;
+  std::size_t bytes = 0;
+  std::size_t count = 0;
+  double time_us = 0;
+  double algbw = 0;
+  double busbw = 0;
+  long wrong = 0;
+};
+
+at::ScalarType parse_dtype(const std::string& name) {
+  if (name == "float32" || name == "float") return at::kFloat;
+  if (name == "float64" || name == "double") return at::kDouble;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16" || name == "half") return at::kHalf;
+  if (name == "int32") return at::kInt;
+  if (name == "int64") return at::kLong;
+  if (name == "uint8") return at::kByte;
+  throw dtrain::InvalidArgument("unknown --dtype '" + name +
+                                "' (float32, float64, bfloat16, float16, int32, int64, uint8)");
+}
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+double max_over_ranks(double value) {
+  double out = value;
+  MPI_Allreduce(&value, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return out;
+}
+
+// One all-reduce of `tensor`, by `algo` ("mpi" = direct MPI_Allreduce).
+class Runner {
+ public:
+  Runner(Communicator& comm, MPI_Comm raw, MPI_Datatype type)
+      : comm_(comm), raw_(raw), type_(type) {}
+
+  // Issues `iters` all-reduces back to back and waits for all of them.
+  void run(const std::string& algo, const at::Tensor& tensor, int iters) {
+    if (algo == "mpi") {
+      for (int i = 0; i < iters; ++i) {
+        MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()), type_,
+                      MPI_SUM, raw_);
+      }
+      return;
+    }
+    dtrain::collectives::AllReduceOptions options;
+    options.algorithm = dtrain::collectives::parse_algorithm(algo);
+    std::shared_ptr<dtrain::collectives::Work> last;
+    for (int i = 0; i < iters; ++i) last = comm_.all_reduce(tensor, options);
+    if (last) last->wait();  // ops complete in issue order
+  }
+
+ private:
+  Communicator& comm_;
+  MPI_Comm raw_;
+  MPI_Datatype type_;
+};
+
+MPI_Datatype mpi_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return MPI_FLOAT;
+    case at::kDouble:
+      return MPI_DOUBLE;
+    case at::kInt:
+      return MPI_INT32_T;
+    case at::kLong:
+      return MPI_INT64_T;
+    case at::kByte:
+      return MPI_UINT8_T;
+    default:
+      return MPI_DATATYPE_NULL;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  dtrain::Runtime runtime(&argc, &argv);
+  cxxopts::Options cli("allreduce_perf",
+                       "All-reduce bandwidth of dtrain's algorithms vs MPI_Allreduce");
+  dtrain::bench::SweepOptions::add_to(cli);
+  cli.add_options("allreduce")(
+      "algo",
+      "comma-separated algorithms: ring,tree,rhd,native,auto and mpi (direct MPI_Allreduce)",
+      cxxopts::value<std::string>()->default_value("ring,tree,rhd,native,auto,mpi"))(
+      "d,dtype", "element type", cxxopts::value<std::string>()->default_value("float32"))(
+      "device", "cpu (MPI backend)", cxxopts::value<std::string>()->default_value("cpu"))(
+      "threads", "intra-op threads of LibTorch", cxxopts::value<int>()->default_value("1"));
+  dtrain::bench::SweepOptions sweep;
+  std::vector<std::string> algos;
+  at::ScalarType dtype;
+  try {
+    auto parsed = cli.parse(argc, argv);
+    if (parsed.count("help")) {
+      if (runtime.rank() == 0) std::cout << cli.help() << std::endl;
+      return 0;
+    }
+    sweep = dtrain::bench::SweepOptions::from(parsed);
+    algos = split_list(parsed["algo"].as<std::string>());
+    for (const auto& a : algos) {
+      if (a != "mpi") dtrain::collectives::parse_algorithm(a);
+    }
+    dtype = parse_dtype(parsed["dtype"].as<std::string>());
+    if (parsed["device"].as<std::string>() != "cpu") {
+      throw dtrain::InvalidArgument("--device " + parsed["device"].as<std::string>() +
+                                    ": this build runs the MPI backend on CPU tensors only");
+    }
+    at::set_num_threads(parsed["threads"].as<int>());
+  } catch (const std::exception& e) {
+    if (runtime.rank() == 0) std::cerr << "allreduce_perf: " << e.what() << "\n";
+    return 2;
+  }
+  const bool has_mpi = std::find(algos.begin(), algos.end(), "mpi") != algos.end();
+  if (has_mpi && mpi_type(dtype) == MPI_DATATYPE_NULL) {
+    if (runtime.rank() == 0)
+      std::cerr << "allreduce_perf: 'mpi' has no built-in type for this dtype\n";
+    return 2;
+  }
+
+  dtrain::collectives::CommunicatorOptions comm_options;
+  comm_options.name = "bench";
+  comm_options.timeout = std::chrono::minutes(2);
+  auto comm = runtime.world(comm_options);
+  MPI_Comm raw;
+  MPI_Comm_dup(MPI_COMM_WORLD, &raw);
+  Runner runner(*comm, raw, mpi_type(dtype));
+  const int n = comm->size();
+  const std::size_t es = c10::elementSize(dtype);
+
+  // One buffer for all sizes, touched once, so page faults stay out of the timings.
+  const std::size_t max_count = std::max<std::size_t>(1, sweep.max_bytes / es);
+  at::Tensor buffer = at::zeros({static_cast<std::int64_t>(max_count)}, dtype);
+  at::Tensor check_buffer = at::zeros({static_cast<std::int64_t>(max_count)}, dtype);
+
+  std::vector<Row> rows;
+  for (std::size_t bytes : sweep.sizes()) {
+    const std::size_t count = std::max<std::size_t>(1, bytes / es);
+    at::Tensor tensor = buffer.narrow(0, 0, static_cast<std::int64_t>(count));
+    for (const std::string& algo : algos) {
+      Row row;
+      row.algo = algo;
+      row.count = count;
+      row.bytes = count * es;
+      if (sweep.check) {
+        // rank r contributes (r + 1) * ((i % 3) + 1): exact in every dtype.
+        at::Tensor t = check_buffer.narrow(0, 0, static_cast<std::int64_t>(count));
+        at::Tensor idx =
+            at::arange(static_cast<std::int64_t>(count), at::kInt).remainder_(3).add_(1);
+        t.copy_(idx * (comm->rank() + 1));
+        runner.run(algo, t, 1);
+        at::Tensor want = (idx * (n * (n + 1) / 2)).to(dtype);
+        row.wrong = (t != want).sum().item<std::int64_t>();
+        MPI_Allreduce(MPI_IN_PLACE, &row.wrong, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+      }
+      tensor.zero_();  // sums of zeros stay finite however many iterations run
+      runner.run(algo, tensor, sweep.warmup_iters);
+      MPI_Barrier(MPI_COMM_WORLD);
+      const auto start = Clock::now();
+      runner.run(algo, tensor, sweep.iters);
+      const double seconds =
+          max_over_ranks(std::chrono::duration<double>(Clock::now() - start).count()) / sweep.iters;
+      row.time_us = seconds * 1e6;
+      row.algbw = dtrain::bench::algbw_gbs(row.bytes, seconds);
+      row.busbw = dtrain::bench::allreduce_busbw_gbs(row.bytes, seconds, n);
+      rows.push_back(row);
+    }
+  }
+
+  if (runtime.rank() == 0) {
+    std::printf("# dtrain allreduce_perf: %d ranks, %s sum, warm-up %d, iterations %d\n", n,
+                c10::toString(dtype), sweep.warmup_iters, sweep.iters);
+    std::printf(
+        "# mpi = MPI_Allreduce called directly; native = MPI_Iallreduce through dtrain\n#\n");
+    std::map<std::string, double> busbw_sum;
+    std::map<std::string, int> busbw_n;
+    for (const std::string& algo : algos) {
+      std::printf("# algorithm: %s\n", algo.c_str());
+      std::printf("%12s %12s %12s %10s %10s %8s\n", "size(B)", "count", "time(us)", "algbw(GB/s)",
+                  "busbw(GB/s)", "#wrong");
+      for (const Row& r : rows) {
+        if (r.algo != algo) continue;
+        std::printf("%12zu %12zu %12.1f %10.3f %10.3f %8ld\n", r.bytes, r.count, r.time_us, r.algbw,
+                    r.busbw, r.wrong);
+        busbw_sum[algo] += r.busbw;
+        ++busbw_n[algo];
+      }
+      std::printf("# %s: avg busbw %.3f GB/s\n#\n", algo.c_str(),
+                  busbw_n[algo] ? busbw_sum[algo] / busbw_n[algo] : 0.0);
+    }
+    // Side by side: busbw of every algorithm per size, and its ratio to MPI_Allreduce.
+    std::printf("# side by side: busbw GB/s (ratio to mpi)\n%12s", "size");
+    for (const std::string& algo : algos) std::printf(" %18s", algo.c_str());
+    std::printf("\n");
+    for (std::size_t i = 0; i < rows.size(); i += algos.size()) {
+      std::printf("%12s", dtrain::bench::format_bytes(rows[i].bytes).c_str());
+      double mpi_time = 0;
+      for (std::size_t k = 0; k < algos.size(); ++k) {
+        if (rows[i + k].algo == "mpi") mpi_time = rows[i + k].time_us;
+      }
+      for (std::size_t k = 0; k < algos.size(); ++k) {
+        const Row& r = rows[i + k];
+        if (mpi_time > 0) {
+          std::printf(" %10.3f (%5.2fx)", r.busbw, mpi_time / r.time_us);
+        } else {
+          std::printf(" %18.3f", r.busbw);
+        }
+      }
+      std::printf("\n");
+    }
+    long total_wrong = 0;
+    for (const Row& r : rows) total_wrong += r.wrong;
+    std::printf("# out of bounds values: %ld %s\n", total_wrong, total_wrong ? "FAILED" : "OK");
+
+    nlohmann::json doc;
+    doc["benchmark"] = "allreduce_perf";
+    doc["ranks"] = n;
+    doc["dtype"] = c10::toString(dtype);
+    doc["warmup_iters"] = sweep.warmup_iters;
+    doc["iters"] = sweep.iters;
+    for (const Row& r : rows) {
+      doc["results"].push_back({{"algo", r.algo},
+                                {"bytes", r.bytes},
+                                {"count", r.count},
+                                {"time_us", r.time_us},
+                                {"algbw_gbs", r.algbw},
+                                {"busbw_gbs", r.busbw},
+                                {"wrong", r.wrong}});
+    }
+    dtrain::bench::write_json(sweep.json_path, doc);
+  }
+  long total_wrong = 0;
+  for (const Row& r : rows) total_wrong += r.wrong;
+  comm.reset();
+  MPI_Comm_free(&raw);
+  return total_wrong == 0 ? 0 : 1;
+}
