@@ -19,21 +19,29 @@ namespace {
 using dtrain::testing::world;
 
 // Small integers, exact in every dtype; sums over <= 4 ranks stay exact.
-// Built in int32 (cheap for the 16 MiB cases), then converted.
-at::Tensor pattern_int(ReduceOp op, int rank, std::int64_t count) {
-  at::Tensor i = at::arange(count, at::kInt);
+// Every pattern repeats with period 10, so it (and the expected reduction)
+// is computed on one period and tiled: the 16 MiB cases stay cheap.
+constexpr std::int64_t kPeriod = 10;
+
+at::Tensor tile(const at::Tensor& period, std::int64_t count) {
+  if (count == 0) return period.narrow(0, 0, 0);
+  return period.repeat({(count + kPeriod - 1) / kPeriod}).narrow(0, 0, count);
+}
+
+at::Tensor pattern_period(ReduceOp op, int rank) {
+  at::Tensor i = at::arange(kPeriod, at::kInt);
   return op == ReduceOp::kProduct ? (i + rank).remainder_(2).add_(1)
                                   : i.mul_(3).add_(rank * 7).remainder_(5).add_(1);
 }
 
 at::Tensor pattern(ReduceOp op, int rank, std::int64_t count, at::ScalarType dtype) {
-  return pattern_int(op, rank, count).to(dtype);
+  return tile(pattern_period(op, rank).to(dtype), count);
 }
 
 at::Tensor expected(ReduceOp op, int world_size, std::int64_t count, at::ScalarType dtype) {
-  at::Tensor acc = pattern_int(op, 0, count);
+  at::Tensor acc = pattern_period(op, 0);
   for (int r = 1; r < world_size; ++r) {
-    at::Tensor v = pattern_int(op, r, count);
+    at::Tensor v = pattern_period(op, r);
     switch (op) {
       case ReduceOp::kSum:
       case ReduceOp::kAvg:
@@ -50,8 +58,9 @@ at::Tensor expected(ReduceOp op, int world_size, std::int64_t count, at::ScalarT
         break;
     }
   }
-  if (op == ReduceOp::kAvg) return (acc.to(at::kDouble) / world_size).to(dtype);
-  return acc.to(dtype);
+  at::Tensor period = op == ReduceOp::kAvg ? (acc.to(at::kDouble) / world_size).to(dtype)
+                                           : acc.to(dtype);
+  return tile(period, count);
 }
 
 void expect_equal(const at::Tensor& got, const at::Tensor& want) {

@@ -23,12 +23,15 @@ void* Scratch::get(std::size_t bytes) {
   return p;
 }
 
-// Crossover points measured with benchmarks/allreduce_perf on 2-core VMs
-// (2 and 4 ranks over Open MPI's shared-memory transport); see
-// docs/collectives.md for the tables they come from.
+// Crossover measured with benchmarks/allreduce_perf on 2-core VMs (2 and 4
+// ranks over Open MPI's shared-memory transport; tables in
+// docs/collectives.md): rhd (whole-vector doubling when small, halving-
+// doubling above) leads from 8 B to 8 MiB, where its few steps matter more
+// than the ring's lower traffic; from 32 MiB on the ring leads. tree never
+// led by a margin the noise of these machines could not explain.
 Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size) {
   if (world_size <= 1) return Algorithm::kRing;
-  if (bytes <= (std::size_t{32} << 10)) return Algorithm::kRhd;
+  if (bytes <= kAutoRingMinBytes) return Algorithm::kRhd;
   return Algorithm::kRing;
 }
 

@@ -79,6 +79,9 @@ void rhd_all_reduce(Transport& transport, void* data, std::size_t count, const R
 void tree_broadcast(Transport& transport, void* data, std::size_t bytes, int root,
                     std::size_t chunk_bytes);
 
+/// Messages above this size go to the ring under Algorithm::kAuto.
+inline constexpr std::size_t kAutoRingMinBytes = std::size_t{8} << 20;
+
 /// What Algorithm::kAuto runs for a message of `bytes` bytes on `world_size`
 /// ranks. Never returns kAuto. Same answer on every rank.
 Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size);

@@ -12,8 +12,9 @@
 // i), then all-gather by recursive doubling (the same exchanges in reverse).
 // Each rank sends about 2 * (p2-1)/p2 of the message in 2*log2(p2) steps.
 //
-// Small messages (or fewer elements than ranks): recursive doubling on the
-// whole vector: log2(p2) exchange-and-reduce steps, the latency optimum.
+// Small messages (bytes * log2(p2) <= 64 KiB, or fewer elements than ranks):
+// recursive doubling on the whole vector: log2(p2) exchange-and-reduce
+// steps, the latency optimum.
 //
 // Both ranks of an exchange compute the same value: the lower new rank's
 // operand goes first, which matters for min/max (signed zeros, NaNs).
@@ -28,9 +29,11 @@ namespace dtrain::collectives::detail {
 namespace {
 
 // Below this the whole vector is exchanged (recursive doubling).
-// Whole-vector exchanges stay below Open MPI's shared-memory eager limit
-// (4 KiB); past it each exchange pays a rendezvous handshake and halving wins.
-constexpr std::size_t kDoublingMaxBytes = std::size_t{2} << 10;
+// Recursive doubling sends log2(p2) whole vectors, halving-doubling about
+// two; doubling takes half the steps. Below this many bytes times log2(p2),
+// the saved steps (each a rendezvous handshake past Open MPI's 4 KiB eager
+// limit) are worth more than the extra bytes (benchmarks/allreduce_perf).
+constexpr std::size_t kDoublingMaxVolume = std::size_t{64} << 10;
 
 inline char* offset(void* base, std::size_t elements, std::size_t element_size) {
   return static_cast<char*>(base) + elements * element_size;
@@ -81,7 +84,10 @@ void rhd_all_reduce(Transport& transport, void* data, std::size_t count, const R
   auto real_rank = [rem](int nr) { return nr < rem ? nr * 2 + 1 : nr + rem; };
 
   if (new_rank >= 0 && p2 > 1) {
-    if (bytes <= kDoublingMaxBytes || count < static_cast<std::size_t>(p2)) {
+    int log2_p2 = 0;
+    while ((1 << log2_p2) < p2) ++log2_p2;
+    if (bytes * static_cast<std::size_t>(log2_p2) <= kDoublingMaxVolume ||
+        count < static_cast<std::size_t>(p2)) {
       void* incoming = scratch.get(bytes);
       for (int mask = 1; mask < p2; mask <<= 1) {
         const int partner = new_rank ^ mask;
