@@ -17,6 +17,7 @@ endif()
 find_package(HDF5 COMPONENTS C)
 set(DTRAIN_HAVE_HDF5 ${HDF5_FOUND})
 
+
 # CUDA toolkit and NCCL: optional. Only detected here; the backend that uses
 # them is its own target.
 set(DTRAIN_HAVE_NCCL OFF)
@@ -28,6 +29,7 @@ if(NOT DTRAIN_WITH_NCCL STREQUAL "OFF")
   endif()
   if(CUDAToolkit_FOUND AND NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
     set(DTRAIN_FOUND_NCCL ON)
+    set(DTRAIN_HAVE_NCCL ON)  # dtrain/config.h: the NCCL backend is part of this build
     message(STATUS "dtrain: found CUDA ${CUDAToolkit_VERSION} and NCCL (${NCCL_LIBRARY})")
   elseif(DTRAIN_WITH_NCCL STREQUAL "ON")
     message(FATAL_ERROR "DTRAIN_WITH_NCCL=ON but CUDA toolkit or NCCL was not found")
