@@ -25,6 +25,10 @@
 
 #include "benchmarks/harness.h"
 #include "dtrain/collectives/communicator.h"
+#include "dtrain/config.h"
+#if DTRAIN_HAVE_NCCL
+#include "dtrain/collectives/nccl.h"
+#endif
 #include "dtrain/error.h"
 #include "dtrain/runtime.h"
 
@@ -72,11 +76,13 @@ double max_over_ranks(double value) {
   return out;
 }
 
-// One all-reduce of `tensor`, by `algo` ("mpi" = direct MPI_Allreduce).
+// One all-reduce of `tensor`, by `algo` ("mpi" = direct MPI_Allreduce),
+// on the communicator registered for that algorithm.
 class Runner {
  public:
-  Runner(Communicator& comm, MPI_Comm raw, MPI_Datatype type)
-      : comm_(comm), raw_(raw), type_(type) {}
+  Runner(MPI_Comm raw, MPI_Datatype type) : raw_(raw), type_(type) {}
+
+  void add(const std::string& algo, Communicator& comm) { comms_[algo] = &comm; }
 
   // Issues `iters` all-reduces back to back and waits for all of them.
   void run(const std::string& algo, const at::Tensor& tensor, int iters) {
@@ -90,15 +96,45 @@ class Runner {
     dtrain::collectives::AllReduceOptions options;
     options.algorithm = dtrain::collectives::parse_algorithm(algo);
     std::shared_ptr<dtrain::collectives::Work> last;
-    for (int i = 0; i < iters; ++i) last = comm_.all_reduce(tensor, options);
+    Communicator& comm = *comms_.at(algo);
+    for (int i = 0; i < iters; ++i) last = comm.all_reduce(tensor, options);
     if (last) last->wait();  // ops complete in issue order
   }
 
  private:
-  Communicator& comm_;
+  std::map<std::string, Communicator*> comms_;
   MPI_Comm raw_;
   MPI_Datatype type_;
 };
+
+// --device cuda needs the NCCL backend, a GPU, and a LibTorch that can
+// allocate CUDA tensors; each missing piece gets its own message.
+void check_device(const std::string& device, const std::vector<std::string>& algos) {
+  if (device == "cpu") return;
+  if (device != "cuda")
+    throw dtrain::InvalidArgument("--device must be cpu or cuda, got '" + device + "'");
+#if DTRAIN_HAVE_NCCL
+  if (dtrain::collectives::visible_cuda_device_count() == 0) {
+    throw dtrain::InvalidArgument("--device cuda: no CUDA device visible; use --device cpu");
+  }
+  if (!at::hasCUDA()) {
+    throw dtrain::InvalidArgument(
+        "--device cuda: this LibTorch cannot allocate CUDA tensors (Debian's libtorch is "
+        "CPU-only); build dtrain against a CUDA-enabled LibTorch, see docs/gpu.md");
+  }
+  for (const std::string& algo : algos) {
+    if (algo != "ring" && algo != "tree" && algo != "auto") {
+      throw dtrain::InvalidArgument("--device cuda runs NCCL's ring, tree and auto; '" + algo +
+                                    "' is a CPU algorithm (pass --algo ring,tree,auto)");
+    }
+  }
+#else
+  (void)algos;
+  throw dtrain::InvalidArgument(
+      "--device cuda: this build of dtrain has no NCCL backend (CUDA toolkit and NCCL were not "
+      "found when it was configured)");
+#endif
+}
 
 MPI_Datatype mpi_type(at::ScalarType dtype) {
   switch (dtype) {
@@ -129,11 +165,15 @@ int main(int argc, char** argv) {
       "comma-separated algorithms: ring,tree,rhd,native,auto and mpi (direct MPI_Allreduce)",
       cxxopts::value<std::string>()->default_value("ring,tree,rhd,native,auto,mpi"))(
       "d,dtype", "element type", cxxopts::value<std::string>()->default_value("float32"))(
-      "device", "cpu (MPI backend)", cxxopts::value<std::string>()->default_value("cpu"))(
+      "device",
+      "cpu (MPI backend) or cuda (NCCL backend: algorithms ring, tree, auto; needs a GPU per "
+      "rank and a CUDA-enabled LibTorch)",
+      cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "intra-op threads of LibTorch", cxxopts::value<int>()->default_value("1"));
   dtrain::bench::SweepOptions sweep;
   std::vector<std::string> algos;
   at::ScalarType dtype;
+  std::string device;
   try {
     auto parsed = cli.parse(argc, argv);
     if (parsed.count("help")) {
@@ -146,10 +186,9 @@ int main(int argc, char** argv) {
       if (a != "mpi") dtrain::collectives::parse_algorithm(a);
     }
     dtype = parse_dtype(parsed["dtype"].as<std::string>());
-    if (parsed["device"].as<std::string>() != "cpu") {
-      throw dtrain::InvalidArgument("--device " + parsed["device"].as<std::string>() +
-                                    ": this build runs the MPI backend on CPU tensors only");
-    }
+    device = parsed["device"].as<std::string>();
+    if (device == "cuda" && parsed.count("algo") == 0) algos = {"ring", "tree", "auto"};
+    check_device(device, algos);
     at::set_num_threads(parsed["threads"].as<int>());
   } catch (const std::exception& e) {
     if (runtime.rank() == 0) std::cerr << "allreduce_perf: " << e.what() << "\n";
@@ -168,14 +207,32 @@ int main(int argc, char** argv) {
   auto comm = runtime.world(comm_options);
   MPI_Comm raw;
   MPI_Comm_dup(MPI_COMM_WORLD, &raw);
-  Runner runner(*comm, raw, mpi_type(dtype));
+  Runner runner(raw, mpi_type(dtype));
+  std::vector<std::shared_ptr<Communicator>> gpu_comms;
+  at::TensorOptions tensor_options = at::TensorOptions().dtype(dtype);
+  if (device == "cuda") {
+#if DTRAIN_HAVE_NCCL
+    // NCCL fixes its algorithm when a communicator is created: one each.
+    for (const std::string& algo : algos) {
+      dtrain::collectives::NcclOptions nccl;
+      nccl.name = "bench-" + algo;
+      nccl.algorithm = dtrain::collectives::parse_algorithm(algo);
+      nccl.blocking_wait = true;  // timings need the host to wait for the GPU
+      gpu_comms.push_back(dtrain::collectives::make_nccl_communicator(*comm, nccl));
+      runner.add(algo, *gpu_comms.back());
+    }
+    tensor_options = tensor_options.device(at::kCUDA);
+#endif
+  } else {
+    for (const std::string& algo : algos) runner.add(algo, *comm);
+  }
   const int n = comm->size();
   const std::size_t es = c10::elementSize(dtype);
 
   // One buffer for all sizes, touched once, so page faults stay out of the timings.
   const std::size_t max_count = std::max<std::size_t>(1, sweep.max_bytes / es);
-  at::Tensor buffer = at::zeros({static_cast<std::int64_t>(max_count)}, dtype);
-  at::Tensor check_buffer = at::zeros({static_cast<std::int64_t>(max_count)}, dtype);
+  at::Tensor buffer = at::zeros({static_cast<std::int64_t>(max_count)}, tensor_options);
+  at::Tensor check_buffer = at::zeros({static_cast<std::int64_t>(max_count)}, tensor_options);
 
   std::vector<Row> rows;
   for (std::size_t bytes : sweep.sizes()) {
@@ -194,7 +251,7 @@ int main(int argc, char** argv) {
         t.copy_(idx * (comm->rank() + 1));
         runner.run(algo, t, 1);
         at::Tensor want = (idx * (n * (n + 1) / 2)).to(dtype);
-        row.wrong = (t != want).sum().item<std::int64_t>();
+        row.wrong = (t.cpu() != want).sum().item<std::int64_t>();
         MPI_Allreduce(MPI_IN_PLACE, &row.wrong, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
       }
       tensor.zero_();  // sums of zeros stay finite however many iterations run
