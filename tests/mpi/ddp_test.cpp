@@ -1,0 +1,294 @@
+// DistributedDataParallel against one process: N ranks with per-rank batch b
+// must end with the parameters of one process trained on the N*b global
+// batch; accumulation, rank-dependent gradient order, unused parameters,
+// mismatched models and determinism.
+
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "dtrain/collectives/communicator.h"
+#include "dtrain/error.h"
+#include "dtrain/parallel/distributed_data_parallel.h"
+#include "tests/mpi/mpi_test_env.h"
+
+namespace dtrain::parallel {
+namespace {
+
+using dtrain::testing::runtime;
+
+std::shared_ptr<collectives::Communicator> dp_comm(const std::string& name) {
+  collectives::CommunicatorOptions options;
+  options.name = name;
+  options.timeout = std::chrono::seconds(60);
+  return runtime().world(options);
+}
+
+torch::nn::Sequential make_mlp(int hidden = 32) {
+  return torch::nn::Sequential(torch::nn::Linear(20, hidden), torch::nn::ReLU(),
+                               torch::nn::Linear(hidden, 16), torch::nn::ReLU(),
+                               torch::nn::Linear(16, 5));
+}
+
+torch::nn::Sequential make_cnn() {
+  return torch::nn::Sequential(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3)),
+                               torch::nn::ReLU(),
+                               torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 8, 3).stride(2)),
+                               torch::nn::ReLU(), torch::nn::Flatten(), torch::nn::Linear(72, 5));
+}
+
+struct Batch {
+  torch::Tensor x;
+  torch::Tensor y;
+};
+
+// The same global batches on every rank.
+std::vector<Batch> make_batches(int steps, int global_batch, std::vector<std::int64_t> shape) {
+  torch::manual_seed(1234);
+  std::vector<Batch> out;
+  shape.insert(shape.begin(), global_batch);
+  for (int i = 0; i < steps; ++i) {
+    out.push_back({torch::randn(shape), torch::randint(0, 5, {global_batch}, torch::kLong)});
+  }
+  return out;
+}
+
+torch::Tensor local_part(const torch::Tensor& t, int rank, int world) {
+  const std::int64_t b = t.size(0) / world;
+  return t.narrow(0, rank * b, b);
+}
+
+void expect_same_parameters(torch::nn::Module& a, torch::nn::Module& b, double rtol) {
+  auto pa = a.named_parameters();
+  auto pb = b.named_parameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (const auto& item : pa) {
+    const torch::Tensor& x = item.value();
+    const torch::Tensor& y = pb[item.key()];
+    EXPECT_TRUE(torch::allclose(x, y, rtol, 1e-6))
+        << item.key() << ": max difference " << (x - y).abs().max().item<double>();
+  }
+}
+
+// Trains `model` with DDP on this rank's share and `reference` on the whole
+// batch, `accumulate` micro-batches per step.
+void train_both(torch::nn::Sequential model, torch::nn::Sequential reference,
+                const std::vector<Batch>& batches, DdpOptions options, int accumulate = 1) {
+  auto comm = dp_comm("ddp");
+  const int world = comm->size();
+  const int rank = comm->rank();
+  DistributedDataParallel ddp(model.ptr(), comm, options);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  torch::optim::SGD ref_opt(reference->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  for (std::size_t step = 0; step + accumulate <= batches.size(); step += accumulate) {
+    ddp.zero_grad();
+    for (int micro = 0; micro < accumulate; ++micro) {
+      const Batch& batch = batches[step + micro];
+      auto loss =
+          torch::nn::functional::cross_entropy(model->forward(local_part(batch.x, rank, world)),
+                                               local_part(batch.y, rank, world)) /
+          accumulate;
+      if (micro + 1 < accumulate) {
+        auto guard = ddp.no_sync();
+        loss.backward();
+      } else {
+        loss.backward();
+      }
+    }
+    ddp.synchronize();
+    opt.step();
+
+    ref_opt.zero_grad();
+    std::vector<torch::Tensor> xs;
+    std::vector<torch::Tensor> ys;
+    for (int micro = 0; micro < accumulate; ++micro) {
+      xs.push_back(batches[step + micro].x);
+      ys.push_back(batches[step + micro].y);
+    }
+    torch::nn::functional::cross_entropy(reference->forward(torch::cat(xs)), torch::cat(ys))
+        .backward();
+    ref_opt.step();
+  }
+}
+
+template <typename Make>
+void check_matches_single_process(Make make, std::vector<std::int64_t> sample_shape,
+                                  DdpOptions options, int accumulate = 1) {
+  const int world = runtime().size();
+  torch::manual_seed(7);
+  auto model = make();
+  auto reference = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+  ASSERT_NE(reference, nullptr);
+  const int per_rank = 4;
+  auto batches = make_batches(6, world * per_rank, sample_shape);
+  if (accumulate > 1) {
+    // Micro-batches of the same per-rank size; the reference sees them joined.
+  }
+  train_both(model, torch::nn::Sequential(reference), batches, options, accumulate);
+  expect_same_parameters(*model, *reference, 1e-5);
+}
+
+TEST(DdpTest, MlpMatchesOneProcessWithTheGlobalBatch) {
+  check_matches_single_process([] { return make_mlp(); }, {20}, DdpOptions{});
+}
+
+TEST(DdpTest, CnnMatchesOneProcessWithTheGlobalBatch) {
+  check_matches_single_process([] { return make_cnn(); }, {1, 10, 10}, DdpOptions{});
+}
+
+TEST(DdpTest, TinyBucketsAndNoOverlapGiveTheSameResult) {
+  DdpOptions options;
+  options.first_bucket_cap_bytes = 64;
+  options.bucket_cap_bytes = 512;
+  check_matches_single_process([] { return make_mlp(); }, {20}, options);
+  options.overlap = false;
+  check_matches_single_process([] { return make_mlp(); }, {20}, options);
+}
+
+TEST(DdpTest, AccumulationWithNoSyncEqualsTheLargeBatch) {
+  check_matches_single_process([] { return make_mlp(); }, {20}, DdpOptions{}, /*accumulate=*/3);
+}
+
+TEST(DdpTest, BucketsAreReverseRegistrationOrderWithASmallFirstBucket) {
+  torch::manual_seed(7);
+  auto model = make_mlp();
+  DdpOptions options;
+  options.first_bucket_cap_bytes = 16 * 5 * 4 + 5 * 4;  // exactly the last Linear
+  options.bucket_cap_bytes = 1 << 20;
+  DistributedDataParallel ddp(model.ptr(), dp_comm("layout"), options);
+  const auto layout = ddp.bucket_layout();
+  ASSERT_EQ(layout.size(), 2u);
+  EXPECT_EQ(layout[0], (std::vector<std::string>{"4.bias", "4.weight"}));
+  EXPECT_EQ(layout[1].front(), "2.bias");
+  EXPECT_EQ(layout[1].back(), "0.weight");
+  // Gradients are views into the buckets.
+  for (const auto& p : model->parameters()) EXPECT_TRUE(p.grad().defined());
+}
+
+// Two branches whose gradients arrive in a rank-dependent order.
+struct TwoBranch : torch::nn::Module {
+  TwoBranch() {
+    a = register_module("a", torch::nn::Linear(20, 5));
+    b = register_module("b", torch::nn::Linear(20, 5));
+  }
+  torch::Tensor forward(const torch::Tensor& x, bool a_first) {
+    if (a_first) {
+      auto ya = a->forward(x);
+      return ya + b->forward(x);
+    }
+    auto yb = b->forward(x);
+    return a->forward(x) + yb;
+  }
+  torch::nn::Linear a{nullptr};
+  torch::nn::Linear b{nullptr};
+};
+
+TEST(DdpTest, RankDependentReadinessStillLaunchesInBucketOrder) {
+  auto comm = dp_comm("order");
+  torch::manual_seed(3);
+  auto model = std::make_shared<TwoBranch>();
+  DdpOptions options;
+  options.first_bucket_cap_bytes = 20;  // one parameter per bucket
+  options.bucket_cap_bytes = 20;
+  DistributedDataParallel ddp(model, comm, options);
+  auto batches = make_batches(1, 4 * comm->size(), {20});
+  ddp.zero_grad();
+  auto out =
+      model->forward(local_part(batches[0].x, comm->rank(), comm->size()), comm->rank() % 2 == 0);
+  torch::nn::functional::cross_entropy(out, local_part(batches[0].y, comm->rank(), comm->size()))
+      .backward();
+  ddp.synchronize();
+  const auto& order = ddp.last_launch_order();
+  ASSERT_EQ(order.size(), 4u);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(order[i], i);
+  // And the gradients equal the global-batch gradient of a single process.
+  torch::manual_seed(3);
+  auto reference = std::make_shared<TwoBranch>();
+  torch::nn::functional::cross_entropy(reference->forward(batches[0].x, true), batches[0].y)
+      .backward();
+  EXPECT_TRUE(torch::allclose(model->a->weight.grad(), reference->a->weight.grad(), 1e-5, 1e-6));
+  EXPECT_TRUE(torch::allclose(model->b->bias.grad(), reference->b->bias.grad(), 1e-5, 1e-6));
+}
+
+struct WithUnused : torch::nn::Module {
+  WithUnused() {
+    used = register_module("used", torch::nn::Linear(20, 5));
+    unused = register_module("unused", torch::nn::Linear(20, 5));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return used->forward(x); }
+  torch::nn::Linear used{nullptr};
+  torch::nn::Linear unused{nullptr};
+};
+
+TEST(DdpTest, UnusedParameterIsAnErrorNamingItAndTheOption) {
+  auto comm = dp_comm("unused");
+  auto model = std::make_shared<WithUnused>();
+  DistributedDataParallel ddp(model, comm);
+  auto batches = make_batches(1, 4 * comm->size(), {20});
+  ddp.zero_grad();
+  auto loss = torch::nn::functional::cross_entropy(model->forward(batches[0].x), batches[0].y);
+  try {
+    loss.backward();
+    ddp.synchronize();
+    FAIL() << "expected an error about the unused parameter";
+  } catch (const std::exception& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("unused."), std::string::npos) << message;
+    EXPECT_NE(message.find("find_unused_parameters"), std::string::npos) << message;
+  }
+}
+
+TEST(DdpTest, UnusedParametersCountAsZeroWithTheOption) {
+  auto comm = dp_comm("unused-ok");
+  torch::manual_seed(5);
+  auto model = std::make_shared<WithUnused>();
+  const torch::Tensor before = model->unused->weight.detach().clone();
+  DdpOptions options;
+  options.find_unused_parameters = true;
+  DistributedDataParallel ddp(model, comm, options);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+  auto batches = make_batches(3, 4 * comm->size(), {20});
+  for (const Batch& batch : batches) {
+    ddp.zero_grad();
+    torch::nn::functional::cross_entropy(
+        model->forward(local_part(batch.x, comm->rank(), comm->size())),
+        local_part(batch.y, comm->rank(), comm->size()))
+        .backward();
+    ddp.synchronize();
+    opt.step();
+  }
+  EXPECT_TRUE(torch::equal(model->unused->weight, before));
+}
+
+TEST(DdpTest, DifferentModelsAcrossRanksAreRejectedNamingTheParameter) {
+  auto comm = dp_comm("mismatch");
+  if (comm->size() == 1) GTEST_SKIP() << "needs two ranks";
+  auto model = make_mlp(comm->rank() == comm->size() - 1 ? 33 : 32);
+  try {
+    DistributedDataParallel ddp(model.ptr(), comm);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("0.weight"), std::string::npos) << message;
+  }
+}
+
+TEST(DdpTest, SameSeedGivesBitwiseIdenticalParameters) {
+  std::vector<torch::Tensor> runs[2];
+  for (auto& run : runs) {
+    torch::manual_seed(11);
+    auto model = make_mlp();
+    auto reference = make_mlp();
+    auto batches = make_batches(4, 4 * runtime().size(), {20});
+    train_both(model, reference, batches, DdpOptions{});
+    for (const auto& p : model->parameters()) run.push_back(p.detach().clone());
+  }
+  for (std::size_t i = 0; i < runs[0].size(); ++i)
+    EXPECT_TRUE(torch::equal(runs[0][i], runs[1][i]));
+}
+
+}  // namespace
+}  // namespace dtrain::parallel
