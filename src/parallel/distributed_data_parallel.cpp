@@ -46,6 +46,7 @@ struct DistributedDataParallel::State {
   };
   struct Bucket {
     at::Tensor flat;
+    at::Tensor wire;  // 16-bit copy sent instead of `flat` under compression
     std::vector<int> slots;
     int pending = 0;
     std::shared_ptr<Work> work;
@@ -70,8 +71,15 @@ struct DistributedDataParallel::State {
            buckets[next_to_launch].pending == 0) {
       Bucket& b = buckets[next_to_launch];
       AllReduceOptions options;
-      options.op = ReduceOp::kAvg;
-      b.work = dp->all_reduce(b.flat, options);
+      if (b.wire.defined()) {
+        // Pre-divide, then sum: float16 sums of N full gradients could overflow.
+        at::div_out(b.wire, b.flat, static_cast<double>(dp->size()));
+        options.op = ReduceOp::kSum;
+        b.work = dp->all_reduce(b.wire, options);
+      } else {
+        options.op = ReduceOp::kAvg;
+        b.work = dp->all_reduce(b.flat, options);
+      }
       launch_order.push_back(next_to_launch);
       ++next_to_launch;
     }
@@ -251,6 +259,12 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Modu
       offset += p.numel();
     }
     b.pending = static_cast<int>(b.slots.size());
+    if (options_.compression != GradientCompression::kNone && first.scalar_type() == at::kFloat) {
+      b.wire = at::zeros(
+          {numel}, at::TensorOptions().dtype(options_.compression == GradientCompression::kBFloat16
+                                                 ? at::kBFloat16
+                                                 : at::kHalf));
+    }
   }
   for (std::size_t i = 0; i < s.slots.size(); ++i) {
     State::Slot& slot = s.slots[i];
@@ -299,6 +313,9 @@ void DistributedDataParallel::synchronize() {
   for (auto& w : works) w->wait();
   stats_.exposed_comm_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (State::Bucket& b : s.buckets) {
+    if (b.wire.defined()) b.flat.copy_(b.wire);  // back to float32
+  }
   stats_.buckets = static_cast<int>(works.size());
   {
     std::lock_guard<std::mutex> lock(s.mutex);

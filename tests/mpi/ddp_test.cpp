@@ -13,6 +13,7 @@
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/error.h"
 #include "dtrain/parallel/distributed_data_parallel.h"
+#include "dtrain/parallel/sync_batch_norm.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace dtrain::parallel {
@@ -274,6 +275,91 @@ TEST(DdpTest, DifferentModelsAcrossRanksAreRejectedNamingTheParameter) {
     const std::string message = e.what();
     EXPECT_NE(message.find("0.weight"), std::string::npos) << message;
   }
+}
+
+TEST(DdpTest, CompressedGradientsStayCloseAndTrainingConverges) {
+  for (GradientCompression compression :
+       {GradientCompression::kBFloat16, GradientCompression::kFloat16}) {
+    auto comm = dp_comm("compressed");
+    torch::manual_seed(7);
+    auto model = make_mlp();
+    auto exact = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+    DdpOptions options;
+    options.compression = compression;
+    DistributedDataParallel ddp(model.ptr(), comm, options);
+    torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
+    // A learnable task: labels are a fixed function of the inputs.
+    torch::manual_seed(99);
+    auto x = torch::randn({64 * comm->size(), 20});
+    auto y = x.narrow(1, 0, 5).argmax(1);
+    auto local_x = local_part(x, comm->rank(), comm->size());
+    auto local_y = local_part(y, comm->rank(), comm->size());
+    float first_loss = 0;
+    float last_loss = 0;
+    for (int step = 0; step < 60; ++step) {
+      ddp.zero_grad();
+      auto loss = torch::nn::functional::cross_entropy(model->forward(local_x), local_y);
+      loss.backward();
+      ddp.synchronize();
+      if (step == 0) {
+        // The first gradient equals the exact global gradient within 16-bit precision.
+        torch::nn::functional::cross_entropy(exact->forward(x), y).backward();
+        auto params = model->parameters();
+        auto exact_params = exact->parameters();
+        for (std::size_t i = 0; i < params.size(); ++i) {
+          const double scale = exact_params[i].grad().abs().max().item<double>() + 1e-12;
+          EXPECT_LT((params[i].grad() - exact_params[i].grad()).abs().max().item<double>() / scale,
+                    2e-2);
+        }
+        first_loss = loss.item<float>();
+      }
+      last_loss = loss.item<float>();
+      opt.step();
+    }
+    EXPECT_LT(last_loss, 0.5f * first_loss) << "first " << first_loss << " last " << last_loss;
+  }
+}
+
+// A CNN with batch normalization: SyncBatchNorm (over `bn_comm`) or, for the
+// single-process reference, LibTorch's BatchNorm2d. Same initialization.
+torch::nn::Sequential make_bn_cnn(std::shared_ptr<collectives::Communicator> bn_comm) {
+  auto bn = [&](int64_t c) -> torch::nn::AnyModule {
+    if (bn_comm) return torch::nn::AnyModule(SyncBatchNorm(SyncBatchNormOptions{c}, bn_comm));
+    return torch::nn::AnyModule(torch::nn::BatchNorm2d(c));
+  };
+  torch::nn::Sequential net;
+  net->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3)));
+  net->push_back(bn(4));
+  net->push_back(torch::nn::ReLU());
+  net->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 8, 3).stride(2)));
+  net->push_back(bn(8));
+  net->push_back(torch::nn::ReLU());
+  net->push_back(torch::nn::Flatten());
+  net->push_back(torch::nn::Linear(72, 5));
+  return net;
+}
+
+TEST(DdpTest, SyncBatchNormCnnMatchesOneProcessWithTheGlobalBatch) {
+  auto comm = dp_comm("ddp-bn");
+  auto bn_comm = comm->split(0, comm->rank(), {"ddp-bn/syncbn", std::nullopt});
+  torch::manual_seed(21);
+  auto model = make_bn_cnn(bn_comm);
+  torch::manual_seed(21);
+  auto reference = make_bn_cnn(nullptr);
+  auto batches = make_batches(4, 4 * comm->size(), {1, 10, 10});
+  train_both(model, reference, batches, DdpOptions{});
+  expect_same_parameters(*model, *reference, 1e-4);
+  auto buffers = model->named_buffers();
+  for (const auto& item : reference->named_buffers()) {
+    EXPECT_TRUE(torch::allclose(buffers[item.key()].to(torch::kDouble),
+                                item.value().to(torch::kDouble), 1e-4, 1e-5))
+        << item.key();
+  }
+  // Evaluation uses the running statistics, like BatchNorm2d.
+  model->eval();
+  reference->eval();
+  EXPECT_TRUE(
+      torch::allclose(model->forward(batches[0].x), reference->forward(batches[0].x), 1e-4, 1e-5));
 }
 
 TEST(DdpTest, SameSeedGivesBitwiseIdenticalParameters) {

@@ -55,6 +55,13 @@
 
 namespace dtrain::parallel {
 
+/// Wire format of gradient all-reduces (a communication hook).
+enum class GradientCompression {
+  kNone,      ///< all-reduce in the gradients' own dtype
+  kBFloat16,  ///< float32 buckets travel as bfloat16: half the bytes, 8-bit mantissa
+  kFloat16,   ///< float32 buckets travel as float16: half the bytes, narrower range
+};
+
 struct DdpOptions {
   /// Capacity of the first bucket (the last layers' gradients), in bytes.
   std::size_t first_bucket_cap_bytes = std::size_t{1} << 20;
@@ -69,6 +76,11 @@ struct DdpOptions {
   /// Parameters that got no gradient in a backward count as zero gradients
   /// instead of failing the step.
   bool find_unused_parameters = false;
+  /// Send float32 gradients as 16-bit values: each bucket is divided by the
+  /// dp size and cast into a 16-bit buffer (allocated once), summed across
+  /// ranks, and cast back in synchronize(). Pre-dividing keeps float16 sums in
+  /// range. Buckets of other dtypes are sent as they are.
+  GradientCompression compression = GradientCompression::kNone;
 
   void validate() const;
 };
