@@ -7,6 +7,8 @@
 
 #include <torch/torch.h>
 
+#include <cstdio>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -14,6 +16,7 @@
 #include "dtrain/error.h"
 #include "dtrain/parallel/distributed_data_parallel.h"
 #include "dtrain/parallel/sync_batch_norm.h"
+#include "dtrain/parallel/zero_optimizer.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace dtrain::parallel {
@@ -360,6 +363,86 @@ TEST(DdpTest, SyncBatchNormCnnMatchesOneProcessWithTheGlobalBatch) {
   reference->eval();
   EXPECT_TRUE(
       torch::allclose(model->forward(batches[0].x), reference->forward(batches[0].x), 1e-4, 1e-5));
+}
+
+// ZeRO-1 against one process with the same optimizer on the global batch.
+template <typename MakeOptimizer>
+void check_zero_matches(MakeOptimizer make_optimizer, const char* what) {
+  auto comm = dp_comm(std::string("zero-") + what);
+  torch::manual_seed(13);
+  auto model = make_mlp();
+  auto reference = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+  ZeroRedundancyOptimizer zero(model.ptr(), comm, [&](std::vector<torch::Tensor> shard) {
+    return make_optimizer(std::move(shard));
+  });
+  auto ref_opt = make_optimizer(reference->parameters());
+  auto batches = make_batches(5, 4 * comm->size(), {20});
+  for (const Batch& batch : batches) {
+    zero.zero_grad();
+    torch::nn::functional::cross_entropy(
+        model->forward(local_part(batch.x, comm->rank(), comm->size())),
+        local_part(batch.y, comm->rank(), comm->size()))
+        .backward();
+    zero.step();
+    ref_opt->zero_grad();
+    torch::nn::functional::cross_entropy(reference->forward(batch.x), batch.y).backward();
+    ref_opt->step();
+  }
+  expect_same_parameters(*model, *reference, 1e-5);
+  EXPECT_EQ(zero.shard_numel(), (zero.total_numel() + comm->size() - 1) / comm->size());
+}
+
+TEST(ZeroTest, EachRankKeepsAboutOneNthOfTheOptimizerState) {
+  auto comm = dp_comm("zero-memory");
+  torch::manual_seed(13);
+  auto model = make_mlp(4096);  // ~150k parameters: serialization overhead is negligible
+  auto reference = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+  auto adam = [](std::vector<torch::Tensor> params) {
+    return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(1e-3));
+  };
+  ZeroRedundancyOptimizer zero(model.ptr(), comm, adam);
+  auto full = adam(reference->parameters());
+  auto batches = make_batches(1, 4 * comm->size(), {20});
+  zero.zero_grad();
+  torch::nn::functional::cross_entropy(
+      model->forward(local_part(batches[0].x, comm->rank(), comm->size())),
+      local_part(batches[0].y, comm->rank(), comm->size()))
+      .backward();
+  zero.step();
+  torch::nn::functional::cross_entropy(reference->forward(batches[0].x), batches[0].y).backward();
+  full->step();
+  torch::serialize::OutputArchive archive;
+  full->save(archive);
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  const double ratio =
+      static_cast<double>(zero.optimizer_state_bytes()) / static_cast<double>(bytes.str().size());
+  if (comm->rank() == 0) {
+    std::printf(
+        "[ zero-1 adam ] %d ranks, %lld parameters: optimizer state %zu bytes per rank, "
+        "%zu unsharded (ratio %.3f)\n",
+        comm->size(), static_cast<long long>(zero.total_numel()), zero.optimizer_state_bytes(),
+        bytes.str().size(), ratio);
+  }
+  EXPECT_LT(ratio, 1.0 / comm->size() + 0.03);
+}
+
+TEST(ZeroTest, SgdWithMomentumMatchesOneProcess) {
+  check_zero_matches(
+      [](std::vector<torch::Tensor> params) {
+        return std::make_unique<torch::optim::SGD>(params,
+                                                   torch::optim::SGDOptions(0.1).momentum(0.9));
+      },
+      "sgd");
+}
+
+TEST(ZeroTest, AdamWMatchesOneProcess) {
+  check_zero_matches(
+      [](std::vector<torch::Tensor> params) {
+        return std::make_unique<torch::optim::AdamW>(
+            params, torch::optim::AdamWOptions(1e-2).weight_decay(0.01));
+      },
+      "adamw");
 }
 
 TEST(DdpTest, SameSeedGivesBitwiseIdenticalParameters) {
