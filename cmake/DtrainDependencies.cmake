@@ -17,6 +17,9 @@ endif()
 find_package(HDF5 COMPONENTS C)
 set(DTRAIN_HAVE_HDF5 ${HDF5_FOUND})
 
+# Shard digests (SHA-256 through OpenSSL's EVP) and gzip'd IDX input (zlib).
+find_package(OpenSSL REQUIRED)
+find_package(ZLIB REQUIRED)
 
 # CUDA toolkit and NCCL: optional. Only detected here; the backend that uses
 # them is its own target.

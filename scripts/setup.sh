@@ -9,6 +9,8 @@ packages=(
   libopenblas0-openmp     # optimized BLAS behind LibTorch's generic libblas.so.3
   libopenmpi-dev openmpi-bin
   libhdf5-dev hdf5-tools
+  libssl-dev zlib1g-dev   # shard digests (SHA-256), gzip'd IDX input
+  dataset-fashion-mnist   # Fashion-MNIST IDX files for dtrain-data convert-fashion-mnist
   libcxxopts-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
 )
