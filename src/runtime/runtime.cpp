@@ -70,6 +70,12 @@ Runtime::Runtime(int* argc, char*** argv) : launch_(detect_launch()) {
     if (initialized) {
       DTRAIN_MPI_CHECK(MPI_Query_thread(&provided));
     } else {
+      // Open MPI 4.1's shared-memory single-copy (CMA) path writes a longer
+      // message past a shorter receive buffer instead of truncating it (seen
+      // as heap corruption when ranks passed tensors of different sizes);
+      // its copy-in/copy-out path truncates and reports MPI_ERR_TRUNCATE.
+      // Use the latter unless the user chose otherwise.
+      setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", /*overwrite=*/0);
       DTRAIN_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
       owns_mpi_ = true;
     }

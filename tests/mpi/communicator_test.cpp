@@ -182,19 +182,25 @@ TEST(TimeoutTest, PerCallTimeoutOverridesTheDefault) {
 }
 
 TEST(MismatchTest, DifferentSizesAcrossRanksAreACommErrorNotCorruption) {
-  for (Algorithm algorithm : {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd}) {
-    auto comm = fresh_world(std::string("mismatch-") + to_string(algorithm), Timeout(3000));
-    // Guard elements around the data must stay untouched.
-    const std::int64_t count = comm->rank() == 0 ? 1000 : 1200;
-    at::Tensor buffer = at::full({count + 2}, -7.0f);
-    at::Tensor data = buffer.narrow(0, 1, count);
-    data.fill_(1.0f);
-    AllReduceOptions options;
-    options.algorithm = algorithm;
-    EXPECT_THROW(comm->all_reduce(data, options)->wait(), CommError) << to_string(algorithm);
-    EXPECT_EQ(buffer[0].item<float>(), -7.0f);
-    EXPECT_EQ(buffer[count + 1].item<float>(), -7.0f);
-    world().barrier()->wait();
+  // Sizes on both sides of Open MPI's 4 KiB eager limit: past it the
+  // single-copy path would write a longer message past a shorter buffer if
+  // receives were not size-checked before MPI touches them.
+  for (Algorithm algorithm :
+       {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd, Algorithm::kNative}) {
+    for (std::int64_t base : {1000, 100000}) {
+      auto comm = fresh_world(std::string("mismatch-") + to_string(algorithm), Timeout(3000));
+      // Guard elements around the data must stay untouched.
+      const std::int64_t count = comm->rank() == 0 ? base : base + base / 5;
+      at::Tensor buffer = at::full({count + 2}, -7.0f);
+      at::Tensor data = buffer.narrow(0, 1, count);
+      data.fill_(1.0f);
+      AllReduceOptions options;
+      options.algorithm = algorithm;
+      EXPECT_THROW(comm->all_reduce(data, options)->wait(), CommError) << to_string(algorithm);
+      EXPECT_EQ(buffer[0].item<float>(), -7.0f);
+      EXPECT_EQ(buffer[count + 1].item<float>(), -7.0f);
+      world().barrier()->wait();
+    }
   }
 }
 

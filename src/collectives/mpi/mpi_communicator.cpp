@@ -390,6 +390,20 @@ class MpiCommunicator final : public Communicator {
 
   void native_all_reduce(MpiTransport& transport, void* data, std::size_t count, ElementType type,
                          ReduceOp op) {
+    // MPI does not check that the ranks pass the same count and type, and a
+    // mismatch can overrun buffers: agree on both first, over dtrain's own
+    // size-checked transport (a 32-byte exchange). max(x) and max(-x) equal
+    // x and -x on every rank only if every rank has the same x.
+    const auto me = static_cast<std::int64_t>(count);
+    const auto kind = static_cast<std::int64_t>(type);
+    std::int64_t agreed[4] = {me, -me, kind, -kind};
+    run_all_reduce(Algorithm::kRhd, transport, agreed, 4,
+                   make_reducer(ElementType::kInt64, ReduceOp::kMax), slots_, options_.chunk_bytes);
+    DTRAIN_CHECK_T(CommError,
+                   agreed[0] == me && agreed[1] == -me && agreed[2] == kind && agreed[3] == -kind,
+                   "all_reduce(native) on communicator '", options_.name,
+                   "': the ranks passed tensors of different sizes or dtypes (this rank: ", count,
+                   " x ", to_string(type), "); nothing was reduced");
     if (count == 0) return;
     MPI_Op mpi_op = builtin_op(op);
     if (type == ElementType::kBFloat16) mpi_op = half_ops_[0][half_op_index(op)];
