@@ -119,6 +119,30 @@ RingStep make_ring(Transport& transport, void* data, const Reducer& reducer, Scr
   return RingStep{transport, data, reducer, slots, chunk, (r + n - 1) % n, (r + 1) % n};
 }
 
+// All-gather steps first_step..n-2 around the ring: in step s rank r sends
+// segment (r-s) to the right and receives segment (r-s-1) from the left,
+// straight into `data`.
+void all_gather_steps(Transport& transport, void* data, std::size_t count, std::size_t element_size,
+                      std::size_t chunk_bytes, int first_step) {
+  const int n = transport.size();
+  const int r = transport.rank();
+  if (n == 1 || count == 0) return;
+  const std::size_t message_elems =
+      std::max<std::size_t>(1, std::max(chunk_bytes, kMaxMessageBytes) / element_size);
+  const int right = (r + 1) % n;
+  const int left = (r + n - 1) % n;
+  const Segments seg{count, static_cast<std::size_t>(n)};
+  for (int step = first_step; step < n - 1; ++step) {
+    const std::size_t send_seg = wrap(static_cast<long long>(r) - step, n);
+    const std::size_t recv_seg = wrap(static_cast<long long>(r) - step - 1, n);
+    recv_range(transport, data, seg.begin(recv_seg), seg.length(recv_seg), element_size,
+               message_elems, left);
+    send_range(transport, data, seg.begin(send_seg), seg.length(send_seg), element_size,
+               message_elems, right);
+    transport.wait_all();
+  }
+}
+
 }  // namespace
 
 void ring_reduce_scatter(Transport& transport, void* data, std::size_t count,
@@ -136,23 +160,7 @@ void ring_reduce_scatter(Transport& transport, void* data, std::size_t count,
 
 void ring_all_gather(Transport& transport, void* data, std::size_t count, std::size_t element_size,
                      std::size_t chunk_bytes) {
-  const int n = transport.size();
-  const int r = transport.rank();
-  if (n == 1 || count == 0) return;
-  const std::size_t message_elems =
-      std::max<std::size_t>(1, std::max(chunk_bytes, kMaxMessageBytes) / element_size);
-  const int right = (r + 1) % n;
-  const int left = (r + n - 1) % n;
-  const Segments seg{count, static_cast<std::size_t>(n)};
-  for (int step = 0; step < n - 1; ++step) {
-    const std::size_t send_seg = wrap(static_cast<long long>(r) - step, n);
-    const std::size_t recv_seg = wrap(static_cast<long long>(r) - step - 1, n);
-    recv_range(transport, data, seg.begin(recv_seg), seg.length(recv_seg), element_size,
-               message_elems, left);
-    send_range(transport, data, seg.begin(send_seg), seg.length(send_seg), element_size,
-               message_elems, right);
-    transport.wait_all();
-  }
+  all_gather_steps(transport, data, count, element_size, chunk_bytes, /*first_step=*/0);
 }
 
 void ring_all_reduce(Transport& transport, void* data, std::size_t count, const Reducer& reducer,
@@ -172,17 +180,7 @@ void ring_all_reduce(Transport& transport, void* data, std::size_t count, const 
                         wrap(static_cast<long long>(r) - 1, n));
   }
   // All-gather steps 1..n-2 (step 0 was overlapped above).
-  const std::size_t message_elems =
-      std::max<std::size_t>(1, std::max(chunk_bytes, kMaxMessageBytes) / reducer.element_size);
-  for (int step = 1; step < n - 1; ++step) {
-    const std::size_t send_seg = wrap(static_cast<long long>(r) - step, n);
-    const std::size_t recv_seg = wrap(static_cast<long long>(r) - step - 1, n);
-    recv_range(transport, data, seg.begin(recv_seg), seg.length(recv_seg), reducer.element_size,
-               message_elems, ring.left);
-    send_range(transport, data, seg.begin(send_seg), seg.length(send_seg), reducer.element_size,
-               message_elems, ring.right);
-    transport.wait_all();
-  }
+  all_gather_steps(transport, data, count, reducer.element_size, chunk_bytes, /*first_step=*/1);
 }
 
 }  // namespace dtrain::collectives::detail
