@@ -58,8 +58,8 @@ at::Tensor expected(ReduceOp op, int world_size, std::int64_t count, at::ScalarT
         break;
     }
   }
-  at::Tensor period = op == ReduceOp::kAvg ? (acc.to(at::kDouble) / world_size).to(dtype)
-                                           : acc.to(dtype);
+  at::Tensor period =
+      op == ReduceOp::kAvg ? (acc.to(at::kDouble) / world_size).to(dtype) : acc.to(dtype);
   return tile(period, count);
 }
 
