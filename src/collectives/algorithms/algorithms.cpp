@@ -24,15 +24,17 @@ void* Scratch::get(std::size_t bytes) {
 }
 
 // Crossover measured with benchmarks/allreduce_perf on 2-core VMs (2 and 4
-// ranks over Open MPI's shared-memory transport; tables in
+// ranks over Open MPI's shared-memory copy-in/copy-out transport; tables in
 // docs/collectives.md): rhd (whole-vector doubling when small, halving-
-// doubling above) leads from 8 B to 8 MiB, where its few steps matter more
-// than the ring's lower traffic; from 32 MiB on the ring leads. tree never
-// led by a margin the noise of these machines could not explain.
+// doubling above) leads while its few steps matter more than the ring's
+// lower traffic: up to about 1 MiB on 2 ranks, where both move the same
+// bytes, and up to about 16 MiB on 4 ranks; above that the ring leads.
+// tree never led by a margin the noise of these machines could not explain.
 Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size) {
   if (world_size <= 1) return Algorithm::kRing;
-  if (bytes <= kAutoRingMinBytes) return Algorithm::kRhd;
-  return Algorithm::kRing;
+  const std::size_t ring_above =
+      world_size == 2 ? kAutoRingMinBytesTwoRanks : kAutoRingMinBytesManyRanks;
+  return bytes <= ring_above ? Algorithm::kRhd : Algorithm::kRing;
 }
 
 void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::size_t count,

@@ -79,8 +79,10 @@ void rhd_all_reduce(Transport& transport, void* data, std::size_t count, const R
 void tree_broadcast(Transport& transport, void* data, std::size_t bytes, int root,
                     std::size_t chunk_bytes);
 
-/// Messages above this size go to the ring under Algorithm::kAuto.
-inline constexpr std::size_t kAutoRingMinBytes = std::size_t{8} << 20;
+/// Under Algorithm::kAuto, messages above this size go to the ring (two
+/// ranks, and more than two).
+inline constexpr std::size_t kAutoRingMinBytesTwoRanks = std::size_t{1} << 20;
+inline constexpr std::size_t kAutoRingMinBytesManyRanks = std::size_t{8} << 20;
 
 /// What Algorithm::kAuto runs for a message of `bytes` bytes on `world_size`
 /// ranks. Never returns kAuto. Same answer on every rank.
