@@ -20,6 +20,7 @@
 #include "src/collectives/mpi/mpi_error.h"
 #include "src/collectives/mpi/mpi_transport.h"
 #include "src/collectives/mpi/progress_engine.h"
+#include "src/collectives/shape_checks.h"
 
 namespace dtrain::collectives::detail {
 namespace {
@@ -232,10 +233,8 @@ class MpiCommunicator final : public Communicator {
     DTRAIN_CHECK_ARG(output.scalar_type() == input.scalar_type(), kOp, ": output dtype ",
                      output.scalar_type(), " differs from input dtype ", input.scalar_type());
     const std::size_t count = static_cast<std::size_t>(input.numel());
-    DTRAIN_CHECK_ARG(static_cast<std::size_t>(output.numel()) == count * size_, kOp,
-                     ": output has ", output.numel(),
-                     " elements; it needs size() * input.numel() = ", size_, " * ", count, " = ",
-                     count * size_);
+    check_rank_major_counts(kOp, "output", static_cast<std::size_t>(output.numel()), "input", count,
+                            size_);
     const std::size_t es = element_size(type);
     return submit(describe(kOp, count, type), opts.timeout, true, count * size_ * es, output, input,
                   [=](MpiTransport& transport) {
@@ -257,9 +256,8 @@ class MpiCommunicator final : public Communicator {
                      output.scalar_type(), " differs from input dtype ", input.scalar_type());
     const Reducer reducer = make_reducer(type, opts.op);
     const std::size_t count = static_cast<std::size_t>(output.numel());
-    DTRAIN_CHECK_ARG(static_cast<std::size_t>(input.numel()) == count * size_, kOp, ": input has ",
-                     input.numel(), " elements; it needs size() * output.numel() = ", size_, " * ",
-                     count, " = ", count * size_);
+    check_rank_major_counts(kOp, "input", static_cast<std::size_t>(input.numel()), "output", count,
+                            size_);
     const std::size_t es = element_size(type);
     const ReduceOp op = opts.op;
     OpDescriptor what = describe(kOp, count, type);

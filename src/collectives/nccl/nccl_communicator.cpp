@@ -4,6 +4,7 @@
 // nccl_queue.cpp.
 
 #include "src/collectives/nccl/nccl_communicator.h"
+#include "src/collectives/shape_checks.h"
 
 #include <sstream>
 
@@ -216,10 +217,7 @@ std::shared_ptr<Work> NcclCommunicator::all_gather_buffer(const DeviceBuffer& ou
   DTRAIN_CHECK_ARG(output.dtype == input.dtype, kOp, ": output dtype ", dtype_name(output.dtype),
                    " differs from input dtype ", dtype_name(input.dtype));
   const std::size_t count = input.count;
-  const std::size_t world = static_cast<std::size_t>(size_);
-  DTRAIN_CHECK_ARG(output.count == count * world, kOp, ": output has ", output.count,
-                   " elements; it needs size() * input.numel() = ", size_, " * ", count, " = ",
-                   count * world);
+  check_rank_major_counts(kOp, "output", output.count, "input", count, size_);
   return enqueue(describe(kOp, "", count, input.dtype), options.timeout, default_wait_mode(),
                  std::move(keep), [&](CudaStream stream) {
                    api_->all_gather(input.data, output.data, count, type, comm_, stream);
@@ -238,10 +236,7 @@ std::shared_ptr<Work> NcclCommunicator::reduce_scatter_buffer(const DeviceBuffer
                    " differs from input dtype ", dtype_name(input.dtype));
   const NcclRedOp op = nccl_red_op(options.op, input.dtype, kOp);
   const std::size_t count = output.count;
-  const std::size_t world = static_cast<std::size_t>(size_);
-  DTRAIN_CHECK_ARG(input.count == count * world, kOp, ": input has ", input.count,
-                   " elements; it needs size() * output.numel() = ", size_, " * ", count, " = ",
-                   count * world);
+  check_rank_major_counts(kOp, "input", input.count, "output", count, size_);
   return enqueue(describe(kOp, to_string(options.op), count, output.dtype), options.timeout,
                  default_wait_mode(), std::move(keep), [&](CudaStream stream) {
                    api_->reduce_scatter(input.data, output.data, count, type, op, comm_, stream);
