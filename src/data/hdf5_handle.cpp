@@ -36,11 +36,15 @@ std::string error_stack_text() {
   return text.empty() ? "no HDF5 error message" : text;
 }
 
-void throw_error(const std::string& what, const std::string& file, const std::string& field) {
+std::string error_message(const std::string& what, const std::string& file,
+                          const std::string& field) {
   std::string msg = what + " failed for " + file;
   if (!field.empty()) msg += " field '" + field + "'";
-  msg += ": " + error_stack_text();
-  throw DataError(msg);
+  return msg + ": " + error_stack_text();
+}
+
+void throw_error(const std::string& what, const std::string& file, const std::string& field) {
+  throw DataError(error_message(what, file, field));
 }
 
 }  // namespace dtrain::data::detail

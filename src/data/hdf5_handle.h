@@ -32,7 +32,11 @@ class ErrorScope {
 /// The messages on this thread's HDF5 error stack, "; "-separated.
 std::string error_stack_text();
 
-/// Throws DataError("<what> failed for <file>[ field '<field>']: <hdf5 msg>").
+/// "<what> failed for <file>[ field '<field>']: <hdf5 msg>" (clears the stack).
+std::string error_message(const std::string& what, const std::string& file,
+                          const std::string& field = {});
+
+/// Throws DataError(error_message(what, file, field)).
 [[noreturn]] void throw_error(const std::string& what, const std::string& file,
                               const std::string& field = {});
 

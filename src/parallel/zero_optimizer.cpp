@@ -62,6 +62,11 @@ void ZeroRedundancyOptimizer::step() {
   dp_->all_gather(flat_params_, shard_.detach())->wait();
 }
 
+void ZeroRedundancyOptimizer::reload_shard_from_parameters() {
+  torch::NoGradGuard no_grad;
+  shard_.copy_(flat_params_.narrow(0, shard_offset(), shard_.numel()));
+}
+
 std::size_t ZeroRedundancyOptimizer::optimizer_state_bytes() const {
   torch::serialize::OutputArchive archive;
   optimizer_->save(archive);

@@ -56,6 +56,17 @@ class ZeroRedundancyOptimizer {
   /// Bytes of this rank's optimizer state, measured by serializing it.
   std::size_t optimizer_state_bytes() const;
   torch::optim::Optimizer& optimizer() { return *optimizer_; }
+  const torch::optim::Optimizer& optimizer() const { return *optimizer_; }
+
+  /// For checkpoints: this rank's shard covers elements [shard_offset(),
+  /// shard_offset() + shard_numel()) of the flat parameters (the tail past
+  /// total_numel() is padding). `shard()` is the tensor the wrapped
+  /// optimizer steps on (its state is keyed by it).
+  std::int64_t shard_offset() const { return dp_->rank() * shard_.numel(); }
+  const torch::Tensor& shard() const { return shard_; }
+  /// Copies the module's current parameters into the shard (after loading
+  /// parameters into the module).
+  void reload_shard_from_parameters();
 
  private:
   std::shared_ptr<torch::nn::Module> module_;

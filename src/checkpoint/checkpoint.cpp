@@ -1,0 +1,264 @@
+// StateDict, the Checkpoint reader and list_checkpoints.
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "dtrain/checkpoint/checkpoint.h"
+#include "dtrain/data/dataset.h"
+#include "dtrain/error.h"
+#include "src/checkpoint/format.h"
+
+namespace dtrain::checkpoint {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool valid_name(const std::string& name) {
+  if (name.empty() || name.front() == '/' || name.back() == '/') return false;
+  std::size_t segment = 0;
+  for (char c : name) {
+    if (c == '/') {
+      if (segment == 0) return false;
+      segment = 0;
+      continue;
+    }
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '_' || c == '.' || c == '-';
+    if (!ok) return false;
+    ++segment;
+  }
+  return name.find("./") == std::string::npos && name.rfind('.', 0) != 0;
+}
+
+std::int64_t volume(const std::vector<std::int64_t>& shape) {
+  std::int64_t n = 1;
+  for (std::int64_t d : shape) n *= d;
+  return n;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// StateDict
+
+void StateDict::add(Entry entry) {
+  DTRAIN_CHECK_ARG(valid_name(entry.name), "checkpoint tensor name '", entry.name,
+                   "' must be '/'-separated segments of [A-Za-z0-9_.-]");
+  DTRAIN_CHECK_ARG(entry.tensor.defined(), "checkpoint tensor '", entry.name, "' is undefined");
+  DTRAIN_CHECK_ARG(detail::dtype_name(entry.tensor.scalar_type()) != nullptr, "checkpoint tensor '",
+                   entry.name, "' has unsupported dtype ", entry.tensor.scalar_type());
+  for (const Entry& e : entries_) {
+    DTRAIN_CHECK_ARG(e.name != entry.name, "checkpoint tensor '", entry.name, "' added twice");
+  }
+  entries_.push_back(std::move(entry));
+}
+
+void StateDict::add_replicated(const std::string& name, const at::Tensor& tensor) {
+  Entry e;
+  e.name = name;
+  e.tensor = tensor;
+  e.kind = Kind::kReplicated;
+  if (tensor.defined()) {
+    e.global_shape = tensor.sizes().vec();
+    e.offset.assign(e.global_shape.size(), 0);
+  }
+  add(std::move(e));
+}
+
+void StateDict::add_shard(const std::string& name, const at::Tensor& piece,
+                          std::vector<std::int64_t> global_shape,
+                          std::vector<std::int64_t> offset) {
+  DTRAIN_CHECK_ARG(piece.defined(), "checkpoint tensor '", name, "' is undefined");
+  DTRAIN_CHECK_ARG(global_shape.size() == static_cast<std::size_t>(piece.dim()) &&
+                       offset.size() == global_shape.size(),
+                   "checkpoint tensor '", name, "': the piece has ", piece.dim(),
+                   " dimensions but the global shape ", global_shape.size(), " and the offset ",
+                   offset.size());
+  for (std::size_t d = 0; d < global_shape.size(); ++d) {
+    DTRAIN_CHECK_ARG(
+        offset[d] >= 0 && offset[d] + piece.size(static_cast<int64_t>(d)) <= global_shape[d],
+        "checkpoint tensor '", name, "': the piece at offset ", offset[d], " of size ",
+        piece.size(static_cast<int64_t>(d)), " does not fit in dimension ", d, " of size ",
+        global_shape[d]);
+  }
+  Entry e;
+  e.name = name;
+  e.tensor = piece;
+  e.kind = Kind::kShard;
+  e.global_shape = std::move(global_shape);
+  e.offset = std::move(offset);
+  add(std::move(e));
+}
+
+void StateDict::add_per_rank(const std::string& name, const at::Tensor& tensor, int rank,
+                             int world_size) {
+  DTRAIN_CHECK_ARG(tensor.defined(), "checkpoint tensor '", name, "' is undefined");
+  DTRAIN_CHECK_ARG(rank >= 0 && rank < world_size, "rank ", rank, " is not in [0, ", world_size,
+                   ")");
+  std::vector<std::int64_t> global{world_size};
+  std::vector<std::int64_t> offset{rank};
+  for (std::int64_t d : tensor.sizes()) {
+    global.push_back(d);
+    offset.push_back(0);
+  }
+  add_shard(name, tensor.unsqueeze(0), std::move(global), std::move(offset));
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoint
+
+struct Checkpoint::Impl {
+  std::string directory;
+  detail::Manifest manifest;
+  mutable std::map<std::string, std::int64_t> open_files;
+
+  ~Impl() {
+    for (auto& [name, id] : open_files) detail::close_piece_file(id);
+  }
+  std::int64_t file(const std::string& name) const {
+    auto it = open_files.find(name);
+    if (it != open_files.end()) return it->second;
+    const std::int64_t id = detail::open_piece_file((fs::path(directory) / name).string());
+    open_files.emplace(name, id);
+    return id;
+  }
+};
+
+Checkpoint::Checkpoint(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Checkpoint Checkpoint::open(const std::string& directory) {
+  const fs::path manifest_path = fs::path(directory) / detail::kManifestName;
+  std::ifstream in(manifest_path, std::ios::binary);
+  DTRAIN_CHECK_T(CheckpointError, in.good(), "checkpoint ", directory,
+                 " has no readable manifest.json (an incomplete save is never loaded)");
+  std::stringstream text;
+  text << in.rdbuf();
+  auto impl = std::make_shared<Impl>();
+  impl->directory = directory;
+  impl->manifest = detail::parse_manifest(text.str(), manifest_path.string());
+  return Checkpoint(std::move(impl));
+}
+
+const std::string& Checkpoint::directory() const { return impl_->directory; }
+std::int64_t Checkpoint::step() const { return impl_->manifest.step; }
+int Checkpoint::world_size() const { return impl_->manifest.world_size; }
+const std::map<std::string, std::string>& Checkpoint::metadata() const {
+  return impl_->manifest.metadata;
+}
+const std::string& Checkpoint::metadata(const std::string& key) const {
+  auto it = impl_->manifest.metadata.find(key);
+  DTRAIN_CHECK_T(CheckpointError, it != impl_->manifest.metadata.end(), "checkpoint ",
+                 impl_->directory, " has no metadata '", key, "'");
+  return it->second;
+}
+const std::vector<FileInfo>& Checkpoint::files() const { return impl_->manifest.files; }
+
+std::vector<std::string> Checkpoint::tensor_names() const {
+  std::vector<std::string> names;
+  for (const auto& [name, info] : impl_->manifest.tensors) names.push_back(name);
+  return names;
+}
+
+bool Checkpoint::contains(const std::string& name) const {
+  return impl_->manifest.tensors.count(name) == 1;
+}
+
+const TensorInfo& Checkpoint::info(const std::string& name) const {
+  auto it = impl_->manifest.tensors.find(name);
+  DTRAIN_CHECK_T(CheckpointError, it != impl_->manifest.tensors.end(), "checkpoint ",
+                 impl_->directory, " has no tensor '", name, "'");
+  return it->second;
+}
+
+void Checkpoint::verify_file(const FileInfo& file) const {
+  const fs::path path = fs::path(impl_->directory) / file.file;
+  std::error_code ec;
+  const auto size = fs::file_size(path, ec);
+  DTRAIN_CHECK_T(CheckpointError, !ec, "checkpoint file ", path.string(), " is missing (",
+                 ec.message(), ")");
+  DTRAIN_CHECK_T(CheckpointError, size == file.bytes, "checkpoint file ", path.string(), " has ",
+                 size, " bytes but the manifest records ", file.bytes, " (truncated or replaced)");
+  std::string digest;
+  try {
+    digest = data::sha256_file(path.string());
+  } catch (const Error& e) {
+    DTRAIN_THROW(CheckpointError, e.what());
+  }
+  DTRAIN_CHECK_T(CheckpointError, digest == file.sha256, "checkpoint file ", path.string(),
+                 " is corrupt: its SHA-256 is ", digest, " but the manifest records ", file.sha256);
+}
+
+void Checkpoint::verify() const {
+  for (const FileInfo& f : impl_->manifest.files) verify_file(f);
+}
+
+at::Tensor Checkpoint::read(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  return read(name, std::vector<std::int64_t>(t.global_shape.size(), 0), t.global_shape);
+}
+
+at::Tensor Checkpoint::read(const std::string& name, const std::vector<std::int64_t>& offset,
+                            const std::vector<std::int64_t>& shape) const {
+  const TensorInfo& t = info(name);
+  const std::size_t nd = t.global_shape.size();
+  DTRAIN_CHECK_T(CheckpointError, offset.size() == nd && shape.size() == nd, "reading tensor '",
+                 name, "': the region has ", offset.size(), "/", shape.size(),
+                 " dimensions, the tensor ", nd);
+  for (std::size_t d = 0; d < nd; ++d) {
+    DTRAIN_CHECK_T(CheckpointError,
+                   offset[d] >= 0 && shape[d] >= 0 && offset[d] + shape[d] <= t.global_shape[d],
+                   "reading tensor '", name, "': the region leaves the global shape in dimension ",
+                   d);
+  }
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(t.dtype));
+  std::int64_t covered = 0;
+  for (const PieceInfo& p : t.pieces) {
+    std::vector<std::int64_t> lo(nd), count(nd);
+    bool overlaps = true;
+    for (std::size_t d = 0; d < nd; ++d) {
+      lo[d] = std::max(offset[d], p.offset[d]);
+      const std::int64_t hi = std::min(offset[d] + shape[d], p.offset[d] + p.shape[d]);
+      count[d] = hi - lo[d];
+      if (count[d] <= 0 && !(shape[d] == 0 && p.shape[d] == 0)) overlaps = false;
+    }
+    if (!overlaps) continue;
+    std::vector<std::int64_t> start(nd);
+    for (std::size_t d = 0; d < nd; ++d) start[d] = lo[d] - p.offset[d];
+    at::Tensor dst = out;
+    for (std::size_t d = 0; d < nd; ++d) {
+      dst = dst.narrow(static_cast<std::int64_t>(d), lo[d] - offset[d], count[d]);
+    }
+    const bool direct = dst.is_contiguous();
+    at::Tensor buffer = direct ? dst : at::empty(count, out.options());
+    const std::string path = (fs::path(impl_->directory) / p.file).string();
+    detail::read_piece(impl_->file(p.file), path, name, start, count, buffer);
+    if (!direct) dst.copy_(buffer);
+    covered += volume(count);
+  }
+  DTRAIN_CHECK_T(CheckpointError, covered == volume(shape), "checkpoint ", impl_->directory,
+                 ": the stored pieces of tensor '", name, "' cover ", covered, " of the ",
+                 volume(shape), " elements asked for");
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+
+std::vector<CheckpointEntry> list_checkpoints(const std::string& directory) {
+  std::vector<CheckpointEntry> out;
+  std::error_code ec;
+  if (!fs::is_directory(directory, ec)) return out;
+  for (const auto& entry : fs::directory_iterator(directory, ec)) {
+    const std::int64_t step = detail::parse_step_dir_name(entry.path().filename().string());
+    if (step < 0 || !entry.is_directory(ec)) continue;
+    if (!fs::exists(entry.path() / detail::kManifestName, ec)) continue;
+    out.push_back({step, entry.path().string()});
+  }
+  std::sort(out.begin(), out.end(),
+            [](const CheckpointEntry& a, const CheckpointEntry& b) { return a.step < b.step; });
+  return out;
+}
+
+}  // namespace dtrain::checkpoint

@@ -1,0 +1,536 @@
+// The checkpoint format: names, dtypes, manifest JSON and HDF5 piece files.
+
+#include "src/checkpoint/format.h"
+
+#include <fcntl.h>
+#include <hdf5.h>
+#include <openssl/evp.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "dtrain/error.h"
+#include "src/data/hdf5_handle.h"
+
+namespace dtrain::checkpoint::detail {
+
+namespace fs = std::filesystem;
+using data::detail::Handle;
+using json = nlohmann::json;
+
+namespace {
+
+template <typename T>
+T ck(T status, const char* what, const std::string& file, const std::string& tensor = {}) {
+  if (status < 0) {
+    throw CheckpointError(data::detail::error_message(what, file, tensor));
+  }
+  return status;
+}
+
+std::string pad(std::int64_t value, int width) {
+  std::string digits = std::to_string(value);
+  if (static_cast<int>(digits.size()) < width) {
+    digits.insert(0, static_cast<std::size_t>(width) - digits.size(), '0');
+  }
+  return digits;
+}
+
+struct DTypeEntry {
+  at::ScalarType dtype;
+  const char* name;
+};
+constexpr DTypeEntry kDTypes[] = {
+    {at::kFloat, "float32"},     {at::kDouble, "float64"}, {at::kHalf, "float16"},
+    {at::kBFloat16, "bfloat16"}, {at::kLong, "int64"},     {at::kInt, "int32"},
+    {at::kShort, "int16"},       {at::kChar, "int8"},      {at::kByte, "uint8"},
+    {at::kBool, "bool"},
+};
+
+// Standard little-endian types on disk. 16-bit floats are stored as their
+// bit patterns (uint16) with a "dtype" attribute: HDF5 1.10 has no half type.
+hid_t file_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return H5T_IEEE_F32LE;
+    case at::kDouble:
+      return H5T_IEEE_F64LE;
+    case at::kHalf:
+    case at::kBFloat16:
+      return H5T_STD_U16LE;
+    case at::kLong:
+      return H5T_STD_I64LE;
+    case at::kInt:
+      return H5T_STD_I32LE;
+    case at::kShort:
+      return H5T_STD_I16LE;
+    case at::kChar:
+      return H5T_STD_I8LE;
+    case at::kByte:
+    case at::kBool:
+      return H5T_STD_U8LE;
+    default:
+      return H5I_INVALID_HID;
+  }
+}
+
+hid_t memory_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return H5T_NATIVE_FLOAT;
+    case at::kDouble:
+      return H5T_NATIVE_DOUBLE;
+    case at::kHalf:
+    case at::kBFloat16:
+      return H5T_NATIVE_UINT16;
+    case at::kLong:
+      return H5T_NATIVE_INT64;
+    case at::kInt:
+      return H5T_NATIVE_INT32;
+    case at::kShort:
+      return H5T_NATIVE_INT16;
+    case at::kChar:
+      return H5T_NATIVE_INT8;
+    case at::kByte:
+    case at::kBool:
+      return H5T_NATIVE_UINT8;
+    default:
+      return H5I_INVALID_HID;
+  }
+}
+
+void write_string_attribute(hid_t object, const char* name, const std::string& value,
+                            const std::string& path) {
+  Handle type(ck(H5Tcopy(H5T_C_S1), "H5Tcopy", path), H5Tclose);
+  ck(H5Tset_size(type.get(), value.empty() ? 1 : value.size()), "H5Tset_size", path);
+  Handle space(ck(H5Screate(H5S_SCALAR), "H5Screate", path), H5Sclose);
+  Handle attr(ck(H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                 "H5Acreate2", path, name),
+              H5Aclose);
+  ck(H5Awrite(attr.get(), type.get(), value.c_str()), "H5Awrite", path, name);
+}
+
+// A scalar attribute for one value, a 1-d array otherwise (or when `array`).
+void write_int_attribute(hid_t object, const char* name, const std::vector<std::int64_t>& values,
+                         const std::string& path, bool array = false) {
+  const hsize_t n = values.size();
+  Handle space(
+      ck(values.size() == 1 && !array ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &n, nullptr),
+         "H5Screate", path),
+      H5Sclose);
+  Handle attr(ck(H5Acreate2(object, name, H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                 "H5Acreate2", path, name),
+              H5Aclose);
+  ck(H5Awrite(attr.get(), H5T_NATIVE_INT64, values.data()), "H5Awrite", path, name);
+}
+
+// Chunks of about 1 MiB: whole trailing dimensions, cut along the leading ones.
+std::vector<hsize_t> chunk_dims(const std::vector<hsize_t>& dims, std::size_t element_size) {
+  constexpr std::size_t kTarget = std::size_t{1} << 20;
+  std::vector<hsize_t> chunk = dims;
+  for (std::size_t i = 0; i < chunk.size(); ++i) {
+    std::size_t rest = element_size;
+    for (std::size_t j = i + 1; j < chunk.size(); ++j) rest *= chunk[j];
+    if (rest <= kTarget) {
+      const hsize_t rows = std::max<hsize_t>(1, kTarget / rest);
+      chunk[i] = std::min(chunk[i], rows);
+      break;
+    }
+    chunk[i] = 1;
+  }
+  return chunk;
+}
+
+json to_json(const std::vector<std::int64_t>& v) { return json(v); }
+
+std::vector<std::int64_t> shape_of(const json& j, const char* key, const std::string& where) {
+  DTRAIN_CHECK_T(CheckpointError, j.contains(key) && j.at(key).is_array(), where, ": '", key,
+                 "' is missing or not an array");
+  std::vector<std::int64_t> out;
+  for (const auto& v : j.at(key)) {
+    DTRAIN_CHECK_T(CheckpointError, v.is_number_integer() && v.get<std::int64_t>() >= 0, where,
+                   ": '", key, "' holds a value that is not a non-negative integer");
+    out.push_back(v.get<std::int64_t>());
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string step_dir_name(std::int64_t step) { return "step-" + pad(step, 9); }
+std::string tmp_dir_name(std::int64_t step) { return ".tmp-" + step_dir_name(step); }
+std::string rank_file_name(int rank) { return "rank-" + pad(rank, 5) + ".h5"; }
+
+std::int64_t parse_step_dir_name(const std::string& name) {
+  if (name.size() <= 5 || name.compare(0, 5, "step-") != 0 || name.size() > 5 + 18) return -1;
+  std::int64_t step = 0;
+  for (std::size_t i = 5; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9') return -1;
+    step = step * 10 + (name[i] - '0');
+  }
+  return step;
+}
+
+const char* dtype_name(at::ScalarType dtype) {
+  for (const auto& d : kDTypes) {
+    if (d.dtype == dtype) return d.name;
+  }
+  return nullptr;
+}
+
+at::ScalarType parse_dtype(const std::string& name, const std::string& where) {
+  for (const auto& d : kDTypes) {
+    if (name == d.name) return d.dtype;
+  }
+  DTRAIN_THROW(CheckpointError, where, ": unknown dtype '", name, "'");
+}
+
+std::string serialize(const FileRecord& record) {
+  json pieces = json::array();
+  for (const PieceRecord& p : record.pieces) {
+    pieces.push_back({{"name", p.name},
+                      {"dtype", dtype_name(p.dtype)},
+                      {"global_shape", to_json(p.global_shape)},
+                      {"offset", to_json(p.offset)},
+                      {"shape", to_json(p.shape)}});
+  }
+  return json{{"file", record.info.file},   {"rank", record.info.rank},
+              {"bytes", record.info.bytes}, {"sha256", record.info.sha256},
+              {"error", record.error},      {"pieces", pieces}}
+      .dump();
+}
+
+FileRecord parse_file_record(const std::string& text) {
+  const json j = json::parse(text);
+  FileRecord r;
+  r.info.file = j.at("file").get<std::string>();
+  r.info.rank = j.at("rank").get<int>();
+  r.info.bytes = j.at("bytes").get<std::uint64_t>();
+  r.info.sha256 = j.at("sha256").get<std::string>();
+  r.error = j.at("error").get<std::string>();
+  for (const auto& p : j.at("pieces")) {
+    PieceRecord piece;
+    piece.name = p.at("name").get<std::string>();
+    piece.dtype = parse_dtype(p.at("dtype").get<std::string>(), "file record");
+    piece.global_shape = p.at("global_shape").get<std::vector<std::int64_t>>();
+    piece.offset = p.at("offset").get<std::vector<std::int64_t>>();
+    piece.shape = p.at("shape").get<std::vector<std::int64_t>>();
+    r.pieces.push_back(std::move(piece));
+  }
+  return r;
+}
+
+Manifest make_manifest(std::int64_t step, const std::map<std::string, std::string>& metadata,
+                       const std::vector<FileRecord>& records) {
+  Manifest m;
+  m.step = step;
+  m.world_size = static_cast<int>(records.size());
+  m.created_unix =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  m.metadata = metadata;
+  for (const FileRecord& r : records) {
+    m.files.push_back(r.info);
+    for (const PieceRecord& p : r.pieces) {
+      auto [it, inserted] = m.tensors.try_emplace(p.name);
+      TensorInfo& t = it->second;
+      if (inserted) {
+        t.name = p.name;
+        t.dtype = p.dtype;
+        t.global_shape = p.global_shape;
+      }
+      DTRAIN_CHECK_T(CheckpointError, t.dtype == p.dtype && t.global_shape == p.global_shape,
+                     "tensor '", p.name, "': rank ", r.info.rank,
+                     " wrote a piece whose dtype or global shape differs from another rank's");
+      t.pieces.push_back({r.info.file, p.offset, p.shape});
+    }
+  }
+  return m;
+}
+
+std::string serialize(const Manifest& m) {
+  json files = json::array();
+  for (const FileInfo& f : m.files) {
+    files.push_back({{"file", f.file}, {"rank", f.rank}, {"bytes", f.bytes}, {"sha256", f.sha256}});
+  }
+  json tensors = json::object();
+  for (const auto& [name, t] : m.tensors) {
+    json pieces = json::array();
+    for (const PieceInfo& p : t.pieces) {
+      pieces.push_back(
+          {{"file", p.file}, {"offset", to_json(p.offset)}, {"shape", to_json(p.shape)}});
+    }
+    tensors[name] = {{"dtype", dtype_name(t.dtype)},
+                     {"global_shape", to_json(t.global_shape)},
+                     {"pieces", pieces}};
+  }
+  return json{{"format", kFormatName},
+              {"version", kFormatVersion},
+              {"step", m.step},
+              {"world_size", m.world_size},
+              {"created_unix", m.created_unix},
+              {"metadata", m.metadata},
+              {"files", files},
+              {"tensors", tensors}}
+             .dump(1) +
+         "\n";
+}
+
+Manifest parse_manifest(const std::string& text, const std::string& source) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    DTRAIN_THROW(CheckpointError, source, ": not valid JSON (", e.what(), ")");
+  }
+  DTRAIN_CHECK_T(CheckpointError, j.is_object() && j.value("format", "") == kFormatName, source,
+                 ": not a dtrain checkpoint manifest (no \"format\": \"", kFormatName, "\")");
+  DTRAIN_CHECK_T(CheckpointError, j.value("version", 0) == kFormatVersion, source,
+                 ": format version ", j.value("version", 0), " is not supported (this build reads ",
+                 kFormatVersion, ")");
+  Manifest m;
+  try {
+    m.step = j.at("step").get<std::int64_t>();
+    m.world_size = j.at("world_size").get<int>();
+    m.created_unix = j.value("created_unix", 0.0);
+    m.metadata = j.at("metadata").get<std::map<std::string, std::string>>();
+    std::set<std::string> file_names;
+    for (const auto& f : j.at("files")) {
+      FileInfo info;
+      info.file = f.at("file").get<std::string>();
+      info.rank = f.at("rank").get<int>();
+      info.bytes = f.at("bytes").get<std::uint64_t>();
+      info.sha256 = f.at("sha256").get<std::string>();
+      DTRAIN_CHECK_T(
+          CheckpointError,
+          info.file.find('/') == std::string::npos && info.file.find("..") == std::string::npos,
+          source, ": file name '", info.file, "' is not a plain file name");
+      file_names.insert(info.file);
+      m.files.push_back(std::move(info));
+    }
+    for (const auto& [name, t] : j.at("tensors").items()) {
+      const std::string where = source + " tensor '" + name + "'";
+      TensorInfo info;
+      info.name = name;
+      info.dtype = parse_dtype(t.at("dtype").get<std::string>(), where);
+      info.global_shape = shape_of(t, "global_shape", where);
+      for (const auto& p : t.at("pieces")) {
+        PieceInfo piece{p.at("file").get<std::string>(), shape_of(p, "offset", where),
+                        shape_of(p, "shape", where)};
+        DTRAIN_CHECK_T(CheckpointError, file_names.count(piece.file) == 1, where,
+                       ": a piece is in '", piece.file, "', which the manifest does not list");
+        DTRAIN_CHECK_T(CheckpointError,
+                       piece.offset.size() == info.global_shape.size() &&
+                           piece.shape.size() == info.global_shape.size(),
+                       where, ": a piece's offset or shape has the wrong number of dimensions");
+        for (std::size_t d = 0; d < piece.shape.size(); ++d) {
+          DTRAIN_CHECK_T(CheckpointError, piece.offset[d] + piece.shape[d] <= info.global_shape[d],
+                         where, ": a piece reaches past the global shape in dimension ", d);
+        }
+        info.pieces.push_back(std::move(piece));
+      }
+      m.tensors.emplace(name, std::move(info));
+    }
+  } catch (const json::exception& e) {
+    DTRAIN_THROW(CheckpointError, source, ": malformed manifest (", e.what(), ")");
+  }
+  DTRAIN_CHECK_T(CheckpointError, m.world_size > 0 && !m.files.empty(), source,
+                 ": the manifest lists no files");
+  return m;
+}
+
+namespace {
+
+// The whole HDF5 file, built in memory.
+std::vector<char> build_image(const std::string& path, std::int64_t step, int rank, int world_size,
+                              const std::vector<PieceToWrite>& pieces) {
+  data::detail::ErrorScope quiet;
+  std::size_t payload = 0;
+  for (const auto& p : pieces) payload += p.data.nbytes();
+  Handle fapl(ck(H5Pcreate(H5P_FILE_ACCESS), "H5Pcreate", path), H5Pclose);
+  const std::size_t increment = std::max<std::size_t>(std::size_t{1} << 20, payload / 8);
+  ck(H5Pset_fapl_core(fapl.get(), increment, /*backing_store=*/0), "H5Pset_fapl_core", path);
+  Handle file(
+      ck(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), "H5Fcreate", path),
+      H5Fclose);
+  write_string_attribute(file.get(), "format", kFormatName, path);
+  write_int_attribute(file.get(), "version", {kFormatVersion}, path);
+  write_int_attribute(file.get(), "step", {step}, path);
+  write_int_attribute(file.get(), "rank", {rank}, path);
+  write_int_attribute(file.get(), "world_size", {world_size}, path);
+  Handle lcpl(ck(H5Pcreate(H5P_LINK_CREATE), "H5Pcreate", path), H5Pclose);
+  ck(H5Pset_create_intermediate_group(lcpl.get(), 1), "H5Pset_create_intermediate_group", path);
+
+  for (const PieceToWrite& piece : pieces) {
+    const PieceRecord& r = piece.record;
+    std::vector<hsize_t> dims(r.shape.begin(), r.shape.end());
+    if (dims.empty()) dims.push_back(1);  // a 0-d tensor is stored as [1]
+    Handle space(ck(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+                    "H5Screate_simple", path, r.name),
+                 H5Sclose);
+    Handle dcpl(ck(H5Pcreate(H5P_DATASET_CREATE), "H5Pcreate", path, r.name), H5Pclose);
+    const std::int64_t numel = piece.data.numel();
+    if (numel > 0) {
+      const auto chunk = chunk_dims(dims, piece.data.element_size());
+      ck(H5Pset_chunk(dcpl.get(), static_cast<int>(chunk.size()), chunk.data()), "H5Pset_chunk",
+         path, r.name);
+      ck(H5Pset_fletcher32(dcpl.get()), "H5Pset_fletcher32", path, r.name);
+    }
+    Handle dset(ck(H5Dcreate2(file.get(), r.name.c_str(), file_type(r.dtype), space.get(),
+                              lcpl.get(), dcpl.get(), H5P_DEFAULT),
+                   "H5Dcreate2", path, r.name),
+                H5Dclose);
+    if (numel > 0) {
+      ck(H5Dwrite(dset.get(), memory_type(r.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT,
+                  piece.data.data_ptr()),
+         "H5Dwrite", path, r.name);
+    }
+    write_string_attribute(dset.get(), "dtype", dtype_name(r.dtype), path);
+    if (!r.global_shape.empty()) {
+      write_int_attribute(dset.get(), "global_shape", r.global_shape, path, true);
+      write_int_attribute(dset.get(), "offset", r.offset, path, true);
+    }
+  }
+  ck(H5Fflush(file.get(), H5F_SCOPE_LOCAL), "H5Fflush", path);
+  const ssize_t size = ck(H5Fget_file_image(file.get(), nullptr, 0), "H5Fget_file_image", path);
+  std::vector<char> image(static_cast<std::size_t>(size));
+  ck(H5Fget_file_image(file.get(), image.data(), image.size()), "H5Fget_file_image", path);
+  return image;
+}
+
+std::string hex(const unsigned char* digest, unsigned int length) {
+  static const char* kHex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < length; ++i) {
+    out += kHex[digest[i] >> 4];
+    out += kHex[digest[i] & 15];
+  }
+  return out;
+}
+
+}  // namespace
+
+FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, int world_size,
+                          const std::vector<PieceToWrite>& pieces, bool sync) {
+  const std::vector<char> image = build_image(path, step, rank, world_size, pieces);
+  FileInfo info;
+  info.rank = rank;
+  info.file = fs::path(path).filename().string();
+  info.bytes = image.size();
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  DTRAIN_CHECK_T(
+      CheckpointError,
+      EVP_Digest(image.data(), image.size(), digest, &length, EVP_sha256(), nullptr) == 1,
+      "SHA-256 of ", path, " failed");
+  info.sha256 = hex(digest, length);
+
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  DTRAIN_CHECK_T(CheckpointError, fd >= 0, "cannot create checkpoint file ", path, ": ",
+                 std::strerror(errno));
+  std::size_t done = 0;
+  int err = 0;
+  while (done < image.size()) {
+    const std::size_t n = std::min<std::size_t>(image.size() - done, std::size_t{8} << 20);
+    const ssize_t w = ::write(fd, image.data() + done, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      err = w < 0 ? errno : ENOSPC;
+      break;
+    }
+    done += static_cast<std::size_t>(w);
+  }
+  if (err == 0 && sync && ::fsync(fd) != 0) err = errno;
+  if (::close(fd) != 0 && err == 0) err = errno;
+  if (err != 0) {
+    ::unlink(path.c_str());
+    DTRAIN_THROW(CheckpointError, "writing checkpoint file ", path, " failed after ", done, " of ",
+                 image.size(), " bytes: ", std::strerror(err));
+  }
+  return info;
+}
+
+std::int64_t open_piece_file(const std::string& path) {
+  data::detail::ErrorScope quiet;
+  DTRAIN_CHECK_T(CheckpointError, fs::is_regular_file(path), "checkpoint file ", path,
+                 " is missing");
+  return ck(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "H5Fopen", path);
+}
+
+void close_piece_file(std::int64_t file_id) { H5Fclose(static_cast<hid_t>(file_id)); }
+
+void read_piece(std::int64_t file_id, const std::string& path, const std::string& name,
+                const std::vector<std::int64_t>& start, const std::vector<std::int64_t>& count,
+                at::Tensor& out) {
+  data::detail::ErrorScope quiet;
+  Handle dset(
+      ck(H5Dopen2(static_cast<hid_t>(file_id), name.c_str(), H5P_DEFAULT), "H5Dopen2", path, name),
+      H5Dclose);
+  Handle space(ck(H5Dget_space(dset.get()), "H5Dget_space", path, name), H5Sclose);
+  const int ndims =
+      ck(H5Sget_simple_extent_ndims(space.get()), "H5Sget_simple_extent_ndims", path, name);
+  const int expected = start.empty() ? 1 : static_cast<int>(start.size());
+  DTRAIN_CHECK_T(CheckpointError, ndims == expected, path, " tensor '", name, "' has ", ndims,
+                 " dimensions in the file but the manifest says ", expected);
+  if (out.numel() == 0) return;
+  if (!start.empty()) {
+    std::vector<hsize_t> s(start.begin(), start.end()), c(count.begin(), count.end());
+    std::vector<hsize_t> dims(s.size());
+    H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr);
+    for (std::size_t d = 0; d < dims.size(); ++d) {
+      DTRAIN_CHECK_T(CheckpointError, s[d] + c[d] <= dims[d], path, " tensor '", name,
+                     "' is smaller in the file than the manifest says");
+    }
+    ck(H5Sselect_hyperslab(space.get(), H5S_SELECT_SET, s.data(), nullptr, c.data(), nullptr),
+       "H5Sselect_hyperslab", path, name);
+    Handle mem(ck(H5Screate_simple(static_cast<int>(c.size()), c.data(), nullptr),
+                  "H5Screate_simple", path, name),
+               H5Sclose);
+    ck(H5Dread(dset.get(), memory_type(out.scalar_type()), mem.get(), space.get(), H5P_DEFAULT,
+               out.data_ptr()),
+       "H5Dread (corrupt chunk or I/O error)", path, name);
+  } else {
+    ck(H5Dread(dset.get(), memory_type(out.scalar_type()), H5S_ALL, H5S_ALL, H5P_DEFAULT,
+               out.data_ptr()),
+       "H5Dread (corrupt chunk or I/O error)", path, name);
+  }
+}
+
+void fsync_path(const std::string& path, bool directory) {
+  const int fd = ::open(path.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  DTRAIN_CHECK_T(CheckpointError, fd >= 0, "cannot open ", path,
+                 " to fsync it: ", std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  DTRAIN_CHECK_T(CheckpointError, rc == 0, "fsync of ", path, " failed: ", std::strerror(err));
+}
+
+void write_file_atomically(const std::string& path, const std::string& text, bool sync) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::FILE* f = std::fopen(tmp.c_str(), "wb");
+    DTRAIN_CHECK_T(CheckpointError, f != nullptr, "cannot create ", tmp, ": ",
+                   std::strerror(errno));
+    const std::size_t written = std::fwrite(text.data(), 1, text.size(), f);
+    const bool ok = written == text.size() && std::fflush(f) == 0;
+    const int err = errno;
+    const bool synced = !sync || ::fsync(::fileno(f)) == 0;
+    std::fclose(f);
+    if (!ok || !synced) {
+      std::remove(tmp.c_str());
+      DTRAIN_THROW(CheckpointError, "writing ", tmp, " failed: ", std::strerror(err));
+    }
+  }
+  DTRAIN_CHECK_T(CheckpointError, std::rename(tmp.c_str(), path.c_str()) == 0, "cannot rename ",
+                 tmp, " to ", path, ": ", std::strerror(errno));
+}
+
+}  // namespace dtrain::checkpoint::detail

@@ -1,0 +1,99 @@
+#pragma once
+// The on-disk format of a checkpoint: names, dtypes, the manifest and the
+// HDF5 piece files. Private to src/checkpoint.
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "dtrain/checkpoint/checkpoint.h"
+
+namespace dtrain::checkpoint::detail {
+
+constexpr const char* kFormatName = "dtrain-checkpoint";
+constexpr int kFormatVersion = 1;
+constexpr const char* kManifestName = "manifest.json";
+
+/// "step-000001200" (the committed directory name of a step).
+std::string step_dir_name(std::int64_t step);
+/// ".tmp-step-000001200".
+std::string tmp_dir_name(std::int64_t step);
+/// "rank-00003.h5".
+std::string rank_file_name(int rank);
+/// Parses "step-<digits>"; -1 otherwise.
+std::int64_t parse_step_dir_name(const std::string& name);
+
+const char* dtype_name(at::ScalarType dtype);
+/// CheckpointError for names not from dtype_name().
+at::ScalarType parse_dtype(const std::string& name, const std::string& where);
+
+/// One piece as written by a rank.
+struct PieceRecord {
+  std::string name;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<std::int64_t> global_shape;
+  std::vector<std::int64_t> offset;
+  std::vector<std::int64_t> shape;
+};
+
+/// What one rank reports after writing its file.
+struct FileRecord {
+  FileInfo info;
+  std::vector<PieceRecord> pieces;
+  std::string error;  ///< non-empty: this rank failed to write
+};
+
+std::string serialize(const FileRecord& record);
+FileRecord parse_file_record(const std::string& text);
+
+struct Manifest {
+  std::int64_t step = 0;
+  int world_size = 0;
+  double created_unix = 0;
+  std::map<std::string, std::string> metadata;
+  std::vector<FileInfo> files;
+  std::map<std::string, TensorInfo> tensors;
+};
+
+/// Builds the manifest from every rank's record; CheckpointError when two
+/// ranks disagree on a tensor's dtype or global shape.
+Manifest make_manifest(std::int64_t step, const std::map<std::string, std::string>& metadata,
+                       const std::vector<FileRecord>& records);
+std::string serialize(const Manifest& manifest);
+/// CheckpointError naming `source` when the text is not a valid manifest.
+Manifest parse_manifest(const std::string& text, const std::string& source);
+
+/// A piece to write: `data` is contiguous host memory.
+struct PieceToWrite {
+  PieceRecord record;
+  at::Tensor data;
+};
+
+/// Writes the pieces to a new HDF5 file at `path` (chunked, Fletcher32) with
+/// root attributes (format, version, step, rank, world size), fsynced when
+/// `sync`; returns its size and SHA-256. The file is built in memory (HDF5's
+/// core driver) and written with plain write() calls, so a full disk or a
+/// file-size limit is a clean CheckpointError naming the file (the partial
+/// file is removed) rather than a failing HDF5 close.
+FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, int world_size,
+                          const std::vector<PieceToWrite>& pieces, bool sync);
+
+/// Reads [start, start + count) of the piece `name` from an open file into
+/// `out` (contiguous, count's shape, the piece's dtype).
+void read_piece(std::int64_t file_id, const std::string& path, const std::string& name,
+                const std::vector<std::int64_t>& start, const std::vector<std::int64_t>& count,
+                at::Tensor& out);
+
+/// Opens an HDF5 file read-only (CheckpointError naming it); returns the id.
+std::int64_t open_piece_file(const std::string& path);
+void close_piece_file(std::int64_t file_id);
+
+/// Durability helpers: fsync a file or a directory (CheckpointError on failure).
+void fsync_path(const std::string& path, bool directory);
+/// Writes `text` to `path` through a temporary file, fsync and rename.
+void write_file_atomically(const std::string& path, const std::string& text, bool sync);
+
+}  // namespace dtrain::checkpoint::detail

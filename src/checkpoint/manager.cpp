@@ -1,0 +1,366 @@
+// CheckpointManager: staged, (a)synchronous, atomically committed saves and
+// resume from the newest checkpoint that verifies.
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <iostream>
+#include <mutex>
+
+#include "dtrain/checkpoint/checkpoint.h"
+#include "dtrain/collectives/communicator.h"
+#include "dtrain/data/dataset.h"
+#include "dtrain/error.h"
+#include "src/checkpoint/format.h"
+
+namespace dtrain::checkpoint {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Fault injection for the crash tests: DTRAIN_FAULT_CHECKPOINT=<phase>:<step>:<rank>
+// kills this process with SIGKILL when it reaches <phase> ("after_write":
+// its file is written and synced, nothing is committed; "before_rename":
+// rank 0 has written the manifest into the temporary directory) while saving
+// <step>. A real kill, at the worst moment, for tests. Only on a job's first
+// attempt (DTRAIN_RESTART_COUNT unset or 0, as dtrain-launch sets it).
+void maybe_crash(const char* phase, std::int64_t step, int rank) {
+  const char* spec = std::getenv("DTRAIN_FAULT_CHECKPOINT");
+  if (spec == nullptr) return;
+  const char* restart = std::getenv("DTRAIN_RESTART_COUNT");
+  if (restart != nullptr && std::string(restart) != "0") return;
+  const std::string expected =
+      std::string(phase) + ":" + std::to_string(step) + ":" + std::to_string(rank);
+  if (expected == spec) {
+    std::cerr << "[dtrain rank " << rank << "] fault injection: killed while saving step " << step
+              << " (" << phase << ")" << std::endl;
+    ::kill(::getpid(), SIGKILL);
+  }
+}
+
+}  // namespace
+
+void CheckpointOptions::validate() const {
+  DTRAIN_CHECK_ARG(!directory.empty(), "the checkpoint directory is empty");
+  DTRAIN_CHECK_ARG(keep_last >= 1, "keep_last must be >= 1, got ", keep_last);
+}
+
+struct CheckpointManager::Impl {
+  CheckpointOptions options;
+  std::shared_ptr<collectives::Communicator> comm;
+  int rank = 0;
+  int size = 1;
+  std::map<std::string, at::Tensor> staging;  // reused host buffers, by tensor name
+  std::future<void> pending;
+  mutable std::mutex mutex;
+  WriteStats last;
+
+  void warn(const std::string& message) const {
+    if (options.on_warning) {
+      options.on_warning(message);
+    } else {
+      std::cerr << "[dtrain rank " << rank << "] warning: " << message << std::endl;
+    }
+  }
+
+  template <typename Options>
+  Options with_timeout() const {
+    Options o;
+    if (options.timeout) o.timeout = *options.timeout;
+    return o;
+  }
+
+  // Every rank's string, in rank order.
+  std::vector<std::string> all_gather_strings(const std::string& mine) {
+    at::Tensor length = at::full({1}, static_cast<std::int64_t>(mine.size()), at::kLong);
+    at::Tensor lengths = at::empty({size}, at::kLong);
+    comm->all_gather(lengths, length, with_timeout<collectives::AllGatherOptions>())->wait();
+    std::int64_t longest = 1;
+    for (int r = 0; r < size; ++r) longest = std::max(longest, lengths[r].item<std::int64_t>());
+    at::Tensor buffer = at::zeros({longest}, at::kByte);
+    std::copy(mine.begin(), mine.end(), buffer.data_ptr<std::uint8_t>());
+    at::Tensor all = at::empty({size * longest}, at::kByte);
+    comm->all_gather(all, buffer, with_timeout<collectives::AllGatherOptions>())->wait();
+    std::vector<std::string> out;
+    const auto* bytes = reinterpret_cast<const char*>(all.data_ptr<std::uint8_t>());
+    for (int r = 0; r < size; ++r) {
+      out.emplace_back(bytes + r * longest,
+                       static_cast<std::size_t>(lengths[r].item<std::int64_t>()));
+    }
+    return out;
+  }
+
+  std::int64_t broadcast_int(std::int64_t value) {
+    at::Tensor t = at::full({1}, value, at::kLong);
+    comm->broadcast(t, with_timeout<collectives::BroadcastOptions>())->wait();
+    return t.item<std::int64_t>();
+  }
+
+  std::int64_t all_reduce_max(std::int64_t value) {
+    at::Tensor t = at::full({1}, value, at::kLong);
+    auto o = with_timeout<collectives::AllReduceOptions>();
+    o.op = collectives::ReduceOp::kMax;
+    comm->all_reduce(t, o)->wait();
+    return t.item<std::int64_t>();
+  }
+
+  // Moves `dir` out of sight (a name resume never considers), then deletes it.
+  void discard(const fs::path& dir) {
+    std::error_code ec;
+    const fs::path trash = dir.parent_path() /
+                           (".trash-" + dir.filename().string() + "-" + std::to_string(::getpid()));
+    fs::rename(dir, trash, ec);
+    fs::remove_all(ec ? dir : trash, ec);
+    if (ec) warn("could not delete " + dir.string() + ": " + ec.message());
+  }
+
+  void prune() {
+    auto committed = list_checkpoints(options.directory);
+    while (committed.size() > static_cast<std::size_t>(options.keep_last)) {
+      discard(committed.front().directory);
+      committed.erase(committed.begin());
+    }
+  }
+
+  // Runs on every rank (in the background when async): write, agree, commit.
+  void write_and_commit(std::int64_t step, const std::vector<detail::PieceToWrite>& pieces,
+                        const std::map<std::string, std::string>& metadata) {
+    const fs::path dir(options.directory);
+    const fs::path tmp = dir / detail::tmp_dir_name(step);
+    const fs::path final_dir = dir / detail::step_dir_name(step);
+    detail::FileRecord record;
+    record.info.file = detail::rank_file_name(rank);
+    record.info.rank = rank;
+    const auto write_start = Clock::now();
+    try {
+      fs::create_directories(tmp);
+      const fs::path path = tmp / record.info.file;
+      fs::remove(path);
+      record.info =
+          detail::write_piece_file(path.string(), step, rank, size, pieces, options.fsync);
+      for (const auto& p : pieces) record.pieces.push_back(p.record);
+      maybe_crash("after_write", step, rank);
+    } catch (const std::exception& e) {
+      record.error = e.what();
+    }
+    const double write_seconds = seconds_since(write_start);
+    const auto commit_start = Clock::now();
+
+    std::vector<detail::FileRecord> records;
+    std::string failures;
+    for (const std::string& text : all_gather_strings(detail::serialize(record))) {
+      records.push_back(detail::parse_file_record(text));
+      const auto& r = records.back();
+      if (!r.error.empty()) failures += "\n  rank " + std::to_string(r.info.rank) + ": " + r.error;
+    }
+    if (!failures.empty()) {
+      if (rank == 0) {
+        std::error_code ec;
+        fs::remove_all(tmp, ec);
+      }
+      DTRAIN_THROW(CheckpointError, "checkpoint step ", step, " was not saved in ",
+                   options.directory, " (the previous checkpoints are untouched):", failures);
+    }
+
+    std::string commit_error;
+    if (rank == 0) {
+      try {
+        const detail::Manifest manifest = detail::make_manifest(step, metadata, records);
+        detail::write_file_atomically((tmp / detail::kManifestName).string(),
+                                      detail::serialize(manifest), options.fsync);
+        if (options.fsync) detail::fsync_path(tmp.string(), true);
+        maybe_crash("before_rename", step, rank);
+        if (fs::exists(final_dir)) discard(final_dir);  // an older save of the same step
+        fs::rename(tmp, final_dir);
+        if (options.fsync) detail::fsync_path(dir.string(), true);
+        prune();  // before the other ranks learn of the commit: they see the final state
+      } catch (const std::exception& e) {
+        commit_error = e.what();
+      }
+    }
+    const std::int64_t status = broadcast_int(commit_error.empty() ? 0 : 1);
+    if (status != 0) {
+      DTRAIN_THROW(
+          CheckpointError, "checkpoint step ", step, " was not committed in ", options.directory,
+          ": ", rank == 0 ? commit_error : std::string("rank 0 failed to commit (see its error)"),
+          " (the previous checkpoints are untouched)");
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    last.step = step;
+    last.write_seconds = write_seconds;
+    last.commit_seconds = seconds_since(commit_start);
+    last.bytes = record.info.bytes;
+  }
+
+  void wait_pending() {
+    if (pending.valid()) pending.get();
+  }
+};
+
+CheckpointManager::CheckpointManager(CheckpointOptions options,
+                                     const std::shared_ptr<collectives::Communicator>& comm)
+    : impl_(std::make_unique<Impl>()) {
+  options.validate();
+  DTRAIN_CHECK_ARG(comm != nullptr, "CheckpointManager needs a communicator");
+  impl_->options = std::move(options);
+  impl_->comm = comm->split(0, comm->rank());
+  impl_->rank = impl_->comm->rank();
+  impl_->size = impl_->comm->size();
+
+  const fs::path dir(impl_->options.directory);
+  std::string problem;
+  try {
+    fs::create_directories(dir);
+    const fs::path probe =
+        dir / (".probe-rank-" + std::to_string(impl_->rank) + "-" + std::to_string(::getpid()));
+    {
+      std::ofstream out(probe);
+      out << "probe\n";
+      out.flush();
+      if (!out.good()) throw std::runtime_error("cannot write " + probe.string());
+    }
+    fs::remove(probe);
+  } catch (const std::exception& e) {
+    problem = "rank " + std::to_string(impl_->rank) + ": " + e.what();
+  }
+  if (problem.empty() && impl_->rank == 0) {
+    // Leftovers of saves that were interrupted (never committed) or of deletions.
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind(".tmp-step-", 0) == 0 || name.rfind(".trash-", 0) == 0) {
+        impl_->warn("removing " + entry.path().string() + ", left by an interrupted save");
+        std::error_code rm;
+        fs::remove_all(entry.path(), rm);
+      }
+    }
+  }
+  std::string problems;
+  for (const std::string& p : impl_->all_gather_strings(problem)) {
+    if (!p.empty()) problems += "\n  " + p;
+  }
+  DTRAIN_CHECK_T(CheckpointError, problems.empty(), "the checkpoint directory ",
+                 impl_->options.directory, " is not usable:", problems);
+}
+
+CheckpointManager::~CheckpointManager() {
+  try {
+    impl_->wait_pending();
+  } catch (const std::exception& e) {
+    impl_->warn(std::string("the last checkpoint save failed: ") + e.what());
+  }
+}
+
+const CheckpointOptions& CheckpointManager::options() const { return impl_->options; }
+
+void CheckpointManager::wait() { impl_->wait_pending(); }
+
+WriteStats CheckpointManager::last_write() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->last;
+}
+
+SaveStats CheckpointManager::save(std::int64_t step, const StateDict& state,
+                                  const std::map<std::string, std::string>& metadata) {
+  DTRAIN_CHECK_ARG(step >= 0, "checkpoint step must be >= 0, got ", step);
+  const auto start = Clock::now();
+  SaveStats stats;
+  impl_->wait_pending();
+  stats.wait_seconds = seconds_since(start);
+
+  // Replicated tensors: each written by one rank, spread by size (the same
+  // greedy choice on every rank, since every rank lists the same tensors).
+  std::vector<std::uint64_t> load(static_cast<std::size_t>(impl_->size), 0);
+  std::vector<detail::PieceToWrite> pieces;
+  for (const StateDict::Entry& e : state.entries()) {
+    bool mine = e.kind == StateDict::Kind::kShard;
+    if (e.kind == StateDict::Kind::kReplicated) {
+      const auto owner =
+          static_cast<std::size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+      load[owner] += e.tensor.nbytes() + 1;
+      mine = static_cast<int>(owner) == impl_->rank;
+    }
+    if (!mine) continue;
+    at::Tensor& buffer = impl_->staging[e.name];
+    if (!buffer.defined() || buffer.sizes() != e.tensor.sizes() ||
+        buffer.scalar_type() != e.tensor.scalar_type()) {
+      buffer = at::empty(e.tensor.sizes(), at::TensorOptions().dtype(e.tensor.scalar_type()));
+    }
+    buffer.copy_(e.tensor.detach());
+    detail::PieceToWrite piece;
+    piece.record.name = e.name;
+    piece.record.dtype = e.tensor.scalar_type();
+    piece.record.global_shape = e.global_shape;
+    piece.record.offset = e.offset;
+    piece.record.shape = e.tensor.sizes().vec();
+    piece.data = buffer;
+    stats.bytes += buffer.nbytes();
+    pieces.push_back(std::move(piece));
+  }
+  auto job = [impl = impl_.get(), step, pieces = std::move(pieces), metadata]() {
+    impl->write_and_commit(step, pieces, metadata);
+  };
+  if (impl_->options.async) {
+    impl_->pending = std::async(std::launch::async, std::move(job));
+  } else {
+    job();
+  }
+  stats.stall_seconds = seconds_since(start);
+  return stats;
+}
+
+std::vector<CheckpointEntry> CheckpointManager::list() const {
+  return list_checkpoints(impl_->options.directory);
+}
+
+std::optional<CheckpointEntry> CheckpointManager::latest_valid() {
+  impl_->wait_pending();
+  // Rank 0's view of the directory decides which checkpoints are tried.
+  std::vector<CheckpointEntry> entries = list();
+  const std::int64_t count = impl_->broadcast_int(static_cast<std::int64_t>(entries.size()));
+  at::Tensor steps = at::full({std::max<std::int64_t>(count, 1)}, -1, at::kLong);
+  for (std::int64_t i = 0; impl_->rank == 0 && i < count; ++i) {
+    steps[i] = entries[static_cast<std::size_t>(i)].step;
+  }
+  impl_->comm->broadcast(steps, impl_->with_timeout<collectives::BroadcastOptions>())->wait();
+  for (std::int64_t i = count - 1; i >= 0; --i) {
+    const std::int64_t step = steps[i].item<std::int64_t>();
+    const std::string directory =
+        (fs::path(impl_->options.directory) / detail::step_dir_name(step)).string();
+    std::string problem;
+    try {
+      const Checkpoint ckpt = Checkpoint::open(directory);
+      DTRAIN_CHECK_T(CheckpointError, ckpt.step() == step, directory,
+                     "/manifest.json records step ", ckpt.step());
+      // The ranks share the digest work: file i is checked by rank i % size.
+      const auto& files = ckpt.files();
+      for (std::size_t f = static_cast<std::size_t>(impl_->rank); f < files.size();
+           f += static_cast<std::size_t>(impl_->size)) {
+        ckpt.verify_file(files[f]);
+      }
+    } catch (const Error& e) {
+      problem = e.what();
+    }
+    const bool bad = impl_->all_reduce_max(problem.empty() ? 0 : 1) != 0;
+    if (!bad) return CheckpointEntry{step, directory};
+    if (!problem.empty()) {
+      impl_->warn("skipping checkpoint " + directory + ": " + problem +
+                  (i > 0 ? "; trying the one before" : "; no older checkpoint"));
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace dtrain::checkpoint

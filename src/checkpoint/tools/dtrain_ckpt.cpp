@@ -1,0 +1,206 @@
+// dtrain-ckpt: list, verify and inspect checkpoints.
+//
+//   dtrain-ckpt list DIR           committed checkpoints under DIR, oldest first
+//   dtrain-ckpt verify PATH        every file's size and SHA-256 (PATH: one
+//                                  checkpoint, or DIR for all of them)
+//   dtrain-ckpt inspect PATH       step, writers, metadata, tensors and pieces
+//                                  (PATH: one checkpoint, or DIR for the newest)
+//   dtrain-ckpt diff A B [PREFIX]  compares the tensors (under PREFIX, e.g.
+//                                  model/) of two checkpoints bitwise
+//
+// Exit status: 0 when everything checked is fine (diff: identical), 1 when a
+// checkpoint is bad (diff: they differ), 2 for usage errors.
+
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "dtrain/checkpoint/checkpoint.h"
+#include "dtrain/error.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace dtrain::checkpoint;
+
+int usage(const char* problem) {
+  if (problem != nullptr) std::cerr << "dtrain-ckpt: " << problem << "\n";
+  std::cerr << "usage: dtrain-ckpt list DIR | verify PATH | inspect PATH | diff A B [PREFIX]  (-h "
+               "for help)\n";
+  return 2;
+}
+
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? "," : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+// PATH is either one checkpoint (has manifest.json) or a directory of them.
+std::vector<std::string> checkpoints_at(const std::string& path, bool newest_only) {
+  if (fs::exists(fs::path(path) / "manifest.json")) return {path};
+  std::vector<std::string> out;
+  for (const auto& e : list_checkpoints(path)) out.push_back(e.directory);
+  if (newest_only && !out.empty()) out.erase(out.begin(), out.end() - 1);
+  return out;
+}
+
+int list(const std::string& dir) {
+  if (!fs::is_directory(dir)) {
+    std::cerr << "dtrain-ckpt: " << dir << " is not a directory\n";
+    return 2;
+  }
+  const auto entries = list_checkpoints(dir);
+  std::printf("%-12s %-8s %-12s %s\n", "step", "ranks", "MiB", "directory");
+  for (const auto& e : entries) {
+    try {
+      const Checkpoint c = Checkpoint::open(e.directory);
+      std::uint64_t bytes = 0;
+      for (const auto& f : c.files()) bytes += f.bytes;
+      std::printf("%-12lld %-8d %-12.1f %s\n", static_cast<long long>(e.step), c.world_size(),
+                  static_cast<double>(bytes) / (1 << 20), e.directory.c_str());
+    } catch (const dtrain::Error& err) {
+      std::printf("%-12lld %-8s %-12s %s  (%s)\n", static_cast<long long>(e.step), "?", "?",
+                  e.directory.c_str(), err.what());
+    }
+  }
+  if (entries.empty()) std::printf("(no committed checkpoints in %s)\n", dir.c_str());
+  return 0;
+}
+
+int verify(const std::string& path) {
+  const auto targets = checkpoints_at(path, false);
+  if (targets.empty()) {
+    std::cerr << "dtrain-ckpt: no checkpoint at " << path << "\n";
+    return 1;
+  }
+  int bad = 0;
+  for (const std::string& dir : targets) {
+    try {
+      const Checkpoint c = Checkpoint::open(dir);
+      c.verify();
+      std::printf("ok    %s (step %lld, %zu files)\n", dir.c_str(),
+                  static_cast<long long>(c.step()), c.files().size());
+    } catch (const dtrain::Error& e) {
+      std::printf("BAD   %s: %s\n", dir.c_str(), e.what());
+      ++bad;
+    }
+  }
+  return bad == 0 ? 0 : 1;
+}
+
+int inspect(const std::string& path) {
+  const auto targets = checkpoints_at(path, true);
+  if (targets.empty()) {
+    std::cerr << "dtrain-ckpt: no checkpoint at " << path << "\n";
+    return 1;
+  }
+  const Checkpoint c = Checkpoint::open(targets.front());
+  std::printf("checkpoint  %s\nstep        %lld\nwritten by  %d rank(s)\n", c.directory().c_str(),
+              static_cast<long long>(c.step()), c.world_size());
+  std::printf("metadata\n");
+  for (const auto& [k, v] : c.metadata()) std::printf("  %-24s %s\n", k.c_str(), v.c_str());
+  std::printf("files\n");
+  for (const auto& f : c.files()) {
+    std::printf("  %-16s rank %-5d %12llu bytes  sha256 %s\n", f.file.c_str(), f.rank,
+                static_cast<unsigned long long>(f.bytes), f.sha256.c_str());
+  }
+  std::printf("tensors\n");
+  for (const std::string& name : c.tensor_names()) {
+    const TensorInfo& t = c.info(name);
+    std::printf("  %-48s %-9s %-18s", name.c_str(), c10::toString(t.dtype),
+                shape_text(t.global_shape).c_str());
+    for (const auto& p : t.pieces) {
+      std::printf(" %s@%s+%s", p.file.c_str(), shape_text(p.offset).c_str(),
+                  shape_text(p.shape).c_str());
+    }
+    std::printf("\n");
+  }
+  return 0;
+}
+
+int diff(const std::string& a_path, const std::string& b_path, const std::string& prefix) {
+  const auto a_dirs = checkpoints_at(a_path, true);
+  const auto b_dirs = checkpoints_at(b_path, true);
+  if (a_dirs.empty() || b_dirs.empty()) {
+    std::cerr << "dtrain-ckpt: no checkpoint at " << (a_dirs.empty() ? a_path : b_path) << "\n";
+    return 2;
+  }
+  const Checkpoint a = Checkpoint::open(a_dirs.front());
+  const Checkpoint b = Checkpoint::open(b_dirs.front());
+  int differences = 0;
+  int compared = 0;
+  auto under = [&](const std::string& name) { return name.compare(0, prefix.size(), prefix) == 0; };
+  for (const std::string& name : a.tensor_names()) {
+    if (!under(name)) continue;
+    if (!b.contains(name)) {
+      std::printf("only in A  %s\n", name.c_str());
+      ++differences;
+      continue;
+    }
+    const at::Tensor x = a.read(name);
+    const at::Tensor y = b.read(name);
+    ++compared;
+    if (x.sizes() != y.sizes() || x.scalar_type() != y.scalar_type()) {
+      std::printf("differs    %s (shape or dtype)\n", name.c_str());
+      ++differences;
+    } else if (!x.equal(y)) {
+      const double max = x.is_floating_point() || y.is_floating_point()
+                             ? (x.to(at::kDouble) - y.to(at::kDouble)).abs().max().item<double>()
+                             : 0.0;
+      std::printf("differs    %s (max |a-b| %.3g)\n", name.c_str(), max);
+      ++differences;
+    }
+  }
+  for (const std::string& name : b.tensor_names()) {
+    if (under(name) && !a.contains(name)) {
+      std::printf("only in B  %s\n", name.c_str());
+      ++differences;
+    }
+  }
+  std::printf("%d tensor(s) compared, %d difference(s): %s vs %s\n", compared, differences,
+              a.directory().c_str(), b.directory().c_str());
+  return differences == 0 && compared > 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return usage(nullptr);
+  const std::string command = argv[1];
+  if (command == "-h" || command == "--help") {
+    std::cout << "dtrain-ckpt: list, verify and inspect dtrain checkpoints\n\n"
+                 "  dtrain-ckpt list DIR       committed checkpoints under DIR, oldest first\n"
+                 "  dtrain-ckpt verify PATH    sizes and SHA-256 of every file (PATH: one\n"
+                 "                             checkpoint, or a directory of them)\n"
+                 "  dtrain-ckpt inspect PATH   step, metadata, files, tensors and their pieces\n"
+                 "                             (PATH: one checkpoint, or the newest in DIR)\n"
+                 "  dtrain-ckpt diff A B [PREFIX]\n"
+                 "                             bitwise comparison of the tensors (under PREFIX)\n"
+                 "                             of two checkpoints (or the newest in two DIRs)\n\n"
+                 "Exit status: 0 fine, 1 a checkpoint is bad or missing, 2 usage error.\n";
+    return 0;
+  }
+  if (command == "diff") {
+    if (argc != 4 && argc != 5) return usage("diff needs two checkpoints and an optional prefix");
+    try {
+      return diff(argv[2], argv[3], argc == 5 ? argv[4] : "");
+    } catch (const dtrain::Error& e) {
+      std::cerr << "dtrain-ckpt: " << e.what() << "\n";
+      return 2;
+    }
+  }
+  if (argc != 3) return usage("expected one PATH after the command");
+  const std::string path = argv[2];
+  try {
+    if (command == "list") return list(path);
+    if (command == "verify") return verify(path);
+    if (command == "inspect") return inspect(path);
+  } catch (const dtrain::Error& e) {
+    std::cerr << "dtrain-ckpt: " << e.what() << "\n";
+    return 1;
+  }
+  return usage(("unknown command '" + command + "'").c_str());
+}

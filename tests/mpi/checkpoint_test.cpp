@@ -1,0 +1,424 @@
+// Checkpoints over 1-4 ranks: round trip of replicated, sharded and per-rank
+// tensors; async saves; keep-last; skipping corrupt or partial checkpoints;
+// a failed save (file size limit, unwritable directory) leaving the previous
+// ones untouched; ZeRO-1 state written by N ranks and resumed on M.
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "dtrain/checkpoint/checkpoint.h"
+#include "dtrain/checkpoint/state.h"
+#include "dtrain/collectives/communicator.h"
+#include "dtrain/error.h"
+#include "dtrain/parallel/zero_optimizer.h"
+#include "tests/mpi/mpi_test_env.h"
+
+namespace dtrain::checkpoint {
+namespace {
+
+namespace fs = std::filesystem;
+using dtrain::testing::runtime;
+
+std::shared_ptr<collectives::Communicator> comm_named(const std::string& name) {
+  collectives::CommunicatorOptions options;
+  options.name = name;
+  options.timeout = std::chrono::seconds(60);
+  return runtime().world(options);
+}
+
+// A fresh directory with the same path on every rank (rank 0 picks it).
+std::string shared_dir(collectives::Communicator& comm, const std::string& name) {
+  at::Tensor text = at::zeros({512}, at::kByte);
+  if (comm.rank() == 0) {
+    std::string pattern =
+        (fs::temp_directory_path() / ("dtrain-ckpt-" + name + "-XXXXXX")).string();
+    if (::mkdtemp(pattern.data()) == nullptr) std::abort();
+    std::copy(pattern.begin(), pattern.end(), text.data_ptr<std::uint8_t>());
+  }
+  comm.broadcast(text)->wait();
+  return std::string(reinterpret_cast<const char*>(text.data_ptr<std::uint8_t>()));
+}
+
+CheckpointOptions sync_options(const std::string& dir) {
+  CheckpointOptions o;
+  o.directory = dir;
+  o.async = false;
+  o.keep_last = 10;
+  return o;
+}
+
+void flip_bytes(const std::string& path, std::int64_t at, int count) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  ASSERT_TRUE(f.good()) << path;
+  for (int i = 0; i < count; ++i) {
+    f.seekg(at + i);
+    char c = 0;
+    f.read(&c, 1);
+    f.seekp(at + i);
+    c = static_cast<char>(~c);
+    f.write(&c, 1);
+  }
+}
+
+TEST(CheckpointTest, RoundTripOfReplicatedShardedAndPerRankTensors) {
+  auto comm = comm_named("ckpt-roundtrip");
+  const int rank = comm->rank();
+  const int world = comm->size();
+  const std::string dir = shared_dir(*comm, "roundtrip");
+  CheckpointManager manager(sync_options(dir), comm);
+
+  torch::manual_seed(3);
+  const at::Tensor a = torch::randn({5, 3});
+  const at::Tensor b = torch::randn({7}, torch::kDouble);
+  const at::Tensor scalar = torch::scalar_tensor(42, torch::kLong);
+  const at::Tensor bf = torch::randn({4}).to(torch::kBFloat16);
+  const at::Tensor empty = torch::zeros({0, 3});
+  const at::Tensor big = torch::randn({300, 1000});  // > 1 MiB: several chunks
+  const std::int64_t total = 10 * world + 3;
+  const at::Tensor flat = torch::arange(total, torch::kFloat);
+  const std::int64_t offset = 10 * rank;
+  const std::int64_t length = rank == world - 1 ? 13 : 10;
+
+  StateDict state;
+  state.add_replicated("model/a", a);
+  state.add_replicated("model/b", b);
+  state.add_replicated("model/scalar", scalar);
+  state.add_replicated("model/bf", bf);
+  state.add_replicated("model/empty", empty);
+  state.add_replicated("model/big", big);
+  state.add_shard("opt/flat", flat.narrow(0, offset, length), {total}, {offset});
+  state.add_per_rank("rng/x", torch::full({4}, rank, torch::kInt), rank, world);
+  manager.save(5, state, {{"sampler", "epoch=1 consumed_samples=64"}});
+
+  const auto entries = manager.list();
+  ASSERT_EQ(entries.size(), 1u);
+  EXPECT_EQ(entries[0].step, 5);
+  const Checkpoint ckpt = Checkpoint::open(entries[0].directory);
+  ckpt.verify();
+  EXPECT_EQ(ckpt.step(), 5);
+  EXPECT_EQ(ckpt.world_size(), world);
+  EXPECT_EQ(ckpt.metadata("sampler"), "epoch=1 consumed_samples=64");
+  EXPECT_EQ(ckpt.files().size(), static_cast<std::size_t>(world));
+  EXPECT_TRUE(torch::equal(ckpt.read("model/a"), a));
+  EXPECT_TRUE(torch::equal(ckpt.read("model/b"), b));
+  EXPECT_EQ(ckpt.read("model/scalar").item<std::int64_t>(), 42);
+  EXPECT_EQ(ckpt.read("model/scalar").dim(), 0);
+  EXPECT_TRUE(torch::equal(ckpt.read("model/bf"), bf));
+  EXPECT_EQ(ckpt.read("model/empty").sizes(), empty.sizes());
+  EXPECT_TRUE(torch::equal(ckpt.read("model/big"), big));
+  EXPECT_TRUE(torch::equal(ckpt.read("opt/flat"), flat));
+  // A region across two ranks' pieces.
+  if (world > 1) {
+    EXPECT_TRUE(torch::equal(ckpt.read("opt/flat", {7}, {6}), flat.narrow(0, 7, 6)));
+  }
+  const at::Tensor rows = ckpt.read("rng/x");
+  ASSERT_EQ(rows.sizes(), (std::vector<std::int64_t>{world, 4}));
+  for (int r = 0; r < world; ++r) EXPECT_EQ(rows[r][0].item<int>(), r);
+
+  // Replicated tensors are stored once, and spread over the ranks.
+  std::set<std::string> holders;
+  for (const char* name : {"model/a", "model/b", "model/scalar", "model/bf", "model/big"}) {
+    ASSERT_EQ(ckpt.info(name).pieces.size(), 1u) << name;
+    holders.insert(ckpt.info(name).pieces[0].file);
+  }
+  if (world > 1) {
+    EXPECT_GT(holders.size(), 1u);
+  }
+  EXPECT_EQ(ckpt.info("opt/flat").pieces.size(), static_cast<std::size_t>(world));
+  EXPECT_THROW(ckpt.read("opt/missing"), CheckpointError);
+  EXPECT_THROW(ckpt.read("opt/flat", {0}, {total + 1}), CheckpointError);
+
+  // The files open in h5py as plain arrays with their global shape and offset.
+  if (rank == 0 && fs::exists("/usr/bin/python3")) {
+    const std::string file = (fs::path(entries[0].directory) / "rank-00000.h5").string();
+    const std::string cmd =
+        "/usr/bin/python3 -c \"import h5py,sys; f=h5py.File(sys.argv[1],'r'); "
+        "d=f['opt/flat']; assert d.attrs['global_shape'][0]==" +
+        std::to_string(total) + " and d.attrs['offset'][0]==0 and d.shape==(" +
+        std::to_string(world == 1 ? 13 : 10) + ",), d.shape; assert d.fletcher32\" " + file;
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  }
+  comm->barrier()->wait();
+}
+
+TEST(CheckpointTest, AsyncSaveSnapshotsTheStateAndKeepsTheLastK) {
+  auto comm = comm_named("ckpt-async");
+  const std::string dir = shared_dir(*comm, "async");
+  CheckpointOptions options;
+  options.directory = dir;
+  options.keep_last = 2;
+  options.async = true;
+  CheckpointManager manager(options, comm);
+  at::Tensor w = torch::zeros({256, 256});
+  for (int step = 1; step <= 4; ++step) {
+    w.fill_(static_cast<float>(step));
+    StateDict state;
+    state.add_replicated("model/w", w);
+    const SaveStats stats = manager.save(step, state);
+    EXPECT_GE(stats.stall_seconds, 0.0);
+    w.fill_(-1.0f);  // changed while the save runs in the background
+  }
+  manager.wait();
+  EXPECT_EQ(manager.last_write().step, 4);
+  const auto entries = manager.list();
+  ASSERT_EQ(entries.size(), 2u);
+  EXPECT_EQ(entries[0].step, 3);
+  EXPECT_EQ(entries[1].step, 4);
+  const Checkpoint ckpt = Checkpoint::open(entries[1].directory);
+  EXPECT_TRUE(torch::equal(ckpt.read("model/w"), torch::full({256, 256}, 4.0f)));
+  comm->barrier()->wait();
+}
+
+TEST(CheckpointTest, CorruptOrPartialNewestCheckpointIsSkippedWithAWarning) {
+  auto comm = comm_named("ckpt-corrupt");
+  const std::string dir = shared_dir(*comm, "corrupt");
+  std::vector<std::string> warnings;
+  CheckpointOptions options = sync_options(dir);
+  options.on_warning = [&](const std::string& w) { warnings.push_back(w); };
+  CheckpointManager manager(options, comm);
+  const at::Tensor big = torch::randn({512, 1024});
+  for (int step : {10, 20}) {
+    StateDict state;
+    state.add_replicated("model/big", big * step);
+    manager.save(step, state);
+  }
+  const std::string bad_file =
+      manager.list().back().directory + "/" +
+      Checkpoint::open(manager.list().back().directory).info("model/big").pieces[0].file;
+  if (comm->rank() == 0) {
+    flip_bytes(bad_file, static_cast<std::int64_t>(fs::file_size(bad_file) / 2), 16);
+    // A partial save of a later step: files but no manifest.
+    fs::create_directories(dir + "/step-000000030");
+    std::ofstream(dir + "/step-000000030/rank-00000.h5") << "partial";
+  }
+  comm->barrier()->wait();
+  // Reading the flipped chunk fails its Fletcher32 check, naming the file.
+  try {
+    Checkpoint::open(manager.list().back().directory).read("model/big");
+    ADD_FAILURE() << "a corrupt chunk was read without error";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find(fs::path(bad_file).filename().string()), std::string::npos)
+        << e.what();
+  }
+  const auto latest = manager.latest_valid();
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->step, 10);
+  // The rank that digested the bad file warned, naming it.
+  const std::string name = fs::path(bad_file).filename().string();  // rank-RRRRR.h5
+  const int writer = std::stoi(name.substr(5, 5));
+  if (comm->rank() == writer % comm->size()) {  // file i is digested by rank i % size
+    ASSERT_FALSE(warnings.empty());
+    EXPECT_NE(warnings.front().find(name), std::string::npos) << warnings.front();
+  }
+  comm->barrier()->wait();
+}
+
+TEST(CheckpointTest, AFailedWriteLeavesThePreviousCheckpointsUntouched) {
+  auto comm = comm_named("ckpt-diskfull");
+  const int last = comm->size() - 1;
+  const std::string dir = shared_dir(*comm, "diskfull");
+  CheckpointManager manager(sync_options(dir), comm);
+  StateDict first;
+  first.add_shard("model/w", torch::ones({1000}), {1000 * comm->size()}, {1000 * comm->rank()});
+  manager.save(1, first);
+
+  // The last rank hits its file-size limit (EFBIG, like a full disk).
+  rlimit old{};
+  if (comm->rank() == last) {
+    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+    rlimit small = old;
+    small.rlim_cur = 64 * 1024;
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+    ::signal(SIGXFSZ, SIG_IGN);
+  }
+  StateDict second;
+  second.add_shard("model/w", torch::ones({1 << 20}), {(1 << 20) * comm->size()},
+                   {(1 << 20) * comm->rank()});
+  try {
+    manager.save(2, second);
+    ADD_FAILURE() << "a save with a failing rank succeeded";
+  } catch (const CheckpointError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("rank " + std::to_string(last)), std::string::npos) << what;
+    EXPECT_NE(what.find("previous checkpoints are untouched"), std::string::npos) << what;
+  }
+  if (comm->rank() == last) {
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+  }
+  comm->barrier()->wait();
+  const auto entries = manager.list();
+  ASSERT_EQ(entries.size(), 1u);
+  EXPECT_EQ(entries[0].step, 1);
+  Checkpoint::open(entries[0].directory).verify();
+  EXPECT_FALSE(fs::exists(dir + "/.tmp-step-000000002"));
+  comm->barrier()->wait();
+}
+
+TEST(CheckpointTest, UnwritableDirectoryIsAClearErrorOnEveryRank) {
+  auto comm = comm_named("ckpt-unwritable");
+  const std::string dir = shared_dir(*comm, "unwritable");
+  if (comm->rank() == 0) std::ofstream(dir + "/a-file") << "x";
+  comm->barrier()->wait();
+  try {
+    CheckpointManager manager(sync_options(dir + "/a-file/checkpoints"), comm);
+    ADD_FAILURE() << "a directory below a regular file was accepted";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("a-file/checkpoints"), std::string::npos) << e.what();
+  }
+  comm->barrier()->wait();
+}
+
+TEST(CheckpointTest, ModuleOptimizerAndRngRoundTrip) {
+  auto comm = comm_named("ckpt-module");
+  const std::string dir = shared_dir(*comm, "module");
+  CheckpointManager manager(sync_options(dir), comm);
+  torch::manual_seed(11);
+  auto model = torch::nn::Sequential(torch::nn::Linear(6, 8), torch::nn::BatchNorm1d(8),
+                                     torch::nn::Linear(8, 3));
+  torch::optim::Adam adam(model->parameters(), torch::optim::AdamOptions(1e-2));
+  for (int i = 0; i < 3; ++i) {
+    adam.zero_grad();
+    model->forward(torch::randn({4, 6})).sum().backward();
+    adam.step();
+  }
+  StateDict state;
+  add_module(state, *model);
+  add_optimizer(state, adam, *model);
+  add_rng_state(state, comm->rank(), comm->size());
+  manager.save(3, state);
+  const at::Tensor expected_draw = torch::rand({5});
+  auto saved = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+
+  // A fresh model and optimizer restored from the checkpoint continue identically.
+  torch::manual_seed(99);
+  auto restored = torch::nn::Sequential(torch::nn::Linear(6, 8), torch::nn::BatchNorm1d(8),
+                                        torch::nn::Linear(8, 3));
+  torch::optim::Adam restored_adam(restored->parameters(), torch::optim::AdamOptions(1e-2));
+  const Checkpoint ckpt = Checkpoint::open(manager.list().back().directory);
+  load_module(ckpt, *restored);
+  load_optimizer(ckpt, restored_adam, *restored);
+  load_rng_state(ckpt, comm->rank());
+  EXPECT_TRUE(torch::equal(torch::rand({5}), expected_draw));
+  torch::manual_seed(5);
+  const at::Tensor x = torch::randn({4, 6});
+  for (auto [net, opt] :
+       {std::make_pair(model.ptr(), &adam), std::make_pair(restored.ptr(), &restored_adam)}) {
+    opt->zero_grad();
+    net->forward(x).sum().backward();
+    opt->step();
+  }
+  for (const auto& item : model->named_parameters()) {
+    EXPECT_TRUE(torch::equal(item.value(), restored->named_parameters()[item.key()])) << item.key();
+  }
+  for (const auto& item : model->named_buffers()) {
+    EXPECT_TRUE(torch::equal(item.value(), restored->named_buffers()[item.key()])) << item.key();
+  }
+  // A different model is refused, naming the tensor.
+  auto other = torch::nn::Sequential(torch::nn::Linear(6, 9));
+  try {
+    load_module(ckpt, *other);
+    ADD_FAILURE() << "a checkpoint of another model was loaded";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("model/0.weight"), std::string::npos) << e.what();
+  }
+  comm->barrier()->wait();
+}
+
+// ZeRO-1 (AdamW) trained on `writers` ranks for 3 steps and saved, then
+// resumed on `readers` ranks for 2 more steps with the same global batch,
+// equals 5 steps of one process with the global batch.
+void check_zero_reshard(int writers, int readers) {
+  auto world = comm_named("ckpt-zero-" + std::to_string(writers) + "-" + std::to_string(readers));
+  const int rank = world->rank();
+  const std::string dir = shared_dir(*world, "zero");
+  const int global_batch = 12;
+  torch::manual_seed(21);
+  std::vector<std::pair<at::Tensor, at::Tensor>> batches;
+  for (int i = 0; i < 5; ++i) {
+    batches.emplace_back(torch::randn({global_batch, 10}), torch::randint(0, 4, {global_batch}));
+  }
+  auto make_model = [] {
+    torch::manual_seed(8);
+    return torch::nn::Sequential(torch::nn::Linear(10, 17), torch::nn::Tanh(),
+                                 torch::nn::Linear(17, 4));
+  };
+  auto adamw = [](std::vector<torch::Tensor> params) {
+    return std::make_unique<torch::optim::AdamW>(
+        params, torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+  };
+  auto train = [&](torch::nn::Sequential& net, parallel::ZeroRedundancyOptimizer& zero,
+                   collectives::Communicator& comm, int from, int to) {
+    const int b = global_batch / comm.size();
+    for (int s = from; s < to; ++s) {
+      zero.zero_grad();
+      torch::nn::functional::cross_entropy(
+          net->forward(batches[s].first.narrow(0, comm.rank() * b, b)),
+          batches[s].second.narrow(0, comm.rank() * b, b))
+          .backward();
+      zero.step();
+    }
+  };
+  auto writer_comm = world->split(rank < writers ? 0 : -1, rank);
+  if (writer_comm) {
+    auto net = make_model();
+    parallel::ZeroRedundancyOptimizer zero(net.ptr(), writer_comm, adamw);
+    train(net, zero, *writer_comm, 0, 3);
+    CheckpointManager manager(sync_options(dir), writer_comm);
+    StateDict state;
+    add_module(state, *net);
+    add_zero_optimizer(state, zero);
+    manager.save(3, state);
+  }
+  world->barrier()->wait();
+  auto reader_comm = world->split(rank < readers ? 0 : -1, rank);
+  if (reader_comm) {
+    auto net = make_model();
+    parallel::ZeroRedundancyOptimizer zero(net.ptr(), reader_comm, adamw);
+    CheckpointManager manager(sync_options(dir), reader_comm);
+    const auto latest = manager.latest_valid();
+    ASSERT_TRUE(latest.has_value());
+    const Checkpoint ckpt = Checkpoint::open(latest->directory);
+    EXPECT_EQ(ckpt.world_size(), writers);
+    load_module(ckpt, *net);
+    load_zero_optimizer(ckpt, zero);
+    train(net, zero, *reader_comm, 3, 5);
+
+    auto reference = make_model();
+    torch::optim::AdamW ref_opt(reference->parameters(),
+                                torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+    for (int s = 0; s < 5; ++s) {
+      ref_opt.zero_grad();
+      torch::nn::functional::cross_entropy(reference->forward(batches[s].first), batches[s].second)
+          .backward();
+      ref_opt.step();
+    }
+    for (const auto& item : net->named_parameters()) {
+      const at::Tensor& x = item.value();
+      const at::Tensor& y = reference->named_parameters()[item.key()];
+      EXPECT_TRUE(torch::allclose(x, y, 1e-5, 1e-6))
+          << writers << " -> " << readers << " ranks, " << item.key() << ": max difference "
+          << (x - y).abs().max().item<double>();
+    }
+  }
+  world->barrier()->wait();
+}
+
+TEST(CheckpointTest, ZeroStateWrittenByNRanksResumesOnM) {
+  const int world = runtime().size();
+  for (int k = 1; k <= world; ++k) check_zero_reshard(k, world);
+  for (int k = 1; k < world; ++k) check_zero_reshard(world, k);
+}
+
+}  // namespace
+}  // namespace dtrain::checkpoint
