@@ -28,10 +28,16 @@ void Work::wait(std::optional<Timeout> timeout) {
   if (error_) std::rethrow_exception(error_);
 }
 
+std::chrono::system_clock::time_point Work::completed_at() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return completed_at_;
+}
+
 void Work::complete(std::exception_ptr error) noexcept {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     error_ = std::move(error);
+    completed_at_ = std::chrono::system_clock::now();
     completed_.store(true, std::memory_order_release);
   }
   cv_.notify_all();

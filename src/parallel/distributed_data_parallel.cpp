@@ -317,6 +317,12 @@ void DistributedDataParallel::synchronize() {
     if (b.wire.defined()) b.flat.copy_(b.wire);  // back to float32
   }
   stats_.buckets = static_cast<int>(works.size());
+  stats_.bucket_timings.resize(works.size());
+  for (std::size_t i = 0; i < works.size(); ++i) {
+    const State::Bucket& b = s.buckets[i];
+    stats_.bucket_timings[i] = {static_cast<int>(i), (b.wire.defined() ? b.wire : b.flat).nbytes(),
+                                works[i]->issued_at(), works[i]->completed_at()};
+  }
   {
     std::lock_guard<std::mutex> lock(s.mutex);
     s.last_launch_order = s.launch_order;

@@ -9,6 +9,7 @@
 // Thread-safety: every method may be called from any thread.
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -38,6 +39,12 @@ class Work {
   /// timeout, from the op's options, still ends it).
   virtual void wait(std::optional<Timeout> timeout = std::nullopt);
 
+  /// When the op was issued and when it completed (system clock, so that
+  /// traces of different processes share a time line). completed_at() is
+  /// meaningful once is_completed().
+  std::chrono::system_clock::time_point issued_at() const noexcept { return issued_at_; }
+  std::chrono::system_clock::time_point completed_at() const;
+
   /// The op's error, or nullptr if it succeeded or is still running.
   std::exception_ptr error() const;
 
@@ -59,6 +66,8 @@ class Work {
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::exception_ptr error_;
+  std::chrono::system_clock::time_point issued_at_ = std::chrono::system_clock::now();
+  std::chrono::system_clock::time_point completed_at_;
 };
 
 }  // namespace dtrain::collectives

@@ -46,6 +46,7 @@
 
 #include <torch/nn/module.h>
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -85,10 +86,19 @@ struct DdpOptions {
   void validate() const;
 };
 
+/// One bucket's all-reduce in the last synced step (for traces).
+struct BucketTiming {
+  int bucket = 0;
+  std::size_t bytes = 0;  ///< bytes on the wire
+  std::chrono::system_clock::time_point issued;
+  std::chrono::system_clock::time_point completed;
+};
+
 /// Timing of the last synced step, for metrics and benchmarks.
 struct DdpStepStats {
   double exposed_comm_seconds = 0;  ///< time synchronize() waited for buckets
   int buckets = 0;
+  std::vector<BucketTiming> bucket_timings;  ///< in launch order
 };
 
 class DistributedDataParallel {
