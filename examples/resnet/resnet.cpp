@@ -22,8 +22,17 @@ nn::Conv2d conv(std::int64_t in, std::int64_t out, std::int64_t kernel, std::int
       nn::Conv2dOptions(in, out, kernel).stride(stride).padding(kernel / 2).bias(false));
 }
 
-nn::Sequential projection(std::int64_t in, std::int64_t out, std::int64_t stride) {
-  return nn::Sequential(conv(in, out, 1, stride), nn::BatchNorm2d(out));
+nn::Sequential projection(std::int64_t in, std::int64_t out, std::int64_t stride,
+                          const NormFactory& norm) {
+  nn::Sequential seq(conv(in, out, 1, stride));
+  seq->push_back(norm(out));
+  return seq;
+}
+
+// Registers a normalization layer held as an AnyModule.
+nn::AnyModule registered(nn::Module& parent, const std::string& name, nn::AnyModule layer) {
+  parent.register_module(name, layer.ptr());
+  return layer;
 }
 
 std::string names_list() {
@@ -33,6 +42,10 @@ std::string names_list() {
 }
 
 }  // namespace
+
+nn::AnyModule batch_norm_2d(std::int64_t channels) {
+  return nn::AnyModule(nn::BatchNorm2d(channels));
+}
 
 void ResNetOptions::validate() const {
   const std::size_t stages = layout == Layout::kImageNet ? 4 : 3;
@@ -50,15 +63,16 @@ void ResNetOptions::validate() const {
 }
 
 BasicBlockImpl::BasicBlockImpl(std::int64_t in_channels, std::int64_t out_channels,
-                               std::int64_t stride, Shortcut shortcut)
+                               std::int64_t stride, Shortcut shortcut, const NormFactory& norm)
     : stride_(stride) {
   conv1_ = register_module("conv1", conv(in_channels, out_channels, 3, stride));
-  bn1_ = register_module("bn1", nn::BatchNorm2d(out_channels));
+  bn1_ = registered(*this, "bn1", norm(out_channels));
   conv2_ = register_module("conv2", conv(out_channels, out_channels, 3, 1));
-  bn2_ = register_module("bn2", nn::BatchNorm2d(out_channels));
+  bn2_ = registered(*this, "bn2", norm(out_channels));
   if (stride != 1 || in_channels != out_channels) {
     if (shortcut == Shortcut::kProjection) {
-      projection_ = register_module("shortcut", projection(in_channels, out_channels, stride));
+      projection_ =
+          register_module("shortcut", projection(in_channels, out_channels, stride, norm));
     } else {
       DTRAIN_CHECK_ARG(out_channels >= in_channels,
                        "BasicBlock: a zero-padded shortcut cannot reduce channels");
@@ -68,8 +82,8 @@ BasicBlockImpl::BasicBlockImpl(std::int64_t in_channels, std::int64_t out_channe
 }
 
 torch::Tensor BasicBlockImpl::forward(const torch::Tensor& x) {
-  auto out = torch::relu(bn1_(conv1_(x)));
-  out = bn2_(conv2_(out));
+  auto out = torch::relu(bn1_.forward(conv1_(x)));
+  out = bn2_.forward(conv2_(out));
   torch::Tensor identity = x;
   if (projection_) {
     identity = projection_->forward(x);
@@ -89,23 +103,23 @@ torch::Tensor BasicBlockImpl::forward(const torch::Tensor& x) {
 }
 
 BottleneckImpl::BottleneckImpl(std::int64_t in_channels, std::int64_t base_channels,
-                               std::int64_t stride) {
+                               std::int64_t stride, const NormFactory& norm) {
   const std::int64_t out_channels = base_channels * kExpansion;
   conv1_ = register_module("conv1", conv(in_channels, base_channels, 1, 1));
-  bn1_ = register_module("bn1", nn::BatchNorm2d(base_channels));
+  bn1_ = registered(*this, "bn1", norm(base_channels));
   conv2_ = register_module("conv2", conv(base_channels, base_channels, 3, stride));
-  bn2_ = register_module("bn2", nn::BatchNorm2d(base_channels));
+  bn2_ = registered(*this, "bn2", norm(base_channels));
   conv3_ = register_module("conv3", conv(base_channels, out_channels, 1, 1));
-  bn3_ = register_module("bn3", nn::BatchNorm2d(out_channels));
+  bn3_ = registered(*this, "bn3", norm(out_channels));
   if (stride != 1 || in_channels != out_channels) {
-    projection_ = register_module("shortcut", projection(in_channels, out_channels, stride));
+    projection_ = register_module("shortcut", projection(in_channels, out_channels, stride, norm));
   }
 }
 
 torch::Tensor BottleneckImpl::forward(const torch::Tensor& x) {
-  auto out = torch::relu(bn1_(conv1_(x)));
-  out = torch::relu(bn2_(conv2_(out)));
-  out = bn3_(conv3_(out));
+  auto out = torch::relu(bn1_.forward(conv1_(x)));
+  out = torch::relu(bn2_.forward(conv2_(out)));
+  out = bn3_.forward(conv3_(out));
   return torch::relu(out + (projection_ ? projection_->forward(x) : x));
 }
 
@@ -113,14 +127,12 @@ ResNetImpl::ResNetImpl(const ResNetOptions& options) : options_(options) {
   options_.validate();
   const bool imagenet = options_.layout == Layout::kImageNet;
   const std::int64_t stem_channels = imagenet ? 64 : 16;
-  if (imagenet) {
-    stem_ = nn::Sequential(conv(options_.in_channels, stem_channels, 7, 2),
-                           nn::BatchNorm2d(stem_channels), nn::ReLU(),
-                           nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
-  } else {
-    stem_ = nn::Sequential(conv(options_.in_channels, stem_channels, 3, 1),
-                           nn::BatchNorm2d(stem_channels), nn::ReLU());
-  }
+  const NormFactory norm = options_.norm ? options_.norm : NormFactory(batch_norm_2d);
+  stem_ =
+      nn::Sequential(conv(options_.in_channels, stem_channels, imagenet ? 7 : 3, imagenet ? 2 : 1));
+  stem_->push_back(norm(stem_channels));
+  stem_->push_back(nn::ReLU());
+  if (imagenet) stem_->push_back(nn::MaxPool2d(nn::MaxPool2dOptions(3).stride(2).padding(1)));
   register_module("stem", stem_);
 
   std::int64_t channels = stem_channels;
@@ -130,10 +142,10 @@ ResNetImpl::ResNetImpl(const ResNetOptions& options) : options_(options) {
     for (int b = 0; b < options_.blocks_per_stage[s]; ++b) {
       const std::int64_t stride = (b == 0 && s > 0) ? 2 : 1;
       if (options_.block == BlockKind::kBasic) {
-        stage->push_back(BasicBlock(channels, base, stride, options_.shortcut));
+        stage->push_back(BasicBlock(channels, base, stride, options_.shortcut, norm));
         channels = base;
       } else {
-        stage->push_back(Bottleneck(channels, base, stride));
+        stage->push_back(Bottleneck(channels, base, stride, norm));
         channels = base * BottleneckImpl::kExpansion;
       }
     }
@@ -149,17 +161,19 @@ void ResNetImpl::initialize_weights() {
   for (const auto& module : modules(/*include_self=*/false)) {
     if (auto* c = module->as<nn::Conv2d>()) {
       nn::init::kaiming_normal_(c->weight, /*a=*/0, torch::kFanOut, torch::kReLU);
-    } else if (auto* bn = module->as<nn::BatchNorm2d>()) {
-      nn::init::ones_(bn->weight);
-      nn::init::zeros_(bn->bias);
+    } else if (module->as<nn::Linear>() == nullptr) {
+      // A normalization layer (BatchNorm2d or any NormFactory's): scale 1, shift 0.
+      auto params = module->named_parameters(/*recurse=*/false);
+      if (auto* w = params.find("weight")) nn::init::ones_(*w);
+      if (auto* b = params.find("bias")) nn::init::zeros_(*b);
     }
   }
   if (!options_.zero_init_residual) return;
   for (const auto& module : modules(/*include_self=*/false)) {
     if (auto* block = module->as<BasicBlock>()) {
-      nn::init::zeros_(block->last_bn()->weight);
+      nn::init::zeros_(block->last_bn()->named_parameters(false)["weight"]);
     } else if (auto* bottleneck = module->as<Bottleneck>()) {
-      nn::init::zeros_(bottleneck->last_bn()->weight);
+      nn::init::zeros_(bottleneck->last_bn()->named_parameters(false)["weight"]);
     }
   }
 }
@@ -207,9 +221,10 @@ ResNetOptions resnet_options(const std::string& name, std::int64_t in_channels,
 }
 
 ResNet make_resnet(const std::string& name, std::int64_t in_channels, std::int64_t num_classes,
-                   bool zero_init_residual) {
+                   bool zero_init_residual, NormFactory norm) {
   ResNetOptions options = resnet_options(name, in_channels, num_classes);
   options.zero_init_residual = zero_init_residual;
+  options.norm = std::move(norm);
   return ResNet(options);
 }
 

@@ -37,7 +37,11 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <torch/nn/modules/container/any.h>
+
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -59,6 +63,12 @@ enum class Layout {
   kCifar,     ///< 3x3 stem, stages of 16/32/64 channels
 };
 
+/// Makes the normalization layer of `channels` channels (input [N, C, H, W]).
+using NormFactory = std::function<torch::nn::AnyModule(std::int64_t channels)>;
+
+/// torch::nn::BatchNorm2d (the default NormFactory).
+torch::nn::AnyModule batch_norm_2d(std::int64_t channels);
+
 struct ResNetOptions {
   Layout layout = Layout::kCifar;
   BlockKind block = BlockKind::kBasic;
@@ -71,6 +81,9 @@ struct ResNetOptions {
   Shortcut shortcut = Shortcut::kZeroPad;
   /// Start the last BatchNorm of each residual branch at weight 0.
   bool zero_init_residual = false;
+  /// Normalization layers (empty: BatchNorm2d). For data parallelism with
+  /// synchronized statistics, return a dtrain::parallel::SyncBatchNorm.
+  NormFactory norm;
 
   /// Throws InvalidArgument naming the first bad field.
   void validate() const;
@@ -80,14 +93,14 @@ struct ResNetOptions {
 class BasicBlockImpl : public torch::nn::Module {
  public:
   BasicBlockImpl(std::int64_t in_channels, std::int64_t out_channels, std::int64_t stride,
-                 Shortcut shortcut);
+                 Shortcut shortcut, const NormFactory& norm = batch_norm_2d);
   torch::Tensor forward(const torch::Tensor& x);
   /// The branch's last BatchNorm (zero-initialised by zero_init_residual).
-  torch::nn::BatchNorm2d last_bn() const { return bn2_; }
+  std::shared_ptr<torch::nn::Module> last_bn() const { return bn2_.ptr(); }
 
  private:
   torch::nn::Conv2d conv1_{nullptr}, conv2_{nullptr};
-  torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr};
+  torch::nn::AnyModule bn1_, bn2_;
   torch::nn::Sequential projection_{nullptr};  // set for option B when the shape changes
   std::int64_t pad_channels_ = 0;              // option A: channels to add
   std::int64_t stride_ = 1;
@@ -99,13 +112,14 @@ TORCH_MODULE(BasicBlock);
 class BottleneckImpl : public torch::nn::Module {
  public:
   static constexpr std::int64_t kExpansion = 4;
-  BottleneckImpl(std::int64_t in_channels, std::int64_t base_channels, std::int64_t stride);
+  BottleneckImpl(std::int64_t in_channels, std::int64_t base_channels, std::int64_t stride,
+                 const NormFactory& norm = batch_norm_2d);
   torch::Tensor forward(const torch::Tensor& x);
-  torch::nn::BatchNorm2d last_bn() const { return bn3_; }
+  std::shared_ptr<torch::nn::Module> last_bn() const { return bn3_.ptr(); }
 
  private:
   torch::nn::Conv2d conv1_{nullptr}, conv2_{nullptr}, conv3_{nullptr};
-  torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr}, bn3_{nullptr};
+  torch::nn::AnyModule bn1_, bn2_, bn3_;
   torch::nn::Sequential projection_{nullptr};
 };
 TORCH_MODULE(Bottleneck);
@@ -140,7 +154,7 @@ ResNetOptions resnet_options(const std::string& name, std::int64_t in_channels,
 /// A freshly initialised model by name (see resnet_names()); throws
 /// InvalidArgument listing the valid names for an unknown one.
 ResNet make_resnet(const std::string& name, std::int64_t in_channels, std::int64_t num_classes,
-                   bool zero_init_residual = false);
+                   bool zero_init_residual = false, NormFactory norm = {});
 
 /// Number of trainable parameters (elements), e.g. 269,722 for resnet20 with
 /// 3 input channels and 10 classes.
