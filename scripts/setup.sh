@@ -13,6 +13,9 @@ packages=(
   dataset-fashion-mnist   # Fashion-MNIST IDX files for dtrain-data convert-fashion-mnist
   libcxxopts-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
+  python3 python3-h5py    # tests open checkpoints in h5py; the scripts below
+  python3-matplotlib      # scripts/plot_metrics.py
+  slurmctld slurmd slurm-client munge   # the Slurm tests run a local single-node Slurm
 )
 
 missing=()

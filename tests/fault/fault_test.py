@@ -1,0 +1,304 @@
+#!/usr/bin/python3
+"""Fault-injection and end-to-end tests of the trainer, the checkpoints and
+dtrain-launch, with real faults: a rank SIGKILLed at a step, a rank killed
+while a checkpoint is being written, flipped bytes in the newest checkpoint,
+a restart on fewer ranks, a file-size limit during a save, and the trainer's
+bad-input errors.
+
+    fault_test.py CASE        (see CASES at the bottom)
+
+Environment (set by ctest): DTRAIN_RESNET, DTRAIN_CKPT, DTRAIN_DATA (the
+binaries), DTRAIN_LAUNCH (scripts/launch/dtrain-launch), DTRAIN_FAULT_WORK
+(a scratch directory; the synthetic data set is made there once).
+"""
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+RESNET = os.environ["DTRAIN_RESNET"]
+CKPT = os.environ["DTRAIN_CKPT"]
+DATA_TOOL = os.environ["DTRAIN_DATA"]
+LAUNCH = os.environ["DTRAIN_LAUNCH"]
+WORK = os.environ.get("DTRAIN_FAULT_WORK", tempfile.gettempdir() + "/dtrain-fault")
+
+SAMPLES = 768
+GLOBAL_BATCH = 32
+
+
+def fail(message):
+    print("FAIL: " + message)
+    sys.exit(1)
+
+
+def data_dir():
+    """A small synthetic data set (1x12x12 images, 10 classes), made once."""
+    root = os.path.join(WORK, "data")
+    os.makedirs(WORK, exist_ok=True)
+    with open(os.path.join(WORK, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(root, "test", "manifest.json")):
+            shutil.rmtree(root, ignore_errors=True)
+            for split, n, seed in (("train", SAMPLES, 1), ("test", 256, 2)):
+                subprocess.run([DATA_TOOL, "generate", "--out", os.path.join(root, split),
+                                "--samples", str(n), "--shape", "1,12,12", "--classes", "10",
+                                "--shards", "2", "--seed", str(seed)],
+                               check=True, stdout=subprocess.DEVNULL)
+    return root
+
+
+def trainer_args(out, steps, extra=()):
+    d = data_dir()
+    return [RESNET, "--model", "resnet20", "--train-data", d + "/train", "--test-data",
+            d + "/test", "--global-batch", str(GLOBAL_BATCH), "--eval-batch", "64",
+            "--steps", str(steps), "--checkpoint-every", "4", "--keep", "10",
+            "--schedule", "constant", "--warmup-epochs", "0", "--lr", "0.05", "--seed", "7",
+            "--threads", "1", "--loader-workers", "1", "--progress", "lines", "--log-every",
+            "4", "--comm-timeout", "60", "--out", out] + list(extra)
+
+
+def run(cmd, env_extra=None, timeout=300):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    print("$ " + " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=timeout)
+    print(p.stdout, flush=True)
+    return p
+
+
+def launch(ranks, train_cmd, launch_args=(), env_extra=None, **kw):
+    return run([LAUNCH, "-n", str(ranks), "--backoff", "0.1", "--max-restarts", "3"]
+               + list(launch_args) + ["--"] + train_cmd, env_extra, **kw)
+
+
+def fresh(name):
+    path = os.path.join(WORK, name)
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def same_checkpoints(a, b):
+    """Bitwise comparison of every tensor of the newest checkpoints."""
+    p = run([CKPT, "diff", a, b])
+    if p.returncode != 0:
+        fail(f"checkpoints differ: {a} vs {b}")
+
+
+def steps_of(directory):
+    return sorted(int(n[5:]) for n in os.listdir(directory)
+                  if n.startswith("step-") and os.path.exists(os.path.join(directory, n, "manifest.json")))
+
+
+def reference(name, steps, ranks=2):
+    out = fresh(name)
+    p = launch(ranks, trainer_args(out, steps))
+    if p.returncode != 0:
+        fail("the uninterrupted reference run failed")
+    return out
+
+
+# --- the cases ----------------------------------------------------------------
+
+def case_kill_rank():
+    """(a) SIGKILL rank 1 after step 6: restarted, resumed, bitwise identical."""
+    ref = reference("kill-ref", 12)
+    out = fresh("kill")
+    p = launch(2, trainer_args(out, 12), env_extra={"DTRAIN_FAULT_KILL": "1:6"})
+    if p.returncode != 0:
+        fail("the supervised job did not finish after the kill")
+    if "fault injection: SIGKILL after step 6" not in p.stdout:
+        fail("the fault was not injected")
+    if "resumed from" not in p.stdout or "step 4" not in p.stdout:
+        fail("the restarted job did not resume from the step-4 checkpoint")
+    same_checkpoints(ref + "/checkpoints", out + "/checkpoints")
+
+
+def kill_during_save(phase, rank):
+    ref = reference(f"save-{phase}-ref", 12)
+    out = fresh(f"save-{phase}")
+    p = launch(2, trainer_args(out, 12),
+               env_extra={"DTRAIN_FAULT_CHECKPOINT": f"{phase}:8:{rank}"})
+    if p.returncode != 0:
+        fail("the supervised job did not finish after the kill during the save")
+    if f"killed while saving step 8 ({phase})" not in p.stdout:
+        fail("the fault was not injected")
+    if "resumed from" not in p.stdout or "(step 4," not in p.stdout:
+        fail("the restart did not fall back to the step-4 checkpoint")
+    if any(n.startswith(".tmp-") for n in os.listdir(out + "/checkpoints")):
+        fail("a temporary checkpoint directory was left behind")
+    same_checkpoints(ref + "/checkpoints", out + "/checkpoints")
+
+
+def case_kill_during_save():
+    """(b) rank 1 killed after writing its file of step 8, before the commit."""
+    kill_during_save("after_write", 1)
+
+
+def case_kill_before_rename():
+    """(b) rank 0 killed with the manifest written, before the rename."""
+    kill_during_save("before_rename", 0)
+
+
+def case_corrupt_newest():
+    """(c) flipped bytes in the newest checkpoint: skipped with a warning."""
+    ref = reference("corrupt-ref", 16)
+    out = fresh("corrupt")
+    if launch(2, trainer_args(out, 12)).returncode != 0:
+        fail("the first run failed")
+    bad = os.path.join(out, "checkpoints", "step-000000012", "rank-00000.h5")
+    size = os.path.getsize(bad)
+    with open(bad, "r+b") as f:
+        f.seek(size // 2)
+        chunk = f.read(64)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    p = launch(2, trainer_args(out, 16))
+    if p.returncode != 0:
+        fail("the run after the corruption failed")
+    if "skipping checkpoint" not in p.stdout or "rank-00000.h5" not in p.stdout:
+        fail("no warning naming the corrupt file")
+    if "(step 8," not in p.stdout:
+        fail("did not fall back to the step-8 checkpoint")
+    same_checkpoints(ref + "/checkpoints", out + "/checkpoints")
+
+
+def case_fewer_ranks():
+    """(d) a rank that keeps dying on 4 ranks: restart on 2, same global
+    batch, every sample of the epoch exactly once."""
+    out = fresh("shrink")
+    steps = SAMPLES // GLOBAL_BATCH  # one epoch
+    log = os.path.join(out, "samples")
+    p = launch(4, trainer_args(out, steps, ["--sample-log", log]),
+               launch_args=["--min-ranks", "2", "--shrink-after", "1", "--batch-divisor",
+                            str(GLOBAL_BATCH)],
+               env_extra={"DTRAIN_FAULT_KILL": "3:6:always"})
+    if p.returncode != 0:
+        fail("the job did not finish on fewer ranks")
+    records = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("samples-rank"):
+            with open(os.path.join(out, name)) as f:
+                records += [json.loads(line) for line in f]
+    final_world = max(records, key=lambda r: (r["restart"], r["step"]))["world_size"]
+    if final_world != 2:
+        fail(f"the last attempt ran on {final_world} ranks, expected 2")
+    # For each step, the records of the last attempt that ran it.
+    last = {}
+    for r in records:
+        key = r["step"]
+        if key not in last or r["restart"] > last[key][0]:
+            last[key] = (r["restart"], [])
+        if r["restart"] == last[key][0]:
+            last[key][1].append(r)
+    if sorted(last) != list(range(1, steps + 1)):
+        fail(f"steps run: {sorted(last)}")
+    seen = []
+    for step, (_, recs) in sorted(last.items()):
+        batch = [i for r in sorted(recs, key=lambda r: r["rank"]) for i in r["indices"]]
+        if len(batch) != GLOBAL_BATCH:
+            fail(f"step {step} used {len(batch)} samples, not the global batch {GLOBAL_BATCH}")
+        seen += batch
+    if sorted(seen) != list(range(SAMPLES)):
+        dup = len(seen) - len(set(seen))
+        fail(f"the epoch repeated {dup} and skipped {SAMPLES - len(set(seen))} samples")
+    print(f"ok: one epoch on 4 then 2 ranks, all {SAMPLES} samples exactly once")
+
+
+def case_disk_full():
+    """(e) a file-size limit (EFBIG, as on a full disk) during a save: a clear
+    error, and the previous checkpoints untouched."""
+    out = fresh("diskfull")
+    if launch(2, trainer_args(out, 8)).returncode != 0:
+        fail("the first run failed")
+    before = steps_of(out + "/checkpoints")
+    mpirun = os.path.join(os.path.dirname(LAUNCH), "dtrain-mpirun")
+    p = run([mpirun, "-n", "2"] + trainer_args(out, 16),
+            env_extra={"DTRAIN_FAULT_FILE_LIMIT_KIB": "256"})
+    if p.returncode == 0:
+        fail("the run with a 256 KiB file-size limit succeeded")
+    if "was not saved" not in p.stdout or "previous checkpoints are untouched" not in p.stdout:
+        fail("no clear error about the failed save")
+    if steps_of(out + "/checkpoints") != before:
+        fail(f"checkpoints changed: {before} -> {steps_of(out + '/checkpoints')}")
+    if run([CKPT, "verify", out + "/checkpoints"]).returncode != 0:
+        fail("the previous checkpoints no longer verify")
+
+
+def case_e2e_resume():
+    """A few steps under mpirun, a checkpoint, then a resume that continues."""
+    out = fresh("e2e")
+    mpirun = os.path.join(os.path.dirname(LAUNCH), "dtrain-mpirun")
+    p = run([mpirun, "-n", "2"] + trainer_args(out, 4, ["--trace"]))
+    if p.returncode != 0 or "test accuracy" not in p.stdout:
+        fail("the first run did not finish with an evaluation")
+    if steps_of(out + "/checkpoints") != [4]:
+        fail(f"checkpoints: {steps_of(out + '/checkpoints')}")
+    p = run([mpirun, "-n", "2"] + trainer_args(out, 8))
+    if p.returncode != 0 or "resuming at step 4" not in p.stdout:
+        fail("the second run did not resume at step 4")
+    with open(out + "/metrics/metrics-rank00001.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    train_steps = [r["step"] for r in lines if r["kind"] == "train"]
+    if train_steps != list(range(1, 9)):
+        fail(f"train steps logged: {train_steps}")
+    for key in ("loss", "accuracy", "lr", "images_per_s", "forward_s", "backward_s",
+                "optimizer_s", "comm_exposed_s", "data_wait_s", "rank", "epoch"):
+        if key not in lines[-2] and key not in lines[-3]:
+            fail(f"metrics lack '{key}'")
+    with open(out + "/trace/trace-rank00000.json") as f:
+        names = {e["name"] for e in json.load(f)["traceEvents"]}
+    for name in ("forward", "backward", "optimizer", "data wait", "allreduce bucket 0",
+                 "checkpoint save", "eval"):
+        if name not in names:
+            fail(f"the trace has no '{name}' event")
+
+
+def expect_bad_input(args, message, ranks=1, name="bad"):
+    out = fresh(name)
+    cmd = ([os.path.join(os.path.dirname(LAUNCH), "dtrain-mpirun"), "-n", str(ranks)]
+           if ranks > 1 else [])
+    p = run(cmd + args)
+    if p.returncode != 2 and not (ranks > 1 and p.returncode != 0):
+        fail(f"exit status {p.returncode}, expected 2, for: {' '.join(args)}")
+    if message not in p.stdout:
+        fail(f"the message lacks '{message}'")
+    if os.path.exists(os.path.join(out, "metrics")):
+        fail("something was written before the input was checked")
+
+
+def case_bad_input():
+    """The trainer's bad-input errors: non-zero exit before any training or writing."""
+    d = data_dir()
+    out = os.path.join(WORK, "bad")
+    base = trainer_args(out, 4)
+    expect_bad_input(base + ["--model", "resnet99"], "unknown --model 'resnet99'")
+    expect_bad_input(base + ["--train-data", WORK + "/no-such-dir"], "no-such-dir")
+    broken = fresh("broken-data")
+    shutil.copytree(d + "/train", broken)
+    with open(broken + "/manifest.json", "w") as f:
+        f.write("{ not json")
+    expect_bad_input(base + ["--train-data", broken], "manifest.json")
+    expect_bad_input(base + ["--global-batch", "33"], "not divisible by the number of ranks",
+                     ranks=2)
+    blocker = os.path.join(WORK, "a-file")
+    with open(blocker, "w") as f:
+        f.write("x")
+    expect_bad_input(base + ["--checkpoint-dir", blocker + "/ckpt"], "a-file/ckpt")
+    expect_bad_input(base + ["--device", "cuda"], "--device cuda")
+    expect_bad_input(base + ["--optimizer", "lamb"], "unknown --optimizer")
+    expect_bad_input(base + ["--epochs"], "epochs")
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in CASES:
+        print("usage: fault_test.py " + "|".join(sorted(CASES)))
+        sys.exit(2)
+    os.chdir(os.path.dirname(os.path.abspath(__file__)) + "/../..")
+    CASES[sys.argv[1]]()
+    print("PASS")
