@@ -841,7 +841,13 @@ int main(int argc, char** argv) {
   try {
     auto parsed = cli.parse(argc, argv);
     if (parsed.count("help")) {
-      if (launch.rank == 0) std::cout << cli.help() << std::endl;
+      if (launch.rank == 0) {
+        std::cout << cli.help({"Model and data", "Schedule", "Data parallelism", "Execution",
+                               "Checkpoints and output"})
+                  << "\nExit status: 0 finished, 2 bad input (nothing trained or written), 75 "
+                     "stopped by SIGTERM/SIGINT or --max-minutes after a checkpoint (run again "
+                     "to resume), 1 other errors.\n";
+      }
       return 0;
     }
     DTRAIN_CHECK_ARG(parsed.unmatched().empty(), "unexpected argument '",

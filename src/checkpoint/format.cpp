@@ -4,7 +4,6 @@
 
 #include <fcntl.h>
 #include <hdf5.h>
-#include <openssl/evp.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -17,6 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
 #include "src/data/hdf5_handle.h"
 
@@ -405,16 +405,6 @@ std::vector<char> build_image(const std::string& path, std::int64_t step, int ra
   return image;
 }
 
-std::string hex(const unsigned char* digest, unsigned int length) {
-  static const char* kHex = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < length; ++i) {
-    out += kHex[digest[i] >> 4];
-    out += kHex[digest[i] & 15];
-  }
-  return out;
-}
-
 }  // namespace
 
 FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, int world_size,
@@ -424,13 +414,7 @@ FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, 
   info.rank = rank;
   info.file = fs::path(path).filename().string();
   info.bytes = image.size();
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  DTRAIN_CHECK_T(
-      CheckpointError,
-      EVP_Digest(image.data(), image.size(), digest, &length, EVP_sha256(), nullptr) == 1,
-      "SHA-256 of ", path, " failed");
-  info.sha256 = hex(digest, length);
+  info.sha256 = data::sha256_bytes(image.data(), image.size());
 
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   DTRAIN_CHECK_T(CheckpointError, fd >= 0, "cannot create checkpoint file ", path, ": ",

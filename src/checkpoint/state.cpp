@@ -23,6 +23,14 @@ std::string state_key(const at::Tensor& param) {
   return c10::guts::to_string(param.unsafeGetTensorImpl());
 }
 
+template <typename State, typename Add>
+void add_adam_fields(const State& s, const Add& add) {
+  add("step", at::scalar_tensor(s.step(), at::kLong));
+  add("exp_avg", s.exp_avg());
+  add("exp_avg_sq", s.exp_avg_sq());
+  add("max_exp_avg_sq", s.max_exp_avg_sq());
+}
+
 // The optimizer's state tensors for `param` (empty before its first step).
 Fields param_state(const torch::optim::Optimizer& optimizer, const at::Tensor& param) {
   Fields out;
@@ -36,15 +44,9 @@ Fields param_state(const torch::optim::Optimizer& optimizer, const at::Tensor& p
   if (const auto* sgd = dynamic_cast<const torch::optim::SGDParamState*>(s)) {
     add("momentum_buffer", sgd->momentum_buffer());
   } else if (const auto* adam = dynamic_cast<const torch::optim::AdamParamState*>(s)) {
-    add("step", at::scalar_tensor(adam->step(), at::kLong));
-    add("exp_avg", adam->exp_avg());
-    add("exp_avg_sq", adam->exp_avg_sq());
-    add("max_exp_avg_sq", adam->max_exp_avg_sq());
+    add_adam_fields(*adam, add);
   } else if (const auto* adamw = dynamic_cast<const torch::optim::AdamWParamState*>(s)) {
-    add("step", at::scalar_tensor(adamw->step(), at::kLong));
-    add("exp_avg", adamw->exp_avg());
-    add("exp_avg_sq", adamw->exp_avg_sq());
-    add("max_exp_avg_sq", adamw->max_exp_avg_sq());
+    add_adam_fields(*adamw, add);
   } else {
     DTRAIN_THROW(InvalidArgument,
                  "checkpoints support the state of SGD, Adam and AdamW optimizers only");
@@ -57,6 +59,18 @@ at::Tensor field(const std::map<std::string, at::Tensor>& fields, const char* na
   auto it = fields.find(name);
   if (it == fields.end()) return {};
   return it->second.to(like.options()).contiguous().clone();
+}
+
+// Adam's and AdamW's per-parameter state (the same fields, distinct types).
+template <typename State>
+std::unique_ptr<State> adam_state(const std::map<std::string, at::Tensor>& fields,
+                                  const at::Tensor& like, std::int64_t step) {
+  auto s = std::make_unique<State>();
+  s->step(step);
+  s->exp_avg(field(fields, "exp_avg", like));
+  s->exp_avg_sq(field(fields, "exp_avg_sq", like));
+  s->max_exp_avg_sq(field(fields, "max_exp_avg_sq", like));
+  return s;
 }
 
 // Replaces the optimizer's state for `param` by `fields` (nothing if empty).
@@ -78,19 +92,9 @@ void set_param_state(torch::optim::Optimizer& optimizer, const at::Tensor& param
     s->momentum_buffer(field(fields, "momentum_buffer", like));
     states[key] = std::move(s);
   } else if (dynamic_cast<torch::optim::AdamW*>(&optimizer) != nullptr) {
-    auto s = std::make_unique<torch::optim::AdamWParamState>();
-    s->step(step());
-    s->exp_avg(field(fields, "exp_avg", like));
-    s->exp_avg_sq(field(fields, "exp_avg_sq", like));
-    s->max_exp_avg_sq(field(fields, "max_exp_avg_sq", like));
-    states[key] = std::move(s);
+    states[key] = adam_state<torch::optim::AdamWParamState>(fields, like, step());
   } else if (dynamic_cast<torch::optim::Adam*>(&optimizer) != nullptr) {
-    auto s = std::make_unique<torch::optim::AdamParamState>();
-    s->step(step());
-    s->exp_avg(field(fields, "exp_avg", like));
-    s->exp_avg_sq(field(fields, "exp_avg_sq", like));
-    s->max_exp_avg_sq(field(fields, "max_exp_avg_sq", like));
-    states[key] = std::move(s);
+    states[key] = adam_state<torch::optim::AdamParamState>(fields, like, step());
   } else {
     DTRAIN_THROW(InvalidArgument,
                  "checkpoints support the state of SGD, Adam and AdamW optimizers only");

@@ -148,6 +148,18 @@ Manifest Manifest::from_json(const std::string& text, const std::string& source)
   return m;
 }
 
+namespace {
+std::string hex(const unsigned char* digest, unsigned int length) {
+  static const char* kHex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < length; ++i) {
+    out += kHex[digest[i] >> 4];
+    out += kHex[digest[i] & 15];
+  }
+  return out;
+}
+}  // namespace
+
 std::string sha256_file(const std::string& path) {
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path.c_str(), "rb"), std::fclose);
   DTRAIN_CHECK_T(DataError, file != nullptr, "cannot open ", path, " to compute its digest");
@@ -163,13 +175,15 @@ std::string sha256_file(const std::string& path) {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int length = 0;
   EVP_DigestFinal_ex(ctx.get(), digest, &length);
-  static const char* kHex = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < length; ++i) {
-    out += kHex[digest[i] >> 4];
-    out += kHex[digest[i] & 15];
-  }
-  return out;
+  return hex(digest, length);
+}
+
+std::string sha256_bytes(const void* data, std::size_t size) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  DTRAIN_CHECK_T(DataError, EVP_Digest(data, size, digest, &length, EVP_sha256(), nullptr) == 1,
+                 "OpenSSL SHA-256 failed");
+  return hex(digest, length);
 }
 
 }  // namespace dtrain::data

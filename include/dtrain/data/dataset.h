@@ -160,5 +160,7 @@ class Dataset {
 
 /// Recomputes the SHA-256 of a file (lower-case hex). Throws DataError.
 std::string sha256_file(const std::string& path);
+/// The SHA-256 of `size` bytes in memory (lower-case hex).
+std::string sha256_bytes(const void* data, std::size_t size);
 
 }  // namespace dtrain::data
