@@ -88,7 +88,8 @@ void TraceLog::flush() const {
   {
     std::ofstream out(tmp, std::ios::trunc);
     out << doc.dump();
-    if (!out.good()) return;  // a trace is best effort; training goes on
+    out.close();
+    if (out.fail()) return;  // a trace is best effort; never replace a good one by a partial one
   }
   std::error_code ec;
   fs::rename(tmp, path_, ec);

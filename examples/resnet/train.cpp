@@ -329,6 +329,8 @@ class Trainer {
  public:
   Trainer(Config config, dtrain::Runtime& runtime) : c_(std::move(config)), runtime_(runtime) {}
   int run();
+  /// True once every rank has accepted the input (errors after it abort the job).
+  bool started() const { return started_; }
 
  private:
   void setup();
@@ -350,6 +352,7 @@ class Trainer {
 
   Config c_;
   dtrain::Runtime& runtime_;
+  bool started_ = false;
   std::shared_ptr<dtrain::collectives::Communicator> world_;
   std::shared_ptr<dtrain::collectives::Communicator> bn_comm_;
   int rank_ = 0;
@@ -502,7 +505,15 @@ dtrain::checkpoint::StateDict Trainer::state_dict() const {
 }
 
 void Trainer::restore() {
-  if (!checkpoints_ || !c_.resume) return;
+  if (!checkpoints_) return;
+  if (!c_.resume) {
+    // Older checkpoints of another run would be resumed by the next restart.
+    const auto existing = checkpoints_->list();
+    DTRAIN_CHECK_ARG(existing.empty(), "--resume false, but ", c_.checkpoint_dir, " already holds ",
+                     existing.size(), " checkpoint(s) (newest: step ", existing.back().step,
+                     "); use another --checkpoint-dir or remove them");
+    return;
+  }
   const auto latest = checkpoints_->latest_valid();
   if (!latest) return;
   const auto ckpt = dtrain::checkpoint::Checkpoint::open(latest->directory);
@@ -516,6 +527,7 @@ void Trainer::restore() {
   expect("global_batch", std::to_string(c_.global_batch));
   expect("optimizer", c_.optimizer);
   expect("zero", c_.zero ? "1" : "0");
+  expect("seed", std::to_string(c_.seed));
   dtrain::checkpoint::load_module(ckpt, *model_);
   if (zero_) {
     dtrain::checkpoint::load_zero_optimizer(ckpt, *zero_);
@@ -610,7 +622,22 @@ int Trainer::run() {
   options.timeout = std::chrono::seconds(c_.comm_timeout_s);
   world_ = runtime_.world(options);
   setup();
-  restore();
+  // restore() reads what every rank reads alike; agree anyway, so that a
+  // rank-local surprise cannot leave the others waiting in a collective.
+  std::string problem;
+  try {
+    restore();
+  } catch (const dtrain::Error& e) {
+    problem = e.what();
+  }
+  at::Tensor bad = at::full({1}, problem.empty() ? 0 : 1, at::kLong);
+  dtrain::collectives::AllReduceOptions max;
+  max.op = dtrain::collectives::ReduceOp::kMax;
+  world_->all_reduce(bad, max)->wait();
+  if (bad.item<std::int64_t>() != 0) {
+    throw dtrain::InvalidArgument(problem.empty() ? "another rank could not resume" : problem);
+  }
+  started_ = true;
 
   if (c_.metrics_dir != "none") {
     char name[64];
@@ -867,11 +894,15 @@ int main(int argc, char** argv) {
     const rlimit limit{static_cast<rlim_t>(std::atoll(kib)) * 1024, RLIM_INFINITY};
     ::setrlimit(RLIMIT_FSIZE, &limit);
   }
+  // The trainer outlives the handlers: aborting must not first wait for its
+  // background checkpoint write, which may be waiting for a dead peer.
+  Trainer trainer(config, runtime);
   try {
-    Trainer trainer(config, runtime);
     return trainer.run();
   } catch (const dtrain::InvalidArgument& e) {
     std::fprintf(stderr, "[dtrain rank %d] error: %s\n", runtime.rank(), e.what());
+    if (trainer.started() && runtime.size() > 1)
+      dtrain::Runtime::abort_job(kExitBadInput, e.what());
     return kExitBadInput;
   } catch (const dtrain::CommError& e) {
     dtrain::Runtime::abort_job(1, e.what());

@@ -249,6 +249,15 @@ Manifest make_manifest(std::int64_t step, const std::map<std::string, std::strin
       DTRAIN_CHECK_T(CheckpointError, t.dtype == p.dtype && t.global_shape == p.global_shape,
                      "tensor '", p.name, "': rank ", r.info.rank,
                      " wrote a piece whose dtype or global shape differs from another rank's");
+      for (const PieceInfo& other : t.pieces) {
+        bool overlap = true;
+        for (std::size_t d = 0; d < p.offset.size(); ++d) {
+          overlap = overlap && p.offset[d] < other.offset[d] + other.shape[d] &&
+                    other.offset[d] < p.offset[d] + p.shape[d];
+        }
+        DTRAIN_CHECK_T(CheckpointError, !overlap, "tensor '", p.name, "': rank ", r.info.rank,
+                       " wrote a piece that overlaps one in ", other.file);
+      }
       t.pieces.push_back({r.info.file, p.offset, p.shape});
     }
   }
@@ -290,13 +299,13 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
   } catch (const json::exception& e) {
     DTRAIN_THROW(CheckpointError, source, ": not valid JSON (", e.what(), ")");
   }
-  DTRAIN_CHECK_T(CheckpointError, j.is_object() && j.value("format", "") == kFormatName, source,
-                 ": not a dtrain checkpoint manifest (no \"format\": \"", kFormatName, "\")");
-  DTRAIN_CHECK_T(CheckpointError, j.value("version", 0) == kFormatVersion, source,
-                 ": format version ", j.value("version", 0), " is not supported (this build reads ",
-                 kFormatVersion, ")");
   Manifest m;
   try {
+    DTRAIN_CHECK_T(CheckpointError, j.is_object() && j.value("format", "") == kFormatName, source,
+                   ": not a dtrain checkpoint manifest (no \"format\": \"", kFormatName, "\")");
+    DTRAIN_CHECK_T(CheckpointError, j.value("version", 0) == kFormatVersion, source,
+                   ": format version ", j.value("version", 0),
+                   " is not supported (this build reads ", kFormatVersion, ")");
     m.step = j.at("step").get<std::int64_t>();
     m.world_size = j.at("world_size").get<int>();
     m.created_unix = j.value("created_unix", 0.0);

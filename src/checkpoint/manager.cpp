@@ -19,6 +19,8 @@
 #include "dtrain/error.h"
 #include "src/checkpoint/format.h"
 
+#include <hdf5.h>
+
 namespace dtrain::checkpoint {
 
 namespace fs = std::filesystem;
@@ -116,21 +118,39 @@ struct CheckpointManager::Impl {
     return t.item<std::int64_t>();
   }
 
-  // Moves `dir` out of sight (a name resume never considers), then deletes it.
+  // A name for `dir` that resume never considers.
+  static fs::path trash_name(const fs::path& dir) {
+    return dir.parent_path() /
+           (".trash-" + dir.filename().string() + "-" + std::to_string(::getpid()));
+  }
+
+  // Deletes a checkpoint directory: out of sight first (or, if it cannot be
+  // renamed, its manifest first), so a half-deleted one never looks complete.
   void discard(const fs::path& dir) {
     std::error_code ec;
-    const fs::path trash = dir.parent_path() /
-                           (".trash-" + dir.filename().string() + "-" + std::to_string(::getpid()));
+    const fs::path trash = trash_name(dir);
     fs::rename(dir, trash, ec);
-    fs::remove_all(ec ? dir : trash, ec);
+    if (ec) {
+      fs::remove(dir / detail::kManifestName, ec);
+      fs::remove_all(dir, ec);
+    } else {
+      fs::remove_all(trash, ec);
+    }
     if (ec) warn("could not delete " + dir.string() + ": " + ec.message());
   }
 
-  void prune() {
+  // Deletes the oldest checkpoints beyond keep_last, never `keep` (the one
+  // just committed, even if older steps sort after it).
+  void prune(std::int64_t keep) {
     auto committed = list_checkpoints(options.directory);
-    while (committed.size() > static_cast<std::size_t>(options.keep_last)) {
-      discard(committed.front().directory);
-      committed.erase(committed.begin());
+    std::size_t excess = committed.size() > static_cast<std::size_t>(options.keep_last)
+                             ? committed.size() - static_cast<std::size_t>(options.keep_last)
+                             : 0;
+    for (const auto& entry : committed) {
+      if (excess == 0) break;
+      if (entry.step == keep) continue;
+      discard(entry.directory);
+      --excess;
     }
   }
 
@@ -176,18 +196,35 @@ struct CheckpointManager::Impl {
 
     std::string commit_error;
     if (rank == 0) {
+      bool committed = false;
       try {
         const detail::Manifest manifest = detail::make_manifest(step, metadata, records);
         detail::write_file_atomically((tmp / detail::kManifestName).string(),
                                       detail::serialize(manifest), options.fsync);
         if (options.fsync) detail::fsync_path(tmp.string(), true);
         maybe_crash("before_rename", step, rank);
-        if (fs::exists(final_dir)) discard(final_dir);  // an older save of the same step
+        // An older save of the same step is moved aside first and deleted only
+        // once the new one is in place; a crash in between leaves the new one
+        // complete in .tmp-step-N, which the next manager puts in place.
+        fs::path replaced;
+        if (fs::exists(final_dir)) {
+          replaced = trash_name(final_dir);
+          fs::rename(final_dir, replaced);
+        }
         fs::rename(tmp, final_dir);
-        if (options.fsync) detail::fsync_path(dir.string(), true);
-        prune();  // before the other ranks learn of the commit: they see the final state
+        committed = true;
+        if (!replaced.empty()) fs::remove_all(replaced);
       } catch (const std::exception& e) {
         commit_error = e.what();
+      }
+      if (committed) {
+        // The checkpoint is in place: what follows can only warn.
+        try {
+          if (options.fsync) detail::fsync_path(dir.string(), true);
+          prune(step);  // before the other ranks learn of the commit: they see the final state
+        } catch (const std::exception& e) {
+          warn("checkpoint step " + std::to_string(step) + " is committed, but: " + e.what());
+        }
       }
     }
     const std::int64_t status = broadcast_int(commit_error.empty() ? 0 : 1);
@@ -215,7 +252,17 @@ CheckpointManager::CheckpointManager(CheckpointOptions options,
   options.validate();
   DTRAIN_CHECK_ARG(comm != nullptr, "CheckpointManager needs a communicator");
   impl_->options = std::move(options);
+  if (!impl_->options.timeout) {
+    // The commit waits for the slowest rank's whole write: allow far more
+    // than an ordinary collective.
+    impl_->options.timeout = std::chrono::minutes(30);
+  }
   impl_->comm = comm->split(0, comm->rank());
+  hbool_t threadsafe = 0;
+  H5is_library_threadsafe(&threadsafe);
+  if (impl_->options.async && threadsafe == 0) {
+    impl_->options.async = false;  // HDF5 calls from a second thread need the thread-safe build
+  }
   impl_->rank = impl_->comm->rank();
   impl_->size = impl_->comm->size();
 
@@ -238,13 +285,32 @@ CheckpointManager::CheckpointManager(CheckpointOptions options,
   if (problem.empty() && impl_->rank == 0) {
     // Leftovers of saves that were interrupted (never committed) or of deletions.
     std::error_code ec;
+    std::vector<fs::path> leftovers;
     for (const auto& entry : fs::directory_iterator(dir, ec)) {
       const std::string name = entry.path().filename().string();
-      if (name.rfind(".tmp-step-", 0) == 0 || name.rfind(".trash-", 0) == 0) {
-        impl_->warn("removing " + entry.path().string() + ", left by an interrupted save");
-        std::error_code rm;
-        fs::remove_all(entry.path(), rm);
+      if (name.rfind(".tmp-step-", 0) == 0) leftovers.insert(leftovers.begin(), entry.path());
+      if (name.rfind(".trash-", 0) == 0) leftovers.push_back(entry.path());
+    }
+    for (const fs::path& path : leftovers) {  // temporaries first, then trash
+      const std::string name = path.filename().string();
+      const fs::path final_dir = dir / name.substr(5);  // ".tmp-step-N" -> "step-N"
+      if (name.rfind(".tmp-step-", 0) == 0 && !fs::exists(final_dir) &&
+          fs::exists(path / detail::kManifestName)) {
+        // Every rank had agreed and rank 0 had written the manifest: the
+        // save was complete but for the rename. Finish it if it verifies.
+        try {
+          Checkpoint::open(path.string()).verify();
+          fs::rename(path, final_dir);
+          impl_->warn("completed the commit of " + final_dir.string() +
+                      ", interrupted before its rename");
+          continue;
+        } catch (const std::exception& e) {
+          impl_->warn("not completing " + path.string() + ": " + e.what());
+        }
       }
+      impl_->warn("removing " + path.string() + ", left by an interrupted save");
+      std::error_code rm;
+      fs::remove_all(path, rm);
     }
   }
   std::string problems;
@@ -350,7 +416,7 @@ std::optional<CheckpointEntry> CheckpointManager::latest_valid() {
            f += static_cast<std::size_t>(impl_->size)) {
         ckpt.verify_file(files[f]);
       }
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {  // any failure: every rank must reach the all-reduce
       problem = e.what();
     }
     const bool bad = impl_->all_reduce_max(problem.empty() ? 0 : 1) != 0;

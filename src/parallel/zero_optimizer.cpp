@@ -59,7 +59,11 @@ void ZeroRedundancyOptimizer::step() {
   dp_->reduce_scatter(shard_.mutable_grad(), flat_grads_, average)->wait();
   optimizer_->step();
   torch::NoGradGuard no_grad;
-  dp_->all_gather(flat_params_, shard_.detach())->wait();
+  std::vector<std::shared_ptr<collectives::Work>> pending;
+  pending.push_back(dp_->all_gather(flat_params_, shard_.detach()));
+  // Buffers (BatchNorm's running statistics) follow rank 0, as under DDP.
+  for (const auto& b : module_->buffers(true)) pending.push_back(dp_->broadcast(b.detach()));
+  for (auto& w : pending) w->wait();
 }
 
 void ZeroRedundancyOptimizer::reload_shard_from_parameters() {

@@ -117,7 +117,7 @@ def case_kill_rank():
     same_checkpoints(ref + "/checkpoints", out + "/checkpoints")
 
 
-def kill_during_save(phase, rank):
+def kill_during_save(phase, rank, resumed_step):
     ref = reference(f"save-{phase}-ref", 12)
     out = fresh(f"save-{phase}")
     p = launch(2, trainer_args(out, 12),
@@ -126,21 +126,24 @@ def kill_during_save(phase, rank):
         fail("the supervised job did not finish after the kill during the save")
     if f"killed while saving step 8 ({phase})" not in p.stdout:
         fail("the fault was not injected")
-    if "resumed from" not in p.stdout or "(step 4," not in p.stdout:
-        fail("the restart did not fall back to the step-4 checkpoint")
+    if "resumed from" not in p.stdout or f"(step {resumed_step}," not in p.stdout:
+        fail(f"the restart did not resume from the step-{resumed_step} checkpoint")
     if any(n.startswith(".tmp-") for n in os.listdir(out + "/checkpoints")):
         fail("a temporary checkpoint directory was left behind")
     same_checkpoints(ref + "/checkpoints", out + "/checkpoints")
 
 
 def case_kill_during_save():
-    """(b) rank 1 killed after writing its file of step 8, before the commit."""
-    kill_during_save("after_write", 1)
+    """(b) rank 1 killed after writing its file of step 8, before the commit:
+    step 8 never becomes a checkpoint; the restart resumes from step 4."""
+    kill_during_save("after_write", 1, 4)
 
 
 def case_kill_before_rename():
-    """(b) rank 0 killed with the manifest written, before the rename."""
-    kill_during_save("before_rename", 0)
+    """(b) rank 0 killed with the manifest written (every rank had agreed),
+    before the rename: the restart verifies step 8, completes its commit with a
+    warning, and resumes from it."""
+    kill_during_save("before_rename", 0, 8)
 
 
 def case_corrupt_newest():

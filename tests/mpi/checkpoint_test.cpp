@@ -180,6 +180,23 @@ TEST(CheckpointTest, AsyncSaveSnapshotsTheStateAndKeepsTheLastK) {
   comm->barrier()->wait();
 }
 
+TEST(CheckpointTest, PruningNeverDeletesTheCheckpointJustSaved) {
+  auto comm = comm_named("ckpt-prune");
+  const std::string dir = shared_dir(*comm, "prune");
+  CheckpointOptions options = sync_options(dir);
+  options.keep_last = 2;
+  CheckpointManager manager(options, comm);
+  for (int step : {10, 20, 5}) {  // 5: a later run saving below an older run's steps
+    StateDict state;
+    state.add_replicated("model/w", torch::full({8}, static_cast<float>(step)));
+    manager.save(step, state);
+  }
+  std::vector<std::int64_t> steps;
+  for (const auto& e : manager.list()) steps.push_back(e.step);
+  EXPECT_EQ(steps, (std::vector<std::int64_t>{5, 20}));
+  comm->barrier()->wait();
+}
+
 TEST(CheckpointTest, CorruptOrPartialNewestCheckpointIsSkippedWithAWarning) {
   auto comm = comm_named("ckpt-corrupt");
   const std::string dir = shared_dir(*comm, "corrupt");

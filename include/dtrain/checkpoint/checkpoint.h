@@ -30,8 +30,10 @@
 //      .tmp-step-N to step-N and fsyncs the parent; then it deletes the
 //      oldest checkpoints beyond keep_last (manifest first).
 // A crash at any point leaves the previous checkpoints as they were and at
-// most a .tmp directory, which is never loaded and is removed by the next
-// manager. A checkpoint directory without manifest.json is not a checkpoint.
+// most a .tmp directory, which is never loaded. The next manager removes it,
+// or, if rank 0 had already written its manifest (every rank had agreed) and
+// it verifies, completes the rename. A directory without manifest.json is not
+// a checkpoint. Deleting the oldest never deletes the checkpoint just saved.
 //
 // Resuming (CheckpointManager::latest_valid, collective): the newest
 // checkpoint whose manifest parses and whose files all have the recorded size
@@ -165,13 +167,14 @@ struct CheckpointOptions {
   int keep_last = 3;
   /// save() returns after copying the state to host memory; the files are
   /// written and committed by a background thread. The next save() (or
-  /// wait()) waits for it and rethrows its error.
+  /// wait()) waits for it and rethrows its error. Needs HDF5's thread-safe
+  /// build (Debian's is); with another, saves are synchronous.
   bool async = true;
   /// fsync files and directories before committing. Off only for tests of
   /// throughput on throwaway directories.
   bool fsync = true;
-  /// Timeout of the collectives that agree on a commit (unset: the
-  /// communicator's default).
+  /// Timeout of the collectives that agree on a commit; they wait for the
+  /// slowest rank's whole write (unset: 30 minutes).
   std::optional<std::chrono::milliseconds> timeout;
   /// Receives warnings (a checkpoint skipped on resume, a leftover removed).
   /// Unset: written to stderr with the rank.

@@ -10,7 +10,8 @@
 //   2. runs the wrapped LibTorch optimizer on that shard (its state exists
 //      for the shard only);
 //   3. all-gathers the updated shards back into the flat parameters, so every
-//      replica again holds identical weights.
+//      replica again holds identical weights, and copies rank 0's buffers
+//      (BatchNorm running statistics) to every rank, as DDP does.
 // The result equals DistributedDataParallel + the same optimizer on every
 // rank (tested), with 1/N of the optimizer memory. Use it *instead of* DDP
 // (it does the gradient averaging itself; gradients are reduced in step(),
