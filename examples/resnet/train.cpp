@@ -5,10 +5,10 @@
 //   dtrain-resnet --train-data data/fashion-mnist/train --test-data data/fashion-mnist/test
 //   scripts/launch/dtrain-mpirun -n 2 build/examples/resnet/dtrain-resnet --model resnet20 ...
 //
-// Exit status: 0 finished; 2 bad input (nothing was trained or written);
-// 75 stopped by SIGTERM/SIGINT after saving a checkpoint (run it again to
-// continue); 1 any other error. A failed collective (dead or hung peer)
-// aborts the whole job (MPI_Abort) so that the launcher can restart it.
+// Exit status: 0 finished, or stopped by --max-minutes after a checkpoint;
+// 2 bad input (nothing was trained or written); 75 stopped by SIGTERM/SIGINT
+// after saving a checkpoint (run it again to continue); 1 any other error. A failed collective
+// (dead or hung peer) aborts the whole job (MPI_Abort) so that the launcher can restart it.
 //
 // Fault injection for the restart tests (never set in normal use):
 //   DTRAIN_FAULT_KILL=<rank>:<step>[:always]  SIGKILL rank <rank> after step
@@ -127,7 +127,7 @@ cxxopts::Options make_cli() {
   cli.add_options("Schedule")
     ("epochs", "epochs to train", cxxopts::value<int>()->default_value("10"))
     ("steps", "total optimizer steps instead of --epochs (0: use --epochs)", cxxopts::value<std::int64_t>()->default_value("0"))
-    ("max-minutes", "stop (with a checkpoint, exit 75) after this wall time; a rerun resumes (0: no limit)", cxxopts::value<double>()->default_value("0"))
+    ("max-minutes", "stop after this wall time, with an evaluation and a checkpoint (exit 0); a rerun resumes (0: no limit)", cxxopts::value<double>()->default_value("0"))
     ("global-batch", "samples per step over all ranks (divisible by the number of ranks)", cxxopts::value<std::int64_t>()->default_value("128"))
     ("optimizer", "sgd (momentum) or adamw", cxxopts::value<std::string>()->default_value("sgd"))
     ("lr", "peak learning rate", cxxopts::value<double>()->default_value("0.1"))
@@ -839,7 +839,9 @@ int Trainer::run() {
     say(checkpoints_ ? "stopped at step " + std::to_string(step_) +
                            "; run the same command to resume from " + c_.checkpoint_dir
                      : "stopped at step " + std::to_string(step_));
-    return kExitStopped;
+    // A time limit is the run's own budget, not a failure: exit 0, so that a
+    // supervisor does not start it again at once.
+    return signalled ? kExitStopped : 0;
   }
   evaluate();
   if (!resumed_from_ || *resumed_from_ != step_) save_checkpoint(true);
@@ -871,9 +873,9 @@ int main(int argc, char** argv) {
       if (launch.rank == 0) {
         std::cout << cli.help({"Model and data", "Schedule", "Data parallelism", "Execution",
                                "Checkpoints and output"})
-                  << "\nExit status: 0 finished, 2 bad input (nothing trained or written), 75 "
-                     "stopped by SIGTERM/SIGINT or --max-minutes after a checkpoint (run again "
-                     "to resume), 1 other errors.\n";
+                  << "\nExit status: 0 finished (or stopped by --max-minutes after a "
+                     "checkpoint), 2 bad input (nothing trained or written), 75 stopped by "
+                     "SIGTERM/SIGINT after a checkpoint (run again to resume), 1 other errors.\n";
       }
       return 0;
     }

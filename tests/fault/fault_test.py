@@ -260,6 +260,40 @@ def case_e2e_resume():
             fail(f"the trace has no '{name}' event")
 
 
+def case_sigterm():
+    """A clean stop: SIGTERM to the supervisor reaches the ranks, which finish
+    their step, save a checkpoint and exit 75; the next run resumes there."""
+    import signal
+    import time
+    out = fresh("sigterm")
+    cmd = [LAUNCH, "-n", "2", "--backoff", "0.1", "--"] + trainer_args(out, 100000)
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(out, "metrics", "metrics-rank00000.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) > 6:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    print(output)
+    if proc.returncode != 75:
+        fail(f"exit status {proc.returncode} after SIGTERM, expected 75")
+    if "stop requested" not in output:
+        fail("the trainer did not report the stop")
+    saved = steps_of(out + "/checkpoints")
+    if not saved:
+        fail("no checkpoint was saved on the stop")
+    with open(metrics) as f:
+        last_step = max(json.loads(l)["step"] for l in f if '"train"' in l)
+    if saved[-1] != last_step:
+        fail(f"the stop saved step {saved[-1]}, but the last step run was {last_step}")
+    p = launch(2, trainer_args(out, last_step + 2))
+    if p.returncode != 0 or f"resuming at step {last_step}" not in p.stdout:
+        fail("the next run did not resume where the stop saved")
+
+
 def expect_bad_input(args, message, ranks=1, name="bad"):
     out = fresh(name)
     cmd = ([os.path.join(os.path.dirname(LAUNCH), "dtrain-mpirun"), "-n", str(ranks)]

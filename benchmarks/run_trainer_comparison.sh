@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The trainer (dtrain-resnet) against PyTorch's Python DDP (Gloo) on the same
+# model, global batch and threads, in one run: images/s of each and the ratio.
+#
+#   benchmarks/run_trainer_comparison.sh [-n RANKS] [-b GLOBAL_BATCH] [-s STEPS] [-w WARMUP]
+#
+# dtrain-resnet trains ResNet-20 on the real Fashion-MNIST data (data/,
+# made by scripts/demo.sh or dtrain-data convert-fashion-mnist) with its
+# loader, DDP and per-step metrics, without checkpoints or evaluation; its
+# images/s is the global batch over the mean step time after WARMUP steps,
+# from rank 0's metrics (the step time includes the slowest rank, since every
+# step ends with a collective). PyTorch trains the same network
+# (benchmarks/pytorch_ddp_peer.py --model resnet20) on synthetic tensors
+# already in memory, so it reads no data. Both use 1 intra-op thread per rank.
+# Environment: BUILD_DIR (build), PYTHON (/usr/bin/python3), MASTER_PORT.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+ranks=2 batch=128 steps=60 warmup=10
+while getopts "n:b:s:w:h" opt; do
+  case $opt in
+    n) ranks=$OPTARG ;;
+    b) batch=$OPTARG ;;
+    s) steps=$OPTARG ;;
+    w) warmup=$OPTARG ;;
+    *) sed -n '2,14p' "$0"; exit 2 ;;
+  esac
+done
+build=${BUILD_DIR:-$root/build}
+python=${PYTHON:-/usr/bin/python3}
+data=$root/data/fashion-mnist
+[ -f "$data/train/manifest.json" ] || {
+  echo "no $data/train: run scripts/demo.sh or dtrain-data convert-fashion-mnist first" >&2
+  exit 2
+}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "== dtrain-resnet: $ranks ranks, global batch $batch, $steps steps"
+"$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$build/examples/resnet/dtrain-resnet" \
+  --model resnet20 --train-data "$data/train" --test-data none --checkpoint-dir none \
+  --out "$work/dtrain" --steps "$steps" --global-batch "$batch" --threads 1 \
+  --progress lines --log-every 1000 > "$work/dtrain.log"
+dtrain=$("$python" - "$work/dtrain/metrics/metrics-rank00000.jsonl" "$warmup" "$batch" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+steps = [r for r in rows if r["kind"] == "train"][int(sys.argv[2]):]
+mean = lambda k: sum(r[k] for r in steps) / len(steps)
+print(f"{int(sys.argv[3]) / mean('step_s'):.1f} {mean('data_wait_s')*1e3:.1f} {mean('forward_s')*1e3:.1f} "
+      f"{mean('backward_s')*1e3:.1f} {mean('sync_s')*1e3:.1f} {mean('optimizer_s')*1e3:.1f} {mean('step_s')*1e3:.1f}")
+EOF
+)
+read -r d_ips d_data d_fwd d_bwd d_sync d_opt d_step <<< "$dtrain"
+
+echo "== PyTorch DDP (Gloo): $ranks ranks, global batch $batch"
+"$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$python" "$root/benchmarks/pytorch_ddp_peer.py" \
+  --model resnet20 --global-batch "$batch" -w "$warmup" -n "$((steps - warmup))" --threads 1 \
+  --json "$work/pytorch.json" > "$work/pytorch.log"
+torch=$("$python" - "$work/pytorch.json" <<'EOF'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+r = [r for r in rows if r["name"] == "pytorch-ddp"][0]
+print(f"{r['samples_per_s']:.1f} {r['forward_ms']:.1f} {r['backward_ms']:.1f} {r['step_ms']:.1f}")
+EOF
+)
+read -r t_ips t_fwd t_bwd t_step <<< "$torch"
+
+printf '\n%-28s %10s %8s %8s %9s %8s %8s %9s\n' "ms per step (rank 0)" "images/s" "data" "forward" "backward" "sync" "optim" "step"
+printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "dtrain-resnet (real data)" "$d_ips" "$d_data" "$d_fwd" "$d_bwd" "$d_sync" "$d_opt" "$d_step"
+printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "PyTorch DDP (in-memory)" "$t_ips" "-" "$t_fwd" "$t_bwd" "-" "-" "$t_step"
+"$python" -c "print(f'ratio dtrain / PyTorch (images/s): {$d_ips / $t_ips:.2f}')"
