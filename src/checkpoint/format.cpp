@@ -358,13 +358,15 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
 namespace {
 
 // The whole HDF5 file, built in memory.
-std::vector<char> build_image(const std::string& path, std::int64_t step, int rank, int world_size,
-                              const std::vector<PieceToWrite>& pieces) {
+void build_image(std::vector<char>& image, const std::string& path, std::int64_t step, int rank,
+                 int world_size, const std::vector<PieceToWrite>& pieces) {
   data::detail::ErrorScope quiet;
   std::size_t payload = 0;
   for (const auto& p : pieces) payload += p.data.nbytes();
   Handle fapl(ck(H5Pcreate(H5P_FILE_ACCESS), "H5Pcreate", path), H5Pclose);
-  const std::size_t increment = std::max<std::size_t>(std::size_t{1} << 20, payload / 8);
+  // One allocation for the whole file: growing it in steps would fault in
+  // fresh pages again at every step (slow on VMs).
+  const std::size_t increment = payload + payload / 64 + (std::size_t{4} << 20);
   ck(H5Pset_fapl_core(fapl.get(), increment, /*backing_store=*/0), "H5Pset_fapl_core", path);
   Handle file(
       ck(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), "H5Fcreate", path),
@@ -409,16 +411,16 @@ std::vector<char> build_image(const std::string& path, std::int64_t step, int ra
   }
   ck(H5Fflush(file.get(), H5F_SCOPE_LOCAL), "H5Fflush", path);
   const ssize_t size = ck(H5Fget_file_image(file.get(), nullptr, 0), "H5Fget_file_image", path);
-  std::vector<char> image(static_cast<std::size_t>(size));
+  image.resize(static_cast<std::size_t>(size));  // reuses the caller's buffer across saves
   ck(H5Fget_file_image(file.get(), image.data(), image.size()), "H5Fget_file_image", path);
-  return image;
 }
 
 }  // namespace
 
 FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, int world_size,
-                          const std::vector<PieceToWrite>& pieces, bool sync) {
-  const std::vector<char> image = build_image(path, step, rank, world_size, pieces);
+                          const std::vector<PieceToWrite>& pieces, bool sync,
+                          std::vector<char>& image) {
+  build_image(image, path, step, rank, world_size, pieces);
   FileInfo info;
   info.rank = rank;
   info.file = fs::path(path).filename().string();

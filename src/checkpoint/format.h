@@ -77,9 +77,11 @@ struct PieceToWrite {
 /// `sync`; returns its size and SHA-256. The file is built in memory (HDF5's
 /// core driver) and written with plain write() calls, so a full disk or a
 /// file-size limit is a clean CheckpointError naming the file (the partial
-/// file is removed) rather than a failing HDF5 close.
+/// file is removed) rather than a failing HDF5 close. `image` is the caller's
+/// buffer for the file image, reused across saves (fresh pages are slow).
 FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, int world_size,
-                          const std::vector<PieceToWrite>& pieces, bool sync);
+                          const std::vector<PieceToWrite>& pieces, bool sync,
+                          std::vector<char>& image);
 
 /// Reads [start, start + count) of the piece `name` from an open file into
 /// `out` (contiguous, count's shape, the piece's dtype).

@@ -65,6 +65,7 @@ struct CheckpointManager::Impl {
   int rank = 0;
   int size = 1;
   std::map<std::string, at::Tensor> staging;  // reused host buffers, by tensor name
+  std::vector<char> image;                    // reused buffer of this rank's file
   std::future<void> pending;
   mutable std::mutex mutex;
   WriteStats last;
@@ -169,7 +170,7 @@ struct CheckpointManager::Impl {
       const fs::path path = tmp / record.info.file;
       fs::remove(path);
       record.info =
-          detail::write_piece_file(path.string(), step, rank, size, pieces, options.fsync);
+          detail::write_piece_file(path.string(), step, rank, size, pieces, options.fsync, image);
       for (const auto& p : pieces) record.pieces.push_back(p.record);
       maybe_crash("after_write", step, rank);
     } catch (const std::exception& e) {
