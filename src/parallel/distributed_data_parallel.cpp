@@ -22,6 +22,7 @@
 #include <sstream>
 
 #include "dtrain/error.h"
+#include "src/parallel/buffers.h"
 
 namespace dtrain::parallel {
 
@@ -328,12 +329,7 @@ void DistributedDataParallel::synchronize() {
     s.last_launch_order = s.launch_order;
     s.reset_readiness();
   }
-  if (options_.broadcast_buffers) {
-    torch::NoGradGuard no_grad;
-    std::vector<std::shared_ptr<Work>> pending;
-    for (const auto& b : module_->buffers(true)) pending.push_back(dp_->broadcast(b.detach()));
-    for (auto& w : pending) w->wait();
-  }
+  if (options_.broadcast_buffers) detail::broadcast_buffers(*module_, *dp_);
 }
 
 DistributedDataParallel::NoSyncGuard::NoSyncGuard(DistributedDataParallel& ddp) : ddp_(ddp) {

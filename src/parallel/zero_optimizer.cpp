@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "dtrain/error.h"
+#include "src/parallel/buffers.h"
 
 namespace dtrain::parallel {
 
@@ -59,11 +60,10 @@ void ZeroRedundancyOptimizer::step() {
   dp_->reduce_scatter(shard_.mutable_grad(), flat_grads_, average)->wait();
   optimizer_->step();
   torch::NoGradGuard no_grad;
-  std::vector<std::shared_ptr<collectives::Work>> pending;
-  pending.push_back(dp_->all_gather(flat_params_, shard_.detach()));
+  auto gathered = dp_->all_gather(flat_params_, shard_.detach());
   // Buffers (BatchNorm's running statistics) follow rank 0, as under DDP.
-  for (const auto& b : module_->buffers(true)) pending.push_back(dp_->broadcast(b.detach()));
-  for (auto& w : pending) w->wait();
+  detail::broadcast_buffers(*module_, *dp_);
+  gathered->wait();
 }
 
 void ZeroRedundancyOptimizer::reload_shard_from_parameters() {
