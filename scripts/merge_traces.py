@@ -20,6 +20,8 @@ import os
 import re
 import sys
 
+from dtrain_files import InputError, expand_paths
+
 RANK_FILE_RE = re.compile(r"^trace-rank(\d+)\.json$")
 THREAD_NAMES = {0: "compute", 1: "communication"}
 # Metadata this script writes itself; the inputs' own copies are dropped.
@@ -27,25 +29,8 @@ OWN_METADATA = {"process_name", "process_sort_index", "process_labels"}
 OWN_THREAD_METADATA = {"thread_name", "thread_sort_index"}
 
 
-class InputError(Exception):
-    """Bad input: reported on stderr, exit status 2."""
-
-
 def trace_files(paths):
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(f for f in os.listdir(p) if RANK_FILE_RE.match(f))
-            if not found:
-                raise InputError(f"{p}: no trace files (trace-rank<RRRRR>.json) in this directory")
-            files.extend(os.path.join(p, f) for f in found)
-        elif os.path.exists(p):
-            if not os.path.isfile(p):
-                raise InputError(f"{p}: not a regular file or directory")
-            files.append(p)
-        else:
-            raise InputError(f"{p}: no such file or directory")
-    return files
+    return expand_paths(paths, RANK_FILE_RE, "trace files (trace-rank<RRRRR>.json)")
 
 
 def is_number(v):

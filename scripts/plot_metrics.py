@@ -19,6 +19,8 @@ import os
 import re
 import sys
 
+from dtrain_files import InputError, expand_paths
+
 RANK_FILE_RE = re.compile(r"^metrics-rank(\d+)\.jsonl$")
 
 # Stacked in this order, bottom to top; "other" is step_s minus their sum.
@@ -31,10 +33,6 @@ BREAKDOWN = [
 ]
 
 
-class InputError(Exception):
-    """Bad input: reported on stderr, exit status 2."""
-
-
 def rank_of_file_name(path):
     m = RANK_FILE_RE.match(os.path.basename(path))
     return int(m.group(1)) if m else None
@@ -42,24 +40,16 @@ def rank_of_file_name(path):
 
 def metrics_files(args_paths, rank):
     """The files to read, in order."""
-    files = []
-    for p in args_paths:
-        if os.path.isdir(p):
-            candidates = sorted(f for f in os.listdir(p) if RANK_FILE_RE.match(f))
-            if not candidates:
-                raise InputError(f"{p}: no metrics files (metrics-rank<RRRRR>.jsonl) in this directory")
-            chosen = [f for f in candidates if rank_of_file_name(f) == rank]
-            if not chosen:
-                present = ", ".join(str(rank_of_file_name(f)) for f in candidates)
-                raise InputError(f"{p}: no metrics file for rank {rank} (ranks present: {present}); "
-                                 f"choose one with --rank")
-            files.extend(os.path.join(p, f) for f in chosen)
-        elif os.path.exists(p):
-            if not os.path.isfile(p):
-                raise InputError(f"{p}: not a regular file or directory")
-            files.append(p)
-        else:
-            raise InputError(f"{p}: no such file or directory")
+    def for_rank(directory, names):
+        chosen = [f for f in names if rank_of_file_name(f) == rank]
+        if not chosen:
+            present = ", ".join(str(rank_of_file_name(f)) for f in names)
+            raise InputError(f"{directory}: no metrics file for rank {rank} (ranks present: "
+                             f"{present}); choose one with --rank")
+        return chosen
+
+    files = expand_paths(args_paths, RANK_FILE_RE,
+                         "metrics files (metrics-rank<RRRRR>.jsonl)", for_rank)
     if not files:
         raise InputError("no metrics files given")
     return files
