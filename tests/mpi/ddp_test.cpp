@@ -427,6 +427,36 @@ TEST(ZeroTest, EachRankKeepsAboutOneNthOfTheOptimizerState) {
   EXPECT_LT(ratio, 1.0 / comm->size() + 0.03);
 }
 
+TEST(ZeroTest, BuffersFollowRankZeroAfterEachStep) {
+  auto comm = dp_comm("zero-buffers");
+  torch::manual_seed(17);
+  auto model = torch::nn::Sequential(torch::nn::Linear(20, 8), torch::nn::BatchNorm1d(8),
+                                     torch::nn::Linear(8, 5));
+  ZeroRedundancyOptimizer zero(model.ptr(), comm, [](std::vector<torch::Tensor> params) {
+    return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(0.1));
+  });
+  auto batches = make_batches(2, 4 * comm->size(), {20});
+  for (const auto& batch : batches) {
+    zero.zero_grad();
+    // Each rank sees different data, so its running statistics differ.
+    torch::nn::functional::cross_entropy(
+        model->forward(local_part(batch.x, comm->rank(), comm->size())),
+        local_part(batch.y, comm->rank(), comm->size()))
+        .backward();
+    zero.step();
+  }
+  for (const auto& item : model->named_buffers()) {
+    at::Tensor mine = item.value().to(torch::kDouble).reshape({-1});
+    at::Tensor all = torch::empty({comm->size() * mine.numel()}, mine.options());
+    comm->all_gather(all, mine)->wait();
+    for (int r = 1; r < comm->size(); ++r) {
+      EXPECT_TRUE(torch::equal(all.narrow(0, r * mine.numel(), mine.numel()),
+                               all.narrow(0, 0, mine.numel())))
+          << item.key() << " differs between rank " << r << " and rank 0";
+    }
+  }
+}
+
 TEST(ZeroTest, SgdWithMomentumMatchesOneProcess) {
   check_zero_matches(
       [](std::vector<torch::Tensor> params) {
