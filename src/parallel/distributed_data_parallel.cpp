@@ -37,6 +37,7 @@ void DdpOptions::validate() const {
 }
 
 struct DistributedDataParallel::State {
+  std::unique_ptr<detail::BufferBroadcast> buffer_broadcast;  // made at the first synchronize()
   struct Slot {
     std::string name;
     at::Tensor param;
@@ -329,7 +330,11 @@ void DistributedDataParallel::synchronize() {
     s.last_launch_order = s.launch_order;
     s.reset_readiness();
   }
-  if (options_.broadcast_buffers) detail::broadcast_buffers(*module_, *dp_);
+  if (options_.broadcast_buffers) {
+    if (!s.buffer_broadcast)
+      s.buffer_broadcast = std::make_unique<detail::BufferBroadcast>(*module_);
+    s.buffer_broadcast->run(*dp_);
+  }
 }
 
 DistributedDataParallel::NoSyncGuard::NoSyncGuard(DistributedDataParallel& ddp) : ddp_(ddp) {

@@ -62,7 +62,8 @@ void ZeroRedundancyOptimizer::step() {
   torch::NoGradGuard no_grad;
   auto gathered = dp_->all_gather(flat_params_, shard_.detach());
   // Buffers (BatchNorm's running statistics) follow rank 0, as under DDP.
-  detail::broadcast_buffers(*module_, *dp_);
+  if (!buffers_) buffers_ = std::make_shared<detail::BufferBroadcast>(*module_);
+  buffers_->run(*dp_);
   gathered->wait();
 }
 

@@ -65,6 +65,14 @@ torch::Tensor local_part(const torch::Tensor& t, int rank, int world) {
   return t.narrow(0, rank * b, b);
 }
 
+// Cross-entropy of `model` on this rank's share of a global batch.
+template <typename Model>
+torch::Tensor local_loss(Model& model, const Batch& batch, const collectives::Communicator& comm) {
+  return torch::nn::functional::cross_entropy(
+      model->forward(local_part(batch.x, comm.rank(), comm.size())),
+      local_part(batch.y, comm.rank(), comm.size()));
+}
+
 void expect_same_parameters(torch::nn::Module& a, torch::nn::Module& b, double rtol) {
   auto pa = a.named_parameters();
   auto pb = b.named_parameters();
@@ -257,10 +265,7 @@ TEST(DdpTest, UnusedParametersCountAsZeroWithTheOption) {
   auto batches = make_batches(3, 4 * comm->size(), {20});
   for (const Batch& batch : batches) {
     ddp.zero_grad();
-    torch::nn::functional::cross_entropy(
-        model->forward(local_part(batch.x, comm->rank(), comm->size())),
-        local_part(batch.y, comm->rank(), comm->size()))
-        .backward();
+    local_loss(model, batch, *comm).backward();
     ddp.synchronize();
     opt.step();
   }
@@ -379,10 +384,7 @@ void check_zero_matches(MakeOptimizer make_optimizer, const char* what) {
   auto batches = make_batches(5, 4 * comm->size(), {20});
   for (const Batch& batch : batches) {
     zero.zero_grad();
-    torch::nn::functional::cross_entropy(
-        model->forward(local_part(batch.x, comm->rank(), comm->size())),
-        local_part(batch.y, comm->rank(), comm->size()))
-        .backward();
+    local_loss(model, batch, *comm).backward();
     zero.step();
     ref_opt->zero_grad();
     torch::nn::functional::cross_entropy(reference->forward(batch.x), batch.y).backward();
@@ -439,10 +441,7 @@ TEST(ZeroTest, BuffersFollowRankZeroAfterEachStep) {
   for (const auto& batch : batches) {
     zero.zero_grad();
     // Each rank sees different data, so its running statistics differ.
-    torch::nn::functional::cross_entropy(
-        model->forward(local_part(batch.x, comm->rank(), comm->size())),
-        local_part(batch.y, comm->rank(), comm->size()))
-        .backward();
+    local_loss(model, batch, *comm).backward();
     zero.step();
   }
   for (const auto& item : model->named_buffers()) {

@@ -36,6 +36,10 @@
 
 namespace dtrain::parallel {
 
+namespace detail {
+class BufferBroadcast;
+}
+
 class ZeroRedundancyOptimizer {
  public:
   /// Builds the wrapped optimizer over this rank's shard (one tensor).
@@ -77,6 +81,7 @@ class ZeroRedundancyOptimizer {
   torch::Tensor flat_grads_;   // model gradients are views into it
   torch::Tensor shard_;        // this rank's slice of the parameters (what the optimizer sees)
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  std::shared_ptr<detail::BufferBroadcast> buffers_;  // rank 0's buffers to all, made once
 };
 
 }  // namespace dtrain::parallel
