@@ -103,6 +103,21 @@ TEST(SplitTest, NegativeColorGetsNoCommunicatorAndKeyOrdersRanks) {
   EXPECT_EQ(t[0].item<std::int64_t>(), comm.size() - 1);
 }
 
+TEST(SplitTest, OneRankCollectivesCompleteOnTheCallersThreadAndLeaveDataAlone) {
+  // A 1-rank communicator moves no data: even a large average is complete
+  // when all_reduce returns, and x / 1 leaves every bit as it was.
+  Communicator& comm = world();
+  auto alone = comm.split(comm.rank(), 0, {"alone", std::nullopt});
+  ASSERT_NE(alone, nullptr);
+  ASSERT_EQ(alone->size(), 1);
+  at::Tensor t = at::randn({std::int64_t{8} << 20});  // 32 MiB, far above inline_max_bytes
+  const at::Tensor before = t.clone();
+  auto work = alone->all_reduce(t, {ReduceOp::kAvg, std::nullopt, std::nullopt});
+  EXPECT_TRUE(work->is_completed());
+  work->wait();
+  EXPECT_TRUE(at::equal(t, before));
+}
+
 TEST(PointToPointTest, RingExchangeWithTags) {
   Communicator& comm = world();
   const int right = (comm.rank() + 1) % comm.size();

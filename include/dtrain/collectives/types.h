@@ -115,8 +115,9 @@ struct CommunicatorOptions {
   /// communicator is idle run on the caller's thread (the call returns with
   /// the op complete): a thread hand-off costs more than such an op takes.
   /// Larger ops, and ops issued while others are in flight, always run on the
-  /// progress thread, so they overlap the caller's compute. 0 disables
-  /// (DTRAIN_INLINE_MAX_BYTES).
+  /// progress thread, so they overlap the caller's compute. On a 1-rank
+  /// communicator, where a collective moves no data, every collective issued
+  /// while idle runs inline. 0 disables both (DTRAIN_INLINE_MAX_BYTES).
   std::size_t inline_max_bytes = std::size_t{16} << 10;
 
   void validate() const;

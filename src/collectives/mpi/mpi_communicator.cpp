@@ -475,8 +475,9 @@ class MpiCommunicator final : public Communicator {
   }
 
   // Issues an op and returns its Work. Collectives of at most
-  // options_.inline_max_bytes issued while the engine is idle run right here
-  // on the caller's thread; everything else is queued on the engine.
+  // options_.inline_max_bytes (any size on a 1-rank communicator) issued
+  // while the engine is idle run right here on the caller's thread;
+  // everything else is queued on the engine.
   template <typename Body>
   std::shared_ptr<Work> submit(const OpDescriptor& what, std::optional<Timeout> timeout,
                                bool collective, std::size_t payload_bytes, at::Tensor keep,
@@ -485,7 +486,11 @@ class MpiCommunicator final : public Communicator {
     DTRAIN_CHECK_ARG(op_timeout.count() > 0, what.str(), ": timeout must be positive, got ",
                      op_timeout.count(), " ms");
     auto work = std::make_shared<MpiWork>(what, name_);
-    if (collective && payload_bytes <= options_.inline_max_bytes && engine_->try_begin_inline()) {
+    // On one rank a collective moves no data, so it runs inline at any size
+    // (in order: only when nothing is queued before it).
+    const bool small =
+        payload_bytes <= options_.inline_max_bytes || (size_ == 1 && options_.inline_max_bytes > 0);
+    if (collective && small && engine_->try_begin_inline()) {
       std::exception_ptr error;
       try {
         run_op(what, op_timeout, collective, keep, keep_too, body);
