@@ -3,10 +3,11 @@
 //
 // | variable              | meaning                                        |
 // |-----------------------|------------------------------------------------|
-// | DTRAIN_ALLREDUCE_ALGO | default all-reduce algorithm: auto, ring, tree, rhd, native |
+// | DTRAIN_ALLREDUCE_ALGO | default all-reduce algorithm: auto, ring, tree, rhd, native, shm |
 // | DTRAIN_TIMEOUT_MS     | default op timeout of new communicators, in ms |
 // | DTRAIN_CHUNK_BYTES    | pipelining chunk of the ring/tree algorithms   |
 // | DTRAIN_INLINE_MAX_BYTES | largest collective run on the caller's thread when idle (0: never) |
+// | DTRAIN_SHM_SLOT_BYTES | shared-memory slot of the shm all-reduce (0: no shared memory) |
 //
 // Values that do not parse throw InvalidArgument naming the variable.
 
@@ -22,6 +23,7 @@ struct EnvOverrides {
   std::optional<collectives::Timeout> timeout;
   std::optional<std::size_t> chunk_bytes;
   std::optional<std::size_t> inline_max_bytes;
+  std::optional<std::size_t> shm_slot_bytes;
 
   /// Writes the overrides that are set into `options`.
   void apply(collectives::CommunicatorOptions& options) const;

@@ -32,17 +32,19 @@ const char* to_string(Algorithm algorithm) {
       return "rhd";
     case Algorithm::kNative:
       return "native";
+    case Algorithm::kShm:
+      return "shm";
   }
   return "unknown";
 }
 
 Algorithm parse_algorithm(std::string_view name) {
   for (Algorithm a : {Algorithm::kAuto, Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
-                      Algorithm::kNative}) {
+                      Algorithm::kNative, Algorithm::kShm}) {
     if (name == to_string(a)) return a;
   }
   DTRAIN_THROW(InvalidArgument, "unknown all-reduce algorithm '", name,
-               "'; choose one of auto, ring, tree, rhd, native");
+               "'; choose one of auto, ring, tree, rhd, native, shm");
 }
 
 void CommunicatorOptions::validate() const {
@@ -51,6 +53,9 @@ void CommunicatorOptions::validate() const {
                    timeout.count(), " ms");
   DTRAIN_CHECK_ARG(chunk_bytes >= 4096,
                    "CommunicatorOptions::chunk_bytes must be at least 4096, got ", chunk_bytes);
+  DTRAIN_CHECK_ARG(shm_slot_bytes % 64 == 0,
+                   "CommunicatorOptions::shm_slot_bytes must be a multiple of 64 (or 0), got ",
+                   shm_slot_bytes);
 }
 
 }  // namespace dtrain::collectives

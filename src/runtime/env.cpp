@@ -27,6 +27,7 @@ void EnvOverrides::apply(collectives::CommunicatorOptions& options) const {
   if (timeout) options.timeout = *timeout;
   if (chunk_bytes) options.chunk_bytes = *chunk_bytes;
   if (inline_max_bytes) options.inline_max_bytes = *inline_max_bytes;
+  if (shm_slot_bytes) options.shm_slot_bytes = *shm_slot_bytes;
 }
 
 EnvOverrides read_env_overrides() {
@@ -44,6 +45,9 @@ EnvOverrides read_env_overrides() {
   }
   if (auto bytes = read_integer("DTRAIN_INLINE_MAX_BYTES", 0)) {
     env.inline_max_bytes = static_cast<std::size_t>(*bytes);
+  }
+  if (auto bytes = read_integer("DTRAIN_SHM_SLOT_BYTES", 0)) {
+    env.shm_slot_bytes = static_cast<std::size_t>(*bytes);
   }
   return env;
 }

@@ -151,7 +151,7 @@ std::string all_reduce_name(const ::testing::TestParamInfo<AllReduceCase>& info)
 INSTANTIATE_TEST_SUITE_P(
     Matrix, AllReduceTest,
     ::testing::Combine(::testing::Values(Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
-                                         Algorithm::kNative, Algorithm::kAuto),
+                                         Algorithm::kNative, Algorithm::kShm, Algorithm::kAuto),
                        ::testing::ValuesIn(kDtypes),
                        ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin,
                                          ReduceOp::kMax, ReduceOp::kProduct),
@@ -174,7 +174,7 @@ TEST_P(AllReduceLayoutTest, NonContiguousTensorsAreReducedInPlace) {
 
 INSTANTIATE_TEST_SUITE_P(Algorithms, AllReduceLayoutTest,
                          ::testing::Values(Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
-                                           Algorithm::kNative));
+                                           Algorithm::kNative, Algorithm::kShm));
 
 class BroadcastTest : public ::testing::TestWithParam<std::tuple<at::ScalarType, CountKind>> {};
 

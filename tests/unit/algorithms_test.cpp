@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "src/collectives/algorithms/algorithms.h"
+#include "src/collectives/algorithms/shm.h"
 #include "tests/support/thread_transport.h"
 
 namespace dtrain::collectives::detail {
@@ -294,9 +295,190 @@ TEST(AlgorithmTest, ScratchIsReusedAcrossCalls) {
 TEST(AlgorithmTest, AutoNeverReturnsAutoOrNative) {
   for (int world : {1, 2, 3, 4, 64}) {
     for (std::size_t bytes = 0; bytes < (std::size_t{1} << 31); bytes = bytes * 2 + 1) {
-      const Algorithm a = choose_all_reduce_algorithm(bytes, world);
-      EXPECT_NE(a, Algorithm::kAuto);
+      for (bool shm : {false, true}) {
+        const Algorithm a = choose_all_reduce_algorithm(bytes, world, shm);
+        EXPECT_NE(a, Algorithm::kAuto);
+        EXPECT_NE(a, Algorithm::kNative);
+        if (!shm) {
+          EXPECT_NE(a, Algorithm::kShm) << "shm chosen without shared memory";
+        }
+      }
     }
+  }
+  // Shared memory where it was measured to lead.
+  EXPECT_EQ(choose_all_reduce_algorithm(8, 2, true), Algorithm::kShm);
+  EXPECT_EQ(choose_all_reduce_algorithm(std::size_t{64} << 20, 4, true), Algorithm::kShm);
+  EXPECT_EQ(choose_all_reduce_algorithm(1024, 4, true), Algorithm::kRhd);
+}
+
+// --- shared-memory all-reduce: ranks are threads over one allocation --------
+
+// Ends a wait with TimeoutError once the deadline passes (the MPI backend
+// also runs a roll call here).
+class DeadlineWaiter final : public ShmWaiter {
+ public:
+  explicit DeadlineWaiter(std::chrono::milliseconds timeout)
+      : deadline_(std::chrono::steady_clock::now() + timeout) {}
+  void idle(const char* phase, int peer) override {
+    if (std::chrono::steady_clock::now() >= deadline_) {
+      throw TimeoutError(std::string("waited too long for rank ") + std::to_string(peer) + " to " +
+                         phase);
+    }
+  }
+
+ private:
+  std::chrono::steady_clock::time_point deadline_;
+};
+
+// One zero-filled allocation holding every rank's region, as the MPI backend
+// maps it; `body(group, rank)` runs on one thread per rank.
+void run_shm_ranks(int world, std::size_t slot_bytes,
+                   const std::function<void(ShmGroup&, int)>& body) {
+  const std::size_t region = shm_region_bytes(slot_bytes);
+  std::vector<std::uint64_t> memory(region * world / sizeof(std::uint64_t) + 8, 0);
+  char* base = reinterpret_cast<char*>(memory.data());
+  std::vector<void*> regions;
+  for (int r = 0; r < world; ++r) regions.push_back(base + region * r);
+  std::vector<ShmGroup> groups;
+  for (int r = 0; r < world; ++r) groups.emplace_back(r, regions, slot_bytes);
+  std::vector<std::exception_ptr> errors(world);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        body(groups[r], r);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+using ShmCase = std::tuple<ElementType, ReduceOp, std::size_t, int>;
+
+class ShmAllReduceTest : public ::testing::TestWithParam<ShmCase> {};
+
+std::string shm_case_name(const ::testing::TestParamInfo<ShmCase>& info) {
+  const auto [type, op, count, world] = info.param;
+  return std::string(to_string(type)) + "_" + to_string(op) + "_n" + std::to_string(count) + "_w" +
+         std::to_string(world);
+}
+
+TEST_P(ShmAllReduceTest, MatchesSequentialReductionOnEveryRank) {
+  const auto [type, op, count, world] = GetParam();
+  if (op == ReduceOp::kAvg && !is_floating(type)) return;  // rejected by make_reducer
+  const Reducer reducer = make_reducer(type, op);
+  const std::size_t es = element_size(type);
+  std::vector<std::vector<char>> results(world);
+  // 256-byte slots: 1001 elements take several rounds, through both slots.
+  run_shm_ranks(world, 256, [&](ShmGroup& group, int rank) {
+    DeadlineWaiter waiter(std::chrono::seconds(20));
+    std::vector<char> data(count * es + 1);
+    // Three ops in a row: rounds carry on across ops.
+    for (int repeat = 0; repeat < 3; ++repeat) {
+      for (std::size_t i = 0; i < count; ++i) store(type, data.data(), i, pattern(op, rank, i));
+      shm_all_reduce(group, data.data(), count, reducer, waiter);
+    }
+    if (op == ReduceOp::kAvg) divide_in_place(data.data(), count, type, world);
+    results[rank] = std::move(data);
+  });
+  const double tolerance = es == 2 ? 1e-2 : 1e-6;
+  for (std::size_t i = 0; i < count; ++i) {
+    const double want = expected_value(op, world, i);
+    ASSERT_NEAR(load(type, results[0].data(), i), want, tolerance * std::max(1.0, std::abs(want)))
+        << "element " << i << " of " << count;
+  }
+  for (int r = 1; r < world; ++r) {
+    ASSERT_EQ(std::memcmp(results[r].data(), results[0].data(), count * es), 0)
+        << "rank " << r << " differs bitwise from rank 0";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    DtypesOpsAndWorlds, ShmAllReduceTest,
+    ::testing::Combine(
+        ::testing::Values(ElementType::kFloat32, ElementType::kFloat64, ElementType::kBFloat16,
+                          ElementType::kFloat16, ElementType::kInt32, ElementType::kInt64,
+                          ElementType::kUInt8),
+        ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax,
+                          ReduceOp::kProduct),
+        ::testing::Values(std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{1001}),
+        ::testing::Values(2, 3, 5)),
+    shm_case_name);
+
+TEST(ShmTest, ManyOpsOfChangingSizesStayInStep) {
+  // Rounds alternate between two slots: a rank must never overwrite a slot
+  // a slower peer still reads. Random sizes, 4 ranks on fewer cores.
+  constexpr int kWorld = 4;
+  run_shm_ranks(kWorld, 512, [&](ShmGroup& group, int rank) {
+    DeadlineWaiter waiter(std::chrono::seconds(60));
+    const Reducer sum = make_reducer(ElementType::kInt64, ReduceOp::kSum);
+    std::vector<std::int64_t> data;
+    for (int op = 0; op < 300; ++op) {
+      const std::size_t count = static_cast<std::size_t>((op * 7919) % 517);
+      data.assign(count, 0);
+      for (std::size_t i = 0; i < count; ++i) data[i] = rank * 1000 + op + static_cast<int>(i);
+      shm_all_reduce(group, data.data(), count, sum, waiter);
+      for (std::size_t i = 0; i < count; ++i) {
+        const std::int64_t want =
+            1000 * (kWorld * (kWorld - 1) / 2) + kWorld * (op + static_cast<std::int64_t>(i));
+        ASSERT_EQ(data[i], want) << "op " << op << " element " << i << " rank " << rank;
+      }
+    }
+  });
+}
+
+// Runs a 2-rank op whose ranks disagree and returns the CommError's text
+// (a TimeoutError would mean the mismatch went unnoticed).
+std::string shm_mismatch_error(std::size_t count0, std::size_t count1, ElementType type0,
+                               ElementType type1) {
+  try {
+    run_shm_ranks(2, 4096, [&](ShmGroup& group, int rank) {
+      DeadlineWaiter waiter(std::chrono::seconds(5));
+      const std::size_t count = rank == 0 ? count0 : count1;
+      std::vector<double> data(count, 1.0);
+      shm_all_reduce(group, data.data(), count,
+                     make_reducer(rank == 0 ? type0 : type1, ReduceOp::kSum), waiter);
+    });
+  } catch (const TimeoutError& e) {
+    return std::string("timed out instead: ") + e.what();
+  } catch (const CommError& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST(ShmTest, SizeOrDtypeMismatchIsACommErrorNamingBothSides) {
+  const std::string sizes =
+      shm_mismatch_error(100, 120, ElementType::kFloat32, ElementType::kFloat32);
+  EXPECT_NE(sizes.find("100 x float32"), std::string::npos) << sizes;
+  EXPECT_NE(sizes.find("120 x float32"), std::string::npos) << sizes;
+  EXPECT_NE(sizes.find("different sizes or dtypes"), std::string::npos) << sizes;
+  // Same byte count, different dtype.
+  const std::string types = shm_mismatch_error(8, 8, ElementType::kFloat64, ElementType::kInt64);
+  EXPECT_NE(types.find("8 x float64"), std::string::npos) << types;
+  EXPECT_NE(types.find("8 x int64"), std::string::npos) << types;
+  // A 0-element op still checks that the peer is in the same op.
+  const std::string empty = shm_mismatch_error(0, 5, ElementType::kFloat32, ElementType::kFloat32);
+  EXPECT_NE(empty.find("0 x float32"), std::string::npos) << empty;
+}
+
+TEST(ShmTest, MissingPeerTimesOutNamingIt) {
+  try {
+    run_shm_ranks(3, 4096, [&](ShmGroup& group, int rank) {
+      if (rank == 2) return;  // never joins
+      DeadlineWaiter waiter(std::chrono::milliseconds(200));
+      std::vector<float> data(10, 1.0f);
+      shm_all_reduce(group, data.data(), data.size(),
+                     make_reducer(ElementType::kFloat32, ReduceOp::kSum), waiter);
+    });
+    FAIL() << "no error";
+  } catch (const TimeoutError& e) {
+    EXPECT_NE(std::string(e.what()).find("rank 2"), std::string::npos) << e.what();
   }
 }
 

@@ -84,8 +84,8 @@ struct NcclOptions {
   /// node (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID, ...; see
   /// dtrain::detect_launch), the usual one-process-per-GPU layout.
   int device = -1;
-  /// All-reduce algorithm: kAuto (NCCL's own choice), kRing or kTree; kRhd
-  /// and kNative are CPU algorithms and rejected. Applied once, when the
+  /// All-reduce algorithm: kAuto (NCCL's own choice), kRing or kTree; kRhd,
+  /// kNative and kShm are CPU algorithms and rejected. Applied once, when the
   /// communicator is created, by setting NCCL_ALGO=allreduce:<ring|tree>
   /// around NCCL's initialization (ncclConfig_t has no such field); needs
   /// NCCL >= 2.24. If NCCL_ALGO is already set in the environment, only

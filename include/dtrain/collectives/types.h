@@ -44,11 +44,16 @@ enum class Algorithm : std::uint8_t {
   kRhd,
   /// The MPI library's own MPI_Iallreduce.
   kNative,
+  /// Through memory shared by the ranks of one node: each rank reduces its
+  /// segment straight out of its peers' shared buffers (no messages). Needs
+  /// every rank of the communicator on one node and
+  /// CommunicatorOptions::shm_slot_bytes > 0; elsewhere it runs as kRing.
+  kShm,
 };
 
 const char* to_string(ReduceOp op);
 const char* to_string(Algorithm algorithm);
-/// Parses "auto", "ring", "tree", "rhd" or "native" (case-sensitive).
+/// Parses "auto", "ring", "tree", "rhd", "native" or "shm" (case-sensitive).
 /// Throws InvalidArgument naming the valid choices otherwise.
 Algorithm parse_algorithm(std::string_view name);
 
@@ -119,6 +124,11 @@ struct CommunicatorOptions {
   /// communicator, where a collective moves no data, every collective issued
   /// while idle runs inline. 0 disables both (DTRAIN_INLINE_MAX_BYTES).
   std::size_t inline_max_bytes = std::size_t{16} << 10;
+  /// Size of each of the two shared-memory slots per rank that Algorithm::kShm
+  /// cycles through (DTRAIN_SHM_SLOT_BYTES); a communicator whose ranks share
+  /// a node maps 2 x this (plus 4 KiB) per rank when it is created. 0: no
+  /// shared memory (kShm then runs as kRing). A multiple of 64, when not 0.
+  std::size_t shm_slot_bytes = std::size_t{1} << 20;
 
   void validate() const;
 };

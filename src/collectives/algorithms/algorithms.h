@@ -83,10 +83,13 @@ void tree_broadcast(Transport& transport, void* data, std::size_t bytes, int roo
 /// ranks, and more than two).
 inline constexpr std::size_t kAutoRingMinBytesTwoRanks = std::size_t{1} << 20;
 inline constexpr std::size_t kAutoRingMinBytesManyRanks = std::size_t{8} << 20;
+/// With shared memory, kAuto runs kShm on 2 ranks and, on more, above this.
+inline constexpr std::size_t kAutoShmMinBytesManyRanks = std::size_t{8} << 10;
 
 /// What Algorithm::kAuto runs for a message of `bytes` bytes on `world_size`
-/// ranks. Never returns kAuto. Same answer on every rank.
-Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size);
+/// ranks, `shm` telling whether the communicator has shared memory (then
+/// kShm may be chosen). Never returns kAuto. Same answer on every rank.
+Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm = false);
 
 /// Runs `algorithm` (not kAuto, not kNative).
 void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::size_t count,

@@ -20,6 +20,7 @@
 #include "src/collectives/mpi/mpi_error.h"
 #include "src/collectives/mpi/mpi_transport.h"
 #include "src/collectives/mpi/progress_engine.h"
+#include "src/collectives/mpi/shm_segment.h"
 #include "src/collectives/shape_checks.h"
 
 namespace dtrain::collectives::detail {
@@ -143,6 +144,7 @@ class MpiCommunicator final : public Communicator {
     p2p_transport_ = std::make_unique<MpiTransport>(p2p_comm_, diag_comm_, options_.name);
     create_half_ops<ElementType::kBFloat16>(half_ops_[0]);
     create_half_ops<ElementType::kFloat16>(half_ops_[1]);
+    shm_ = ShmSegment::create(comm_, options_.shm_slot_bytes);
     engine_ = std::make_unique<ProgressEngine>();
   }
 
@@ -181,8 +183,9 @@ class MpiCommunicator final : public Communicator {
     const std::size_t count = static_cast<std::size_t>(tensor.numel());
     Algorithm algorithm = opts.algorithm.value_or(options_.allreduce_algorithm);
     if (algorithm == Algorithm::kAuto) {
-      algorithm = choose_all_reduce_algorithm(count * reducer.element_size, size_);
+      algorithm = choose_all_reduce_algorithm(count * reducer.element_size, size_, shm_ != nullptr);
     }
+    if (algorithm == Algorithm::kShm && !shm_) algorithm = Algorithm::kRing;
     DTRAIN_CHECK_ARG(algorithm != Algorithm::kNative || count <= static_cast<std::size_t>(INT_MAX),
                      "all_reduce: ", count,
                      " elements exceed MPI's int count limit of the native algorithm; use ring");
@@ -196,6 +199,8 @@ class MpiCommunicator final : public Communicator {
                     void* data = staged.tensor.data_ptr();
                     if (algorithm == Algorithm::kNative) {
                       native_all_reduce(transport, data, count, type, op);
+                    } else if (algorithm == Algorithm::kShm) {
+                      shm_all_reduce(shm_->group(), data, count, reducer, transport);
                     } else {
                       run_all_reduce(algorithm, transport, data, count, reducer, slots_,
                                      options_.chunk_bytes);
@@ -518,6 +523,7 @@ class MpiCommunicator final : public Communicator {
   MPI_Op half_ops_[2][4] = {};  // [bfloat16, float16][sum, product, min, max]
   std::unique_ptr<MpiTransport> transport_;
   std::unique_ptr<MpiTransport> p2p_transport_;
+  std::unique_ptr<ShmSegment> shm_;  // null unless every rank is on this node
 
   // Touched only by the progress thread.
   Scratch slots_;      // the algorithms' pipelining slots

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "dtrain/error.h"
+#include "src/collectives/algorithms/backoff.h"
 #include "src/collectives/mpi/mpi_error.h"
 
 namespace dtrain::collectives::detail {
@@ -19,34 +20,6 @@ using Clock = std::chrono::steady_clock;
 constexpr int kQueryTag = 1;  // "I gave up on op #seq; where are you?"
 constexpr int kReplyTag = 2;  // "I am waiting in op #seq."
 constexpr std::int64_t kNotInOp = -1;
-
-// Polls MPI_Test in a tight loop first (small messages complete in a few
-// microseconds), then yields the core, then sleeps briefly: a rank waiting
-// for a slow peer must not compete with its own training thread.
-// The first polls do not read the clock at all: most waits of small
-// messages end within them.
-class Backoff {
- public:
-  void pause() {
-    if (++polls_ < kSpinPolls) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-      return;
-    }
-    if (polls_ == kSpinPolls) start_ = Clock::now();
-    if (Clock::now() - start_ < std::chrono::milliseconds(2)) {
-      sched_yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-  }
-
- private:
-  static constexpr std::uint32_t kSpinPolls = 2000;
-  std::uint32_t polls_ = 0;
-  Clock::time_point start_;
-};
 
 }  // namespace
 
@@ -243,6 +216,13 @@ void MpiTransport::wait_native(MPI_Request* request) {
       if (should_give_up()) fail_timeout("the MPI library's collective");
     }
     backoff.pause();
+  }
+}
+
+void MpiTransport::idle(const char* phase, int peer) {
+  service_diag();
+  if (should_give_up()) {
+    fail_timeout("rank " + std::to_string(peer) + " to " + phase + " (shared memory)");
   }
 }
 

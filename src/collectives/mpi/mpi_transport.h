@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "src/collectives/algorithms/element_type.h"
+#include "src/collectives/algorithms/shm.h"
 #include "src/collectives/algorithms/transport.h"
 
 namespace dtrain::collectives::detail {
@@ -48,7 +49,7 @@ struct OpInfo {
   std::chrono::milliseconds timeout{0};
 };
 
-class MpiTransport final : public Transport {
+class MpiTransport final : public Transport, public ShmWaiter {
  public:
   /// `comm` carries the op's messages; `diag_comm` (same group) the roll
   /// call. Neither is owned.
@@ -73,6 +74,10 @@ class MpiTransport final : public Transport {
   /// Waits for a request of an MPI nonblocking collective (MPI_Iallreduce...)
   /// under the op's deadline. On timeout the request is left pending.
   void wait_native(MPI_Request* request);
+
+  /// While the shm all-reduce waits for `peer`: answers roll calls and ends
+  /// the op (TimeoutError) when its deadline passed or a peer gave up.
+  void idle(const char* phase, int peer) override;
 
   /// Point-to-point with a caller-chosen tag on `comm` (user send/recv).
   Request isend_tagged(const void* data, std::size_t bytes, int peer, int tag);
