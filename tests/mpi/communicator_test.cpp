@@ -118,6 +118,22 @@ TEST(SplitTest, OneRankCollectivesCompleteOnTheCallersThreadAndLeaveDataAlone) {
   EXPECT_TRUE(at::equal(t, before));
 }
 
+TEST(ShmTest, WithoutSharedMemoryShmRunsAsRingAndSmallSlotsTakeManyRounds) {
+  for (std::size_t slot : {std::size_t{0}, std::size_t{4096}}) {
+    CommunicatorOptions options;
+    options.name = "shm-slot-" + std::to_string(slot);
+    options.shm_slot_bytes = slot;
+    auto comm = runtime().world(options);
+    const int n = comm->size();
+    at::Tensor t = at::arange(100000, at::kDouble) + comm->rank();  // 800 KB: 196 rounds of 4 KiB
+    AllReduceOptions shm;
+    shm.algorithm = Algorithm::kShm;
+    comm->all_reduce(t, shm)->wait();
+    const at::Tensor want = at::arange(100000, at::kDouble) * n + n * (n - 1) / 2;
+    EXPECT_TRUE(at::equal(t, want)) << "slot " << slot;
+  }
+}
+
 TEST(PointToPointTest, RingExchangeWithTags) {
   Communicator& comm = world();
   const int right = (comm.rank() + 1) % comm.size();

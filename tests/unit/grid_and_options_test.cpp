@@ -70,6 +70,7 @@ TEST(OptionsTest, ParsesAlgorithmsAndRejectsUnknownOnes) {
   EXPECT_EQ(parse_algorithm("rhd"), Algorithm::kRhd);
   EXPECT_EQ(parse_algorithm("native"), Algorithm::kNative);
   EXPECT_EQ(parse_algorithm("auto"), Algorithm::kAuto);
+  EXPECT_EQ(parse_algorithm("shm"), Algorithm::kShm);
   try {
     parse_algorithm("butterfly");
     FAIL() << "expected InvalidArgument";
@@ -89,6 +90,11 @@ TEST(OptionsTest, ValidateRejectsNonsense) {
   options = CommunicatorOptions{};
   options.name = "";
   EXPECT_THROW(options.validate(), InvalidArgument);
+  options = CommunicatorOptions{};
+  options.shm_slot_bytes = 1000;  // not a multiple of 64
+  EXPECT_THROW(options.validate(), InvalidArgument);
+  options.shm_slot_bytes = 0;  // shared memory off
+  EXPECT_NO_THROW(options.validate());
 }
 
 class EnvTest : public ::testing::Test {
@@ -97,6 +103,7 @@ class EnvTest : public ::testing::Test {
     unsetenv("DTRAIN_ALLREDUCE_ALGO");
     unsetenv("DTRAIN_TIMEOUT_MS");
     unsetenv("DTRAIN_CHUNK_BYTES");
+    unsetenv("DTRAIN_SHM_SLOT_BYTES");
   }
 };
 
@@ -104,11 +111,13 @@ TEST_F(EnvTest, OverridesApplyOnTopOfOptions) {
   setenv("DTRAIN_ALLREDUCE_ALGO", "tree", 1);
   setenv("DTRAIN_TIMEOUT_MS", "1500", 1);
   setenv("DTRAIN_CHUNK_BYTES", "65536", 1);
+  setenv("DTRAIN_SHM_SLOT_BYTES", "0", 1);
   CommunicatorOptions options;
   read_env_overrides().apply(options);
   EXPECT_EQ(options.allreduce_algorithm, Algorithm::kTree);
   EXPECT_EQ(options.timeout, Timeout(1500));
   EXPECT_EQ(options.chunk_bytes, 65536u);
+  EXPECT_EQ(options.shm_slot_bytes, 0u);
 }
 
 TEST_F(EnvTest, UnsetVariablesChangeNothing) {
