@@ -2,8 +2,16 @@
 
 #include "src/collectives/algorithms/shm.h"
 
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <ctime>
 #include <new>
 
 #include "dtrain/error.h"
@@ -16,18 +24,73 @@ namespace {
 constexpr std::size_t kControlBytes = 4096;  // keeps the slots page-aligned
 static_assert(sizeof(ShmControl) <= kControlBytes, "ShmControl outgrew its page");
 
+using Clock = std::chrono::steady_clock;
+
+// Spinning longer than this costs more than a futex round trip (a few
+// microseconds) would save.
+constexpr auto kSpinFor = std::chrono::microseconds(20);
+constexpr long kSleepNanos = 2'000'000;  // between ShmWaiter::idle calls
+
+void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+// Sleeps while `word` still holds `seen` (or until woken / the timeout).
+void sleep_on(std::atomic<std::uint32_t>& word, std::uint32_t seen) {
+#if defined(__linux__)
+  // Not FUTEX_PRIVATE: the word lives in memory shared between processes.
+  const timespec timeout{0, kSleepNanos};
+  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT, seen, &timeout, nullptr,
+          0);
+#else
+  (void)word;
+  (void)seen;
+  Backoff backoff;
+  for (int i = 0; i < 4096; ++i) backoff.pause();
+#endif
+}
+
+void wake_all(std::atomic<std::uint32_t>& word) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, INT32_MAX, nullptr,
+          nullptr, 0);
+#else
+  (void)word;
+#endif
+}
+
+// Sets this rank's counter to `round` and wakes peers sleeping on it. With
+// the waiter's order (sleepers++, read the word, re-check the counter, then
+// sleep only if the word is unchanged), all seq_cst, a wake-up is never lost.
+void publish(ShmControl& mine, ShmControl::Counter& counter, std::uint64_t round) {
+  counter.value.store(round, std::memory_order_seq_cst);
+  mine.wake.word.fetch_add(1, std::memory_order_seq_cst);
+  if (mine.wake.sleepers.load(std::memory_order_seq_cst) > 0) wake_all(mine.wake.word);
+}
+
 // Waits until counter `which` of every rank reaches `round`.
 void wait_all(const ShmGroup& g, ShmControl::Counter ShmControl::*which, std::uint64_t round,
               const char* phase, ShmWaiter& waiter) {
   for (int p = 0; p < g.size(); ++p) {
     if (p == g.rank()) continue;
-    const std::atomic<std::uint64_t>& value = (g.control(p).*which).value;
+    ShmControl& peer = g.control(p);
+    const std::atomic<std::uint64_t>& value = (peer.*which).value;
     if (value.load(std::memory_order_acquire) >= round) continue;
-    Backoff backoff;
-    std::uint32_t polls = 0;
+    const auto spin_until = Clock::now() + kSpinFor;
+    for (std::uint32_t i = 1; value.load(std::memory_order_acquire) < round; ++i) {
+      if (i % 64 == 0 && Clock::now() >= spin_until) break;
+      cpu_relax();
+    }
     while (value.load(std::memory_order_acquire) < round) {
-      if (++polls % 256 == 0) waiter.idle(phase, p);
-      backoff.pause();
+      peer.wake.sleepers.fetch_add(1, std::memory_order_seq_cst);
+      const std::uint32_t seen = peer.wake.word.load(std::memory_order_seq_cst);
+      if (value.load(std::memory_order_seq_cst) < round) sleep_on(peer.wake.word, seen);
+      peer.wake.sleepers.fetch_sub(1, std::memory_order_seq_cst);
+      if (value.load(std::memory_order_acquire) < round) waiter.idle(phase, p);
     }
   }
 }
@@ -100,7 +163,7 @@ void shm_all_reduce(ShmGroup& g, void* data, std::size_t count, const Reducer& r
     stamp.count = count;
     stamp.type = static_cast<std::uint32_t>(reducer.type);
     stamp.op = static_cast<std::uint32_t>(reducer.op);
-    mine.posted.value.store(round, std::memory_order_release);
+    publish(mine, mine.posted, round);
 
     // 2. Reduce this rank's segment, in rank order, and publish it.
     wait_all(g, &ShmControl::posted, round, "post its data", waiter);
@@ -111,7 +174,7 @@ void shm_all_reduce(ShmGroup& g, void* data, std::size_t count, const Reducer& r
       }
     }
     copy(at(own, me), at(piece, me), bytes(me));
-    mine.reduced.value.store(round, std::memory_order_release);
+    publish(mine, mine.reduced, round);
 
     // 3. Collect the other segments.
     wait_all(g, &ShmControl::reduced, round, "reduce its segment", waiter);

@@ -29,9 +29,13 @@
 // out of DRAM. The counters are C++ atomics in the shared mapping
 // (release on publish, acquire on wait); no system call is made per op.
 //
-// Waiting goes through a ShmWaiter, which the MPI backend implements with
-// the op's deadline and its roll call, so a dead or absent peer gives a
-// TimeoutError, not a hang. Ranks that pass different counts, dtypes or
+// A rank waiting for a peer spins for a few microseconds (peers in the same
+// op arrive within them), then sleeps on the peer's futex word, which every
+// publish bumps and wakes: a rank waiting for a slow peer (one still in its
+// backward pass) takes no CPU from the processes sharing its cores. Between
+// sleeps (at most 2 ms each) it calls a ShmWaiter, which the MPI backend
+// implements with the op's deadline and its roll call, so a dead or absent
+// peer gives a TimeoutError, not a hang. Ranks that pass different counts, dtypes or
 // reductions get a CommError naming both sides, never a wrong result.
 
 #include <atomic>
@@ -64,11 +68,20 @@ struct alignas(64) ShmControl {
     std::uint32_t type = 0;
     std::uint32_t op = 0;
   };
+  /// Bumped on every publish; peers that wait longer than a short spin
+  /// sleep on it (a futex in the shared mapping) instead of polling.
+  struct alignas(64) Wake {
+    std::atomic<std::uint32_t> word{0};
+    std::atomic<std::uint32_t> sleepers{0};
+  };
   Counter posted, reduced;
+  Wake wake;
   OpStamp stamp;
 };
-static_assert(std::atomic<std::uint64_t>::is_always_lock_free,
-              "shared-memory counters need lock-free 64-bit atomics");
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
+                  std::atomic<std::uint32_t>::is_always_lock_free,
+              "shared-memory counters need lock-free atomics");
+static_assert(sizeof(std::atomic<std::uint32_t>) == 4, "a futex word is 32 bits");
 
 /// Bytes of one rank's region: the control block, then two slots.
 std::size_t shm_region_bytes(std::size_t slot_bytes);
