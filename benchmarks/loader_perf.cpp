@@ -4,17 +4,25 @@
 //
 //   loader_perf                          # two generated data sets, 1-4 workers
 //   loader_perf --dir /data/fmnist/train --workers 1,2,4 --json out.json
+//   loader_perf --dir /data/fmnist/train --workers 1,2,4 --warmup-epochs 1
 //
 // Rows: `raw` reads every shard's images and labels whole, in file order.
-// `loader wN` is one global-shuffled epoch through the loader with N decode
+// `global` is global-shuffled epochs through the loader with N decode
 // workers (uint8 -> normalized float32), `+aug` adds random crop (pad 4) and
 // flip, `shard-local` uses the I/O-friendly shuffle, `no-cache` turns the
 // reader's chunk cache off (one HDF5 hyperslab read per run of contiguous
-// samples: nearly one per sample under a global shuffle). The first epoch
-// fills the chunk cache; later ones read from it. MB/s counts the stored
-// bytes delivered. reader% is the share of wall time the single HDF5 reader
-// thread spent inside H5Dread: near 100% means the HDF5 lock/reader bounds
-// the loader, well below means decode does.
+// samples: nearly one per sample under a global shuffle), `raw-out` and
+// `raw-out+aug` deliver the stored dtype (ImageOutput::kRaw, normalized
+// later on the device) without and with crop + flip. The fixed-worker rows
+// use the largest --workers value. The first epoch fills the chunk cache
+// (HDF5 reads into fresh memory); later ones read from it. `raw` is the best
+// of 3 repeats, i.e. warm; --warmup-epochs 1 gives the loaders the same
+// footing (the timed epochs then start with a full cache and reads counts
+// only the timed epochs). MB/s counts the stored bytes delivered. reader%
+// is the share of wall time the single reader thread spent preparing
+// batches (HDF5 reads and cache lookups): near 100% means the HDF5
+// lock/reader bounds the loader, well below means decode or hand-off does.
+// Each batch is consumed by reading one byte of its images.
 
 #include <hdf5.h>
 #include <unistd.h>
@@ -29,6 +37,7 @@
 #include <iostream>
 #include <memory>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -97,7 +106,7 @@ double raw_read_seconds(const Dataset& ds, int repeats) {
 }
 
 Row run_loader(const std::shared_ptr<Dataset>& ds, const std::string& mode, int workers,
-               std::int64_t batch, int epochs) {
+               std::int64_t batch, int epochs, int warmup_epochs) {
   LoaderOptions o;
   o.sampler.global_batch_size = batch;
   o.sampler.seed = 1;
@@ -107,15 +116,29 @@ Row run_loader(const std::shared_ptr<Dataset>& ds, const std::string& mode, int 
   o.workers = workers;
   o.prefetch_depth = 2 * workers + 2;
   if (mode == "no-cache") o.cache_bytes = 0;
-  if (mode == "+aug") {
+  if (mode == "raw-out" || mode == "raw-out+aug") o.output = ImageOutput::kRaw;
+  if (mode == "+aug" || mode == "raw-out+aug") {
     o.augment.crop_padding = 4;
     o.augment.horizontal_flip = true;
   }
   DataLoader loader(ds, o, 0, 1);
   const std::int64_t steps = loader.batches_per_epoch() * epochs;
   std::int64_t samples = 0;
+  unsigned sink = 0;
+  // Reads one byte of each batch's images, so that no batch goes unused.
+  const auto touch = [&sink](const Batch& b) {
+    if (b.images.nbytes() > 0) sink += *static_cast<const unsigned char*>(b.images.data_ptr());
+  };
+  for (std::int64_t s = 0; s < loader.batches_per_epoch() * warmup_epochs; ++s) {
+    touch(loader.next());
+  }
+  const LoaderStats before = loader.stats();
   const auto start = Clock::now();
-  for (std::int64_t s = 0; s < steps; ++s) samples += loader.next().labels.size(0);
+  for (std::int64_t s = 0; s < steps; ++s) {
+    const Batch b = loader.next();
+    samples += b.labels.size(0);
+    touch(b);
+  }
   Row row;
   row.mode = mode;
   row.workers = workers;
@@ -125,8 +148,9 @@ Row run_loader(const std::shared_ptr<Dataset>& ds, const std::string& mode, int 
   row.samples_per_s = static_cast<double>(samples) / row.seconds;
   row.mb_per_s = row.samples_per_s * static_cast<double>(sample_bytes) / 1e6;
   const LoaderStats stats = loader.stats();
-  row.reader_busy = stats.read_seconds / row.seconds;
-  row.hyperslab_reads = stats.hyperslab_reads;
+  row.reader_busy = (stats.read_seconds - before.read_seconds) / row.seconds;
+  row.hyperslab_reads = stats.hyperslab_reads - before.hyperslab_reads;
+  if (sink == 1u << 31) std::fprintf(stderr, "loader_perf: %u\n", sink);  // keeps `sink` live
   return row;
 }
 
@@ -139,6 +163,10 @@ int main(int argc, char** argv) {
       "workers", "decode worker counts", cxxopts::value<std::string>()->default_value("1,2,3,4"))(
       "batch", "global batch size", cxxopts::value<std::int64_t>()->default_value("256"))(
       "epochs", "epochs per loader measurement", cxxopts::value<int>()->default_value("2"))(
+      "warmup-epochs",
+      "epochs each loader runs before the timed ones (0: the timing includes filling the chunk "
+      "cache)",
+      cxxopts::value<int>()->default_value("0"))(
       "scratch", "where generated data sets go",
       cxxopts::value<std::string>()->default_value(std::filesystem::temp_directory_path()))(
       "json", "also write the results to this JSON file",
@@ -147,6 +175,7 @@ int main(int argc, char** argv) {
   std::vector<int> worker_counts;
   std::int64_t batch = 0;
   int epochs = 1;
+  int warmup_epochs = 0;
   std::string json_path;
   std::unique_ptr<std::filesystem::path> generated;
   try {
@@ -156,8 +185,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     worker_counts = parse_ints(parsed["workers"].as<std::string>());
+    if (worker_counts.empty()) throw std::invalid_argument("--workers needs at least one count");
     batch = parsed["batch"].as<std::int64_t>();
     epochs = parsed["epochs"].as<int>();
+    warmup_epochs = parsed["warmup-epochs"].as<int>();
     json_path = parsed["json"].as<std::string>();
     std::stringstream in(parsed["dir"].as<std::string>());
     for (std::string d; std::getline(in, d, ',');) {
@@ -197,15 +228,18 @@ int main(int argc, char** argv) {
       raw.ratio_to_raw = 1.0;
       rows.push_back(raw);
       auto add = [&](const std::string& mode, int workers) {
-        Row r = run_loader(ds, mode, workers, batch, epochs);
+        Row r = run_loader(ds, mode, workers, batch, epochs, warmup_epochs);
         r.dataset = name;
         r.ratio_to_raw = r.samples_per_s / raw.samples_per_s;
         rows.push_back(r);
       };
+      const int most = *std::max_element(worker_counts.begin(), worker_counts.end());
       for (int w : worker_counts) add("global", w);
-      add("+aug", worker_counts.back());
-      add("shard-local", worker_counts.back());
-      add("no-cache", worker_counts.back());
+      add("+aug", most);
+      add("shard-local", most);
+      add("no-cache", most);
+      add("raw-out", most);
+      add("raw-out+aug", most);
     }
   } catch (const std::exception& e) {
     std::cerr << "loader_perf: " << e.what() << "\n";
@@ -216,8 +250,10 @@ int main(int argc, char** argv) {
     std::filesystem::remove_all(*generated, ec);
   }
 
-  std::printf("# dtrain loader_perf: global batch %lld, %d epoch(s), %u hardware threads\n",
-              static_cast<long long>(batch), epochs, std::thread::hardware_concurrency());
+  std::printf(
+      "# dtrain loader_perf: global batch %lld, %d epoch(s) after %d warm-up epoch(s), %u hardware "
+      "threads\n",
+      static_cast<long long>(batch), epochs, warmup_epochs, std::thread::hardware_concurrency());
   std::printf("%-16s %-12s %7s %10s %12s %10s %9s %8s %10s\n", "dataset", "mode", "workers",
               "time(s)", "samples/s", "MB/s", "x raw", "reader%", "reads");
   for (const Row& r : rows) {
@@ -229,6 +265,7 @@ int main(int argc, char** argv) {
   doc["benchmark"] = "loader_perf";
   doc["global_batch"] = batch;
   doc["epochs"] = epochs;
+  doc["warmup_epochs"] = warmup_epochs;
   for (const Row& r : rows) {
     doc["results"].push_back({{"dataset", r.dataset},
                               {"mode", r.mode},
