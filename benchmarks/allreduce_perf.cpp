@@ -1,7 +1,7 @@
 // allreduce_perf: all-reduce bandwidth and latency of every dtrain algorithm
 // against MPI_Allreduce, in the same process and run (nccl-tests style).
 //
-//   mpirun -n 2 allreduce_perf -b 8 -e 128M -f 2 --algo ring,tree,rhd,native,auto
+//   mpirun -n 2 allreduce_perf -b 8 -e 128M -f 2 --algo ring,tree,rhd,native,shm,auto
 //
 // For each size, every algorithm runs in turn (warm-up, then `iters` ops
 // issued back to back and waited for together, as nccl-tests does); time is
@@ -162,8 +162,8 @@ int main(int argc, char** argv) {
   dtrain::bench::SweepOptions::add_to(cli);
   cli.add_options("allreduce")(
       "algo",
-      "comma-separated algorithms: ring,tree,rhd,native,auto and mpi (direct MPI_Allreduce)",
-      cxxopts::value<std::string>()->default_value("ring,tree,rhd,native,auto,mpi"))(
+      "comma-separated algorithms: ring,tree,rhd,native,shm,auto and mpi (direct MPI_Allreduce)",
+      cxxopts::value<std::string>()->default_value("ring,tree,rhd,native,shm,auto,mpi"))(
       "d,dtype", "element type", cxxopts::value<std::string>()->default_value("float32"))(
       "device",
       "cpu (MPI backend) or cuda (NCCL backend: algorithms ring, tree, auto; needs a GPU per "

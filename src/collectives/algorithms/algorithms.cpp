@@ -30,10 +30,10 @@ void* Scratch::get(std::size_t bytes) {
 // lower traffic: up to about 1 MiB on 2 ranks, where both move the same
 // bytes, and up to about 16 MiB on 4 ranks; above that the ring leads.
 // tree never led by a margin the noise of these machines could not explain.
-// Where the ranks share memory, shm led them all from 16 KiB up (1.2-7x
-// MPI_Allreduce), and on 2 ranks at every size; with 4 ranks on 2 cores it
-// lost below 16 KiB, where a rank spinning for a descheduled peer costs
-// more than the few messages rhd sends.
+// Where the ranks share memory, shm led on 2 ranks at every size (up to
+// 4.7-7.7x MPI_Allreduce at 64 MiB); with 4 ranks on 2 cores it led from
+// 256 KiB up but lost below, where waking a descheduled peer costs more
+// than the few messages rhd sends.
 Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm) {
   if (world_size <= 1) return Algorithm::kRing;
   if (shm && (world_size == 2 || bytes > kAutoShmMinBytesManyRanks)) return Algorithm::kShm;

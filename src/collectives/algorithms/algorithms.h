@@ -84,7 +84,7 @@ void tree_broadcast(Transport& transport, void* data, std::size_t bytes, int roo
 inline constexpr std::size_t kAutoRingMinBytesTwoRanks = std::size_t{1} << 20;
 inline constexpr std::size_t kAutoRingMinBytesManyRanks = std::size_t{8} << 20;
 /// With shared memory, kAuto runs kShm on 2 ranks and, on more, above this.
-inline constexpr std::size_t kAutoShmMinBytesManyRanks = std::size_t{8} << 10;
+inline constexpr std::size_t kAutoShmMinBytesManyRanks = std::size_t{128} << 10;
 
 /// What Algorithm::kAuto runs for a message of `bytes` bytes on `world_size`
 /// ranks, `shm` telling whether the communicator has shared memory (then
