@@ -100,17 +100,14 @@ double expected_value(ReduceOp op, int world, std::size_t i) {
   return op == ReduceOp::kAvg ? acc / world : acc;
 }
 
-// Runs `body(transport, rank)` on `world` threads; rethrows the first failure.
-void run_ranks(int world, const std::function<void(ThreadTransport&, int)>& body,
-               std::chrono::milliseconds timeout = std::chrono::seconds(20)) {
-  Fabric fabric(world);
+// Runs `body(rank)` on `world` threads; rethrows the first failure.
+void run_threads(int world, const std::function<void(int)>& body) {
   std::vector<std::exception_ptr> errors(world);
   std::vector<std::thread> threads;
   for (int r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
       try {
-        ThreadTransport transport(fabric, r, timeout);
-        body(transport, r);
+        body(r);
       } catch (...) {
         errors[r] = std::current_exception();
       }
@@ -121,6 +118,39 @@ void run_ranks(int world, const std::function<void(ThreadTransport&, int)>& body
     if (e) std::rethrow_exception(e);
   }
 }
+
+// Runs `body(transport, rank)` on `world` threads over one in-process fabric.
+void run_ranks(int world, const std::function<void(ThreadTransport&, int)>& body,
+               std::chrono::milliseconds timeout = std::chrono::seconds(20)) {
+  Fabric fabric(world);
+  run_threads(world, [&](int r) {
+    ThreadTransport transport(fabric, r, timeout);
+    body(transport, r);
+  });
+}
+
+// Every rank's result equals the sequential reduction, and all ranks agree bitwise.
+void expect_reduced(const std::vector<std::vector<char>>& results, ElementType type, ReduceOp op,
+                    std::size_t count, int world) {
+  const std::size_t es = element_size(type);
+  const double tolerance = es == 2 ? 1e-2 : 1e-6;
+  for (std::size_t i = 0; i < count; ++i) {
+    const double want = expected_value(op, world, i);
+    const double got = load(type, results[0].data(), i);
+    ASSERT_NEAR(got, want, tolerance * std::max(1.0, std::abs(want)))
+        << "element " << i << " of " << count;
+  }
+  for (int r = 1; r < world; ++r) {
+    ASSERT_EQ(std::memcmp(results[r].data(), results[0].data(), count * es), 0)
+        << "rank " << r << " differs bitwise from rank 0";
+  }
+}
+
+const auto kAllTypes = ::testing::Values(
+    ElementType::kFloat32, ElementType::kFloat64, ElementType::kBFloat16, ElementType::kFloat16,
+    ElementType::kInt32, ElementType::kInt64, ElementType::kUInt8);
+const auto kAllOps = ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin,
+                                       ReduceOp::kMax, ReduceOp::kProduct);
 
 using Case = std::tuple<Algorithm, ElementType, ReduceOp, std::size_t, int>;
 
@@ -144,17 +174,7 @@ TEST_P(AllReduceAlgorithmTest, MatchesSequentialReductionOnEveryRank) {
     if (op == ReduceOp::kAvg) divide_in_place(data.data(), count, type, world);
     results[rank] = std::move(data);
   });
-  const double tolerance = es == 2 ? 1e-2 : 1e-6;
-  for (std::size_t i = 0; i < count; ++i) {
-    const double want = expected_value(op, world, i);
-    const double got = load(type, results[0].data(), i);
-    ASSERT_NEAR(got, want, tolerance * std::max(1.0, std::abs(want)))
-        << "element " << i << " of " << count;
-  }
-  for (int r = 1; r < world; ++r) {
-    ASSERT_EQ(std::memcmp(results[r].data(), results[0].data(), count * es), 0)
-        << "rank " << r << " differs bitwise from rank 0";
-  }
+  expect_reduced(results, type, op, count, world);
 }
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
@@ -163,18 +183,14 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
          std::to_string(count) + "_w" + std::to_string(world);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    DtypesAndOps, AllReduceAlgorithmTest,
-    ::testing::Combine(
-        ::testing::Values(Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd),
-        ::testing::Values(ElementType::kFloat32, ElementType::kFloat64, ElementType::kBFloat16,
-                          ElementType::kFloat16, ElementType::kInt32, ElementType::kInt64,
-                          ElementType::kUInt8),
-        ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax,
-                          ReduceOp::kProduct),
-        ::testing::Values(std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{1001}),
-        ::testing::Values(2, 3)),
-    case_name);
+INSTANTIATE_TEST_SUITE_P(DtypesAndOps, AllReduceAlgorithmTest,
+                         ::testing::Combine(::testing::Values(Algorithm::kRing, Algorithm::kTree,
+                                                              Algorithm::kRhd),
+                                            kAllTypes, kAllOps,
+                                            ::testing::Values(std::size_t{0}, std::size_t{1},
+                                                              std::size_t{7}, std::size_t{1001}),
+                                            ::testing::Values(2, 3)),
+                         case_name);
 
 INSTANTIATE_TEST_SUITE_P(
     WorldSizesAndCounts, AllReduceAlgorithmTest,
@@ -341,21 +357,7 @@ void run_shm_ranks(int world, std::size_t slot_bytes,
   for (int r = 0; r < world; ++r) regions.push_back(base + region * r);
   std::vector<ShmGroup> groups;
   for (int r = 0; r < world; ++r) groups.emplace_back(r, regions, slot_bytes);
-  std::vector<std::exception_ptr> errors(world);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        body(groups[r], r);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
+  run_threads(world, [&](int r) { body(groups[r], r); });
 }
 
 using ShmCase = std::tuple<ElementType, ReduceOp, std::size_t, int>;
@@ -386,29 +388,15 @@ TEST_P(ShmAllReduceTest, MatchesSequentialReductionOnEveryRank) {
     if (op == ReduceOp::kAvg) divide_in_place(data.data(), count, type, world);
     results[rank] = std::move(data);
   });
-  const double tolerance = es == 2 ? 1e-2 : 1e-6;
-  for (std::size_t i = 0; i < count; ++i) {
-    const double want = expected_value(op, world, i);
-    ASSERT_NEAR(load(type, results[0].data(), i), want, tolerance * std::max(1.0, std::abs(want)))
-        << "element " << i << " of " << count;
-  }
-  for (int r = 1; r < world; ++r) {
-    ASSERT_EQ(std::memcmp(results[r].data(), results[0].data(), count * es), 0)
-        << "rank " << r << " differs bitwise from rank 0";
-  }
+  expect_reduced(results, type, op, count, world);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    DtypesOpsAndWorlds, ShmAllReduceTest,
-    ::testing::Combine(
-        ::testing::Values(ElementType::kFloat32, ElementType::kFloat64, ElementType::kBFloat16,
-                          ElementType::kFloat16, ElementType::kInt32, ElementType::kInt64,
-                          ElementType::kUInt8),
-        ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax,
-                          ReduceOp::kProduct),
-        ::testing::Values(std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{1001}),
-        ::testing::Values(2, 3, 5)),
-    shm_case_name);
+INSTANTIATE_TEST_SUITE_P(DtypesOpsAndWorlds, ShmAllReduceTest,
+                         ::testing::Combine(kAllTypes, kAllOps,
+                                            ::testing::Values(std::size_t{0}, std::size_t{1},
+                                                              std::size_t{7}, std::size_t{1001}),
+                                            ::testing::Values(2, 3, 5)),
+                         shm_case_name);
 
 TEST(ShmTest, ManyOpsOfChangingSizesStayInStep) {
   // Rounds alternate between two slots: a rank must never overwrite a slot
