@@ -327,7 +327,25 @@ def case_bad_input():
     expect_bad_input(base + ["--checkpoint-dir", blocker + "/ckpt"], "a-file/ckpt")
     expect_bad_input(base + ["--device", "cuda"], "--device cuda")
     expect_bad_input(base + ["--optimizer", "lamb"], "unknown --optimizer")
+    expect_bad_input(base + ["--loader-output", "half"], "unknown --loader-output 'half'")
     expect_bad_input(base + ["--epochs"], "epochs")
+
+
+def case_loader_output():
+    """Raw uint8 batches normalized on the device train bitwise like float batches."""
+    mpirun = os.path.join(os.path.dirname(LAUNCH), "dtrain-mpirun")
+    runs = []
+    for output in ("float", "raw"):
+        out = fresh("loader-output-" + output)
+        p = run([mpirun, "-n", "2"] + trainer_args(out, 4, ["--loader-output", output]))
+        if p.returncode != 0 or "test accuracy" not in p.stdout:
+            fail(f"the run with --loader-output {output} failed")
+        runs.append((out, p.stdout))
+    same_checkpoints(runs[0][0] + "/checkpoints", runs[1][0] + "/checkpoints")
+    evals = [[line[line.index("test loss"):] for line in text.splitlines() if "test loss" in line]
+             for _, text in runs]
+    if not evals[0] or evals[0] != evals[1]:
+        fail(f"the evaluations differ: {evals}")
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
