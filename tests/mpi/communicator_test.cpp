@@ -6,7 +6,10 @@
 
 #include <ATen/ATen.h>
 
+#include <sys/resource.h>
+
 #include <chrono>
+#include <csignal>
 #include <thread>
 #include <vector>
 
@@ -132,6 +135,41 @@ TEST(ShmTest, WithoutSharedMemoryShmRunsAsRingAndSmallSlotsTakeManyRounds) {
     const at::Tensor want = at::arange(100000, at::kDouble) * n + n * (n - 1) / 2;
     EXPECT_TRUE(at::equal(t, want)) << "slot " << slot;
   }
+}
+
+TEST(ShmTest, NoRoomInDevShmFallsBackToTheRing) {
+  // A file-size limit makes reserving the shared-memory object fail, as a
+  // full /dev/shm would: the communicator must still work, through the ring.
+  struct rlimit saved {};
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &saved), 0);
+  const auto previous = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = saved;
+  small.rlim_cur = 64 << 10;
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+  CommunicatorOptions options;
+  options.name = "shm-no-room";
+  std::shared_ptr<Communicator> comm;
+  try {
+    comm = runtime().world(options);
+  } catch (...) {
+    setrlimit(RLIMIT_FSIZE, &saved);
+    throw;
+  }
+  setrlimit(RLIMIT_FSIZE, &saved);
+  std::signal(SIGXFSZ, previous);
+  const int n = comm->size();
+  at::Tensor t = at::full({1000}, static_cast<float>(comm->rank() + 1));
+  AllReduceOptions shm;
+  shm.algorithm = Algorithm::kShm;
+  auto work = comm->all_reduce(t, shm);
+  work->wait();
+  EXPECT_NE(work->description().find("all_reduce(ring"), std::string::npos) << work->description();
+  EXPECT_TRUE(at::equal(t, at::full({1000}, static_cast<float>(n * (n + 1) / 2))));
+  // With room, the same request runs through shared memory.
+  auto roomy = fresh_world("shm-room", Timeout(60000));
+  auto work2 = roomy->all_reduce(t, shm);
+  work2->wait();
+  EXPECT_NE(work2->description().find("all_reduce(shm"), std::string::npos) << work2->description();
 }
 
 TEST(PointToPointTest, RingExchangeWithTags) {

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -50,9 +51,21 @@ std::unique_ptr<ShmSegment> ShmSegment::create(MPI_Comm comm, std::size_t slot_b
     std::snprintf(name, sizeof(name), "/dtrain-%ld-%u", static_cast<long>(getpid()),
                   counter.fetch_add(1));
     const int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
-    ok = fd >= 0 && ftruncate(fd, static_cast<off_t>(bytes)) == 0;
+    // Reserve the pages now: a sparse object on a full /dev/shm (containers
+    // often mount only 64 MiB) would fail later with SIGBUS on first touch.
+    int error = fd < 0 ? errno : 0;
+    if (error == 0 && ftruncate(fd, static_cast<off_t>(bytes)) != 0) error = errno;
+    if (error == 0) error = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
     if (fd >= 0) close(fd);
-    if (!ok) name[0] = '\0';
+    ok = error == 0;
+    if (!ok) {
+      std::fprintf(stderr,
+                   "[dtrain] warning: no shared memory for the shm all-reduce (%zu bytes in "
+                   "/dev/shm: %s); this communicator uses the ring instead\n",
+                   bytes, std::strerror(error));
+      if (fd >= 0) shm_unlink(name);
+      name[0] = '\0';
+    }
   }
   DTRAIN_MPI_CHECK(MPI_Bcast(name, sizeof(name), MPI_CHAR, 0, comm));
   void* base = MAP_FAILED;
