@@ -2,8 +2,11 @@
 # The trainer (dtrain-resnet) against PyTorch's Python DDP (Gloo) on the same
 # model, global batch and threads, in one run: images/s of each and the ratio.
 #
-#   benchmarks/run_trainer_comparison.sh [-n RANKS] [-b GLOBAL_BATCH] [-s STEPS] [-w WARMUP]
+#   benchmarks/run_trainer_comparison.sh [-n RANKS] [-b GLOBAL_BATCH] [-s STEPS] [-w WARMUP] [-r PAIRS]
 #
+# With -r PAIRS the two runs are repeated PAIRS times, alternating which goes
+# first, and every pair's ratio is printed with their median: on a shared
+# machine the speed of both sides drifts by 10-20% from minute to minute.
 # dtrain-resnet trains ResNet-20 on the real Fashion-MNIST data (data/,
 # made by scripts/demo.sh or dtrain-data convert-fashion-mnist) with its
 # loader, DDP and per-step metrics, without checkpoints or evaluation; its
@@ -15,14 +18,15 @@
 # Environment: BUILD_DIR (build), PYTHON (/usr/bin/python3), MASTER_PORT.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-ranks=2 batch=128 steps=60 warmup=10
-while getopts "n:b:s:w:h" opt; do
+ranks=2 batch=128 steps=60 warmup=10 pairs=1
+while getopts "n:b:s:w:r:h" opt; do
   case $opt in
     n) ranks=$OPTARG ;;
     b) batch=$OPTARG ;;
     s) steps=$OPTARG ;;
     w) warmup=$OPTARG ;;
-    *) sed -n '2,14p' "$0"; exit 2 ;;
+    r) pairs=$OPTARG ;;
+    *) sed -n '2,18p' "$0"; exit 2 ;;
   esac
 done
 build=${BUILD_DIR:-$root/build}
@@ -35,6 +39,7 @@ data=$root/data/fashion-mnist
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+run_dtrain() {
 echo "== dtrain-resnet: $ranks ranks, global batch $batch, $steps steps"
 "$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$build/examples/resnet/dtrain-resnet" \
   --model resnet20 --train-data "$data/train" --test-data none --checkpoint-dir none \
@@ -50,7 +55,9 @@ print(f"{int(sys.argv[3]) / mean('step_s'):.1f} {mean('data_wait_s')*1e3:.1f} {m
 EOF
 )
 read -r d_ips d_data d_fwd d_bwd d_sync d_opt d_step <<< "$dtrain"
+}
 
+run_torch() {
 echo "== PyTorch DDP (Gloo): $ranks ranks, global batch $batch"
 "$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$python" "$root/benchmarks/pytorch_ddp_peer.py" \
   --model resnet20 --global-batch "$batch" -w "$warmup" -n "$((steps - warmup))" --threads 1 \
@@ -63,8 +70,30 @@ print(f"{r['samples_per_s']:.1f} {r['forward_ms']:.1f} {r['backward_ms']:.1f} {r
 EOF
 )
 read -r t_ips t_fwd t_bwd t_step <<< "$torch"
+}
 
-printf '\n%-28s %10s %8s %8s %9s %8s %8s %9s\n' "ms per step (rank 0)" "images/s" "data" "forward" "backward" "sync" "optim" "step"
-printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "dtrain-resnet (real data)" "$d_ips" "$d_data" "$d_fwd" "$d_bwd" "$d_sync" "$d_opt" "$d_step"
-printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "PyTorch DDP (in-memory)" "$t_ips" "-" "$t_fwd" "$t_bwd" "-" "-" "$t_step"
-"$python" -c "print(f'ratio dtrain / PyTorch (images/s): {$d_ips / $t_ips:.2f}')"
+ratios=()
+for ((pair = 1; pair <= pairs; pair++)); do
+  [ "$pairs" -gt 1 ] && echo "== pair $pair of $pairs"
+  if ((pair % 2 == 1)); then
+    run_dtrain
+    run_torch
+  else
+    run_torch
+    run_dtrain
+  fi
+
+  printf '\n%-28s %10s %8s %8s %9s %8s %8s %9s\n' "ms per step (rank 0)" "images/s" "data" "forward" "backward" "sync" "optim" "step"
+  printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "dtrain-resnet (real data)" "$d_ips" "$d_data" "$d_fwd" "$d_bwd" "$d_sync" "$d_opt" "$d_step"
+  printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "PyTorch DDP (in-memory)" "$t_ips" "-" "$t_fwd" "$t_bwd" "-" "-" "$t_step"
+  "$python" -c "print(f'ratio dtrain / PyTorch (images/s): {$d_ips / $t_ips:.2f}')"
+  ratios+=("$("$python" -c "print(f'{$d_ips / $t_ips:.2f}')")")
+done
+if [ "$pairs" -gt 1 ]; then
+  "$python" - "${ratios[@]}" <<'EOF'
+import statistics, sys
+r = [float(x) for x in sys.argv[1:]]
+print("ratios dtrain / PyTorch: " + " ".join(sys.argv[1:])
+      + f"  median {statistics.median(r):.2f}  min {min(r):.2f}  max {max(r):.2f}")
+EOF
+fi
