@@ -95,32 +95,14 @@ ChannelAffine channel_affine(const LoaderOptions& o, bool uint8, std::int64_t ch
 }
 
 // Normalization is v * s + b in float32 with the product rounded before the
-// add: what normalize_images computes (a multiply, then an add) and what the
-// loader always computed. The compiler may contract `v * s + b` into one
-// fused multiply-add (one rounding) only where the target has an FMA
-// instruction. Without one (x86-64 baseline, as built here) the plain
-// expression is exact and vectorizes: measured about 2.4x less decode time
-// than a 256-entry table lookup for uint8. With one (-march=native,
-// AArch64, ...) uint8 goes through a per-channel table whose entries, like
-// every other value, force the rounding (affine_rounded).
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(__FMA__) && !defined(__FMA4__)
-constexpr bool kPlainAffineIsExact = true;
-#else
-constexpr bool kPlainAffineIsExact = false;
-#endif
-
-float affine_rounded(float v, float s, float b) {
-  volatile float product = v * s;
-  return product + b;
-}
-
+// add: what normalize_images computes (a multiply, then an add). This
+// library is compiled with -ffp-contract=off (src/data/CMakeLists.txt), so
+// no target fuses the expression into one FMA with a single rounding; the
+// plain expression vectorizes (measured 2.4x less decode time than a
+// 256-entry table lookup for uint8).
 template <typename T>
 float normalized(T v, float s, float b) {
-  if constexpr (kPlainAffineIsExact) {
-    return static_cast<float>(v) * s + b;
-  } else {
-    return affine_rounded(static_cast<float>(v), s, b);
-  }
+  return static_cast<float>(v) * s + b;
 }
 
 // The random choices of one sample's augmentation.
@@ -448,7 +430,6 @@ struct DataLoader::Impl {
   int channels = 1, height = 1, width = 1;
   std::size_t image_bytes = 0, label_bytes = 0;
   std::vector<float> scale, shift, pad_values;  // per channel: x*scale + shift
-  std::vector<float> lut;  // [channel][uint8 value] normalized, where !kPlainAffineIsExact
   bool augment = false;
   bool raw_output = false;
   std::shared_ptr<OutputPool> outputs;  // unused with pin_memory (CUDA's host allocator caches)
@@ -711,16 +692,6 @@ struct DataLoader::Impl {
       const unsigned char* in = src + c * plane_bytes;
       float* o = out + c * plane;
       const float s = scale[c], b = shift[c], pad = pad_values[c];
-      if (!lut.empty()) {  // uint8 on a target where the plain expression could be fused
-        const float* table = lut.data() + c * 256;
-        if (d) {
-          crop_flip_plane(in, o, height, width, *d, pad,
-                          mapped_rows([table](unsigned char v) { return table[v]; }));
-        } else {
-          for (std::int64_t k = 0; k < plane; ++k) o[k] = table[in[k]];
-        }
-        continue;
-      }
       switch (image_dtype) {
 #define DTRAIN_LOADER_CASE(KIND, T)                                    \
   case DType::KIND:                                                    \
@@ -866,12 +837,7 @@ DataLoader::DataLoader(std::shared_ptr<Dataset> dataset, LoaderOptions options, 
   s.scale = affine.scale;
   s.shift = affine.shift;
   for (int c = 0; c < s.channels; ++c) {
-    s.pad_values.push_back(affine_rounded(0.0f, s.scale[c], s.shift[c]));  // raw 0, normalized
-    if (img.dtype == DType::kUInt8 && !kPlainAffineIsExact) {
-      for (int v = 0; v < 256; ++v) {
-        s.lut.push_back(affine_rounded(static_cast<float>(v), s.scale[c], s.shift[c]));
-      }
-    }
+    s.pad_values.push_back(normalized(0.0f, s.scale[c], s.shift[c]));  // raw 0, normalized
   }
   s.raw_output = s.options.output == ImageOutput::kRaw;
   s.outputs = std::make_shared<OutputPool>(
