@@ -2,7 +2,7 @@
 # The trainer (dtrain-resnet) against PyTorch's Python DDP (Gloo) on the same
 # model, global batch and threads, in one run: images/s of each and the ratio.
 #
-#   benchmarks/run_trainer_comparison.sh [-n RANKS] [-b GLOBAL_BATCH] [-s STEPS] [-w WARMUP] [-r PAIRS]
+#   benchmarks/run_trainer_comparison.sh [-n RANKS] [-b GLOBAL_BATCH] [-s STEPS] [-w WARMUP] [-r PAIRS] [-m]
 #
 # With -r PAIRS the two runs are repeated PAIRS times, alternating which goes
 # first, and every pair's ratio is printed with their median: on a shared
@@ -15,18 +15,22 @@
 # step ends with a collective). PyTorch trains the same network
 # (benchmarks/pytorch_ddp_peer.py --model resnet20) on synthetic tensors
 # already in memory, so it reads no data. Both use 1 intra-op thread per rank.
+# dtrain's Runtime fixes glibc malloc's thresholds (docs/configuration.md);
+# with -m PyTorch also runs a second time with the same thresholds
+# (GLIBC_TUNABLES), and the ratio against that run is printed too.
 # Environment: BUILD_DIR (build), PYTHON (/usr/bin/python3), MASTER_PORT.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-ranks=2 batch=128 steps=60 warmup=10 pairs=1
-while getopts "n:b:s:w:r:h" opt; do
+ranks=2 batch=128 steps=60 warmup=10 pairs=1 same_malloc=0
+while getopts "n:b:s:w:r:mh" opt; do
   case $opt in
     n) ranks=$OPTARG ;;
     b) batch=$OPTARG ;;
     s) steps=$OPTARG ;;
     w) warmup=$OPTARG ;;
     r) pairs=$OPTARG ;;
-    *) sed -n '2,18p' "$0"; exit 2 ;;
+    m) same_malloc=1 ;;
+    *) sed -n '2,21p' "$0"; exit 2 ;;
   esac
 done
 build=${BUILD_DIR:-$root/build}
@@ -57,9 +61,10 @@ EOF
 read -r d_ips d_data d_fwd d_bwd d_sync d_opt d_step <<< "$dtrain"
 }
 
+# run_torch [ENV=VALUE...]: PyTorch's run, with the given environment.
 run_torch() {
-echo "== PyTorch DDP (Gloo): $ranks ranks, global batch $batch"
-"$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$python" "$root/benchmarks/pytorch_ddp_peer.py" \
+echo "== PyTorch DDP (Gloo): $ranks ranks, global batch $batch${1:+ ($1)}"
+env "$@" "$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$python" "$root/benchmarks/pytorch_ddp_peer.py" \
   --model resnet20 --global-batch "$batch" -w "$warmup" -n "$((steps - warmup))" --threads 1 \
   --json "$work/pytorch.json" > "$work/pytorch.log"
 torch=$("$python" - "$work/pytorch.json" <<'EOF'
@@ -72,28 +77,49 @@ EOF
 read -r t_ips t_fwd t_bwd t_step <<< "$torch"
 }
 
-ratios=()
+# The thresholds src/runtime/malloc_policy.cpp sets, for PyTorch's processes.
+same_thresholds=GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824
+run_torch_same_malloc() {
+  [ "$same_malloc" = 1 ] || return 0
+  local saved="${t_ips:-} ${t_fwd:-} ${t_bwd:-} ${t_step:-}"
+  run_torch "$same_thresholds"
+  m_ips=$t_ips m_fwd=$t_fwd m_bwd=$t_bwd m_step=$t_step
+  read -r t_ips t_fwd t_bwd t_step <<< "$saved"
+}
+
+ratios=() same_ratios=()
 for ((pair = 1; pair <= pairs; pair++)); do
   [ "$pairs" -gt 1 ] && echo "== pair $pair of $pairs"
   if ((pair % 2 == 1)); then
     run_dtrain
+    run_torch_same_malloc
     run_torch
   else
     run_torch
+    run_torch_same_malloc
     run_dtrain
   fi
 
   printf '\n%-28s %10s %8s %8s %9s %8s %8s %9s\n' "ms per step (rank 0)" "images/s" "data" "forward" "backward" "sync" "optim" "step"
   printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "dtrain-resnet (real data)" "$d_ips" "$d_data" "$d_fwd" "$d_bwd" "$d_sync" "$d_opt" "$d_step"
   printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "PyTorch DDP (in-memory)" "$t_ips" "-" "$t_fwd" "$t_bwd" "-" "-" "$t_step"
+  if [ "$same_malloc" = 1 ]; then
+    printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "PyTorch, same malloc" "$m_ips" "-" "$m_fwd" "$m_bwd" "-" "-" "$m_step"
+    "$python" -c "print(f'ratio dtrain / PyTorch with the same malloc thresholds: {$d_ips / $m_ips:.2f}')"
+    same_ratios+=("$("$python" -c "print(f'{$d_ips / $m_ips:.2f}')")")
+  fi
   "$python" -c "print(f'ratio dtrain / PyTorch (images/s): {$d_ips / $t_ips:.2f}')"
   ratios+=("$("$python" -c "print(f'{$d_ips / $t_ips:.2f}')")")
 done
-if [ "$pairs" -gt 1 ]; then
-  "$python" - "${ratios[@]}" <<'EOF'
+summary() {
+  "$python" - "$@" <<'EOF'
 import statistics, sys
-r = [float(x) for x in sys.argv[1:]]
-print("ratios dtrain / PyTorch: " + " ".join(sys.argv[1:])
+r = [float(x) for x in sys.argv[2:]]
+print(f"ratios dtrain / {sys.argv[1]}: " + " ".join(sys.argv[2:])
       + f"  median {statistics.median(r):.2f}  min {min(r):.2f}  max {max(r):.2f}")
 EOF
+}
+if [ "$pairs" -gt 1 ]; then
+  summary PyTorch "${ratios[@]}"
+  if [ "$same_malloc" = 1 ]; then summary "PyTorch with the same malloc thresholds" "${same_ratios[@]}"; fi
 fi

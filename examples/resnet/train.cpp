@@ -694,6 +694,7 @@ int Trainer::run() {
                      {"rank", rank_},
                      {"world_size", world_size_},
                      {"resumed_from_step", resumed_from_ ? json(*resumed_from_) : json(nullptr)},
+                     {"malloc_tuning", runtime_.malloc_policy().tune},
                      {"config",
                       {{"model", c_.model},
                        {"global_batch", c_.global_batch},

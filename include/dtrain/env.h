@@ -8,6 +8,7 @@
 // | DTRAIN_CHUNK_BYTES    | pipelining chunk of the ring/tree algorithms   |
 // | DTRAIN_INLINE_MAX_BYTES | largest collective run on the caller's thread when idle (0: never) |
 // | DTRAIN_SHM_SLOT_BYTES | shared-memory slot of the shm all-reduce (0: no shared memory) |
+// | DTRAIN_MALLOC_TUNING  | 1 (default): Runtime fixes glibc malloc's thresholds; 0: leaves them |
 //
 // Values that do not parse throw InvalidArgument naming the variable.
 
@@ -29,7 +30,12 @@ struct EnvOverrides {
   void apply(collectives::CommunicatorOptions& options) const;
 };
 
-/// Reads every DTRAIN_* variable. Throws InvalidArgument on a malformed value.
+/// Reads every DTRAIN_* variable of the communicators. Throws
+/// InvalidArgument on a malformed value.
 EnvOverrides read_env_overrides();
+
+/// DTRAIN_MALLOC_TUNING: 0 or 1, nullopt when unset. Throws InvalidArgument
+/// on any other value.
+std::optional<bool> read_malloc_tuning_env();
 
 }  // namespace dtrain

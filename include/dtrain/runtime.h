@@ -14,6 +14,7 @@
 // The same binary runs with or without mpirun/srun: started on its own it is
 // a world of one rank.
 
+#include <cstddef>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -41,9 +42,40 @@ struct LaunchInfo {
 /// Reads LaunchInfo from the environment. Pure; never throws.
 LaunchInfo detect_launch();
 
+/// How the process's allocator is set up for training (docs/configuration.md).
+///
+/// A training step allocates and frees the same activations and gradients
+/// every step. glibc's malloc serves blocks above a threshold with mmap and
+/// returns a freed heap top above another to the kernel; both thresholds
+/// move with the allocation history, so some processes hand their step's
+/// memory back and fault it in again (zeroed) every step, others do not. On a
+/// 2-rank CPU job that made one rank 5-10% slower, and its peer waited.
+/// Fixing both thresholds (which also stops them from moving) keeps freed
+/// blocks in the process for the next step; memory stays at the peak a step
+/// needs. Blocks above `mmap_threshold` (glibc's maximum, 32 MiB) still come
+/// and go with mmap.
+struct MallocPolicy {
+  bool tune = false;   ///< Whether Runtime sets the thresholds below.
+  std::string reason;  ///< Why (or why not), for logs.
+  std::size_t mmap_threshold = 0;
+  std::size_t trim_threshold = 0;
+};
+
+/// Decides from the environment: tunes unless DTRAIN_MALLOC_TUNING=0, or
+/// the user set glibc's own knobs (MALLOC_MMAP_THRESHOLD_,
+/// MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_, MALLOC_MMAP_MAX_, or
+/// glibc.malloc.* in GLIBC_TUNABLES), which are then left as they are.
+/// Throws InvalidArgument on a malformed DTRAIN_MALLOC_TUNING.
+MallocPolicy plan_malloc_policy();
+
+/// Applies a plan made by plan_malloc_policy() (nothing if !tune). Returns
+/// false if the C library refused (or is not glibc). Process-wide.
+bool apply_malloc_policy(const MallocPolicy& policy);
+
 class Runtime {
  public:
-  /// Initializes MPI with MPI_THREAD_MULTIPLE (each communicator runs ops on
+  /// Applies plan_malloc_policy() (see MallocPolicy), then initializes MPI
+  /// with MPI_THREAD_MULTIPLE (each communicator runs ops on
   /// its own thread). Throws CommError if the MPI library cannot provide that
   /// level. If MPI is already initialized (by the application), checks its
   /// thread level and leaves finalization to the application.
@@ -59,6 +91,8 @@ class Runtime {
   /// Number of processes in the whole job.
   int size() const noexcept { return size_; }
   const LaunchInfo& launch() const noexcept { return launch_; }
+  /// What the constructor did to the allocator (MallocPolicy).
+  const MallocPolicy& malloc_policy() const noexcept { return malloc_policy_; }
 
   /// Creates a new communicator over every process of the job. Collective:
   /// every process must call it, in the same order. The DTRAIN_* environment
@@ -75,6 +109,7 @@ class Runtime {
   int rank_ = 0;
   int size_ = 1;
   LaunchInfo launch_;
+  MallocPolicy malloc_policy_;
 };
 
 }  // namespace dtrain

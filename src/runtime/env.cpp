@@ -52,4 +52,13 @@ EnvOverrides read_env_overrides() {
   return env;
 }
 
+std::optional<bool> read_malloc_tuning_env() {
+  const char* raw = std::getenv("DTRAIN_MALLOC_TUNING");
+  if (raw == nullptr || *raw == '\0') return std::nullopt;
+  const std::string value(raw);
+  DTRAIN_CHECK_ARG(value == "0" || value == "1", "environment variable DTRAIN_MALLOC_TUNING='",
+                   value, "' is not 0 or 1");
+  return value == "1";
+}
+
 }  // namespace dtrain

@@ -64,6 +64,13 @@ Runtime::Runtime(int* argc, char*** argv) : launch_(detect_launch()) {
       g_runtime_alive.compare_exchange_strong(expected, true),
       "a dtrain::Runtime already exists in this process; create exactly one in main()");
   try {
+    malloc_policy_ = plan_malloc_policy();
+    if (!apply_malloc_policy(malloc_policy_)) {
+      std::fprintf(stderr, "[dtrain rank %d] warning: could not set malloc's thresholds (%s)\n",
+                   launch_.rank, malloc_policy_.reason.c_str());
+      malloc_policy_.tune = false;
+      malloc_policy_.reason = "mallopt refused";
+    }
     int initialized = 0;
     DTRAIN_MPI_CHECK(MPI_Initialized(&initialized));
     int provided = MPI_THREAD_SINGLE;

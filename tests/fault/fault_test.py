@@ -248,6 +248,9 @@ def case_e2e_resume():
     train_steps = [r["step"] for r in lines if r["kind"] == "train"]
     if train_steps != list(range(1, 9)):
         fail(f"train steps logged: {train_steps}")
+    runs = [r for r in lines if r["kind"] == "run"]
+    if len(runs) != 2 or any(r.get("malloc_tuning") is not True for r in runs):
+        fail(f"the run lines do not both say that Runtime tuned malloc: {runs}")
     for key in ("loss", "accuracy", "lr", "images_per_s", "forward_s", "backward_s",
                 "optimizer_s", "comm_exposed_s", "data_wait_s", "rank", "epoch"):
         if key not in lines[-2] and key not in lines[-3]:
