@@ -149,8 +149,13 @@ TEST_F(EnvTest, MalformedValuesNameTheVariable) {
 
 class MallocPolicyTest : public ::testing::Test {
  protected:
-  void TearDown() override {
-    for (const char* name : {"DTRAIN_MALLOC_TUNING", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"}) {
+  // The user's own malloc settings would make the policy step aside.
+  void SetUp() override { clear(); }
+  void TearDown() override { clear(); }
+  static void clear() {
+    for (const char* name :
+         {"DTRAIN_MALLOC_TUNING", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+          "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES"}) {
       unsetenv(name);
     }
   }
