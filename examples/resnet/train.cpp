@@ -918,7 +918,16 @@ int main(int argc, char** argv) {
   ::signal(SIGINT, on_stop_signal);
   ::signal(SIGXFSZ, SIG_IGN);  // a file-size limit becomes a write error (EFBIG), not a kill
 
-  dtrain::Runtime runtime(&argc, &argv);
+  // A bad DTRAIN_* variable, or an MPI without thread support, is reported
+  // like any other bad input, not as an uncaught exception.
+  std::optional<dtrain::Runtime> started;
+  try {
+    started.emplace(&argc, &argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[dtrain rank %d] error: %s\n", launch.rank, e.what());
+    return dynamic_cast<const dtrain::InvalidArgument*>(&e) != nullptr ? kExitBadInput : 1;
+  }
+  dtrain::Runtime& runtime = *started;
   if (const char* kib = std::getenv("DTRAIN_FAULT_FILE_LIMIT_KIB")) {
     const rlimit limit{static_cast<rlim_t>(std::atoll(kib)) * 1024, RLIM_INFINITY};
     ::setrlimit(RLIMIT_FSIZE, &limit);

@@ -49,7 +49,7 @@ LaunchInfo detect_launch();
 /// returns a freed heap top above another to the kernel; both thresholds
 /// move with the allocation history, so some processes hand their step's
 /// memory back and fault it in again (zeroed) every step, others do not. On a
-/// 2-rank CPU job that made one rank 5-10% slower, and its peer waited.
+/// 2-rank CPU job that made one rank 4-9% slower, and its peer waited.
 /// Fixing both thresholds (which also stops them from moving) keeps freed
 /// blocks in the process for the next step; memory stays at the peak a step
 /// needs. Blocks above `mmap_threshold` (glibc's maximum, 32 MiB) still come

@@ -297,11 +297,11 @@ def case_sigterm():
         fail("the next run did not resume where the stop saved")
 
 
-def expect_bad_input(args, message, ranks=1, name="bad"):
+def expect_bad_input(args, message, ranks=1, name="bad", env_extra=None):
     out = fresh(name)
     cmd = ([os.path.join(os.path.dirname(LAUNCH), "dtrain-mpirun"), "-n", str(ranks)]
            if ranks > 1 else [])
-    p = run(cmd + args)
+    p = run(cmd + args, env_extra)
     if p.returncode != 2 and not (ranks > 1 and p.returncode != 0):
         fail(f"exit status {p.returncode}, expected 2, for: {' '.join(args)}")
     if message not in p.stdout:
@@ -332,6 +332,8 @@ def case_bad_input():
     expect_bad_input(base + ["--optimizer", "lamb"], "unknown --optimizer")
     expect_bad_input(base + ["--loader-output", "half"], "unknown --loader-output 'half'")
     expect_bad_input(base + ["--epochs"], "epochs")
+    expect_bad_input(base, "DTRAIN_MALLOC_TUNING='yes' is not 0 or 1",
+                     env_extra={"DTRAIN_MALLOC_TUNING": "yes"})
 
 
 def case_loader_output():
