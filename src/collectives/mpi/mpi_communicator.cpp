@@ -281,8 +281,9 @@ class MpiCommunicator final : public Communicator {
     return submit(
         what, opts.timeout, true, input_bytes, output, input, [=](MpiTransport& transport) {
           if (algorithm == Algorithm::kShm) {
-            // Reduced straight into the output; only tensors that
-            // are not contiguous go through the workspace.
+            // Reduced straight into the output. A non-contiguous tensor, or
+            // an output that overlaps the input (which later rounds still
+            // read), goes through the workspace.
             const bool stage_in = !input.is_contiguous();
             const bool stage_out = !output.is_contiguous() || overlaps(output, input);
             const std::size_t staged_bytes =
