@@ -43,6 +43,10 @@
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/checkpoint/state.h"
 #include "dtrain/collectives/communicator.h"
+#include "dtrain/config.h"
+#if DTRAIN_HAVE_NCCL
+#include "dtrain/collectives/nccl.h"
+#endif
 #include "dtrain/data/dataset.h"
 #include "dtrain/data/loader.h"
 #include "dtrain/error.h"
@@ -254,6 +258,9 @@ Config parse_config(cxxopts::ParseResult& p) {
   DTRAIN_CHECK_ARG(c.checkpoint_every >= 0 && c.eval_every >= 0 && c.eval_batch >= 1,
                    "--checkpoint-every and --eval-every must be >= 0, --eval-batch >= 1");
   DTRAIN_CHECK_ARG(c.comm_timeout_s >= 1, "--comm-timeout must be >= 1 s");
+  DTRAIN_CHECK_ARG(c.device != "cuda" || DTRAIN_HAVE_NCCL,
+                   "--device cuda needs dtrain's NCCL backend, and this build has none (CUDA "
+                   "and NCCL were not found at configure time; see docs/gpu.md)");
   DTRAIN_CHECK_ARG(c.device != "cuda" || torch::cuda::is_available(),
                    "--device cuda was asked for but no CUDA device is available (this LibTorch ",
                    torch::cuda::is_available() ? "sees" : "has no CUDA support or sees no GPU",
@@ -367,6 +374,10 @@ class Trainer {
   dtrain::Runtime& runtime_;
   bool started_ = false;
   std::shared_ptr<dtrain::collectives::Communicator> world_;
+  /// Gradients, buffers and BatchNorm statistics travel here: world_ itself
+  /// on CPU, an NCCL communicator over the same ranks with --device cuda.
+  /// world_ (MPI) keeps the CPU-side agreement: input checks, loss, stop.
+  std::shared_ptr<dtrain::collectives::Communicator> train_comm_;
   std::shared_ptr<dtrain::collectives::Communicator> bn_comm_;
   int rank_ = 0;
   int world_size_ = 1;
@@ -447,10 +458,20 @@ void Trainer::setup() {
 
   device_ = c_.device == "cuda" ? torch::Device(torch::kCUDA, runtime_.launch().local_rank)
                                 : torch::Device(torch::kCPU);
+  train_comm_ = world_;
+#if DTRAIN_HAVE_NCCL
+  if (device_.is_cuda()) {
+    dtrain::collectives::NcclOptions nccl;
+    nccl.name = "gpu-world";
+    nccl.device = device_.index();
+    nccl.timeout = std::chrono::seconds(c_.comm_timeout_s);
+    train_comm_ = dtrain::collectives::make_nccl_communicator(*world_, nccl);
+  }
+#endif
   torch::manual_seed(c_.seed);
   dtrain::resnet::NormFactory norm;
   if (c_.sync_bn && world_size_ > 1) {
-    bn_comm_ = world_->split(0, rank_, {"sync-bn", std::nullopt});
+    bn_comm_ = train_comm_->split(0, rank_, {"sync-bn", std::nullopt});
     norm = [comm = bn_comm_](std::int64_t channels) {
       dtrain::parallel::SyncBatchNormOptions o;
       o.num_features = channels;
@@ -472,7 +493,7 @@ void Trainer::setup() {
                                                            .weight_decay(c_.weight_decay));
   };
   if (c_.zero) {
-    zero_ = std::make_unique<dtrain::parallel::ZeroRedundancyOptimizer>(model_.ptr(), world_,
+    zero_ = std::make_unique<dtrain::parallel::ZeroRedundancyOptimizer>(model_.ptr(), train_comm_,
                                                                         make_optimizer);
   } else {
     dtrain::parallel::DdpOptions o;
@@ -481,7 +502,8 @@ void Trainer::setup() {
     o.compression = c_.compression == "bf16"   ? dtrain::parallel::GradientCompression::kBFloat16
                     : c_.compression == "fp16" ? dtrain::parallel::GradientCompression::kFloat16
                                                : dtrain::parallel::GradientCompression::kNone;
-    ddp_ = std::make_unique<dtrain::parallel::DistributedDataParallel>(model_.ptr(), world_, o);
+    ddp_ =
+        std::make_unique<dtrain::parallel::DistributedDataParallel>(model_.ptr(), train_comm_, o);
     optimizer_ = make_optimizer(model_->parameters());
   }
 
