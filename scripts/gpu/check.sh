@@ -70,6 +70,12 @@ build=$(cd "$build" && pwd)
 : > "$results/steps.jsonl"
 exec > >(tee "$results/check.log") 2>&1
 python=${PYTHON:-python3}
+# The CUDA toolkit's own place, where nvcc is not on PATH (LibTorch's CMake
+# config looks for nvcc); old CMake files of carried packages under CMake 4.
+if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH=/usr/local/cuda/bin:$PATH
+fi
+export CMAKE_POLICY_VERSION_MINIMUM=${CMAKE_POLICY_VERSION_MINIMUM:-3.5}
 arch=x86_64-linux-gnu
 check_start=$(date +%s)
 
