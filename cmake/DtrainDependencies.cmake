@@ -70,9 +70,15 @@ if(NOT DTRAIN_WITH_NCCL STREQUAL "OFF")
   if(CUDAToolkit_FOUND)
     # NCCL_HOME first (an explicit choice); the nvidia-nccl wheels ship only
     # libnccl.so.2, without the unversioned name.
+    # The library comes from the installation of the header found: a nccl.h
+    # of one release with the libnccl of another corrupts memory
+    # (ncclConfig_t differs), so the directory next to the header is
+    # searched first, for every name (NAMES_PER_DIR).
     find_path(NCCL_INCLUDE_DIR nccl.h HINTS ENV NCCL_HOME ${CUDAToolkit_INCLUDE_DIRS} PATH_SUFFIXES include)
-    find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2
-                 HINTS ENV NCCL_HOME ${CUDAToolkit_LIBRARY_DIR} PATH_SUFFIXES lib lib64)
+    get_filename_component(_dtrain_nccl_root "${NCCL_INCLUDE_DIR}" DIRECTORY)
+    find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2 NAMES_PER_DIR
+                 HINTS "${_dtrain_nccl_root}" ENV NCCL_HOME ${CUDAToolkit_LIBRARY_DIR}
+                 PATH_SUFFIXES lib lib64 lib/${CMAKE_LIBRARY_ARCHITECTURE})
   endif()
   if(CUDAToolkit_FOUND AND NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
     set(DTRAIN_FOUND_NCCL ON)

@@ -118,7 +118,8 @@ planned() {  # NAME COMMAND...: a device step in --dry-run: printed, not run
 ok() { [ "${status[$1]:-}" = passed ]; }
 
 echo "dtrain GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) ($( [ $dry_run = 1 ] && echo dry run || echo on the device ))"
-echo "commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown), results in $results"
+commit=${DTRAIN_GPU_COMMIT:-$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)}
+echo "commit $commit, results in $results"
 
 # --- environment ------------------------------------------------------------
 environment() (
@@ -446,9 +447,10 @@ for run in "resnet50-synthetic resnet50 $data_dir/synthetic-224 128" \
 done
 
 # --- summary --------------------------------------------------------------------
-"$python" - "$results" "$envjson" "$dry_run" "$(( $(date +%s) - check_start ))" <<'EOF'
+"$python" - "$results" "$envjson" "$dry_run" "$(( $(date +%s) - check_start ))" "$commit" <<'EOF'
 import glob, json, os, sys
 results, env, dry_run, wall = sys.argv[1], json.loads(sys.argv[2] or "{}"), sys.argv[3] == "1", int(sys.argv[4])
+env["commit"] = sys.argv[5]
 steps = [json.loads(l) for l in open(os.path.join(results, "steps.jsonl"))]
 runs = {}
 for path in glob.glob(os.path.join(results, "*-dtrain.json")) + glob.glob(os.path.join(results, "*-pytorch.json")):

@@ -60,6 +60,7 @@ class MockCudaNcclApi : public detail::CudaNcclApi {
   MOCK_METHOD(void*, device_malloc, (std::size_t), (override));
   MOCK_METHOD(void, device_free, (void*), (override));
   MOCK_METHOD(int, nccl_version, (), (override));
+  MOCK_METHOD(int, nccl_header_version, (), (override));
   MOCK_METHOD(NcclUniqueId, get_unique_id, (), (override));
   MOCK_METHOD(NcclComm, comm_init_rank, (int, const NcclUniqueId&, int, const NcclCommConfig&),
               (override));
@@ -105,6 +106,7 @@ class MockCudaNcclApi : public detail::CudaNcclApi {
     ON_CALL(*this, event_query(_)).WillByDefault([this](CudaEvent) { return gpu_done.load(); });
     ON_CALL(*this, device_malloc(_)).WillByDefault(Return(fake_handle<void*>(0xB000)));
     ON_CALL(*this, nccl_version()).WillByDefault(Return(22809));
+    ON_CALL(*this, nccl_header_version()).WillByDefault(Return(22809));
     ON_CALL(*this, get_unique_id()).WillByDefault(Return(unique_id_filled_with('r')));
     ON_CALL(*this, comm_init_rank(_, _, _, _)).WillByDefault(Return(kComm));
     ON_CALL(*this, comm_check_async_error(_)).WillByDefault(Return(false));

@@ -177,6 +177,7 @@ class RealCudaNcclApi final : public CudaNcclApi {
     check_nccl(ncclGetVersion(&version), "ncclGetVersion");
     return version;
   }
+  int nccl_header_version() override { return NCCL_VERSION_CODE; }
   NcclUniqueId get_unique_id() override {
     ncclUniqueId id;
     check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");

@@ -94,7 +94,9 @@ class CudaNcclApi {
   virtual void device_free(void* pointer) = 0;         ///< cudaFree
 
   // --- NCCL: communicators ------------------------------------------------
-  virtual int nccl_version() = 0;            ///< ncclGetVersion (e.g. 22809)
+  virtual int nccl_version() = 0;  ///< ncclGetVersion (e.g. 22809)
+  /// NCCL_VERSION_CODE of the nccl.h dtrain was compiled against.
+  virtual int nccl_header_version() = 0;
   virtual NcclUniqueId get_unique_id() = 0;  ///< ncclGetUniqueId
   /// ncclCommInitRankConfig on the current device.
   virtual NcclComm comm_init_rank(int nranks, const NcclUniqueId& id, int rank,
