@@ -16,6 +16,9 @@
 #   --seconds N    training time of each of the four runs (default 60)
 #   --ranks N      processes, one GPU each (default: the number of GPUs)
 #   --build DIR    build directory (default build-gpu)
+#   --only LIST    run only these device steps (comma-separated names or
+#                  prefixes: ctest-gpu, allreduce, data, resnet50, resnet20);
+#                  the others are reported as skipped
 #   --dry-run      on a CPU machine: unpack the dependencies, check that MPI
 #                  and HDF5 from them compile and run, configure against the
 #                  installed LibTorch (both through its CMake config and
@@ -38,7 +41,8 @@ ranks=auto
 build=$root/build-gpu
 dry_run=0
 dry_run_build=0
-usage() { sed -n '2,31p' "$0"; }
+only=
+usage() { sed -n '2,34p' "$0"; }
 while [ $# -gt 0 ]; do
   case $1 in
     --results) results=$2; shift 2 ;;
@@ -46,6 +50,7 @@ while [ $# -gt 0 ]; do
     --seconds) seconds=$2; shift 2 ;;
     --ranks) ranks=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
+    --only) only=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --dry-run-build) dry_run=1; dry_run_build=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -366,6 +371,11 @@ device_step() {
   local name=$1 needs=$2; shift 2
   if [ $dry_run = 1 ]; then planned "$name" "$@"; return 0; fi
   local n
+  if [ -n "$only" ]; then
+    local wanted=0
+    for n in ${only//,/ }; do [[ $name == "$n"* ]] && wanted=1; done
+    [ $wanted = 1 ] || { skip "$name" "not in --only $only"; return 1; }
+  fi
   for n in $needs; do
     case $n in
       /*) [ -e "$n" ] || { skip "$name" "$(basename "$n") was not built"; return 1; } ;;
