@@ -213,13 +213,21 @@ class RealCudaNcclApi final : public CudaNcclApi {
     const ncclResult_t result = ncclCommInitRankConfig(&slot->comm, nranks, nccl_id, rank, &c);
     return settle_slot(slot, result, "ncclCommInitRankConfig");
   }
-  NcclComm comm_split(NcclComm comm, int color, int key, const NcclCommConfig& config) override {
+  NcclSplit comm_split(NcclComm comm, int color, int key, const NcclCommConfig& config) override {
     CommSlot* slot = new_slot(config);
     ncclConfig_t c = make_config(config, *slot);
     const ncclResult_t result = ncclCommSplit(comm, color, key, &slot->comm, &c);
-    if (result != ncclSuccess && result != ncclInProgress) release_slot(slot);
+    // Without a color NCCL starts no job that could write the slot later.
+    if (color == NCCL_SPLIT_NOCOLOR || (result != ncclSuccess && result != ncclInProgress)) {
+      release_slot(slot);
+    }
     check_nccl(result, "ncclCommSplit", comm);
-    return settle_slot(slot, ncclSuccess, "ncclCommSplit");
+    return color == NCCL_SPLIT_NOCOLOR ? nullptr : reinterpret_cast<NcclSplit>(slot);
+  }
+  NcclComm split_child(NcclSplit split) override {
+    // The slot stays alive until the child is destroyed or aborted, or for
+    // good if the split never completes (NCCL may still write it then).
+    return __atomic_load_n(&reinterpret_cast<CommSlot*>(split)->comm, __ATOMIC_ACQUIRE);
   }
   int comm_count(NcclComm comm) override {
     int count = 0;
@@ -295,14 +303,14 @@ class RealCudaNcclApi final : public CudaNcclApi {
     slots_.back()->name = config.name;
     return slots_.back().get();
   }
-  // The handle NCCL returned; the slot stays while NCCL may still write it.
+  // The handle an initialization returned at once (NCCL stores it again when
+  // the initialization completes); the slot stays while NCCL may write it.
   NcclComm settle_slot(CommSlot* slot, ncclResult_t result, const char* call) {
     ncclComm_t comm = __atomic_load_n(&slot->comm, __ATOMIC_ACQUIRE);
     if (result != ncclSuccess && result != ncclInProgress) {
       if (comm == nullptr) release_slot(slot);
       check_nccl(result, call, comm);
     }
-    if (comm == nullptr) release_slot(slot);  // a split without a color: no communicator
     return comm;
   }
   void release_slot(CommSlot* slot) {
