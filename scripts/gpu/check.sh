@@ -228,6 +228,8 @@ else
 fi
 # Shared memory and TCP only: the machine's fabric libraries are not carried.
 export OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader,tcp OMPI_MCA_mca_base_component_show_load_errors=0
+# The carried PMIx finds no compression plugin's zlib and says so at every start.
+export PMIX_MCA_pcompress_base_silence_warning=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 # One node: without ssh, Open MPI's rsh launcher refuses to start even locally.
 command -v ssh >/dev/null || command -v rsh >/dev/null || export OMPI_MCA_plm=isolated
