@@ -52,6 +52,7 @@
 #include "dtrain/runtime.h"
 #include "examples/resnet/resnet.h"
 #include "examples/resnet/telemetry.h"
+#include "src/cli/cli.h"
 
 namespace {
 
@@ -60,7 +61,7 @@ using Clock = std::chrono::steady_clock;
 using dtrain::resnet::SystemTime;
 using json = nlohmann::json;
 
-constexpr int kExitBadInput = 2;
+constexpr int kExitBadInput = dtrain::cli::kExitUsage;
 constexpr int kExitStopped = 75;
 
 std::atomic<int> g_stop_signal{0};
@@ -895,19 +896,19 @@ int main(int argc, char** argv) {
   cxxopts::Options cli = make_cli();
   Config config;
   try {
-    auto parsed = cli.parse(argc, argv);
+    auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
       if (launch.rank == 0) {
         std::cout << cli.help({"Model and data", "Schedule", "Data parallelism", "Execution",
                                "Checkpoints and output"})
-                  << "\nExit status: 0 finished (or stopped by --max-minutes after a "
+                  << "\nBoolean options take true or false attached or as the next word "
+                     "(--resume=false, --resume false); alone they mean true.\n"
+                     "Exit status: 0 finished (or stopped by --max-minutes after a "
                      "checkpoint), 2 bad input (nothing trained or written), 75 stopped by "
                      "SIGTERM/SIGINT after a checkpoint (run again to resume), 1 other errors.\n";
       }
       return 0;
     }
-    DTRAIN_CHECK_ARG(parsed.unmatched().empty(), "unexpected argument '",
-                     parsed.unmatched().empty() ? "" : parsed.unmatched().front(), "'");
     config = parse_config(parsed);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "[dtrain rank %d] error: %s (see --help)\n", launch.rank, e.what());

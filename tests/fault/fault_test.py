@@ -304,10 +304,13 @@ def expect_bad_input(args, message, ranks=1, name="bad", env_extra=None):
     p = run(cmd + args, env_extra)
     if p.returncode != 2 and not (ranks > 1 and p.returncode != 0):
         fail(f"exit status {p.returncode}, expected 2, for: {' '.join(args)}")
-    if message not in p.stdout:
-        fail(f"the message lacks '{message}'")
-    if os.path.exists(os.path.join(out, "metrics")):
-        fail("something was written before the input was checked")
+    messages = [message] if isinstance(message, str) else message
+    for m in messages:
+        if m not in p.stdout:
+            fail(f"the message lacks '{m}'")
+    for written in ("metrics", "checkpoints"):
+        if os.path.exists(os.path.join(out, written)):
+            fail(f"{written}/ was written before the input was checked")
 
 
 def case_bad_input():
@@ -334,6 +337,11 @@ def case_bad_input():
     expect_bad_input(base + ["--epochs"], "epochs")
     expect_bad_input(base, "DTRAIN_MALLOC_TUNING='yes' is not 0 or 1",
                      env_extra={"DTRAIN_MALLOC_TUNING": "yes"})
+    # Boolean options: `--resume false` as well as `--resume=false`; a value
+    # that does not parse names its option.
+    expect_bad_input(base + ["--max-minutes", "soon"], "--max-minutes: cannot parse 'soon'")
+    expect_bad_input(base + ["--resume=maybe"], "--resume: cannot parse 'maybe'")
+    expect_bad_input(base + ["--resume", "false", "extra"], "unexpected argument 'extra'")
 
 
 def case_loader_output():

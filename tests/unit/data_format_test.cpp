@@ -296,6 +296,19 @@ TEST(DataFormat, ToolGenerateInspectVerify) {
   EXPECT_NE(read_text(dir / "log.txt").find("shard-00001.h5 is corrupt"), std::string::npos)
       << read_text(dir / "log.txt");
   EXPECT_EQ(run("frobnicate"), 2);
+  // Usage errors exit 2 and name the option.
+  auto log_has = [&](const std::string& text) {
+    return read_text(dir / "log.txt").find(text) != std::string::npos;
+  };
+  EXPECT_EQ(run("generate --out " + (dir / "s2") + " --shape 3,x,4"), 2);
+  EXPECT_TRUE(log_has("--shape '3,x,4' must be comma-separated positive integers"))
+      << read_text(dir / "log.txt");
+  EXPECT_EQ(run("generate --out " + (dir / "s3") + " --samples lots"), 2);
+  EXPECT_TRUE(log_has("--samples: cannot parse 'lots'")) << read_text(dir / "log.txt");
+  EXPECT_EQ(run("inspect " + out + " " + out), 2);
+  EXPECT_TRUE(log_has("unexpected argument")) << read_text(dir / "log.txt");
+  EXPECT_FALSE(fs::exists(dir / "s2"));
+  EXPECT_FALSE(fs::exists(dir / "s3"));
 }
 
 }  // namespace
