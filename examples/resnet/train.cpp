@@ -415,11 +415,14 @@ void Trainer::setup() {
     if (c_.test_data != "none") test_set_ = dtrain::data::Dataset::open(c_.test_data, open);
     const auto& m = train_set_->manifest();
     const auto& images = m.fields.at(static_cast<std::size_t>(train_set_->field_index("images")));
-    train_set_->field_index("labels");
     DTRAIN_CHECK_ARG(images.shape.size() == 3 || images.shape.size() == 2, c_.train_data,
                      ": field 'images' must be [C,H,W] or [H,W] per sample");
     channels_ = images.shape.size() == 3 ? images.shape[0] : 1;
     classes_ = m.class_names.empty() ? 10 : static_cast<std::int64_t>(m.class_names.size());
+    // Integer labels in [0, classes): from the manifest's recorded range, or
+    // one read of the labels for a data set written before it was recorded.
+    dtrain::data::check_class_labels(*train_set_, "labels", classes_);
+    if (test_set_) dtrain::data::check_class_labels(*test_set_, "labels", classes_);
     DTRAIN_CHECK_ARG(train_set_->size() >= c_.global_batch, c_.train_data, " holds ",
                      train_set_->size(), " samples, fewer than one global batch (", c_.global_batch,
                      ")");

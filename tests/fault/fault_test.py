@@ -3,7 +3,7 @@
 dtrain-launch, with real faults: a rank SIGKILLed at a step, a rank killed
 while a checkpoint is being written, flipped bytes in the newest checkpoint,
 a restart on fewer ranks, a file-size limit during a save, and the trainer's
-bad-input errors.
+bad-input errors (bad options, bad labels).
 
     fault_test.py CASE        (see CASES at the bottom)
 
@@ -12,6 +12,7 @@ binaries), DTRAIN_LAUNCH (scripts/launch/dtrain-launch), DTRAIN_FAULT_WORK
 (a scratch directory; the synthetic data set is made there once).
 """
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -313,6 +314,43 @@ def expect_bad_input(args, message, ranks=1, name="bad", env_extra=None):
             fail(f"{written}/ was written before the input was checked")
 
 
+def relabelled(name, transform, dtype=None, keep_range=True):
+    """A copy of the synthetic training split whose labels are transform(labels),
+    stored as `dtype` (default: as they were), with the manifest updated to
+    match (sizes, digests, dtype; the recorded range unless keep_range is
+    False, as in a data set written before the range was recorded)."""
+    import h5py
+    import numpy
+    path = fresh(name)
+    shutil.copytree(data_dir() + "/train", path)
+    with open(path + "/manifest.json") as f:
+        manifest = json.load(f)
+    values = []
+    for shard in manifest["shards"]:
+        file = os.path.join(path, shard["file"])
+        with h5py.File(file, "r+") as h5:
+            labels = transform(h5["labels"][...])
+            del h5["labels"]
+            h5.create_dataset("labels", data=labels.astype(dtype or labels.dtype),
+                              chunks=(len(labels),))
+            values.append(labels)
+        shard["bytes"] = os.path.getsize(file)
+        with open(file, "rb") as f:
+            shard["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    everything = numpy.concatenate(values)
+    for field in manifest["fields"]:
+        if field["name"] == "labels":
+            field.pop("min", None)
+            field.pop("max", None)
+            if dtype:
+                field["dtype"] = numpy.dtype(dtype).name
+            if keep_range and not dtype:
+                field["min"], field["max"] = int(everything.min()), int(everything.max())
+    with open(path + "/manifest.json", "w") as f:
+        json.dump(manifest, f, indent=2)
+    return path
+
+
 def case_bad_input():
     """The trainer's bad-input errors: non-zero exit before any training or writing."""
     d = data_dir()
@@ -337,6 +375,19 @@ def case_bad_input():
     expect_bad_input(base + ["--epochs"], "epochs")
     expect_bad_input(base, "DTRAIN_MALLOC_TUNING='yes' is not 0 or 1",
                      env_extra={"DTRAIN_MALLOC_TUNING": "yes"})
+    # Labels the model cannot use: caught when the data set is opened, before
+    # anything is written (not at the first step, or by the loader).
+    floats = relabelled("float-labels", lambda l: l, dtype="float32")
+    expect_bad_input(base + ["--train-data", floats], ["label field 'labels'", "float32"])
+    shifted = relabelled("shifted-labels", lambda l: l + 10)
+    expect_bad_input(base + ["--train-data", shifted],
+                     ["label field 'labels'", "from 10 to 19", "[0, 10)"])
+    # The same in a data set written before the range was recorded: read once.
+    unrecorded = relabelled("shifted-labels-no-range", lambda l: l + 10, keep_range=False)
+    expect_bad_input(base + ["--train-data", unrecorded],
+                     ["label field 'labels'", "from 10 to 19", "[0, 10)"])
+    expect_bad_input(base + ["--test-data", shifted], ["label field 'labels'", shifted],
+                     ranks=2)
     # Boolean options: `--resume false` as well as `--resume=false`; a value
     # that does not parse names its option.
     expect_bad_input(base + ["--max-minutes", "soon"], "--max-minutes: cannot parse 'soon'")

@@ -215,6 +215,64 @@ TEST(DataFormat, BadInputsFailAtOpenNamingFileAndField) {
   }
 }
 
+// The writer records each integer field's range; labels are checked against
+// the class count from it, or, in a data set written before the range was
+// recorded, by reading them once.
+TEST(DataFormat, LabelRangeIsRecordedAndChecked) {
+  ScratchDir dir;
+  const std::string d = dir / "pattern";
+  make_pattern_dataset(d, 40, 15);  // labels 3i + 1: 1 .. 118
+  const std::string text = read_text(d + "/manifest.json");
+  EXPECT_NE(text.find("\"min\": 1"), std::string::npos) << text;
+  EXPECT_NE(text.find("\"max\": 118"), std::string::npos) << text;
+  const Manifest m = Manifest::from_json(text, "m");
+  ASSERT_EQ(m.value_ranges.count("labels"), 1u);
+  EXPECT_EQ(m.value_ranges.at("labels").min, 1);
+  EXPECT_EQ(m.value_ranges.at("labels").max, 118);
+  EXPECT_EQ(m.value_ranges.at("images").min, 0);
+
+  // An older data set: no ranges in its manifest. It still opens; the range
+  // is found by reading the labels.
+  const std::string old = dir / "old";
+  make_pattern_dataset(old, 40, 15);
+  Manifest stripped = Manifest::from_json(read_text(old + "/manifest.json"), "m");
+  stripped.value_ranges.clear();
+  write_text(old + "/manifest.json", stripped.to_json());
+  EXPECT_EQ(read_text(old + "/manifest.json").find("\"min\""), std::string::npos);
+
+  for (const std::string& path : {d, old}) {
+    SCOPED_TRACE(path);
+    auto ds = Dataset::open(path);
+    const ValueRange range = ds->value_range(ds->field_index("labels"));
+    EXPECT_EQ(range.min, 1);
+    EXPECT_EQ(range.max, 118);
+    check_class_labels(*ds, "labels", 119);
+    expect_error<DataError>([&] { check_class_labels(*ds, "labels", 10); },
+                            {"label field 'labels'", path, "from 1 to 118", "[0, 10)"});
+  }
+
+  // Float labels are no class labels, whatever their values.
+  DatasetSpec spec;
+  spec.fields = {{"images", DType::kUInt8, {2}}, {"labels", DType::kFloat32, {}}};
+  spec.class_names = {"a", "b"};
+  {
+    DatasetWriter writer(dir / "float", spec);
+    const std::uint8_t px[4] = {1, 2, 3, 4};
+    const float labels[2] = {0, 1};
+    writer.add({px, labels}, 2);
+    EXPECT_EQ(writer.finish().value_ranges.count("labels"), 0u);
+  }
+  auto floats = Dataset::open(dir / "float");
+  expect_error<DataError>([&] { check_class_labels(*floats, "labels", 2); },
+                          {"label field 'labels'", "float32", "integer"});
+  EXPECT_THROW(floats->value_range(1), InvalidArgument);
+  // A min above max is a malformed manifest.
+  std::string swapped = read_text(d + "/manifest.json");
+  swapped.replace(swapped.find("\"min\": 1"), 8, "\"min\": 999");
+  write_text(d + "/manifest.json", swapped);
+  expect_open_error(d, {"manifest.json", "min 999 > max 118"});
+}
+
 // Writes a gzip'd IDX file: magic, big-endian dims, uint8 data.
 void write_idx_gz(const std::string& path, const std::vector<std::uint32_t>& dims,
                   const std::vector<std::uint8_t>& data) {
