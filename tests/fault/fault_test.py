@@ -2,8 +2,10 @@
 """Fault-injection and end-to-end tests of the trainer, the checkpoints and
 dtrain-launch, with real faults: a rank SIGKILLed at a step, a rank killed
 while a checkpoint is being written, flipped bytes in the newest checkpoint,
-a restart on fewer ranks, a file-size limit during a save, and the trainer's
-bad-input errors (bad options, bad labels).
+every other kind of damage to it (a truncated or deleted rank file, a garbled
+or deleted manifest, leftovers of an interrupted save), a restart on fewer
+ranks, a file-size limit during a save, and the trainer's bad-input errors
+(bad options, bad labels).
 
     fault_test.py CASE        (see CASES at the bottom)
 
@@ -168,6 +170,80 @@ def case_corrupt_newest():
     if "(step 8," not in p.stdout:
         fail("did not fall back to the step-8 checkpoint")
     same_checkpoints(ref + "/checkpoints", out + "/checkpoints")
+
+
+def damage_flip(ckpt):
+    bad = os.path.join(ckpt, "rank-00000.h5")
+    size = os.path.getsize(bad)
+    with open(bad, "r+b") as f:
+        f.seek(size // 2)
+        chunk = f.read(64)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def damage_truncate(ckpt):
+    bad = os.path.join(ckpt, "rank-00001.h5")
+    os.truncate(bad, os.path.getsize(bad) // 2)
+
+
+def damage_garble(ckpt):
+    with open(os.path.join(ckpt, "manifest.json"), "w") as f:
+        f.write("{ not json")
+
+
+# (name, damage of the newest checkpoint (step 12), what verify and the
+# resume's warning must name, the verify exit status, the step resumed from)
+DAMAGES = [
+    ("flipped-byte", damage_flip, ["rank-00000.h5"], 1, 8),
+    ("truncated-file", damage_truncate, ["rank-00001.h5"], 1, 8),
+    ("deleted-file", lambda c: os.remove(os.path.join(c, "rank-00000.h5")), ["rank-00000.h5"],
+     1, 8),
+    ("garbled-manifest", damage_garble, ["step-000000012", "manifest.json"], 1, 8),
+    ("deleted-manifest", lambda c: os.remove(os.path.join(c, "manifest.json")),
+     ["step-000000012", "no manifest.json"], 1, 8),
+    # Not a checkpoint at all: an interrupted save of step 16, removed on start.
+    ("tmp-leftover", lambda c: shutil.copytree(c, os.path.join(os.path.dirname(c),
+                                                               ".tmp-step-000000016"),
+                                               ignore=shutil.ignore_patterns("manifest.json")),
+     [".tmp-step-000000016", "interrupted save"], 0, 12),
+]
+
+
+def case_damaged_checkpoints():
+    """Each kind of damage to the newest checkpoint: `dtrain-ckpt verify`
+    fails naming what is wrong, and the trainer warns naming it and resumes
+    from the checkpoint before (a .tmp leftover is no checkpoint: removed
+    with a warning, verify passes)."""
+    source = fresh("damaged-source")
+    if launch(2, trainer_args(source, 12)).returncode != 0:
+        fail("the run that writes the checkpoints failed")
+    if steps_of(source + "/checkpoints") != [4, 8, 12]:
+        fail(f"checkpoints: {steps_of(source + '/checkpoints')}")
+    for name, damage, needles, verify_status, resumed in DAMAGES:
+        out = fresh("damaged-" + name)
+        shutil.copytree(source + "/checkpoints", out + "/checkpoints")
+        damage(os.path.join(out, "checkpoints", "step-000000012"))
+        p = run([CKPT, "verify", out + "/checkpoints"])
+        if p.returncode != verify_status:
+            fail(f"{name}: dtrain-ckpt verify exited {p.returncode}, expected {verify_status}")
+        if verify_status != 0 and not all(n in p.stdout for n in needles):
+            fail(f"{name}: dtrain-ckpt verify does not name {needles}")
+        # One rank resumes what two wrote; --steps 8: nothing more to train.
+        p = run(trainer_args(out, 8, ["--test-data", "none"]))
+        if p.returncode != 0:
+            fail(f"{name}: the resumed run failed")
+        warnings = [line for line in p.stdout.splitlines() if "warning" in line]
+        if not any(all(n in line for n in needles) for line in warnings):
+            fail(f"{name}: no warning naming {needles}")
+        if f"step-{resumed:09d} (step {resumed}," not in p.stdout:
+            fail(f"{name}: did not resume from step {resumed}")
+    p = run([CKPT, "list", out + "/checkpoints"])
+    if p.returncode != 0 or "step-000000012" not in p.stdout:
+        fail("dtrain-ckpt list does not show the checkpoints")
+    if run([CKPT, "verify", "--frobnicate", out]).returncode != 2:
+        fail("dtrain-ckpt with an unknown option did not exit 2")
+    print(f"ok: {len(DAMAGES)} kinds of damage")
 
 
 def case_fewer_ranks():

@@ -9,7 +9,9 @@
 //                                  model/) of two checkpoints bitwise
 //
 // Exit status: 0 when everything checked is fine (diff: identical), 1 when a
-// checkpoint is bad (diff: they differ), 2 for usage errors.
+// checkpoint is bad (diff: they differ), 2 for usage errors. `verify DIR`
+// counts a step-N directory without manifest.json as bad (only damage makes
+// one: a save renames its directory after writing the manifest).
 
 #include <cstdio>
 #include <filesystem>
@@ -68,16 +70,35 @@ int list(const std::string& dir) {
     }
   }
   if (entries.empty()) std::printf("(no committed checkpoints in %s)\n", dir.c_str());
+  for (const auto& e : list_damaged_checkpoints(dir)) {
+    std::printf("damaged: %s\n", damaged_checkpoint_message(e).c_str());
+  }
   return 0;
+}
+
+// step-N directories without a manifest at PATH: PATH itself, or in it.
+std::vector<CheckpointEntry> damaged_at(const std::string& path) {
+  if (fs::exists(fs::path(path) / "manifest.json")) return {};
+  std::error_code ec;
+  const fs::path parent = fs::path(path).lexically_normal().parent_path();
+  for (const auto& e : list_damaged_checkpoints(parent.empty() ? "." : parent.string())) {
+    if (fs::equivalent(e.directory, path, ec)) return {e};
+  }
+  return list_damaged_checkpoints(path);
 }
 
 int verify(const std::string& path) {
   const auto targets = checkpoints_at(path, false);
-  if (targets.empty()) {
+  const auto damaged = damaged_at(path);
+  if (targets.empty() && damaged.empty()) {
     std::cerr << "dtrain-ckpt: no checkpoint at " << path << "\n";
     return 1;
   }
   int bad = 0;
+  for (const auto& e : damaged) {
+    std::printf("BAD   %s\n", damaged_checkpoint_message(e).c_str());
+    ++bad;
+  }
   for (const std::string& dir : targets) {
     try {
       const Checkpoint c = Checkpoint::open(dir);
@@ -182,7 +203,8 @@ int main(int argc, char** argv) {
       std::cout << "dtrain-ckpt: list, verify and inspect dtrain checkpoints\n\n"
                    "  dtrain-ckpt list DIR       committed checkpoints under DIR, oldest first\n"
                    "  dtrain-ckpt verify PATH    sizes and SHA-256 of every file (PATH: one\n"
-                   "                             checkpoint, or a directory of them)\n"
+                   "                             checkpoint, or a directory of them; a step-N\n"
+                   "                             directory without manifest.json is bad)\n"
                    "  dtrain-ckpt inspect PATH   step, metadata, files, tensors and their pieces\n"
                    "                             (PATH: one checkpoint, or the newest in DIR)\n"
                    "  dtrain-ckpt diff A B [PREFIX]\n"
