@@ -122,7 +122,13 @@ int main(int argc, char** argv) {
       "no-fsync", "skip fsync", cxxopts::value<bool>()->default_value("false"))(
       "json", "write results to this file", cxxopts::value<std::string>()->default_value(""))(
       "h,help", "help");
-  const auto args = cli.parse(argc, argv);
+  cxxopts::ParseResult args;
+  try {
+    args = dtrain::cli::parse(cli, argc, argv);
+  } catch (const dtrain::cli::UsageError& e) {
+    if (runtime.rank() == 0) std::fprintf(stderr, "checkpoint_perf: %s\n", e.what());
+    return dtrain::cli::kExitUsage;
+  }
   if (args.count("help")) {
     if (runtime.rank() == 0) std::printf("%s\n", cli.help().c_str());
     return 0;

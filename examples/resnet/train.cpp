@@ -56,6 +56,7 @@
 #include "dtrain/runtime.h"
 #include "examples/resnet/resnet.h"
 #include "examples/resnet/telemetry.h"
+#include "src/cli/cli.h"
 
 namespace {
 
@@ -64,7 +65,7 @@ using Clock = std::chrono::steady_clock;
 using dtrain::resnet::SystemTime;
 using json = nlohmann::json;
 
-constexpr int kExitBadInput = 2;
+constexpr int kExitBadInput = dtrain::cli::kExitUsage;
 constexpr int kExitStopped = 75;
 
 std::atomic<int> g_stop_signal{0};
@@ -425,11 +426,14 @@ void Trainer::setup() {
     if (c_.test_data != "none") test_set_ = dtrain::data::Dataset::open(c_.test_data, open);
     const auto& m = train_set_->manifest();
     const auto& images = m.fields.at(static_cast<std::size_t>(train_set_->field_index("images")));
-    train_set_->field_index("labels");
     DTRAIN_CHECK_ARG(images.shape.size() == 3 || images.shape.size() == 2, c_.train_data,
                      ": field 'images' must be [C,H,W] or [H,W] per sample");
     channels_ = images.shape.size() == 3 ? images.shape[0] : 1;
     classes_ = m.class_names.empty() ? 10 : static_cast<std::int64_t>(m.class_names.size());
+    // Integer labels in [0, classes): from the manifest's recorded range, or
+    // one read of the labels for a data set written before it was recorded.
+    dtrain::data::check_class_labels(*train_set_, "labels", classes_);
+    if (test_set_) dtrain::data::check_class_labels(*test_set_, "labels", classes_);
     DTRAIN_CHECK_ARG(train_set_->size() >= c_.global_batch, c_.train_data, " holds ",
                      train_set_->size(), " samples, fewer than one global batch (", c_.global_batch,
                      ")");
@@ -917,19 +921,19 @@ int main(int argc, char** argv) {
   cxxopts::Options cli = make_cli();
   Config config;
   try {
-    auto parsed = cli.parse(argc, argv);
+    auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
       if (launch.rank == 0) {
         std::cout << cli.help({"Model and data", "Schedule", "Data parallelism", "Execution",
                                "Checkpoints and output"})
-                  << "\nExit status: 0 finished (or stopped by --max-minutes after a "
+                  << "\nBoolean options take true or false attached or as the next word "
+                     "(--resume=false, --resume false); alone they mean true.\n"
+                     "Exit status: 0 finished (or stopped by --max-minutes after a "
                      "checkpoint), 2 bad input (nothing trained or written), 75 stopped by "
                      "SIGTERM/SIGINT after a checkpoint (run again to resume), 1 other errors.\n";
       }
       return 0;
     }
-    DTRAIN_CHECK_ARG(parsed.unmatched().empty(), "unexpected argument '",
-                     parsed.unmatched().empty() ? "" : parsed.unmatched().front(), "'");
     config = parse_config(parsed);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "[dtrain rank %d] error: %s (see --help)\n", launch.rank, e.what());

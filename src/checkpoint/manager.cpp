@@ -396,6 +396,11 @@ std::optional<CheckpointEntry> CheckpointManager::latest_valid() {
   impl_->wait_pending();
   // Rank 0's view of the directory decides which checkpoints are tried.
   std::vector<CheckpointEntry> entries = list();
+  if (impl_->rank == 0) {
+    for (const CheckpointEntry& damaged : list_damaged_checkpoints(impl_->options.directory)) {
+      impl_->warn("skipping checkpoint " + damaged_checkpoint_message(damaged));
+    }
+  }
   const std::int64_t count = impl_->broadcast_int(static_cast<std::int64_t>(entries.size()));
   at::Tensor steps = at::full({std::max<std::int64_t>(count, 1)}, -1, at::kLong);
   for (std::int64_t i = 0; impl_->rank == 0 && i < count; ++i) {

@@ -38,7 +38,9 @@
 // Resuming (CheckpointManager::latest_valid, collective): the newest
 // checkpoint whose manifest parses and whose files all have the recorded size
 // and SHA-256 (the ranks share the digest work); a broken one is skipped with
-// a warning naming the bad file.
+// a warning naming the bad file. A step-N directory without a manifest can
+// only come from damage (the rename follows the manifest): it is not loaded,
+// and rank 0 warns naming it.
 //
 // The checkpoint directory must be visible to every rank at the same path
 // (a shared file system across nodes).
@@ -230,7 +232,9 @@ class CheckpointManager {
   WriteStats last_write() const;
 
   /// Collective. The newest committed checkpoint that verifies, or nullopt.
-  /// Broken ones are skipped with a warning naming the bad file.
+  /// Broken ones are skipped with a warning naming the bad file; rank 0
+  /// warns about every step-N directory without a manifest
+  /// (list_damaged_checkpoints).
   std::optional<CheckpointEntry> latest_valid();
   /// Committed checkpoints (those with a manifest), oldest first. Local.
   std::vector<CheckpointEntry> list() const;
@@ -246,5 +250,15 @@ class CheckpointManager {
 /// Committed checkpoints under `directory` (directories step-N with a
 /// manifest.json), oldest first. Missing directory: empty.
 std::vector<CheckpointEntry> list_checkpoints(const std::string& directory);
+
+/// Directories step-N under `directory` without a manifest.json, oldest
+/// first. A save renames its directory to step-N only after writing the
+/// manifest, so these come only from damage (a deleted or lost manifest).
+/// They are never loaded; resume and `dtrain-ckpt verify` report them.
+std::vector<CheckpointEntry> list_damaged_checkpoints(const std::string& directory);
+
+/// What is wrong with one of list_damaged_checkpoints() and what to do, as
+/// resume and `dtrain-ckpt verify` say it (names the directory).
+std::string damaged_checkpoint_message(const CheckpointEntry& entry);
 
 }  // namespace dtrain::checkpoint
