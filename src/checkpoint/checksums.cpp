@@ -17,6 +17,8 @@
 #include "dtrain/error.h"
 
 static_assert(XXH_VERSION_NUMBER >= 800, "XXH3 needs xxHash 0.8 or newer (libxxhash-dev)");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "the vector code reads words little-endian");
 
 namespace dtrain::checkpoint::detail {
 
@@ -45,31 +47,65 @@ constexpr std::size_t kLanes = 16;
 constexpr std::size_t kRows = 256;
 constexpr std::uint64_t kModulus = 65535;
 
-// GCC/Clang vector extensions: the compiler picks the widest registers the
-// target has (SSE2 on any x86-64) without intrinsics per instruction set.
-typedef std::uint16_t WordVector __attribute__((vector_size(2 * kLanes)));
-typedef std::uint32_t SumVector __attribute__((vector_size(4 * kLanes)));
+// GCC/Clang vector extensions of 16 bytes (SSE2 on any x86-64, NEON on
+// arm64), each lane sum in its own variable so that all stay in registers.
+typedef std::uint16_t Words __attribute__((vector_size(16)));
+typedef std::uint32_t Sums __attribute__((vector_size(16)));
+
+// The low and high four words of `w`, as 32-bit lanes: each word next to a
+// zero word is, read little-endian, the word widened (one unpack instruction).
+inline Sums widened(Words interleaved) {
+  Sums out;
+  std::memcpy(&out, &interleaved, sizeof(out));
+  return out;
+}
+inline Sums low_words(Words w) {
+  const Words zero = {};
+  return widened(__builtin_shufflevector(w, zero, 0, 8, 1, 9, 2, 10, 3, 11));
+}
+inline Sums high_words(Words w) {
+  const Words zero = {};
+  return widened(__builtin_shufflevector(w, zero, 4, 12, 5, 13, 6, 14, 7, 15));
+}
+inline Words byte_swapped(Words w) { return static_cast<Words>((w << 8) | (w >> 8)); }
 
 struct FletcherSums {
   std::uint64_t sum1 = 0;  // modulo 65535
   std::uint64_t sum2 = 0;  // modulo 65535
   bool nonzero = false;    // a word was not 0
 
-  // `rows` (<= kRows) rows of kLanes words.
-  void add_rows(const std::uint8_t* p, std::size_t rows) {
-    SumVector a = {}, b = {};
+  // `rows` (<= kRows) rows of kLanes words; copied to `copy` too if kCopy.
+  template <bool kCopy>
+  void add_rows(const std::uint8_t* p, std::size_t rows, std::uint8_t* copy) {
+    static_assert(kLanes == 16, "one row is two vectors of 8 words");
+    Sums a0 = {}, a1 = {}, a2 = {}, a3 = {};  // lanes 0-3, 4-7, 8-11, 12-15
+    Sums b0 = {}, b1 = {}, b2 = {}, b3 = {};
     for (std::size_t m = 0; m < rows; ++m) {
-      WordVector raw;
-      std::memcpy(&raw, p + m * 2 * kLanes, sizeof(raw));
-      raw = static_cast<WordVector>((raw << 8) | (raw >> 8));  // big-endian words
-      a += __builtin_convertvector(raw, SumVector);
-      b += a;
+      Words first, second;
+      std::memcpy(&first, p + 32 * m, 16);
+      std::memcpy(&second, p + 32 * m + 16, 16);
+      if (kCopy) {
+        std::memcpy(copy + 32 * m, &first, 16);
+        std::memcpy(copy + 32 * m + 16, &second, 16);
+      }
+      first = byte_swapped(first);  // big-endian words
+      second = byte_swapped(second);
+      a0 += low_words(first);
+      a1 += high_words(first);
+      a2 += low_words(second);
+      a3 += high_words(second);
+      b0 += a0;
+      b1 += a1;
+      b2 += a2;
+      b3 += a3;
     }
+    const Sums a[4] = {a0, a1, a2, a3};
+    const Sums b[4] = {b0, b1, b2, b3};
     std::uint64_t sum_a = 0, sum_b = 0, lane_weighted_a = 0;
     for (std::size_t j = 0; j < kLanes; ++j) {
-      sum_a += a[j];
-      sum_b += b[j];
-      lane_weighted_a += j * std::uint64_t{a[j]};
+      sum_a += a[j / 4][j % 4];
+      sum_b += b[j / 4][j % 4];
+      lane_weighted_a += j * std::uint64_t{a[j / 4][j % 4]};
     }
     const std::uint64_t words = rows * kLanes;
     // kLanes * sum_b >= lane_weighted_a, since b_j >= a_j and j < kLanes.
@@ -110,21 +146,33 @@ std::string hex(const XXH128_hash_t& hash) {
   return hex(canonical.digest, sizeof(canonical.digest));
 }
 
-}  // namespace
-
-std::uint32_t fletcher32(const void* data, std::size_t length) {
+template <bool kCopy>
+std::uint32_t fletcher32(const void* data, std::size_t length, void* copy_to) {
   const auto* p = static_cast<const std::uint8_t*>(data);
+  auto* copy = static_cast<std::uint8_t*>(copy_to);
   FletcherSums sums;
   std::size_t words = length / 2;
   while (words >= kLanes) {
     const std::size_t rows = std::min(words / kLanes, kRows);
-    sums.add_rows(p, rows);
+    sums.add_rows<kCopy>(p, rows, copy);
     p += rows * kLanes * 2;
+    if (kCopy) copy += rows * kLanes * 2;
     words -= rows * kLanes;
   }
+  if (kCopy) std::memcpy(copy, p, 2 * words + length % 2);
   for (; words > 0; --words, p += 2) sums.add_word((std::uint32_t{p[0]} << 8) | p[1]);
   if (length % 2 != 0) sums.add_word(std::uint32_t{p[0]} << 8);
   return sums.value();
+}
+
+}  // namespace
+
+std::uint32_t fletcher32(const void* data, std::size_t length) {
+  return fletcher32<false>(data, length, nullptr);
+}
+
+std::uint32_t copy_with_fletcher32(void* destination, const void* source, std::size_t length) {
+  return fletcher32<true>(source, length, destination);
 }
 
 std::string xxh3_128_hex(const void* data, std::size_t length) {

@@ -20,6 +20,8 @@ constexpr const char* kDigestSha256 = "sha256";
 /// of a word). Computed 16 words at a time, several times faster than HDF5's
 /// own loop. The filter stores it after the chunk, little-endian.
 std::uint32_t fletcher32(const void* data, std::size_t length);
+/// fletcher32() of `source`, copying it to `destination` in the same pass.
+std::uint32_t copy_with_fletcher32(void* destination, const void* source, std::size_t length);
 
 /// XXH3-128 of `length` bytes as 32 lower-case hex digits (the canonical,
 /// big-endian byte order).

@@ -172,7 +172,7 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 // default fill value) to the full chunk shape, as HDF5 stores it.
 void write_chunks(hid_t dset, const std::vector<hsize_t>& dims, const ChunkLayout& layout,
                   const char* data, std::size_t element_size, std::vector<char>& buffer,
-                  const std::string& path, const std::string& name) {
+                  ImageFileWriter& writer, const std::string& path, const std::string& name) {
   const std::size_t split = layout.split;
   hsize_t outer = 1;
   for (std::size_t d = 0; d < split; ++d) outer *= dims[d];
@@ -189,9 +189,15 @@ void write_chunks(hid_t dset, const std::vector<hsize_t>& dims, const ChunkLayou
     }
     for (hsize_t start = 0; start < dims[split]; start += layout.rows) {
       const std::size_t bytes = std::min<hsize_t>(layout.rows, dims[split] - start) * row_bytes;
-      std::memcpy(buffer.data(), data + (o * dims[split] + start) * row_bytes, bytes);
-      std::memset(buffer.data() + bytes, 0, chunk_bytes - bytes);
-      const std::uint32_t checksum = fletcher32(buffer.data(), chunk_bytes);
+      const char* source = data + (o * dims[split] + start) * row_bytes;
+      std::uint32_t checksum = 0;
+      if (bytes == chunk_bytes) {
+        checksum = copy_with_fletcher32(buffer.data(), source, bytes);
+      } else {
+        std::memcpy(buffer.data(), source, bytes);
+        std::memset(buffer.data() + bytes, 0, chunk_bytes - bytes);
+        checksum = fletcher32(buffer.data(), chunk_bytes);
+      }
       for (int b = 0; b < 4; ++b) {
         buffer[chunk_bytes + b] = static_cast<char>((checksum >> (8 * b)) & 0xff);
       }
@@ -199,6 +205,13 @@ void write_chunks(hid_t dset, const std::vector<hsize_t>& dims, const ChunkLayou
       ck(H5Dwrite_chunk(dset, H5P_DEFAULT, /*filters=*/0, offset.data(), buffer.size(),
                         buffer.data()),
          "H5Dwrite_chunk", path, name);
+      // HDF5 never touches a written chunk again: it can go to disk now.
+      unsigned filters = 0;
+      haddr_t address = HADDR_UNDEF;
+      hsize_t stored = 0;
+      ck(H5Dget_chunk_info_by_coord(dset, offset.data(), &filters, &address, &stored),
+         "H5Dget_chunk_info_by_coord", path, name);
+      writer.final_range(address, address + stored);
     }
   }
 }
@@ -428,9 +441,11 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
 
 namespace {
 
-// The whole HDF5 file, built in `image`; returns its size.
-std::size_t build_image(FileImage& image, const std::string& path, std::int64_t step, int rank,
-                        int world_size, const std::vector<PieceToWrite>& pieces) {
+// The whole HDF5 file, built in `image` (its chunks handed to `writer` as
+// they are done); returns its size.
+std::size_t build_image(FileImage& image, ImageFileWriter& writer, const std::string& path,
+                        std::int64_t step, int rank, int world_size,
+                        const std::vector<PieceToWrite>& pieces) {
   data::detail::ErrorScope quiet;
   std::size_t payload = 0;
   for (const auto& p : pieces) payload += p.data.nbytes();
@@ -480,7 +495,7 @@ std::size_t build_image(FileImage& image, const std::string& path, std::int64_t 
                 H5Dclose);
     if (numel > 0) {
       write_chunks(dset.get(), dims, layout, static_cast<const char*>(piece.data.data_ptr()),
-                   piece.data.element_size(), image.chunk_buffer(), path, r.name);
+                   piece.data.element_size(), image.chunk_buffer(), writer, path, r.name);
     }
     write_string_attribute(dset.get(), "dtype", dtype_name(r.dtype), path);
     if (!r.global_shape.empty()) {
@@ -501,10 +516,11 @@ FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, 
                           const std::vector<PieceToWrite>& pieces, const ImageWriteOptions& options,
                           FileImage& image, FileWriteTimes* times) {
   const auto encode_start = std::chrono::steady_clock::now();
-  const std::size_t size = build_image(image, path, step, rank, world_size, pieces);
+  ImageFileWriter writer(path, image, options);
+  const std::size_t size = build_image(image, writer, path, step, rank, world_size, pieces);
   const double encode_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - encode_start).count();
-  const ImageWriteResult written = write_image_file(path, image, size, options);
+  const ImageWriteResult written = writer.finish(size);
   FileInfo info;
   info.rank = rank;
   info.file = fs::path(path).filename().string();

@@ -80,8 +80,8 @@ struct PieceToWrite {
 
 /// How long the parts of write_piece_file() took.
 struct FileWriteTimes {
-  double encode_seconds = 0;  ///< building the HDF5 file in memory
-  double write_seconds = 0;   ///< writing it out (the digest alongside)
+  double encode_seconds = 0;  ///< building the HDF5 file (its chunks written meanwhile)
+  double write_seconds = 0;   ///< the writes left after that, and the digest
   double fsync_seconds = 0;
   bool direct_io = false;  ///< written with O_DIRECT
 };
@@ -90,10 +90,10 @@ struct FileWriteTimes {
 /// chunk) with root attributes (format, version, step, rank, world size);
 /// returns its size and XXH3-128 digest. The file is built in `image` (HDF5's
 /// core driver; the caller's buffer, reused across saves since fresh pages
-/// are slow) and written by write_image_file(), so a full disk or a file-size
-/// limit is a clean CheckpointError naming the file (the partial file is
-/// removed) rather than a failing HDF5 close. `times`, if given, receives
-/// the time of each part.
+/// are slow) and put on disk by an ImageFileWriter, each chunk as soon as it
+/// is done, so a full disk or a file-size limit is a clean CheckpointError
+/// naming the file (the partial file is removed) rather than a failing HDF5
+/// close. `times`, if given, receives the time of each part.
 FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, int world_size,
                           const std::vector<PieceToWrite>& pieces, const ImageWriteOptions& options,
                           FileImage& image, FileWriteTimes* times = nullptr);

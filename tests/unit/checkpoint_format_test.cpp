@@ -4,6 +4,8 @@
 // caught), and manifests of format versions 1 (SHA-256) and 2 (XXH3-128).
 
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <torch/torch.h>
 
 #include <cstdint>
@@ -86,8 +88,13 @@ TEST(CheckpointChecksums, Fletcher32EqualsHdf5s) {
             break;  // one word 0xffff: sum1 = 65535
         }
       }
-      ASSERT_EQ(fletcher32(bytes.data(), length), H5_checksum_fletcher32(bytes.data(), length))
+      const std::uint32_t expected = H5_checksum_fletcher32(bytes.data(), length);
+      ASSERT_EQ(fletcher32(bytes.data(), length), expected)
           << "length " << length << " pattern " << pattern;
+      std::vector<std::uint8_t> copy(length + 1, 0x5a);
+      ASSERT_EQ(copy_with_fletcher32(copy.data(), bytes.data(), length), expected);
+      ASSERT_TRUE(std::equal(bytes.begin(), bytes.end(), copy.begin())) << "length " << length;
+      ASSERT_EQ(copy[length], 0x5a) << "wrote past the end, length " << length;
     }
   }
 }
@@ -213,6 +220,28 @@ TEST(CheckpointFile, AFailedWriteRemovesThePartialFile) {
   FileImage image;
   const std::string path = dir / "missing-dir/f.h5";
   EXPECT_THROW(write_piece_file(path, 1, 0, 1, sample_pieces(), {}, image), CheckpointError);
+  EXPECT_FALSE(fs::exists(path));
+}
+
+TEST(CheckpointFile, AFileSizeLimitWhileChunksAreWrittenIsACleanError) {
+  ScratchDir dir;
+  FileImage image;
+  const std::string path = dir / "f.h5";
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  rlimit small = old;
+  small.rlim_cur = 4 << 20;  // hit by the chunks written while the file is built
+  ::signal(SIGXFSZ, SIG_IGN);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  std::string what;
+  try {
+    write_piece_file(path, 1, 0, 1, sample_pieces(), {}, image);
+  } catch (const CheckpointError& e) {
+    what = e.what();
+  }
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+  EXPECT_NE(what.find("f.h5"), std::string::npos) << what;
+  EXPECT_NE(what.find("File too large"), std::string::npos) << what;
   EXPECT_FALSE(fs::exists(path));
 }
 
