@@ -16,9 +16,10 @@
 //                   save() itself blocked. An async save still competes for
 //                   the cores while it writes; the loop should outlast it.
 //   save parts      where the best sync save's time went, on the slowest rank:
-//                   encode (HDF5 file built in memory: copies, Fletcher32),
-//                   write (write() calls; the XXH3 digest runs alongside),
-//                   fsync, commit (agreement, manifest, rename)
+//                   encode (HDF5 file built in memory: copies, Fletcher32;
+//                   its chunks go to disk meanwhile), write (the writes left
+//                   after that, the XXH3 digest alongside), fsync, commit
+//                   (agreement, manifest, rename)
 // Times are the slowest rank's; each row keeps the best of --iters runs.
 // --no-fsync measures without fsync; --buffered writes through the page
 // cache instead of O_DIRECT.
@@ -244,7 +245,7 @@ int main(int argc, char** argv) {
                 parts.direct_io ? "with O_DIRECT" : "through the page cache");
     std::printf("%-22s %12s\n", "part", "seconds");
     std::printf("%-22s %12.3f\n", "encode (HDF5 image)", parts.encode_seconds);
-    std::printf("%-22s %12.3f\n", "write (+ digest)", parts.io_seconds);
+    std::printf("%-22s %12.3f\n", "write rest (+ digest)", parts.io_seconds);
     std::printf("%-22s %12.3f\n", "fsync", parts.fsync_seconds);
     std::printf("%-22s %12.3f\n", "commit", parts.commit_seconds);
     std::printf("\n# training loop of %d steps (~%.0f ms each), one save at its start\n", steps,

@@ -206,9 +206,13 @@ struct SaveStats {
 /// Timing of the last completed write (background or not).
 struct WriteStats {
   std::int64_t step = -1;
-  double write_seconds = 0;   ///< this rank's file, all of it: the three parts below
-  double encode_seconds = 0;  ///< building the HDF5 file in memory (copies, Fletcher32)
-  double io_seconds = 0;      ///< write() calls, with the file's digest alongside
+  double write_seconds = 0;  ///< this rank's file, all of it: the three parts below
+  /// Building the HDF5 file in memory (copies, Fletcher32); its chunks are
+  /// written to disk meanwhile.
+  double encode_seconds = 0;
+  /// The writes left once the file is built (HDF5's metadata, the edges of
+  /// the chunk runs, chunks still queued) and the file's digest alongside.
+  double io_seconds = 0;
   double fsync_seconds = 0;   ///< fsync of the file
   double commit_seconds = 0;  ///< agreement, manifest, rename
   std::uint64_t bytes = 0;    ///< size of this rank's file
