@@ -141,6 +141,29 @@ TEST(SyncBatchNormTest, OutputIsBitwiseTheSameOnEveryLayout) {
   }
 }
 
+// Inputs that cannot be read in place (CUDA tensors, or here bfloat16 on
+// the CPU) take the ATen path; it computes the same thing.
+TEST(SyncBatchNormTest, AtenPathMatchesTheInPlacePath) {
+  torch::manual_seed(8);
+  const torch::Tensor x = torch::randn({6, 5, 4, 4}) * 0.5 + 1.5;
+  const torch::Tensor dy = torch::randn({6, 5, 4, 4});
+  auto run = [&](torch::ScalarType dtype) {
+    SyncBatchNorm bn(SyncBatchNormOptions{5}, nullptr);
+    bn->to(dtype);
+    auto input = x.to(dtype).clone().requires_grad_(true);
+    auto output = bn->forward(input);
+    output.backward(dy.to(dtype));
+    return std::vector<torch::Tensor>{output.to(torch::kFloat), input.grad().to(torch::kFloat),
+                                      bn->running_var.to(torch::kFloat)};
+  };
+  const auto in_place = run(torch::kFloat);
+  const auto aten = run(torch::kBFloat16);
+  for (std::size_t i = 0; i < in_place.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(aten[i], in_place[i], 0.05, 0.05))
+        << i << ": max difference " << (aten[i] - in_place[i]).abs().max().item<double>();
+  }
+}
+
 // --- a trained ResNet takes the same step on every layout -------------------
 
 struct Snapshot {
