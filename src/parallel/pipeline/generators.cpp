@@ -64,13 +64,13 @@ void one_f_one_b_order(Schedule& s, bool split_backward) {
   }
 }
 
-// Megatron's interleaved 1F1B on rank r, generalised to any m: the
-// microbatches go in groups of p (the last group may be shorter); within a
+// Megatron's interleaved 1F1B on rank r (m is a multiple of p, checked by
+// ScheduleOptions::validate): the microbatches go in groups of p; within a
 // group, forwards run stage by stage (chunk 0 for the whole group, then
 // chunk 1, ...), backwards in reverse stage order. Rank r runs
-// (v-1)*min(p, m) + 2(p-r-1) forwards first: the chunk v-1 forward of the
-// group's first microbatch, which its first backward needs, plus two per
-// rank behind it to cover the round trip of the first backward.
+// (v-1)*p + 2(p-r-1) forwards first: the chunk v-1 forward of the group's
+// first microbatch, which its first backward needs, plus two per rank
+// behind it to cover the round trip of the first backward.
 void interleaved_order(Schedule& s, int v) {
   const int p = s.num_ranks;
   const int m = s.num_microbatches;
@@ -88,7 +88,7 @@ void interleaved_order(Schedule& s, int v) {
         }
       }
     }
-    const int warmup = std::min(total, (v - 1) * std::min(p, m) + 2 * (p - r - 1));
+    const int warmup = std::min(total, (v - 1) * p + 2 * (p - r - 1));
     auto& list = s.actions[static_cast<std::size_t>(r)];
     for (int i = 0; i < warmup; ++i) {
       list.push_back(Action::forward(forward_order[i].first, forward_order[i].second));
@@ -140,6 +140,22 @@ void ScheduleOptions::validate() const {
   DTRAIN_CHECK_ARG(stages_per_rank == 1 || kind == ScheduleKind::kInterleaved, "the ",
                    schedule_kind_name(kind), " schedule runs one stage per rank, got ",
                    stages_per_rank, " stages per rank; use the interleaved schedule for more");
+  // Inputs where no schedule of the kind reaches its idle-fraction formula
+  // (generators.h) are refused rather than run with a larger bubble.
+  DTRAIN_CHECK_ARG(kind != ScheduleKind::kInterleaved || stages_per_rank == 1 ||
+                       num_microbatches % num_ranks == 0,
+                   "the interleaved schedule with ", stages_per_rank,
+                   " stages per rank needs the microbatches to be a multiple of the ", num_ranks,
+                   " pipeline ranks, got ", num_microbatches, "; use ",
+                   std::max(num_ranks, num_microbatches / num_ranks * num_ranks), " or ",
+                   (num_microbatches / num_ranks + 1) * num_ranks,
+                   " microbatches, or the 1f1b schedule");
+  DTRAIN_CHECK_ARG(kind != ScheduleKind::kZeroBubbleH1 || num_microbatches >= num_ranks,
+                   "the zb-h1 schedule on ", num_ranks, " pipeline ranks needs at least ",
+                   num_ranks, " microbatches, got ", num_microbatches,
+                   "; with fewer, the input gradients of the last microbatch cannot fill the "
+                   "pipeline; use at least ",
+                   num_ranks, " microbatches, or the 1f1b schedule");
 }
 
 Schedule make_schedule(const ScheduleOptions& options) {

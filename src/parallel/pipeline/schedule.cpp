@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "dtrain/error.h"
+#include "dtrain/parallel/pipeline/simulator.h"
 
 namespace dtrain::parallel::pipeline {
 
@@ -120,15 +121,13 @@ struct Produced {
   int consumer_stage;
 };
 
-}  // namespace
-
 // Sends go right after their producer. Recvs go right before their consumer,
 // except where a pair of ranks would then receive in another order than it
 // sends: messages from rank a to rank b are matched in order, so b's k-th
 // recv from a must come before its (k+1)-th. Walking a's messages to b
 // backwards, each recv is placed at min(its consumer, the next recv's
 // place); only those that must move are hoisted.
-Schedule insert_communication(Schedule schedule) {
+Schedule place_communication(Schedule schedule, bool megatron_steps, bool early_activations) {
   const int p = schedule.num_ranks;
   const int stages = schedule.num_stages();
   const int m = schedule.num_microbatches;
@@ -191,17 +190,74 @@ Schedule insert_communication(Schedule schedule) {
     }
   }
 
+  // Whether list[i] is a forward directly followed by a backward (B or I):
+  // a step of 1F1B's steady state.
+  const auto forward_then_backward = [&](int rank, int i) {
+    const auto& list = schedule.actions[static_cast<std::size_t>(rank)];
+    return i >= 0 && i + 1 < static_cast<int>(list.size()) &&
+           list[static_cast<std::size_t>(i)].kind == ActionKind::kForward &&
+           (list[static_cast<std::size_t>(i) + 1].kind == ActionKind::kBackward ||
+            list[static_cast<std::size_t>(i) + 1].kind == ActionKind::kBackwardInput);
+  };
+  // Where a recv goes at the latest: before its consumer. In the Megatron
+  // placement (megatron_steps), a forward-backward pair is one step: the
+  // gradient its backward needs is received before its forward, and the
+  // forward's output is sent after its backward, so one batch between two
+  // steps sends both results and receives both inputs of the next step.
+  // Interleaved orders need this: with a separate batch for each send, two
+  // neighbours can each wait for the other to receive behind its own send.
+  // With early_activations as well, an activation whose forward directly
+  // follows a backward is received before that backward, so the sender's
+  // batch holding it does not wait behind the backward.
+  const auto recv_place = [&](int rank, int key_kind, int consumer) {
+    if (megatron_steps && key_kind == 1 && forward_then_backward(rank, consumer - 1)) {
+      return consumer - 1;
+    }
+    const auto& list = schedule.actions[static_cast<std::size_t>(rank)];
+    if (early_activations && key_kind == 0 && consumer >= 1 &&
+        consumer < static_cast<int>(list.size()) &&
+        (list[static_cast<std::size_t>(consumer) - 1].kind == ActionKind::kBackward ||
+         list[static_cast<std::size_t>(consumer) - 1].kind == ActionKind::kBackwardInput)) {
+      return consumer - 1;
+    }
+    return consumer;
+  };
+
+  // The sends of each rank in the order it posts them, each with the index
+  // of the compute action it follows.
+  std::vector<std::vector<std::pair<int, Action>>> sends(static_cast<std::size_t>(p));
+  for (int r = 0; r < p; ++r) {
+    const auto& list = schedule.actions[static_cast<std::size_t>(r)];
+    std::vector<std::pair<int, Action>> deferred;  // a forward's send, after its backward
+    for (int i = 0; i < static_cast<int>(list.size()); ++i) {
+      const Action& a = list[static_cast<std::size_t>(i)];
+      Produced msg{};
+      if (a.is_compute() && produced(a, r, &msg)) {
+        const Action send{msg.send_kind, a.stage, a.microbatch, msg.to_rank};
+        if (megatron_steps && forward_then_backward(r, i)) {
+          deferred.emplace_back(i + 1, send);
+        } else {
+          sends[static_cast<std::size_t>(r)].emplace_back(i, send);
+        }
+      }
+      if (!deferred.empty() && deferred.front().first == i) {
+        sends[static_cast<std::size_t>(r)].push_back(deferred.front());
+        deferred.clear();
+      }
+    }
+  }
+
   // The recvs each rank gets: (insert-before index, sender, order) -> action.
   std::vector<std::vector<std::pair<std::tuple<int, int, int>, Action>>> recvs(
       static_cast<std::size_t>(p));
   for (int from = 0; from < p; ++from) {
     // Messages from `from` to each rank, in send order.
     std::vector<std::vector<Action>> outgoing(static_cast<std::size_t>(p));
-    for (const Action& a : schedule.actions[static_cast<std::size_t>(from)]) {
-      Produced msg{};
-      if (!a.is_compute() || !produced(a, from, &msg)) continue;
-      const Action recv{msg.recv_kind, msg.consumer_stage, a.microbatch, from};
-      outgoing[static_cast<std::size_t>(msg.to_rank)].push_back(recv);
+    for (const auto& [after, send] : sends[static_cast<std::size_t>(from)]) {
+      const bool activation = send.kind == ActionKind::kSendActivation;
+      const Action recv{activation ? ActionKind::kRecvActivation : ActionKind::kRecvGradient,
+                        activation ? send.stage + 1 : send.stage - 1, send.microbatch, from};
+      outgoing[static_cast<std::size_t>(send.peer)].push_back(recv);
     }
     for (int to = 0; to < p; ++to) {
       const auto& msgs = outgoing[static_cast<std::size_t>(to)];
@@ -213,7 +269,7 @@ Schedule insert_communication(Schedule schedule) {
         const int key_kind = recv.kind == ActionKind::kRecvActivation ? 0 : 1;
         const auto it = index.find(std::make_tuple(key_kind, recv.stage, recv.microbatch));
         const int consumer = it == index.end() ? list_size : it->second;
-        place = std::min(place, consumer);
+        place = std::min(place, recv_place(to, key_kind, consumer));
         recvs[static_cast<std::size_t>(to)].push_back({std::make_tuple(place, from, k), recv});
       }
     }
@@ -239,6 +295,8 @@ Schedule insert_communication(Schedule schedule) {
     std::vector<Action> out;
     out.reserve(list.size() * 2 + incoming.size());
     std::size_t next_recv = 0;
+    std::size_t next_send = 0;
+    const auto& my_sends = sends[static_cast<std::size_t>(r)];
     for (int i = 0; i <= static_cast<int>(list.size()); ++i) {
       while (next_recv < incoming.size() && std::get<0>(incoming[next_recv].first) == i) {
         out.push_back(incoming[next_recv++].second);
@@ -251,12 +309,41 @@ Schedule insert_communication(Schedule schedule) {
           last_backward[static_cast<std::size_t>(a.stage)] == i) {
         out.push_back(Action::reduce(a.stage));
       }
-      Produced msg{};
-      if (produced(a, r, &msg)) out.push_back({msg.send_kind, a.stage, a.microbatch, msg.to_rank});
+      while (next_send < my_sends.size() && my_sends[next_send].first == i) {
+        out.push_back(my_sends[next_send++].second);
+      }
     }
     schedule.actions[static_cast<std::size_t>(r)] = std::move(out);
   }
   return schedule;
+}
+
+}  // namespace
+
+// Receiving each tensor right before its consumer suits GPipe and 1F1B; in
+// interleaved orders it deadlocks (see gradient_recv_place), and there the
+// Megatron placement is needed, which in turn deadlocks GPipe (its
+// gradients depend on the forward they would be posted before). The first
+// placement the simulator accepts is taken.
+Schedule insert_communication(Schedule compute_only) {
+  Schedule best;
+  double best_step = 0.0;
+  for (const auto& [megatron_steps, early_activations] :
+       {std::pair<bool, bool>{false, false}, {true, false}, {false, true}, {true, true}}) {
+    Schedule candidate = place_communication(compute_only, megatron_steps, early_activations);
+    double step = 0.0;
+    try {
+      step = simulate(candidate).makespan;  // unit costs; throws if check() finds a problem
+    } catch (const InvalidArgument&) {
+      continue;
+    }
+    if (best.actions.empty() || step < best_step) {
+      best = std::move(candidate);
+      best_step = step;
+    }
+  }
+  if (!best.actions.empty()) return best;
+  return place_communication(std::move(compute_only), false, false);  // validate() says why
 }
 
 std::vector<std::int64_t> microbatch_sizes(std::int64_t batch_size, int num_microbatches) {

@@ -17,25 +17,26 @@
 //                forwards, then alternates one F and one B.
 //                Stores min(p-s, m) microbatches at stage s.
 //   interleaved  Megatron's interleaved 1F1B:    (p-1)/(v*m+p-1)
-//                v stages per rank (loop            when m is a multiple of p
-//                placement, stage s on rank s % p); microbatches go in
-//                groups of p through the rank's stages in order, backward in
-//                reverse stage order; rank r runs (v-1)*min(p,m) + 2(p-r-1)
-//                forwards before its first backward. Any m >= 1 works; when
-//                m is not a multiple of p the last group is short and the
-//                bubble is larger than the formula (docs/pipeline.md).
-//                v = 1 is 1f1b.
+//                v stages per rank (loop placement, stage s on rank s % p);
+//                microbatches go in groups of p through the rank's stages
+//                in order, backward in reverse stage order; rank r runs
+//                (v-1)*p + 2(p-r-1) forwards before its first backward.
+//                With v > 1, m must be a multiple of p (as in Megatron);
+//                other m are refused: with m = 1, for one, the chain of one
+//                microbatch through all v*p stages alone is longer than the
+//                formula's step. v = 1 is 1f1b and takes any m.
 //   zb-h1        Zero Bubble's ZB-H1 (Qi et al., arXiv 2401.10241): 1f1b
 //                with B split into I and W; stage s runs its W's s
 //                microbatches late, so they fill the cool-down bubble.
-//                Idle fraction (p-1)/(3m+p-1) when m >= p, and
-//                (2p-m-1)/(2m+2p-1) when m < p (the F and I chain of the
-//                last microbatch is then the critical path).
+//                Idle fraction (p-1)/(3m+p-1). Needs m >= p; fewer are
+//                refused: the last stage then ends its m F's and m I's no
+//                earlier than p-1+2m, the last I takes p-1 more to reach
+//                stage 0 and its W one more, a step of 2m+2p-1 > 3m+p-1.
 //                Microbatches whose I has not run: min(p-s, m) at stage s,
 //                as 1f1b; whose W has not run: at most min(p, m).
 //
 // gpipe, 1f1b and zb-h1 place one stage per rank (stages_per_rank must be
-// 1). m < p and m = 1 work for every schedule.
+// 1). m < p and m = 1 work for gpipe and 1f1b (and interleaved with v = 1).
 
 #include <string>
 #include <string_view>
@@ -66,7 +67,8 @@ struct ScheduleOptions {
   /// v: stages per rank, >= 1; above 1 only for kInterleaved.
   int stages_per_rank = 1;
 
-  /// Throws InvalidArgument saying which value is wrong and what to use.
+  /// Throws InvalidArgument saying which value is wrong and what to use,
+  /// also for the refused inputs above.
   void validate() const;
 };
 

@@ -169,16 +169,27 @@ struct Schedule {
 std::vector<int> loop_placement(int num_ranks, int num_stages);
 
 /// Adds the communication to a schedule that lists only compute actions
-/// (F/B/I/W, and reduce actions if it wants to place them itself):
-///  * each send right after the compute action that produces its tensor;
-///  * each recv right before the compute action that consumes it, moved
-///    earlier only as far as needed to receive a pair of ranks' messages in
-///    the order they are sent;
-///  * a stage's reduce right after its last B/W, unless the input has one.
-/// Generators build their lists this way; a user may write only the compute
-/// order and let this add the rest. Throws InvalidArgument if `schedule`
-/// already holds a send or recv, or an action names a stage or microbatch out
-/// of range. The result still has to pass validate().
+/// (F/B/I/W, and reduce actions if it wants to place them itself), and a
+/// stage's reduce right after its last B/W unless the input has one. Four
+/// placements of the sends and recvs are tried:
+///  * latest: each send right after the compute action that produces its
+///    tensor, each recv right before the compute action that consumes it
+///    (moved earlier only as far as needed to receive a pair of ranks'
+///    messages in the order they are sent);
+///  * Megatron steps: a forward directly followed by a backward is one step;
+///    the gradient the backward needs is received before the forward and the
+///    forward's output is sent after the backward, so one batch between two
+///    steps carries both results and both inputs of the next step;
+///  * early activations: an activation whose forward directly follows a
+///    backward is received before that backward;
+///  * both of the last two.
+/// Of those the simulator accepts, the one with the shortest step under unit
+/// costs is returned (the first on a tie); if none passes, the latest
+/// placement, which validate() then rejects with the reason. Generators
+/// build their lists this way; a user may write only the compute order and
+/// let this add the rest. Throws InvalidArgument if `compute_only` already
+/// holds a send or recv, or an action names a stage or microbatch out of
+/// range.
 Schedule insert_communication(Schedule compute_only);
 
 /// The text form described above; parse_schedule(to_text(s)) == s.
