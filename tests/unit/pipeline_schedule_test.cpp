@@ -168,13 +168,13 @@ TEST(PipelineGenerators, GridMeetsTheFormulasOrRefuses) {
   EXPECT_EQ(simulated + refused, 4 * 8 * 32 * 3);
 }
 
-// Uneven microbatches: the last ones are shorter, so they cost less. The
-// schedules stay valid, every rank is busy exactly its work, and the step is
-// no shorter than the work of one rank.
+// Uneven microbatches (3m-1 samples: the last microbatch is one sample
+// short) cost in proportion to their size. The schedules stay valid, every
+// rank is busy exactly its work, and the step is no shorter than that.
 TEST(PipelineGenerators, UnevenMicrobatchesRunWithGivenCosts) {
   for (ScheduleKind kind : kAllKinds) {
     for (int p : {2, 3, 4}) {
-      for (int m : {4, 5, 8}) {
+      for (int m : {1, 2, 3, 4, 5, 8}) {  // m < p and m = 1 where the schedule takes them
         const int v = kind == ScheduleKind::kInterleaved ? 2 : 1;
         if (!accepted(kind, p, m, v)) continue;
         const std::vector<std::int64_t> sizes = microbatch_sizes(3 * m - 1, m);
