@@ -1,11 +1,11 @@
 #pragma once
-// Counter-based randomness for the data pipeline, identical on every
-// platform (no <random> distributions, whose results are implementation-
-// defined). Private to src/data.
+// Counter-based randomness (the data pipeline, RNG stream seeds), identical
+// on every platform (no <random> distributions, whose results are
+// implementation-defined). Private to dtrain.
 
 #include <cstdint>
 
-namespace dtrain::data::detail {
+namespace dtrain::detail {
 
 /// SplitMix64's finalizer: a bijective 64-bit mix.
 inline std::uint64_t mix64(std::uint64_t z) {
@@ -43,4 +43,4 @@ class SplitMix64 {
   std::uint64_t state_;
 };
 
-}  // namespace dtrain::data::detail
+}  // namespace dtrain::detail
