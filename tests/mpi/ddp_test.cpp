@@ -392,6 +392,19 @@ void check_zero_matches(MakeOptimizer make_optimizer, const char* what) {
   }
   expect_same_parameters(*model, *reference, 1e-5);
   EXPECT_EQ(zero.shard_numel(), (zero.total_numel() + comm->size() - 1) / comm->size());
+  // Every replica holds the same bits: each shard is updated by one rank and
+  // gathered by copies (reduce_scatter and all_gather run shm on one node).
+  for (const auto& item : model->named_parameters()) {
+    at::Tensor mine = item.value().detach().reshape({-1}).clone();
+    at::Tensor all = torch::empty({comm->size() * mine.numel()}, mine.options());
+    collectives::AllGatherOptions ring;  // checked by the other algorithm
+    ring.algorithm = collectives::Algorithm::kRing;
+    comm->all_gather(all, mine, ring)->wait();
+    for (int r = 0; r < comm->size(); ++r) {
+      EXPECT_TRUE(torch::equal(all.narrow(0, r * mine.numel(), mine.numel()), mine))
+          << item.key() << " differs bitwise between rank " << r << " and rank " << comm->rank();
+    }
+  }
 }
 
 TEST(ZeroTest, EachRankKeepsAboutOneNthOfTheOptimizerState) {

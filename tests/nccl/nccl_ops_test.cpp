@@ -180,6 +180,20 @@ TEST_F(NcclOpsTest, ShapesRootsPeersTagsAndAlgorithmsAreChecked) {
   AllReduceOptions automatic;
   automatic.algorithm = Algorithm::kAuto;
   EXPECT_NO_THROW(comm_->all_reduce_buffer(in, automatic));
+  // NCCL chooses how to run reduce-scatter and all-gather: shm and ring are
+  // MPI-backend algorithms.
+  AllGatherOptions gather_shm;
+  gather_shm.algorithm = Algorithm::kShm;
+  try {
+    comm_->all_gather_buffer(fake_buffer(kData, 12), in, gather_shm);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_MESSAGE_HAS(e.what(), "all_gather: algorithm 'shm'");
+  }
+  ReduceScatterOptions scatter_ring;
+  scatter_ring.algorithm = Algorithm::kRing;
+  EXPECT_THROW(comm_->reduce_scatter_buffer(in, fake_buffer(kData, 12), scatter_ring),
+               InvalidArgument);
 }
 
 // --- stream ordering and waiting ------------------------------------------------

@@ -42,6 +42,15 @@ Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool sh
   return bytes <= ring_above ? Algorithm::kRhd : Algorithm::kRing;
 }
 
+// Reduce-scatter and all-gather have only the ring over point-to-point
+// besides shm, and shm moves fewer bytes for them just as for all-reduce;
+// with more ranks than cores the same wake-up cost makes small ones slower
+// (tables in docs/collectives.md), so the same rule applies.
+Algorithm choose_scatter_gather_algorithm(std::size_t bytes, int world_size, bool shm) {
+  return choose_all_reduce_algorithm(bytes, world_size, shm) == Algorithm::kShm ? Algorithm::kShm
+                                                                                : Algorithm::kRing;
+}
+
 void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::size_t count,
                     const Reducer& reducer, Scratch& scratch, std::size_t chunk_bytes) {
   switch (algorithm) {

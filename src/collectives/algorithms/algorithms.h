@@ -91,6 +91,11 @@ inline constexpr std::size_t kAutoShmMinBytesManyRanks = std::size_t{128} << 10;
 /// kShm may be chosen). Never returns kAuto. Same answer on every rank.
 Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm = false);
 
+/// What Algorithm::kAuto runs for a reduce-scatter or all-gather of `bytes`
+/// bytes in all (the larger of its two buffers): kShm wherever
+/// choose_all_reduce_algorithm would pick kShm for that size, else kRing.
+Algorithm choose_scatter_gather_algorithm(std::size_t bytes, int world_size, bool shm);
+
 /// Runs `algorithm` (not kAuto, not kNative).
 void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::size_t count,
                     const Reducer& reducer, Scratch& scratch, std::size_t chunk_bytes);

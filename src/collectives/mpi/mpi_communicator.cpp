@@ -13,6 +13,7 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "dtrain/error.h"
@@ -241,12 +242,19 @@ class MpiCommunicator final : public Communicator {
     check_rank_major_counts(kOp, "output", static_cast<std::size_t>(output.numel()), "input", count,
                             size_);
     const std::size_t es = element_size(type);
-    return submit(describe(kOp, count, type), opts.timeout, true, count * size_ * es, output, input,
+    const Algorithm algorithm = scatter_gather_algorithm(kOp, opts.algorithm, count * size_ * es);
+    OpDescriptor what = describe(kOp, count, type);
+    what.algorithm = to_string(algorithm);
+    return submit(what, opts.timeout, true, count * size_ * es, output, input,
                   [=](MpiTransport& transport) {
                     Staged staged = stage(output, workspace_, /*copy_in=*/false);
                     char* out = static_cast<char*>(staged.tensor.data_ptr());
                     copy_into(out + rank_ * count * es, input);
-                    ring_all_gather(transport, out, count * size_, es, options_.chunk_bytes);
+                    if (algorithm == Algorithm::kShm) {
+                      shm_all_gather(shm_->group(), out, count, type, transport);
+                    } else {
+                      ring_all_gather(transport, out, count * size_, es, options_.chunk_bytes);
+                    }
                     unstage(staged, output);
                   });
   }
@@ -264,20 +272,42 @@ class MpiCommunicator final : public Communicator {
     check_rank_major_counts(kOp, "input", static_cast<std::size_t>(input.numel()), "output", count,
                             size_);
     const std::size_t es = element_size(type);
+    const std::size_t input_bytes = count * size_ * es;
+    const Algorithm algorithm = scatter_gather_algorithm(kOp, opts.algorithm, input_bytes);
     const ReduceOp op = opts.op;
     OpDescriptor what = describe(kOp, count, type);
+    what.algorithm = to_string(algorithm);
     what.reduce = to_string(op);
-    return submit(what, opts.timeout, true, count * size_ * es, output, input,
-                  [=](MpiTransport& transport) {
-                    // Reduce in a reused workspace: the input must stay unchanged.
-                    char* work = static_cast<char*>(workspace_.get(count * size_ * es));
-                    copy_into(work, input);
-                    ring_reduce_scatter(transport, work, count * size_, reducer, slots_,
-                                        options_.chunk_bytes);
-                    char* mine = work + rank_ * count * es;
-                    if (op == ReduceOp::kAvg) divide_in_place(mine, count, type, size_);
-                    copy_out(output, mine);
-                  });
+    return submit(
+        what, opts.timeout, true, input_bytes, output, input, [=](MpiTransport& transport) {
+          if (algorithm == Algorithm::kShm) {
+            // Reduced straight into the output. A non-contiguous tensor, or
+            // an output that overlaps the input (which later rounds still
+            // read), goes through the workspace.
+            const bool stage_in = !input.is_contiguous();
+            const bool stage_out = !output.is_contiguous() || overlaps(output, input);
+            const std::size_t staged_bytes =
+                (stage_in ? input_bytes : 0) + (stage_out ? count * es : 0);
+            char* staging =
+                staged_bytes > 0 ? static_cast<char*>(workspace_.get(staged_bytes)) : nullptr;
+            const void* in = stage_in ? staging : input.data_ptr();
+            if (stage_in) copy_into(staging, input);
+            char* out = stage_out ? staging + (stage_in ? input_bytes : 0)
+                                  : static_cast<char*>(output.data_ptr());
+            shm_reduce_scatter(shm_->group(), in, out, count, reducer, transport);
+            if (op == ReduceOp::kAvg) divide_in_place(out, count, type, size_);
+            if (stage_out) copy_out(output, out);
+            return;
+          }
+          // Reduce in a reused workspace: the input must stay unchanged.
+          char* work = static_cast<char*>(workspace_.get(input_bytes));
+          copy_into(work, input);
+          ring_reduce_scatter(transport, work, count * size_, reducer, slots_,
+                              options_.chunk_bytes);
+          char* mine = work + rank_ * count * es;
+          if (op == ReduceOp::kAvg) divide_in_place(mine, count, type, size_);
+          copy_out(output, mine);
+        });
   }
 
   std::shared_ptr<Work> send(const at::Tensor& tensor, int dst,
@@ -382,6 +412,23 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
+  // Whether two tensors' memory spans share a byte (for a non-contiguous
+  // tensor its whole span counts; LibTorch strides are never negative).
+  static bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+    if (a.numel() == 0 || b.numel() == 0) return false;
+    auto span = [](const at::Tensor& t) {
+      const char* begin = static_cast<const char*>(t.data_ptr());
+      std::size_t extent = 1;
+      for (std::int64_t d = 0; d < t.dim(); ++d) {
+        extent += static_cast<std::size_t>((t.size(d) - 1) * t.stride(d));
+      }
+      return std::make_pair(begin, begin + extent * t.element_size());
+    };
+    const auto [a_begin, a_end] = span(a);
+    const auto [b_begin, b_end] = span(b);
+    return a_begin < b_end && b_begin < a_end;
+  }
+
   static void copy_out(const at::Tensor& dst, const void* src) {
     if (dst.numel() == 0) return;
     if (dst.is_contiguous()) {
@@ -389,6 +436,21 @@ class MpiCommunicator final : public Communicator {
     } else {
       dst.copy_(at::from_blob(const_cast<void*>(src), dst.sizes(), dst.options()));
     }
+  }
+
+  // What a reduce_scatter or all_gather of `bytes` (all ranks' data) runs:
+  // kShm or kRing; kShm without shared memory runs as kRing.
+  Algorithm scatter_gather_algorithm(const char* op, std::optional<Algorithm> requested,
+                                     std::size_t bytes) const {
+    const Algorithm algorithm = requested.value_or(Algorithm::kAuto);
+    DTRAIN_CHECK_ARG(algorithm == Algorithm::kAuto || algorithm == Algorithm::kRing ||
+                         algorithm == Algorithm::kShm,
+                     op, ": algorithm '", to_string(algorithm), "' runs all_reduce only; ", op,
+                     " runs auto, ring or shm");
+    if (algorithm == Algorithm::kAuto) {
+      return choose_scatter_gather_algorithm(bytes, size_, shm_ != nullptr);
+    }
+    return algorithm == Algorithm::kShm && !shm_ ? Algorithm::kRing : algorithm;
   }
 
   void native_all_reduce(MpiTransport& transport, void* data, std::size_t count, ElementType type,

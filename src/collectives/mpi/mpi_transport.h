@@ -26,7 +26,7 @@ namespace dtrain::collectives::detail {
 /// a log needs the text (formatting costs more than a small op takes).
 struct OpDescriptor {
   const char* op = "";
-  const char* algorithm = nullptr;  ///< all_reduce only
+  const char* algorithm = nullptr;  ///< all_reduce, reduce_scatter, all_gather
   const char* reduce = nullptr;     ///< reducing ops only
   std::size_t count = 0;
   ElementType type = ElementType::kUInt8;
@@ -75,7 +75,7 @@ class MpiTransport final : public Transport, public ShmWaiter {
   /// under the op's deadline. On timeout the request is left pending.
   void wait_native(MPI_Request* request);
 
-  /// While the shm all-reduce waits for `peer`: answers roll calls and ends
+  /// While a shm collective waits for `peer`: answers roll calls and ends
   /// the op (TimeoutError) when its deadline passed or a peer gave up.
   void idle(const char* phase, int peer) override;
 

@@ -169,6 +169,14 @@ void NcclCommunicator::check_algorithm(const std::optional<Algorithm>& requested
                "'); set NcclOptions::algorithm instead");
 }
 
+void NcclCommunicator::check_no_algorithm(const char* op,
+                                          const std::optional<Algorithm>& requested) {
+  DTRAIN_CHECK_ARG(!requested || *requested == Algorithm::kAuto, op, ": algorithm '",
+                   to_string(requested.value_or(Algorithm::kAuto)),
+                   "' was requested, but the NCCL backend lets NCCL choose how to run ", op,
+                   "; leave the algorithm unset or pass auto");
+}
+
 WaitMode NcclCommunicator::default_wait_mode() const noexcept {
   return nccl_options_.blocking_wait ? WaitMode::kHost : WaitMode::kStream;
 }
@@ -218,6 +226,7 @@ std::shared_ptr<Work> NcclCommunicator::all_gather_buffer(const DeviceBuffer& ou
                    " differs from input dtype ", dtype_name(input.dtype));
   const std::size_t count = input.count;
   check_rank_major_counts(kOp, "output", output.count, "input", count, size_);
+  check_no_algorithm(kOp, options.algorithm);
   return enqueue(describe(kOp, "", count, input.dtype), options.timeout, default_wait_mode(),
                  std::move(keep), [&](CudaStream stream) {
                    api_->all_gather(input.data, output.data, count, type, comm_, stream);
@@ -237,6 +246,7 @@ std::shared_ptr<Work> NcclCommunicator::reduce_scatter_buffer(const DeviceBuffer
   const NcclRedOp op = nccl_red_op(options.op, input.dtype, kOp);
   const std::size_t count = output.count;
   check_rank_major_counts(kOp, "input", input.count, "output", count, size_);
+  check_no_algorithm(kOp, options.algorithm);
   return enqueue(describe(kOp, to_string(options.op), count, output.dtype), options.timeout,
                  default_wait_mode(), std::move(keep), [&](CudaStream stream) {
                    api_->reduce_scatter(input.data, output.data, count, type, op, comm_, stream);

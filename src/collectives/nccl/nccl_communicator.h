@@ -162,6 +162,9 @@ class NcclCommunicator final : public Communicator,
 
   void check_buffer(const DeviceBuffer& buffer, const char* op, const char* which) const;
   void check_algorithm(const std::optional<Algorithm>& requested) const;
+  /// reduce_scatter and all_gather: NCCL picks their algorithm; only unset
+  /// or kAuto is accepted.
+  static void check_no_algorithm(const char* op, const std::optional<Algorithm>& requested);
   std::shared_ptr<Work> point_to_point(const char* op, const DeviceBuffer& buffer, int peer,
                                        const PointToPointOptions& options, bool is_recv,
                                        KeepAlive keep);
