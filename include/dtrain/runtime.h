@@ -20,27 +20,13 @@
 #include <string_view>
 
 #include "dtrain/collectives/types.h"
+#include "dtrain/env.h"  // LaunchInfo, detect_launch()
 
 namespace dtrain {
 
 namespace collectives {
 class Communicator;
 }
-
-/// Where this process sits in the job, as the launcher's environment says
-/// (OMPI_COMM_WORLD_*, PMI_*/PMIX_*, SLURM_*). Readable before MPI is up,
-/// for logging; the communicators' rank()/size() are authoritative.
-struct LaunchInfo {
-  int rank = 0;
-  int size = 1;
-  int local_rank = 0;  ///< Rank among the processes on this node.
-  int local_size = 1;
-  /// "openmpi", "pmi", "slurm" or "none" (started without a launcher).
-  std::string launcher = "none";
-};
-
-/// Reads LaunchInfo from the environment. Pure; never throws.
-LaunchInfo detect_launch();
 
 /// How the process's allocator is set up for training (docs/configuration.md).
 ///

@@ -5,7 +5,6 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "dtrain/collectives/communicator.h"
@@ -20,43 +19,7 @@ namespace {
 // Guards the one-Runtime-per-process rule (MPI can be initialized once).
 std::atomic<bool> g_runtime_alive{false};
 
-int env_int(const char* name, int fallback) {
-  const char* raw = std::getenv(name);
-  if (raw == nullptr || *raw == '\0') return fallback;
-  char* end = nullptr;
-  const long value = std::strtol(raw, &end, 10);
-  return (end != raw && *end == '\0' && value >= 0) ? static_cast<int>(value) : fallback;
-}
-
-bool has_env(const char* name) { return std::getenv(name) != nullptr; }
-
 }  // namespace
-
-LaunchInfo detect_launch() {
-  LaunchInfo info;
-  if (has_env("OMPI_COMM_WORLD_RANK")) {
-    info.launcher = "openmpi";
-    info.rank = env_int("OMPI_COMM_WORLD_RANK", 0);
-    info.size = env_int("OMPI_COMM_WORLD_SIZE", 1);
-    info.local_rank = env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0);
-    info.local_size = env_int("OMPI_COMM_WORLD_LOCAL_SIZE", 1);
-  } else if (has_env("PMIX_RANK") || has_env("PMI_RANK")) {
-    info.launcher = "pmi";
-    info.rank = env_int("PMIX_RANK", env_int("PMI_RANK", 0));
-    info.size = env_int("PMI_SIZE", env_int("SLURM_NTASKS", 1));
-    info.local_rank = env_int("MPI_LOCALRANKID", env_int("SLURM_LOCALID", 0));
-    info.local_size = env_int("MPI_LOCALNRANKS", env_int("SLURM_NTASKS_PER_NODE", 1));
-  } else if (has_env("SLURM_PROCID")) {
-    info.launcher = "slurm";
-    info.rank = env_int("SLURM_PROCID", 0);
-    info.size = env_int("SLURM_NTASKS", 1);
-    info.local_rank = env_int("SLURM_LOCALID", 0);
-    info.local_size = env_int("SLURM_NTASKS_PER_NODE", 1);
-  }
-  if (info.size < 1) info.size = 1;
-  if (info.local_size < 1) info.local_size = 1;
-  return info;
-}
 
 Runtime::Runtime(int* argc, char*** argv) : launch_(detect_launch()) {
   bool expected = false;
@@ -82,7 +45,7 @@ Runtime::Runtime(int* argc, char*** argv) : launch_(detect_launch()) {
       // as heap corruption when ranks passed tensors of different sizes);
       // its copy-in/copy-out path truncates and reports MPI_ERR_TRUNCATE.
       // Use the latter unless the user chose otherwise.
-      setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", /*overwrite=*/0);
+      set_env_default("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
       DTRAIN_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
       owns_mpi_ = true;
     }
