@@ -63,9 +63,13 @@ class Runtime {
   /// Applies plan_malloc_policy() (see MallocPolicy), then initializes MPI
   /// with MPI_THREAD_MULTIPLE (each communicator runs ops on
   /// its own thread). Throws CommError if the MPI library cannot provide that
-  /// level. If MPI is already initialized (by the application), checks its
-  /// thread level and leaves finalization to the application.
-  /// At most one Runtime may exist in a process.
+  /// level. MPI_COMM_WORLD and every communicator dtrain creates run under
+  /// MPI_ERRORS_RETURN: a failed MPI call becomes a CommError carrying MPI's
+  /// message, never an abort. If MPI is already initialized (by the
+  /// application), checks its thread level and leaves MPI_COMM_WORLD's error
+  /// handler and finalization to the application (dtrain's own
+  /// communicators still return errors). At most one Runtime may exist in a
+  /// process.
   Runtime(int* argc, char*** argv);
   Runtime() : Runtime(nullptr, nullptr) {}
   ~Runtime();

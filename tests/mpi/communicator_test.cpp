@@ -6,16 +6,21 @@
 
 #include <ATen/ATen.h>
 
+#include <mpi.h>
 #include <sys/resource.h>
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <csignal>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/collectives/process_grid.h"
 #include "dtrain/error.h"
+#include "src/collectives/mpi/mpi_error.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace dtrain::collectives {
@@ -271,6 +276,31 @@ TEST(MismatchTest, DifferentSizesAcrossRanksAreACommErrorNotCorruption) {
       world().barrier()->wait();
     }
   }
+}
+
+// MPI_COMM_WORLD runs under MPI_ERRORS_RETURN once the Runtime has started
+// MPI, so a failed call on it (as in Runtime::world's rendezvous and
+// MPI_Comm_dup) comes back to dtrain's check as a CommError with MPI's own
+// message, instead of MPI's default handler aborting the job.
+TEST(MpiErrorTest, AFailedCallOnTheWorldIsACommErrorWithMpisMessage) {
+  int size = 0;
+  ASSERT_EQ(MPI_Comm_size(MPI_COMM_WORLD, &size), MPI_SUCCESS);
+  int value = 0;
+  std::string message;
+  try {
+    // Rank `size + 1` does not exist: MPI_ERR_RANK.
+    DTRAIN_MPI_CHECK(MPI_Send(&value, 1, MPI_INT, size + 1, 0, MPI_COMM_WORLD));
+    ADD_FAILURE() << "MPI_Send to a rank that does not exist succeeded";
+  } catch (const CommError& e) {
+    message = e.what();
+  }
+  EXPECT_NE(message.find("MPI_Send("), std::string::npos) << message;
+  std::string lower = message;
+  std::transform(lower.begin(), lower.end(), lower.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  EXPECT_NE(lower.find("invalid rank"), std::string::npos) << "not MPI's message: " << message;
+  // The world is still usable.
+  world().barrier()->wait();
 }
 
 TEST(ProcessGridTest, GroupsFollowTheRankMath) {

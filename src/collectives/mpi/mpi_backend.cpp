@@ -29,6 +29,15 @@ MpiProcess initialize_mpi(int* argc, char*** argv) {
     process.initialized_here = true;
   }
   try {
+    if (process.initialized_here) {
+      // MPI's default handler aborts the job on any error, before the
+      // checks around the calls on MPI_COMM_WORLD (Runtime::world's
+      // rendezvous and MPI_Comm_dup) can turn it into a CommError with
+      // MPI's message. Every communicator dtrain creates inherits this
+      // handler, and MpiCommunicator sets it again on the one it wraps. An
+      // MPI the application initialized keeps the handler it chose.
+      DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+    }
     DTRAIN_CHECK_T(
         CommError, provided >= MPI_THREAD_MULTIPLE, "the MPI library provides thread level ",
         provided, " but dtrain needs MPI_THREAD_MULTIPLE (", MPI_THREAD_MULTIPLE,

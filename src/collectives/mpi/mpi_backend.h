@@ -22,9 +22,11 @@ struct MpiProcess {
 };
 
 /// Initializes MPI with MPI_THREAD_MULTIPLE (each communicator runs its ops
-/// on a thread of its own); or, if the application initialized MPI already,
-/// checks its thread level. Throws CommError if MPI cannot provide that
-/// level or a call fails. Not thread-safe; once per process.
+/// on a thread of its own), and sets MPI_ERRORS_RETURN on MPI_COMM_WORLD so
+/// that a failed call becomes a CommError with MPI's message instead of an
+/// abort; or, if the application initialized MPI already, checks its thread
+/// level and leaves its error handler alone. Throws CommError if MPI cannot
+/// provide that level or a call fails. Not thread-safe; once per process.
 MpiProcess initialize_mpi(int* argc, char*** argv);
 
 /// MPI_Finalize, unless MPI is already finalized. Never throws.
