@@ -175,7 +175,14 @@ TEST(CheckpointTest, AsyncSaveSnapshotsTheStateAndKeepsTheLastK) {
     StateDict state;
     state.add_replicated("model/w", w);
     const SaveStats stats = manager.save(step, state);
-    EXPECT_GE(stats.stall_seconds, 0.0);
+    // The stall is measured, and the wait for the previous save is part of it.
+    EXPECT_GT(stats.stall_seconds, 0.0);
+    EXPECT_LE(stats.wait_seconds, stats.stall_seconds);
+    // One rank stages the replicated tensor: over the ranks, its bytes once.
+    // (Over the test's world communicator: `comm` is busy with the save.)
+    at::Tensor staged = at::full({1}, static_cast<std::int64_t>(stats.bytes), at::kLong);
+    dtrain::testing::world().all_reduce(staged)->wait();
+    EXPECT_EQ(staged.item<std::int64_t>(), 256 * 256 * 4) << "step " << step;
     w.fill_(-1.0f);  // changed while the save runs in the background
   }
   manager.wait();

@@ -207,8 +207,36 @@ TEST(PointToPointTest, RingExchangeWithTags) {
   EXPECT_TRUE(at::equal(in_b, at::full({5}, left * 10, at::kDouble)));
 }
 
-TEST(BarrierTest, CompletesOnEveryRank) {
-  for (int i = 0; i < 10; ++i) world().barrier()->wait();
+// No rank leaves a barrier before the last one has entered it. Each round
+// one rank arrives late (it sleeps first); every rank notes when it entered
+// and when it left, on the steady clock (CLOCK_MONOTONIC, one clock for
+// every process of a machine), and the latest entry must precede the
+// earliest exit. A barrier that returned at once would let the punctual
+// ranks leave while the late one is still asleep.
+TEST(BarrierTest, NoRankLeavesBeforeTheLastOneArrives) {
+  Communicator& comm = world();
+  const auto now_ns = [] {
+    return static_cast<std::int64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+            .count());
+  };
+  for (int late = 0; late < comm.size(); ++late) {
+    comm.barrier()->wait();  // a common start
+    if (comm.rank() == late) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    at::Tensor mine = at::empty({2}, at::kLong);
+    mine[0] = now_ns();
+    comm.barrier()->wait();
+    mine[1] = now_ns();
+    at::Tensor all = at::empty({comm.size(), 2}, at::kLong);
+    comm.all_gather(all, mine)->wait();
+    const std::int64_t last_entry = all.select(1, 0).max().item<std::int64_t>();
+    const std::int64_t first_exit = all.select(1, 1).min().item<std::int64_t>();
+    EXPECT_LE(last_entry, first_exit)
+        << "rank " << all.select(1, 1).argmin().item<std::int64_t>() << " left the barrier "
+        << (last_entry - first_exit) / 1000 << " us before rank "
+        << all.select(1, 0).argmax().item<std::int64_t>() << " entered it (late rank: " << late
+        << ")";
+  }
 }
 
 TEST(TimeoutTest, SkippedCollectiveGivesTimeoutErrorNamingTheMissingRank) {
