@@ -1,12 +1,10 @@
 // CheckpointManager: staged, (a)synchronous, atomically committed saves and
 // resume from the newest checkpoint that verifies.
 
-#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -33,25 +31,19 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// Fault injection for the crash tests: DTRAIN_FAULT_CHECKPOINT=<phase>:<step>:<rank>
-// kills this process with SIGKILL when it reaches <phase> ("after_write":
-// its file is written and synced, nothing is committed; "before_rename":
-// rank 0 has written the manifest into the temporary directory) while saving
-// <step>. A real kill, at the worst moment, for tests. Only on a job's first
-// attempt (DTRAIN_RESTART_COUNT unset or 0, as dtrain-launch sets it).
-void maybe_crash(const char* phase, std::int64_t step, int rank) {
-  const char* spec = std::getenv("DTRAIN_FAULT_CHECKPOINT");
-  if (spec == nullptr) return;
-  const char* restart = std::getenv("DTRAIN_RESTART_COUNT");
-  if (restart != nullptr && std::string(restart) != "0") return;
-  const std::string expected =
-      std::string(phase) + ":" + std::to_string(step) + ":" + std::to_string(rank);
-  if (expected == spec) {
-    std::cerr << "[dtrain rank " << rank << "] fault injection: killed while saving step " << step
-              << " (" << phase << ")" << std::endl;
-    ::kill(::getpid(), SIGKILL);
+}  // namespace
+
+const char* to_string(SavePhase phase) {
+  switch (phase) {
+    case SavePhase::kAfterWrite:
+      return "after_write";
+    case SavePhase::kBeforeRename:
+      return "before_rename";
   }
+  return "?";
 }
+
+namespace {
 
 std::string region_text(const std::vector<std::int64_t>& values) {
   std::string s;
@@ -101,6 +93,14 @@ std::vector<HeldPiece> held_pieces(const StateDict& state) {
 }
 
 }  // namespace
+
+SavePhase parse_save_phase(const std::string& name) {
+  for (SavePhase phase : {SavePhase::kAfterWrite, SavePhase::kBeforeRename}) {
+    if (name == to_string(phase)) return phase;
+  }
+  DTRAIN_THROW(InvalidArgument, "unknown checkpoint save phase '", name,
+               "'; expected after_write or before_rename");
+}
 
 void CheckpointOptions::validate() const {
   DTRAIN_CHECK_ARG(!directory.empty(), "the checkpoint directory is empty");
@@ -238,7 +238,7 @@ struct CheckpointManager::Impl {
       record.info = detail::write_piece_file(path.string(), step, rank, size, pieces, write_options,
                                              image, &times);
       for (const auto& p : pieces) record.pieces.push_back(p.record);
-      maybe_crash("after_write", step, rank);
+      if (options.fault_hook) options.fault_hook(SavePhase::kAfterWrite, step);
     } catch (const std::exception& e) {
       record.error = e.what();
     }
@@ -269,7 +269,7 @@ struct CheckpointManager::Impl {
         detail::write_file_atomically((tmp / detail::kManifestName).string(),
                                       detail::serialize(manifest), options.fsync);
         if (options.fsync) detail::fsync_path(tmp.string(), true);
-        maybe_crash("before_rename", step, rank);
+        if (options.fault_hook) options.fault_hook(SavePhase::kBeforeRename, step);
         // An older save of the same step is moved aside first and deleted only
         // once the new one is in place; a crash in between leaves the new one
         // complete in .tmp-step-N, which the next manager puts in place.

@@ -7,16 +7,21 @@
 
 #include <ATen/ATen.h>
 
+#include <mpi.h>
 #include <sys/resource.h>
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <csignal>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/collectives/process_grid.h"
 #include "dtrain/error.h"
+#include "src/collectives/mpi/mpi_error.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace dtrain::collectives {
@@ -350,8 +355,36 @@ TEST(PointToPointTest, RingExchangeWithTags) {
   EXPECT_TRUE(at::equal(in_b, at::full({5}, left * 10, at::kDouble)));
 }
 
-TEST(BarrierTest, CompletesOnEveryRank) {
-  for (int i = 0; i < 10; ++i) world().barrier()->wait();
+// No rank leaves a barrier before the last one has entered it. Each round
+// one rank arrives late (it sleeps first); every rank notes when it entered
+// and when it left, on the steady clock (CLOCK_MONOTONIC, one clock for
+// every process of a machine), and the latest entry must precede the
+// earliest exit. A barrier that returned at once would let the punctual
+// ranks leave while the late one is still asleep.
+TEST(BarrierTest, NoRankLeavesBeforeTheLastOneArrives) {
+  Communicator& comm = world();
+  const auto now_ns = [] {
+    return static_cast<std::int64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+            .count());
+  };
+  for (int late = 0; late < comm.size(); ++late) {
+    comm.barrier()->wait();  // a common start
+    if (comm.rank() == late) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    at::Tensor mine = at::empty({2}, at::kLong);
+    mine[0] = now_ns();
+    comm.barrier()->wait();
+    mine[1] = now_ns();
+    at::Tensor all = at::empty({comm.size(), 2}, at::kLong);
+    comm.all_gather(all, mine)->wait();
+    const std::int64_t last_entry = all.select(1, 0).max().item<std::int64_t>();
+    const std::int64_t first_exit = all.select(1, 1).min().item<std::int64_t>();
+    EXPECT_LE(last_entry, first_exit)
+        << "rank " << all.select(1, 1).argmin().item<std::int64_t>() << " left the barrier "
+        << (last_entry - first_exit) / 1000 << " us before rank "
+        << all.select(1, 0).argmax().item<std::int64_t>() << " entered it (late rank: " << late
+        << ")";
+  }
 }
 
 TEST(TimeoutTest, SkippedCollectiveGivesTimeoutErrorNamingTheMissingRank) {
@@ -513,6 +546,31 @@ TEST(MismatchTest, ScatterAndGatherOfDifferentSizesAreACommErrorNotCorruption) {
       }
     }
   }
+}
+
+// MPI_COMM_WORLD runs under MPI_ERRORS_RETURN once the Runtime has started
+// MPI, so a failed call on it (as in Runtime::world's rendezvous and
+// MPI_Comm_dup) comes back to dtrain's check as a CommError with MPI's own
+// message, instead of MPI's default handler aborting the job.
+TEST(MpiErrorTest, AFailedCallOnTheWorldIsACommErrorWithMpisMessage) {
+  int size = 0;
+  ASSERT_EQ(MPI_Comm_size(MPI_COMM_WORLD, &size), MPI_SUCCESS);
+  int value = 0;
+  std::string message;
+  try {
+    // Rank `size + 1` does not exist: MPI_ERR_RANK.
+    DTRAIN_MPI_CHECK(MPI_Send(&value, 1, MPI_INT, size + 1, 0, MPI_COMM_WORLD));
+    ADD_FAILURE() << "MPI_Send to a rank that does not exist succeeded";
+  } catch (const CommError& e) {
+    message = e.what();
+  }
+  EXPECT_NE(message.find("MPI_Send("), std::string::npos) << message;
+  std::string lower = message;
+  std::transform(lower.begin(), lower.end(), lower.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  EXPECT_NE(lower.find("invalid rank"), std::string::npos) << "not MPI's message: " << message;
+  // The world is still usable.
+  world().barrier()->wait();
 }
 
 TEST(ProcessGridTest, GroupsFollowTheRankMath) {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -308,16 +309,24 @@ TEST(AlgorithmTest, ScratchIsReusedAcrossCalls) {
   });
 }
 
+// kAuto as a communicator's default, asked for by no call.
+Algorithm auto_choice(std::size_t bytes, int world, bool shm) {
+  return choose_all_reduce_algorithm(std::nullopt, Algorithm::kAuto, bytes, world, shm);
+}
+
 TEST(AlgorithmTest, AutoNeverReturnsAutoOrNative) {
   for (int world : {1, 2, 3, 4, 64}) {
     for (std::size_t bytes = 0; bytes < (std::size_t{1} << 31); bytes = bytes * 2 + 1) {
       for (bool shm : {false, true}) {
-        const Algorithm a = choose_all_reduce_algorithm(bytes, world, shm);
+        const Algorithm a = auto_choice(bytes, world, shm);
         EXPECT_NE(a, Algorithm::kAuto);
         EXPECT_NE(a, Algorithm::kNative);
         if (!shm) {
           EXPECT_NE(a, Algorithm::kShm) << "shm chosen without shared memory";
         }
+        // A call that asks for auto gets what the default auto gets.
+        EXPECT_EQ(
+            choose_all_reduce_algorithm(Algorithm::kAuto, Algorithm::kTree, bytes, world, shm), a);
       }
     }
   }
@@ -326,18 +335,38 @@ TEST(AlgorithmTest, AutoNeverReturnsAutoOrNative) {
   for (int world : {1, 2, 3, 4, 64}) {
     for (std::size_t bytes = 0; bytes < (std::size_t{1} << 31); bytes = bytes * 2 + 1) {
       for (bool shm : {false, true}) {
-        const bool all_reduce_shm =
-            choose_all_reduce_algorithm(bytes, world, shm) == Algorithm::kShm;
+        const bool all_reduce_shm = auto_choice(bytes, world, shm) == Algorithm::kShm;
         EXPECT_EQ(choose_scatter_gather_algorithm(bytes, world, shm),
                   all_reduce_shm ? Algorithm::kShm : Algorithm::kRing)
             << bytes << " bytes, " << world << " ranks, shm " << shm;
       }
     }
   }
-  // Shared memory where it was measured to lead.
-  EXPECT_EQ(choose_all_reduce_algorithm(8, 2, true), Algorithm::kShm);
-  EXPECT_EQ(choose_all_reduce_algorithm(std::size_t{64} << 20, 4, true), Algorithm::kShm);
-  EXPECT_EQ(choose_all_reduce_algorithm(1024, 4, true), Algorithm::kRhd);
+  // The crossovers of docs/collectives.md.
+  EXPECT_EQ(auto_choice(8, 2, true), Algorithm::kShm);
+  EXPECT_EQ(auto_choice(std::size_t{64} << 20, 4, true), Algorithm::kShm);
+  EXPECT_EQ(auto_choice(1024, 4, true), Algorithm::kRhd);
+  EXPECT_EQ(auto_choice(std::size_t{1} << 20, 2, false), Algorithm::kRhd);
+  EXPECT_EQ(auto_choice((std::size_t{1} << 20) + 4, 2, false), Algorithm::kRing);
+  EXPECT_EQ(auto_choice(std::size_t{8} << 20, 4, false), Algorithm::kRhd);
+  EXPECT_EQ(auto_choice((std::size_t{8} << 20) + 4, 4, false), Algorithm::kRing);
+  EXPECT_EQ(auto_choice(std::size_t{64} << 20, 1, true), Algorithm::kRing);
+}
+
+// The call's request wins over the communicator's default; shm without
+// shared memory runs as ring; the others run as asked.
+TEST(AlgorithmTest, TheCallsRequestWinsAndShmNeedsSharedMemory) {
+  const std::size_t bytes = 4096;
+  for (Algorithm a : {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd, Algorithm::kNative}) {
+    EXPECT_EQ(choose_all_reduce_algorithm(a, Algorithm::kShm, bytes, 4, true), a) << to_string(a);
+    EXPECT_EQ(choose_all_reduce_algorithm(std::nullopt, a, bytes, 4, false), a) << to_string(a);
+  }
+  EXPECT_EQ(choose_all_reduce_algorithm(Algorithm::kShm, Algorithm::kRhd, bytes, 4, true),
+            Algorithm::kShm);
+  EXPECT_EQ(choose_all_reduce_algorithm(Algorithm::kShm, Algorithm::kRhd, bytes, 4, false),
+            Algorithm::kRing);
+  EXPECT_EQ(choose_all_reduce_algorithm(std::nullopt, Algorithm::kShm, bytes, 2, false),
+            Algorithm::kRing);
 }
 
 // --- shared-memory all-reduce: ranks are threads over one allocation --------

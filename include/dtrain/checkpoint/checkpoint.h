@@ -179,6 +179,20 @@ class Checkpoint {
   std::shared_ptr<Impl> impl_;
 };
 
+/// Points of a save at which CheckpointOptions::fault_hook is called.
+enum class SavePhase {
+  /// Every rank: its file is written (and synced); nothing is committed.
+  kAfterWrite,
+  /// Rank 0: the manifest is written in the temporary directory, which is
+  /// not yet renamed to step-<N>.
+  kBeforeRename,
+};
+
+/// "after_write", "before_rename".
+const char* to_string(SavePhase phase);
+/// The inverse of to_string(); InvalidArgument naming the phases otherwise.
+SavePhase parse_save_phase(const std::string& name);
+
 struct CheckpointOptions {
   std::string directory;  ///< created if missing; must be writable by every rank
   /// Committed checkpoints to keep (the newest); older ones are deleted
@@ -204,6 +218,16 @@ struct CheckpointOptions {
   /// Receives warnings (a checkpoint skipped on resume, a leftover removed).
   /// Unset: written to stderr with the rank.
   std::function<void(const std::string&)> on_warning;
+  /// Fault injection, for tests (the idea of LevelDB's Env): called at each
+  /// SavePhase of every save with the step being saved, on the thread that
+  /// writes (the background thread of an async save). An exception it throws
+  /// fails that save the way a write error would (CheckpointError on every
+  /// rank; the previous checkpoints stay as they were); it may also end the
+  /// process, to test a crash at that point, or block, to hold a save
+  /// there. Unset (the default): nothing is called. Test programs run from
+  /// outside set it from DTRAIN_FAULT_CHECKPOINT (dtrain/env.h); the
+  /// library never reads that variable.
+  std::function<void(SavePhase phase, std::int64_t step)> fault_hook;
 
   void validate() const;
 };

@@ -1,4 +1,4 @@
-// Scratch buffers and the choice made by Algorithm::kAuto.
+// Scratch buffers and the choice of the all-reduce algorithm (kAuto included).
 
 #include "src/collectives/algorithms/algorithms.h"
 
@@ -23,6 +23,15 @@ void* Scratch::get(std::size_t bytes) {
   return p;
 }
 
+namespace {
+
+// kAuto's crossovers: messages above these sizes go to the ring (two
+// ranks, and more than two); with shared memory, kShm on 2 ranks and, on
+// more, above kShmMinBytesManyRanks.
+constexpr std::size_t kRingMinBytesTwoRanks = std::size_t{1} << 20;
+constexpr std::size_t kRingMinBytesManyRanks = std::size_t{8} << 20;
+constexpr std::size_t kShmMinBytesManyRanks = std::size_t{128} << 10;
+
 // Crossover measured with benchmarks/allreduce_perf on 2-core VMs (2 and 4
 // ranks over Open MPI's shared-memory copy-in/copy-out transport; tables in
 // docs/collectives.md): rhd (whole-vector doubling when small, halving-
@@ -34,12 +43,21 @@ void* Scratch::get(std::size_t bytes) {
 // 4.7-7.7x MPI_Allreduce at 64 MiB); with 4 ranks on 2 cores it led from
 // 256 KiB up but lost below, where waking a descheduled peer costs more
 // than the few messages rhd sends.
-Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm) {
+Algorithm auto_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm) {
   if (world_size <= 1) return Algorithm::kRing;
-  if (shm && (world_size == 2 || bytes > kAutoShmMinBytesManyRanks)) return Algorithm::kShm;
-  const std::size_t ring_above =
-      world_size == 2 ? kAutoRingMinBytesTwoRanks : kAutoRingMinBytesManyRanks;
+  if (shm && (world_size == 2 || bytes > kShmMinBytesManyRanks)) return Algorithm::kShm;
+  const std::size_t ring_above = world_size == 2 ? kRingMinBytesTwoRanks : kRingMinBytesManyRanks;
   return bytes <= ring_above ? Algorithm::kRhd : Algorithm::kRing;
+}
+
+}  // namespace
+
+Algorithm choose_all_reduce_algorithm(std::optional<Algorithm> requested, Algorithm configured,
+                                      std::size_t bytes, int world_size, bool shm) {
+  const Algorithm algorithm = requested.value_or(configured);
+  if (algorithm == Algorithm::kAuto) return auto_all_reduce_algorithm(bytes, world_size, shm);
+  if (algorithm == Algorithm::kShm && !shm) return Algorithm::kRing;
+  return algorithm;
 }
 
 // Reduce-scatter and all-gather have only the ring over point-to-point
@@ -47,8 +65,8 @@ Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool sh
 // with more ranks than cores the same wake-up cost makes small ones slower
 // (tables in docs/collectives.md), so the same rule applies.
 Algorithm choose_scatter_gather_algorithm(std::size_t bytes, int world_size, bool shm) {
-  return choose_all_reduce_algorithm(bytes, world_size, shm) == Algorithm::kShm ? Algorithm::kShm
-                                                                                : Algorithm::kRing;
+  return auto_all_reduce_algorithm(bytes, world_size, shm) == Algorithm::kShm ? Algorithm::kShm
+                                                                              : Algorithm::kRing;
 }
 
 void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::size_t count,

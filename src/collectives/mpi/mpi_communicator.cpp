@@ -182,11 +182,9 @@ class MpiCommunicator final : public Communicator {
     const ElementType type = element_type_of(tensor, kOp);
     const Reducer reducer = make_reducer(type, opts.op);
     const std::size_t count = static_cast<std::size_t>(tensor.numel());
-    Algorithm algorithm = opts.algorithm.value_or(options_.allreduce_algorithm);
-    if (algorithm == Algorithm::kAuto) {
-      algorithm = choose_all_reduce_algorithm(count * reducer.element_size, size_, shm_ != nullptr);
-    }
-    if (algorithm == Algorithm::kShm && !shm_) algorithm = Algorithm::kRing;
+    const Algorithm algorithm =
+        choose_all_reduce_algorithm(opts.algorithm, options_.allreduce_algorithm,
+                                    count * reducer.element_size, size_, shm_ != nullptr);
     DTRAIN_CHECK_ARG(algorithm != Algorithm::kNative || count <= static_cast<std::size_t>(INT_MAX),
                      "all_reduce: ", count,
                      " elements exceed MPI's int count limit of the native algorithm; use ring");

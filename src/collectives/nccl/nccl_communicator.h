@@ -28,7 +28,7 @@
 
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/collectives/nccl.h"
-#include "dtrain/runtime.h"
+#include "dtrain/env.h"  // LaunchInfo, ScopedEnvSetting
 #include "src/collectives/nccl/current_stream.h"
 #include "src/collectives/nccl/nccl_api.h"
 #include "src/collectives/nccl/nccl_work.h"
@@ -84,7 +84,6 @@ bool wait_for_child(CudaNcclApi& api, NcclSplit split,
 class ScopedNcclAlgo {
  public:
   explicit ScopedNcclAlgo(Algorithm algorithm);
-  ~ScopedNcclAlgo();
   ScopedNcclAlgo(const ScopedNcclAlgo&) = delete;
   ScopedNcclAlgo& operator=(const ScopedNcclAlgo&) = delete;
 
@@ -92,8 +91,7 @@ class ScopedNcclAlgo {
   static const char* value(Algorithm algorithm);
 
  private:
-  bool active_ = false;
-  std::optional<std::string> previous_;
+  std::optional<ScopedEnvSetting> setting_;  ///< dtrain/env.h
 };
 
 class NcclCommunicator final : public Communicator,

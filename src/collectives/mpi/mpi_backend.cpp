@@ -1,0 +1,90 @@
+// MPI's lifetime in the process and the world communicator (mpi_backend.h).
+
+#include "src/collectives/mpi/mpi_backend.h"
+
+#include <mpi.h>
+
+#include "dtrain/env.h"
+#include "dtrain/error.h"
+#include "src/collectives/mpi/mpi_communicator.h"
+#include "src/collectives/mpi/mpi_error.h"
+
+namespace dtrain::collectives::detail {
+
+MpiProcess initialize_mpi(int* argc, char*** argv) {
+  MpiProcess process;
+  int initialized = 0;
+  DTRAIN_MPI_CHECK(MPI_Initialized(&initialized));
+  int provided = MPI_THREAD_SINGLE;
+  if (initialized) {
+    DTRAIN_MPI_CHECK(MPI_Query_thread(&provided));
+  } else {
+    // Open MPI 4.1's shared-memory single-copy (CMA) path writes a longer
+    // message past a shorter receive buffer instead of truncating it (seen
+    // as heap corruption when ranks passed tensors of different sizes);
+    // its copy-in/copy-out path truncates and reports MPI_ERR_TRUNCATE.
+    // Use the latter unless the user chose otherwise.
+    set_env_default("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    DTRAIN_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
+    process.initialized_here = true;
+  }
+  try {
+    if (process.initialized_here) {
+      // MPI's default handler aborts the job on any error, before the
+      // checks around the calls on MPI_COMM_WORLD (Runtime::world's
+      // rendezvous and MPI_Comm_dup) can turn it into a CommError with
+      // MPI's message. Every communicator dtrain creates inherits this
+      // handler, and MpiCommunicator sets it again on the one it wraps. An
+      // MPI the application initialized keeps the handler it chose.
+      DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+    }
+    DTRAIN_CHECK_T(
+        CommError, provided >= MPI_THREAD_MULTIPLE, "the MPI library provides thread level ",
+        provided, " but dtrain needs MPI_THREAD_MULTIPLE (", MPI_THREAD_MULTIPLE,
+        "): each communicator runs its ops on a thread of its own. Use an MPI built "
+        "with thread support (Open MPI: check `ompi_info | grep 'Thread support'`)",
+        initialized ? ", and initialize it with MPI_Init_thread(MPI_THREAD_MULTIPLE)" : "");
+    DTRAIN_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &process.rank));
+    DTRAIN_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &process.size));
+  } catch (...) {
+    if (process.initialized_here) MPI_Finalize();
+    throw;
+  }
+  return process;
+}
+
+void finalize_mpi() noexcept {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+std::shared_ptr<Communicator> make_world_communicator(CommunicatorOptions options) {
+  options.validate();
+  // MPI_Comm_dup blocks without a timeout: first make sure everyone is here.
+  rendezvous(MPI_COMM_WORLD, options.timeout, "Runtime::world");
+  MPI_Comm comm = MPI_COMM_NULL;
+  DTRAIN_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm));
+  return make_mpi_communicator(comm, std::move(options));
+}
+
+int world_rank_if_running() noexcept {
+  int initialized = 0;
+  int finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (!initialized || finalized) return -1;
+  int rank = -1;
+  if (MPI_Comm_rank(MPI_COMM_WORLD, &rank) != MPI_SUCCESS) return -1;
+  return rank;
+}
+
+void abort_world(int exit_code) noexcept {
+  int initialized = 0;
+  int finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, exit_code);
+}
+
+}  // namespace dtrain::collectives::detail
