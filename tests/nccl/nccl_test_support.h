@@ -186,6 +186,10 @@ class FakeBootstrap : public Communicator {
   std::shared_ptr<Work> recv(const at::Tensor&, int, const PointToPointOptions&) override {
     return unused();
   }
+  std::shared_ptr<Work> batch_send_recv(const std::vector<P2POp>&,
+                                        const BatchSendRecvOptions&) override {
+    return unused();
+  }
   std::shared_ptr<Work> barrier(const BarrierOptions&) override { return unused(); }
   std::shared_ptr<Communicator> split(int, int, const SplitOptions&) override {
     ADD_FAILURE() << "the NCCL bootstrap must not split";
