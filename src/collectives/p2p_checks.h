@@ -43,8 +43,8 @@ inline void check_p2p_batch(const char* op, const std::vector<P2PCheckItem>& ite
     DTRAIN_CHECK_ARG(a.peer >= 0 && a.peer < size, op, ": ", describe_p2p_item(a, i),
                      ": peer rank ", a.peer, " is not a rank of communicator '", comm_name,
                      "' (size ", size, ")");
-    DTRAIN_CHECK_ARG(a.tag >= 0 && a.tag < kMaxUserTag, op, ": ", describe_p2p_item(a, i),
-                     ": tag ", a.tag, " is outside [0, ", kMaxUserTag, ")");
+    DTRAIN_CHECK_ARG(a.tag >= 0 && a.tag < kMaxUserTag, op, ": ", describe_p2p_item(a, i), ": tag ",
+                     a.tag, " is outside [0, ", kMaxUserTag, ")");
   }
   for (std::size_t i = 0; i < items.size(); ++i) {
     const P2PCheckItem& a = items[i];
@@ -53,8 +53,8 @@ inline void check_p2p_batch(const char* op, const std::vector<P2PCheckItem>& ite
       const P2PCheckItem& b = items[j];
       if (j == i || b.begin == b.end || (b.is_recv && j < i)) continue;
       const bool overlap = a.begin < b.end && b.begin < a.end;
-      DTRAIN_CHECK_ARG(!overlap, op, " on communicator '", comm_name, "': ",
-                       describe_p2p_item(a, i), " receives into memory that ",
+      DTRAIN_CHECK_ARG(!overlap, op, " on communicator '", comm_name,
+                       "': ", describe_p2p_item(a, i), " receives into memory that ",
                        describe_p2p_item(b, j), b.is_recv ? " also receives into" : " sends from",
                        "; give each receive its own tensor");
     }
@@ -68,11 +68,10 @@ inline void check_p2p_batch(const char* op, const std::vector<P2PCheckItem>& ite
     for (const P2PCheckItem& b : items) {
       if (b.peer == rank && b.tag == a.tag) balance += b.is_recv ? 1 : -1;
     }
-    DTRAIN_CHECK_ARG(balance == 0, op, " on communicator '", comm_name, "': ",
-                     describe_p2p_item(a, i), " is a message to this rank (", rank,
+    DTRAIN_CHECK_ARG(balance == 0, op, " on communicator '", comm_name,
+                     "': ", describe_p2p_item(a, i), " is a message to this rank (", rank,
                      "), but the batch has ", balance < 0 ? "fewer receives" : "fewer sends",
-                     " than ", balance < 0 ? "sends" : "receives",
-                     " to itself on tag ", a.tag,
+                     " than ", balance < 0 ? "sends" : "receives", " to itself on tag ", a.tag,
                      "; put the matching send and recv in the same batch");
   }
 }

@@ -25,9 +25,9 @@ using detail::CudaEvent;
 using detail::CudaStream;
 using detail::NcclComm;
 using detail::NcclCommConfig;
-using detail::NcclSplit;
 using detail::NcclDataType;
 using detail::NcclRedOp;
+using detail::NcclSplit;
 using detail::NcclUniqueId;
 
 template <typename T>

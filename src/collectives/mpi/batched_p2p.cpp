@@ -120,8 +120,8 @@ std::vector<P2PBatchOp> BatchedPointToPoint::prepare(const char* op, const std::
       b.follows = static_cast<int>(mine->second);
     }
     if (declared != nullptr) {
-      DTRAIN_CHECK_ARG(*declared == b.signature, op, " on communicator '", comm_name_, "': ",
-                       describe_p2p_item(items[i], i), " passes ", b.signature.str(),
+      DTRAIN_CHECK_ARG(*declared == b.signature, op, " on communicator '", comm_name_,
+                       "': ", describe_p2p_item(items[i], i), " passes ", b.signature.str(),
                        ", but this channel carries ", declared->str(),
                        " (set by its first message); a (peer, tag) channel carries one dtype "
                        "and shape: use another tag for another shape");
@@ -211,12 +211,11 @@ void BatchedPointToPoint::run(MpiTransport& transport, const OpDescriptor& what,
         if (theirs != op.signature) {
           const std::string me = "this rank (" + std::to_string(rank_) + ")";
           const std::string peer = "rank " + std::to_string(op.peer);
-          DTRAIN_THROW(CommError, what.str(), " on communicator '", comm_name_, "': ",
-                       channel_text(op), ": the two ends disagree on dtype or shape: ",
-                       op.is_recv ? peer : me, " sends ",
-                       (op.is_recv ? theirs : op.signature).str(), ", ", op.is_recv ? me : peer,
-                       " expects ", (op.is_recv ? op.signature : theirs).str(),
-                       "; the message was not sent");
+          DTRAIN_THROW(
+              CommError, what.str(), " on communicator '", comm_name_, "': ", channel_text(op),
+              ": the two ends disagree on dtype or shape: ", op.is_recv ? peer : me, " sends ",
+              (op.is_recv ? theirs : op.signature).str(), ", ", op.is_recv ? me : peer, " expects ",
+              (op.is_recv ? op.signature : theirs).str(), "; the message was not sent");
         }
         post_payload(opening[k]);
       }

@@ -463,8 +463,9 @@ class MpiCommunicator final : public Communicator {
     // Channels are declared in issue order: hold the lock until queued.
     std::lock_guard<std::mutex> lock(p2p_->issue_mutex());
     auto batch = std::make_shared<std::vector<P2PBatchOp>>(p2p_->prepare(what.op, ops, types));
-    return submit(what, op_timeout, /*collective=*/false, kNeverInline, at::Tensor(), at::Tensor(),
-                  [this, batch, what](MpiTransport& transport) { p2p_->run(transport, what, *batch); });
+    return submit(
+        what, op_timeout, /*collective=*/false, kNeverInline, at::Tensor(), at::Tensor(),
+        [this, batch, what](MpiTransport& transport) { p2p_->run(transport, what, *batch); });
   }
 
   // Runs `body` as one op: checks that the communicator is healthy, sets the

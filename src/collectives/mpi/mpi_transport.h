@@ -31,11 +31,11 @@ struct OpDescriptor {
   std::size_t count = 0;
   ElementType type = ElementType::kUInt8;
   bool has_tensor = true;
-  int root = -1;  ///< broadcast
-  int peer = -1;  ///< send/recv
-  int tag = -1;   ///< send/recv
-  int color = 0;  ///< split
-  int key = 0;    ///< split
+  int root = -1;   ///< broadcast
+  int peer = -1;   ///< send/recv
+  int tag = -1;    ///< send/recv
+  int color = 0;   ///< split
+  int key = 0;     ///< split
   int sends = -1;  ///< batch_send_recv
   int recvs = -1;  ///< batch_send_recv
 

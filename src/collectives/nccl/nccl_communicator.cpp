@@ -289,8 +289,9 @@ std::shared_ptr<Work> NcclCommunicator::point_to_point(const char* op, const Dev
                            options.timeout, std::move(keep));
 }
 
-std::shared_ptr<Work> NcclCommunicator::batch_send_recv_buffers(
-    const std::vector<P2PBufferOp>& ops, const BatchSendRecvOptions& options, KeepAlive keep) {
+std::shared_ptr<Work> NcclCommunicator::batch_send_recv_buffers(const std::vector<P2PBufferOp>& ops,
+                                                                const BatchSendRecvOptions& options,
+                                                                KeepAlive keep) {
   constexpr const char* kOp = "batch_send_recv";
   std::vector<NcclDataType> types;
   std::vector<P2PCheckItem> items;
@@ -318,9 +319,8 @@ std::shared_ptr<Work> NcclCommunicator::batch_send_recv_buffers(
                      "ranks in issue order. Use tag 0 and issue them in the same order on both "
                      "ranks");
   }
-  const std::string what = ::dtrain::detail::str_cat(kOp, "(", sends, " sends, ",
-                                                     ops.size() - static_cast<std::size_t>(sends),
-                                                     " recvs)");
+  const std::string what = ::dtrain::detail::str_cat(
+      kOp, "(", sends, " sends, ", ops.size() - static_cast<std::size_t>(sends), " recvs)");
   return enqueue_p2p_group(what, ops, types, options.timeout, std::move(keep));
 }
 
