@@ -31,13 +31,15 @@ struct OpDescriptor {
   std::size_t count = 0;
   ElementType type = ElementType::kUInt8;
   bool has_tensor = true;
-  int root = -1;   ///< broadcast
-  int peer = -1;   ///< send/recv
-  int tag = -1;    ///< send/recv
-  int color = 0;   ///< split
-  int key = 0;     ///< split
-  int sends = -1;  ///< batch_send_recv
-  int recvs = -1;  ///< batch_send_recv
+  int root = -1;  ///< broadcast
+  int peer = -1;  ///< send/recv
+  int tag = -1;   ///< send/recv
+  int color = 0;  ///< split
+  int key = 0;    ///< split
+
+  /// batch_send_recv: how many sends and receives the batch has.
+  int sends = -1;
+  int recvs = -1;
 
   /// e.g. "all_reduce(ring, sum, 1024 x float32)".
   std::string str() const;
