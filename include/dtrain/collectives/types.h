@@ -100,6 +100,13 @@ struct PointToPointOptions {
   std::optional<Timeout> timeout;
 };
 
+/// Options of Communicator::batch_send_recv.
+struct BatchSendRecvOptions {
+  /// Unset: the communicator's default timeout. One deadline for the whole
+  /// batch (header exchange included).
+  std::optional<Timeout> timeout;
+};
+
 /// Options of Communicator::barrier.
 struct BarrierOptions {
   std::optional<Timeout> timeout;

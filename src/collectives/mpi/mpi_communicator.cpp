@@ -18,10 +18,12 @@
 
 #include "dtrain/error.h"
 #include "src/collectives/algorithms/algorithms.h"
+#include "src/collectives/mpi/batched_p2p.h"
 #include "src/collectives/mpi/mpi_error.h"
 #include "src/collectives/mpi/mpi_transport.h"
 #include "src/collectives/mpi/progress_engine.h"
 #include "src/collectives/mpi/shm_segment.h"
+#include "src/collectives/p2p_checks.h"
 #include "src/collectives/shape_checks.h"
 
 namespace dtrain::collectives::detail {
@@ -31,7 +33,6 @@ using Clock = std::chrono::steady_clock;
 
 // Point-to-point ops are not numbered in the collective order.
 constexpr std::uint64_t kPointToPointSeq = ~std::uint64_t{0};
-constexpr int kMaxUserTag = 1'000'000;
 // Payload size that never qualifies for running on the caller's thread.
 constexpr std::size_t kNeverInline = ~std::size_t{0};
 
@@ -146,6 +147,7 @@ class MpiCommunicator final : public Communicator {
     create_half_ops<ElementType::kBFloat16>(half_ops_[0]);
     create_half_ops<ElementType::kFloat16>(half_ops_[1]);
     shm_ = ShmSegment::create(comm_, options_.shm_slot_bytes);
+    p2p_ = std::make_unique<BatchedPointToPoint>(p2p_comm_, options_.name, rank_, size_);
     engine_ = std::make_unique<ProgressEngine>();
   }
 
@@ -159,6 +161,7 @@ class MpiCommunicator final : public Communicator {
       // into freed memory.
       slots_.leak();
       workspace_.leak();
+      p2p_->leak();
       return;
     }
     for (auto& ops : half_ops_) {
@@ -316,6 +319,17 @@ class MpiCommunicator final : public Communicator {
   std::shared_ptr<Work> recv(const at::Tensor& tensor, int src,
                              const PointToPointOptions& opts) override {
     return point_to_point("recv", tensor, src, opts, /*is_recv=*/true);
+  }
+
+  std::shared_ptr<Work> batch_send_recv(const std::vector<P2POp>& ops,
+                                        const BatchSendRecvOptions& opts) override {
+    OpDescriptor what;
+    what.op = "batch_send_recv";
+    what.has_tensor = false;
+    what.sends = 0;
+    what.recvs = 0;
+    for (const P2POp& op : ops) ++(op.kind == P2POp::Kind::kRecv ? what.recvs : what.sends);
+    return submit_batch(what, ops, opts.timeout);
   }
 
   std::shared_ptr<Work> barrier(const BarrierOptions& opts) override {
@@ -486,22 +500,32 @@ class MpiCommunicator final : public Communicator {
                      ", this rank ", rank_, ")");
     DTRAIN_CHECK_ARG(opts.tag >= 0 && opts.tag < kMaxUserTag, op, ": tag ", opts.tag,
                      " is outside [0, ", kMaxUserTag, ")");
-    const std::size_t count = static_cast<std::size_t>(tensor.numel());
-    const std::size_t bytes = count * element_size(type);
-    const int tag = opts.tag;
-    OpDescriptor what = describe(op, count, type);
+    OpDescriptor what = describe(op, static_cast<std::size_t>(tensor.numel()), type);
     what.peer = peer;
-    what.tag = tag;
-    return submit(what, opts.timeout, /*collective=*/false, kNeverInline, tensor, at::Tensor(),
-                  [=](MpiTransport& transport) {
-                    Staged staged = stage(tensor, workspace_, /*copy_in=*/!is_recv);
-                    void* data = staged.tensor.data_ptr();
-                    auto request = is_recv ? transport.irecv_tagged(data, bytes, peer, tag)
-                                           : transport.isend_tagged(data, bytes, peer, tag);
-                    transport.wait(request);
-                    transport.wait_all();
-                    if (is_recv) unstage(staged, tensor);
-                  });
+    what.tag = opts.tag;
+    return submit_batch(
+        what, {is_recv ? P2POp::recv(tensor, peer, opts.tag) : P2POp::send(tensor, peer, opts.tag)},
+        opts.timeout);
+  }
+
+  // Queues a point-to-point batch (batched_p2p.h) as one op.
+  std::shared_ptr<Work> submit_batch(const OpDescriptor& what, const std::vector<P2POp>& ops,
+                                     std::optional<Timeout> timeout) {
+    std::vector<ElementType> types;
+    types.reserve(ops.size());
+    for (const P2POp& op : ops) {
+      check_cpu_tensor(op.tensor, what.op, op.kind == P2POp::Kind::kRecv ? "a received" : "a sent");
+      types.push_back(element_type_of(op.tensor, what.op));
+    }
+    const Timeout op_timeout = timeout.value_or(options_.timeout);
+    DTRAIN_CHECK_ARG(op_timeout.count() > 0, what.str(), ": timeout must be positive, got ",
+                     op_timeout.count(), " ms");
+    // Channels are declared in issue order: hold the lock until queued.
+    std::lock_guard<std::mutex> lock(p2p_->issue_mutex());
+    auto batch = std::make_shared<std::vector<P2PBatchOp>>(p2p_->prepare(what.op, ops, types));
+    return submit(
+        what, op_timeout, /*collective=*/false, kNeverInline, at::Tensor(), at::Tensor(),
+        [this, batch, what](MpiTransport& transport) { p2p_->run(transport, what, *batch); });
   }
 
   // Runs `body` as one op: checks that the communicator is healthy, sets the
@@ -584,6 +608,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<MpiTransport> transport_;
   std::unique_ptr<MpiTransport> p2p_transport_;
   std::unique_ptr<ShmSegment> shm_;  // null unless every rank is on this node
+  std::unique_ptr<BatchedPointToPoint> p2p_;
 
   // Touched only by the progress thread.
   Scratch slots_;      // the algorithms' pipelining slots

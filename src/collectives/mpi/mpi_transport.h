@@ -37,6 +37,10 @@ struct OpDescriptor {
   int color = 0;  ///< split
   int key = 0;    ///< split
 
+  /// batch_send_recv: how many sends and receives the batch has.
+  int sends = -1;
+  int recvs = -1;
+
   /// e.g. "all_reduce(ring, sum, 1024 x float32)".
   std::string str() const;
 };
@@ -61,6 +65,10 @@ class MpiTransport final : public Transport, public ShmWaiter {
   Request irecv(void* data, std::size_t bytes, int peer) override;
   void wait(Request request) override;
   void wait_all() override;
+  /// Blocks until at least one of `requests` has completed (under the op's
+  /// deadline, like wait); removes the completed ones from `requests` and
+  /// returns them.
+  std::vector<Request> wait_some(std::vector<Request>& requests);
 
   /// Starts an op: sets its tag (from seq), deadline and description.
   void begin_op(OpInfo info);

@@ -47,6 +47,14 @@ struct DeviceBuffer {
   bool contiguous = true;
 };
 
+/// One send or receive of NcclCommunicator::batch_send_recv_buffers.
+struct P2PBufferOp {
+  bool is_recv = false;
+  DeviceBuffer buffer;
+  int peer = -1;
+  int tag = 0;
+};
+
 /// Reads a DeviceBuffer off `tensor` (metadata only: no kernel, no copy).
 DeviceBuffer describe_tensor(const at::Tensor& tensor);
 
@@ -122,6 +130,8 @@ class NcclCommunicator final : public Communicator,
                              const PointToPointOptions& options) override;
   std::shared_ptr<Work> recv(const at::Tensor& tensor, int src,
                              const PointToPointOptions& options) override;
+  std::shared_ptr<Work> batch_send_recv(const std::vector<P2POp>& ops,
+                                        const BatchSendRecvOptions& options) override;
   std::shared_ptr<Work> barrier(const BarrierOptions& options) override;
   std::shared_ptr<Communicator> split(int color, int key, const SplitOptions& options) override;
 
@@ -139,6 +149,9 @@ class NcclCommunicator final : public Communicator,
                                     const PointToPointOptions& options, KeepAlive keep = {});
   std::shared_ptr<Work> recv_buffer(const DeviceBuffer& buffer, int src,
                                     const PointToPointOptions& options, KeepAlive keep = {});
+  std::shared_ptr<Work> batch_send_recv_buffers(const std::vector<P2PBufferOp>& ops,
+                                                const BatchSendRecvOptions& options,
+                                                KeepAlive keep = {});
 
   int device() const noexcept { return device_; }
   /// The comm stream (for tests and diagnostics).
@@ -166,6 +179,12 @@ class NcclCommunicator final : public Communicator,
   std::shared_ptr<Work> point_to_point(const char* op, const DeviceBuffer& buffer, int peer,
                                        const PointToPointOptions& options, bool is_recv,
                                        KeepAlive keep);
+  // Queues `ops` as one NCCL group (ncclGroupStart, a ncclSend/ncclRecv per
+  // op in list order, ncclGroupEnd); `types` are the ops' NCCL dtypes.
+  std::shared_ptr<Work> enqueue_p2p_group(const std::string& what,
+                                          const std::vector<P2PBufferOp>& ops,
+                                          const std::vector<NcclDataType>& types,
+                                          std::optional<Timeout> timeout, KeepAlive keep);
   WaitMode default_wait_mode() const noexcept;
   std::shared_ptr<NcclWork> make_work(std::string description, CudaEvent done, WaitMode mode);
   // Queues an op: comm stream waits for the caller's stream, `launch` queues
