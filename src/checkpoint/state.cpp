@@ -12,16 +12,13 @@
 
 #include "dtrain/error.h"
 #include "dtrain/parallel/zero_optimizer.h"
+#include "src/common/torch_compat.h"
 
 namespace dtrain::checkpoint {
 
 namespace {
 
 using Fields = std::vector<std::pair<std::string, at::Tensor>>;
-
-std::string state_key(const at::Tensor& param) {
-  return c10::guts::to_string(param.unsafeGetTensorImpl());
-}
 
 template <typename State, typename Add>
 void add_adam_fields(const State& s, const Add& add) {
@@ -35,7 +32,7 @@ void add_adam_fields(const State& s, const Add& add) {
 Fields param_state(const torch::optim::Optimizer& optimizer, const at::Tensor& param) {
   Fields out;
   const auto& states = optimizer.state();
-  auto it = states.find(state_key(param));
+  auto it = states.find(dtrain::detail::optimizer_state_key(param));
   if (it == states.end()) return out;
   const torch::optim::OptimizerParamState* s = it->second.get();
   auto add = [&](const char* name, const at::Tensor& t) {
@@ -77,7 +74,7 @@ std::unique_ptr<State> adam_state(const std::map<std::string, at::Tensor>& field
 void set_param_state(torch::optim::Optimizer& optimizer, const at::Tensor& param,
                      const std::map<std::string, at::Tensor>& fields) {
   auto& states = optimizer.state();
-  const std::string key = state_key(param);
+  const auto key = dtrain::detail::optimizer_state_key(param);
   if (fields.empty()) {
     states.erase(key);
     return;
