@@ -422,7 +422,7 @@ void check_zero_reshard(int writers, int readers) {
     }
     for (const auto& item : net->named_parameters()) {
       const at::Tensor& x = item.value();
-      const at::Tensor& y = reference->named_parameters()[item.key()];
+      const at::Tensor y = reference->named_parameters()[item.key()];
       EXPECT_TRUE(torch::allclose(x, y, 1e-5, 1e-6))
           << writers << " -> " << readers << " ranks, " << item.key() << ": max difference "
           << (x - y).abs().max().item<double>();

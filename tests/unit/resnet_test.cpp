@@ -74,7 +74,7 @@ TEST(ResNet, InitialisationFollowsThePapers) {
     }
   }
   // Kaiming normal, fan_out: std = sqrt(2 / (out_channels * 3 * 3)).
-  const auto& w = model->named_parameters()["layer3.0.conv2.weight"];
+  const at::Tensor w = model->named_parameters()["layer3.0.conv2.weight"];
   EXPECT_NEAR(w.std().item<double>(), std::sqrt(2.0 / (64 * 9)), 0.005);
 }
 
