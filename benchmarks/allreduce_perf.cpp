@@ -175,7 +175,7 @@ int main(int argc, char** argv) {
   at::ScalarType dtype;
   std::string device;
   try {
-    auto parsed = cli.parse(argc, argv);
+    auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
       if (runtime.rank() == 0) std::cout << cli.help() << std::endl;
       return 0;

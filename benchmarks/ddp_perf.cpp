@@ -307,7 +307,7 @@ int main(int argc, char** argv) {
       cxxopts::value<std::string>()->default_value(""))("h,help", "print this help");
   Config c;
   try {
-    auto parsed = cli.parse(argc, argv);
+    auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
       if (runtime.rank() == 0) std::cout << cli.help() << std::endl;
       return 0;

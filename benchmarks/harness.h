@@ -16,6 +16,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "src/cli/cli.h"  // dtrain::cli::parse: the flag conventions of every dtrain command
+
 namespace dtrain::bench {
 
 /// Parses "8", "64K", "16M", "1G" (powers of 1024) into bytes.

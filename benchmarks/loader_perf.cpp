@@ -179,7 +179,7 @@ int main(int argc, char** argv) {
   std::string json_path;
   std::unique_ptr<std::filesystem::path> generated;
   try {
-    auto parsed = cli.parse(argc, argv);
+    auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
       std::cout << cli.help() << std::endl;
       return 0;

@@ -8,7 +8,8 @@
 #
 # MODELs: mlp resnet20 (default: both). Environment: BUILD_DIR (default
 # build), PYTHON (default /usr/bin/python3, the interpreter Debian's
-# python3-torch installs into), MASTER_PORT (default 29517).
+# python3-torch installs into), MASTER_PORT (default 29517). Needs PyTorch
+# for PYTHON: scripts/setup.sh --with-peers installs python3-torch.
 # Each program's own table is printed too, and its JSON kept in DIR
 # (default: a temporary directory). -r REPEAT runs every row REPEAT times and
 # keeps its fastest run (for shared, noisy machines).
@@ -31,17 +32,12 @@ models=("$@")
 
 build=${BUILD_DIR:-$root/build}
 python=${PYTHON:-/usr/bin/python3}
+. "$root/benchmarks/require_pytorch.sh"
+require_pytorch run_ddp_comparison "$python"
 launch=$root/scripts/launch/dtrain-mpirun
 perf=$build/benchmarks/ddp_perf
 if [ ! -x "$perf" ]; then
   echo "run_ddp_comparison: $perf not found; build it: cd $build && ninja ddp_perf" >&2
-  exit 1
-fi
-if ! "$python" -c "import torch, torch.distributed" 2>/dev/null; then
-  echo "run_ddp_comparison: PyTorch is missing for $python." >&2
-  echo "  Install Debian's PyTorch 1.13 (the same version as libtorch-dev):" >&2
-  echo "    sudo apt-get install -y python3-torch" >&2
-  echo "  or point PYTHON at an interpreter that has torch." >&2
   exit 1
 fi
 if [ -z "$outdir" ]; then

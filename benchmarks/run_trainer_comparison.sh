@@ -19,6 +19,7 @@
 # with -m PyTorch also runs a second time with the same thresholds
 # (GLIBC_TUNABLES), and the ratio against that run is printed too.
 # Environment: BUILD_DIR (build), PYTHON (/usr/bin/python3), MASTER_PORT.
+# Needs PyTorch for PYTHON: scripts/setup.sh --with-peers installs python3-torch.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 ranks=2 batch=128 steps=60 warmup=10 pairs=1 same_malloc=0
@@ -30,11 +31,13 @@ while getopts "n:b:s:w:r:mh" opt; do
     w) warmup=$OPTARG ;;
     r) pairs=$OPTARG ;;
     m) same_malloc=1 ;;
-    *) sed -n '2,21p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
   esac
 done
 build=${BUILD_DIR:-$root/build}
 python=${PYTHON:-/usr/bin/python3}
+. "$root/benchmarks/require_pytorch.sh"
+require_pytorch run_trainer_comparison "$python"
 data=$root/data/fashion-mnist
 [ -f "$data/train/manifest.json" ] || {
   echo "no $data/train: run scripts/demo.sh or dtrain-data convert-fashion-mnist first" >&2

@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
 # Installs what dtrain needs from Debian 12's archive. Idempotent: when
 # every package is already installed it changes nothing and asks no mirror.
+#
+#   scripts/setup.sh [--with-peers]
+#
+# --with-peers also installs PyTorch for Python (python3-torch, 1.13 like
+# libtorch-dev), which only the comparison benchmarks need
+# (benchmarks/run_ddp_comparison.sh, run_trainer_comparison.sh).
 set -euo pipefail
+
+with_peers=0
+for arg in "$@"; do
+  case $arg in
+    --with-peers) with_peers=1 ;;
+    *) echo "usage: $0 [--with-peers]" >&2; exit 2 ;;
+  esac
+done
 
 packages=(
   build-essential cmake ninja-build pkg-config
@@ -10,6 +24,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libhdf5-dev hdf5-tools
   libssl-dev zlib1g-dev   # shard digests (SHA-256), gzip'd IDX input
+  libxxhash-dev           # checkpoint file digests (XXH3-128)
   dataset-fashion-mnist   # Fashion-MNIST IDX files for dtrain-data convert-fashion-mnist
   libcxxopts-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
@@ -17,6 +32,9 @@ packages=(
   python3-matplotlib      # scripts/plot_metrics.py
   slurmctld slurmd slurm-client munge   # the Slurm tests run a local single-node Slurm
 )
+if [ "$with_peers" = 1 ]; then
+  packages+=(python3-torch)   # PyTorch DDP, the peer of the comparison benchmarks
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -43,15 +43,19 @@
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/checkpoint/state.h"
 #include "dtrain/collectives/communicator.h"
+#include "dtrain/config.h"
+#if DTRAIN_HAVE_NCCL
+#include "dtrain/collectives/nccl.h"
+#endif
 #include "dtrain/data/dataset.h"
 #include "dtrain/data/loader.h"
 #include "dtrain/error.h"
 #include "dtrain/parallel/distributed_data_parallel.h"
-#include "dtrain/parallel/sync_batch_norm.h"
 #include "dtrain/parallel/zero_optimizer.h"
 #include "dtrain/runtime.h"
 #include "examples/resnet/resnet.h"
 #include "examples/resnet/telemetry.h"
+#include "src/cli/cli.h"
 
 namespace {
 
@@ -60,7 +64,7 @@ using Clock = std::chrono::steady_clock;
 using dtrain::resnet::SystemTime;
 using json = nlohmann::json;
 
-constexpr int kExitBadInput = 2;
+constexpr int kExitBadInput = dtrain::cli::kExitUsage;
 constexpr int kExitStopped = 75;
 
 std::atomic<int> g_stop_signal{0};
@@ -254,6 +258,9 @@ Config parse_config(cxxopts::ParseResult& p) {
   DTRAIN_CHECK_ARG(c.checkpoint_every >= 0 && c.eval_every >= 0 && c.eval_batch >= 1,
                    "--checkpoint-every and --eval-every must be >= 0, --eval-batch >= 1");
   DTRAIN_CHECK_ARG(c.comm_timeout_s >= 1, "--comm-timeout must be >= 1 s");
+  DTRAIN_CHECK_ARG(c.device != "cuda" || DTRAIN_HAVE_NCCL,
+                   "--device cuda needs dtrain's NCCL backend, and this build has none (CUDA "
+                   "and NCCL were not found at configure time; see docs/gpu.md)");
   DTRAIN_CHECK_ARG(c.device != "cuda" || torch::cuda::is_available(),
                    "--device cuda was asked for but no CUDA device is available (this LibTorch ",
                    torch::cuda::is_available() ? "sees" : "has no CUDA support or sees no GPU",
@@ -367,6 +374,10 @@ class Trainer {
   dtrain::Runtime& runtime_;
   bool started_ = false;
   std::shared_ptr<dtrain::collectives::Communicator> world_;
+  /// Gradients, buffers and BatchNorm statistics travel here: world_ itself
+  /// on CPU, an NCCL communicator over the same ranks with --device cuda.
+  /// world_ (MPI) keeps the CPU-side agreement: input checks, loss, stop.
+  std::shared_ptr<dtrain::collectives::Communicator> train_comm_;
   std::shared_ptr<dtrain::collectives::Communicator> bn_comm_;
   int rank_ = 0;
   int world_size_ = 1;
@@ -414,11 +425,14 @@ void Trainer::setup() {
     if (c_.test_data != "none") test_set_ = dtrain::data::Dataset::open(c_.test_data, open);
     const auto& m = train_set_->manifest();
     const auto& images = m.fields.at(static_cast<std::size_t>(train_set_->field_index("images")));
-    train_set_->field_index("labels");
     DTRAIN_CHECK_ARG(images.shape.size() == 3 || images.shape.size() == 2, c_.train_data,
                      ": field 'images' must be [C,H,W] or [H,W] per sample");
     channels_ = images.shape.size() == 3 ? images.shape[0] : 1;
     classes_ = m.class_names.empty() ? 10 : static_cast<std::int64_t>(m.class_names.size());
+    // Integer labels in [0, classes): from the manifest's recorded range, or
+    // one read of the labels for a data set written before it was recorded.
+    dtrain::data::check_class_labels(*train_set_, "labels", classes_);
+    if (test_set_) dtrain::data::check_class_labels(*test_set_, "labels", classes_);
     DTRAIN_CHECK_ARG(train_set_->size() >= c_.global_batch, c_.train_data, " holds ",
                      train_set_->size(), " samples, fewer than one global batch (", c_.global_batch,
                      ")");
@@ -447,15 +461,22 @@ void Trainer::setup() {
 
   device_ = c_.device == "cuda" ? torch::Device(torch::kCUDA, runtime_.launch().local_rank)
                                 : torch::Device(torch::kCPU);
+  train_comm_ = world_;
+#if DTRAIN_HAVE_NCCL
+  if (device_.is_cuda()) {
+    dtrain::collectives::NcclOptions nccl;
+    nccl.name = "gpu-world";
+    nccl.device = device_.index();
+    nccl.timeout = std::chrono::seconds(c_.comm_timeout_s);
+    train_comm_ = dtrain::collectives::make_nccl_communicator(*world_, nccl);
+  }
+#endif
   torch::manual_seed(c_.seed);
   dtrain::resnet::NormFactory norm;
-  if (c_.sync_bn && world_size_ > 1) {
-    bn_comm_ = world_->split(0, rank_, {"sync-bn", std::nullopt});
-    norm = [comm = bn_comm_](std::int64_t channels) {
-      dtrain::parallel::SyncBatchNormOptions o;
-      o.num_features = channels;
-      return torch::nn::AnyModule(dtrain::parallel::SyncBatchNorm(o, comm));
-    };
+  if (c_.sync_bn) {
+    // On one rank too: BatchNorm2d would round differently from N ranks.
+    bn_comm_ = train_comm_->split(0, rank_, {"sync-bn", std::nullopt});
+    norm = dtrain::resnet::sync_batch_norm_2d(bn_comm_);
   }
   model_ = dtrain::resnet::make_resnet(c_.model, channels_, classes_, false, norm);
   model_->to(device_);
@@ -472,7 +493,7 @@ void Trainer::setup() {
                                                            .weight_decay(c_.weight_decay));
   };
   if (c_.zero) {
-    zero_ = std::make_unique<dtrain::parallel::ZeroRedundancyOptimizer>(model_.ptr(), world_,
+    zero_ = std::make_unique<dtrain::parallel::ZeroRedundancyOptimizer>(model_.ptr(), train_comm_,
                                                                         make_optimizer);
   } else {
     dtrain::parallel::DdpOptions o;
@@ -481,7 +502,8 @@ void Trainer::setup() {
     o.compression = c_.compression == "bf16"   ? dtrain::parallel::GradientCompression::kBFloat16
                     : c_.compression == "fp16" ? dtrain::parallel::GradientCompression::kFloat16
                                                : dtrain::parallel::GradientCompression::kNone;
-    ddp_ = std::make_unique<dtrain::parallel::DistributedDataParallel>(model_.ptr(), world_, o);
+    ddp_ =
+        std::make_unique<dtrain::parallel::DistributedDataParallel>(model_.ptr(), train_comm_, o);
     optimizer_ = make_optimizer(model_->parameters());
   }
 
@@ -895,19 +917,19 @@ int main(int argc, char** argv) {
   cxxopts::Options cli = make_cli();
   Config config;
   try {
-    auto parsed = cli.parse(argc, argv);
+    auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
       if (launch.rank == 0) {
         std::cout << cli.help({"Model and data", "Schedule", "Data parallelism", "Execution",
                                "Checkpoints and output"})
-                  << "\nExit status: 0 finished (or stopped by --max-minutes after a "
+                  << "\nBoolean options take true or false attached or as the next word "
+                     "(--resume=false, --resume false); alone they mean true.\n"
+                     "Exit status: 0 finished (or stopped by --max-minutes after a "
                      "checkpoint), 2 bad input (nothing trained or written), 75 stopped by "
                      "SIGTERM/SIGINT after a checkpoint (run again to resume), 1 other errors.\n";
       }
       return 0;
     }
-    DTRAIN_CHECK_ARG(parsed.unmatched().empty(), "unexpected argument '",
-                     parsed.unmatched().empty() ? "" : parsed.unmatched().front(), "'");
     config = parse_config(parsed);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "[dtrain rank %d] error: %s (see --help)\n", launch.rank, e.what());

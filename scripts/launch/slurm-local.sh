@@ -4,7 +4,9 @@
 #
 # Usage: slurm-local.sh start|stop|status|env
 #   start   start munged (if no munge daemon answers), slurmctld and slurmd,
-#           wait until the node is idle; does nothing if already running
+#           wait until the node is idle; does nothing if already running.
+#           If a daemon fails to start, it prints that daemon's last log
+#           lines and stops the daemons this start had started (exit 1).
 #   stop    stop the slurmd/slurmctld started from this directory (and munged
 #           if this script started it)
 #   status  exit 0 if the cluster answers and the node is usable, 1 otherwise
@@ -34,6 +36,21 @@ PATH=$PATH:/usr/sbin:/sbin
 log() { echo "[slurm-local] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# The last lines of a daemon's log, so that the reason of a failure is in
+# the output (of a test, for instance).
+show_log() {
+  local file=$1
+  if [ -s "$file" ]; then
+    log "last lines of $file:"
+    tail -n 20 "$file" | sed 's/^/    /' >&2
+  else
+    log "$file is empty or missing"
+  fi
+}
+
+# Daemons this `start` started, in order; stopped again if the start fails.
+started=()
+
 need_commands() {
   local c missing=()
   for c in munged slurmctld slurmd sinfo scontrol; do
@@ -44,7 +61,10 @@ need_commands() {
   fi
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2> /dev/null; }
+pid_alive() {
+  local pid
+  pid=$(cat "$1" 2> /dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2> /dev/null
+}
 
 munge_ok() { munge -n 2> /dev/null | unmunge > /dev/null 2>&1; }
 
@@ -68,15 +88,25 @@ start_munge() {
   chown "$user": /run/munge /var/lib/munge /var/log/munge
   chmod 755 /run/munge
   log "starting munged"
+  local rc=0
   if [ "$user" = munge ] && command -v runuser > /dev/null 2>&1; then
-    runuser -u munge -- munged --force
+    runuser -u munge -- munged --force || rc=$?
   else
-    munged --force
+    munged --force || rc=$?
   fi
-  for _ in $(seq 50); do munge_ok && break; sleep 0.1; done
-  munge_ok || die "munged does not answer (see /var/log/munge/munged.log)"
-  # Remembered so that `stop` ends only a munged started here.
-  if [ -s /run/munge/munged.pid ]; then cp /run/munge/munged.pid "$dir/munged.pid"; fi
+  [ "$rc" -eq 0 ] && for _ in $(seq 50); do munge_ok && break; sleep 0.1; done
+  # Remembered so that `stop` (or a failed start) ends only a munged started
+  # here: the pid file's process, if it is a munged.
+  local pid
+  pid=$(cat /run/munge/munged.pid 2> /dev/null || true)
+  if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2> /dev/null)" = munged ]; then
+    echo "$pid" > "$dir/munged.pid"
+    started+=(munged)
+  fi
+  if [ "$rc" -ne 0 ] || ! munge_ok; then
+    show_log /var/log/munge/munged.log
+    die "munged $([ "$rc" -ne 0 ] && echo "exited with status $rc" || echo "does not answer")"
+  fi
 }
 
 write_conf() {
@@ -134,34 +164,69 @@ is_up() {
   return 1
 }
 
+# On a failed start (any exit before it finished): stop, newest first, the
+# daemons this start started, so that nothing is left running half set up.
+undo_start() {
+  local i
+  for ((i = ${#started[@]} - 1; i >= 0; i--)); do
+    stop_pidfile "$dir/${started[i]}.pid" "${started[i]}"
+  done
+}
+
 start() {
   need_commands
   mkdir -p "$dir"
   if is_up; then log "already running (SLURM_CONF=$conf)"; return 0; fi
+  trap undo_start EXIT
   start_munge
+  local rc=0
   if ! pid_alive "$dir/slurmctld.pid"; then
     write_conf
     log "starting slurmctld (log $dir/slurmctld.log)"
     # -i: ignore state files from an earlier run whose config differs.
-    slurmctld -i -f "$conf"
+    slurmctld -i -f "$conf" || rc=$?
+    started+=(slurmctld)
+    if [ "$rc" -ne 0 ]; then
+      show_log "$dir/slurmctld.log"
+      die "slurmctld exited with status $rc"
+    fi
   fi
   for _ in $(seq 100); do scontrol ping 2> /dev/null | grep -q UP && break; sleep 0.1; done
-  scontrol ping 2> /dev/null | grep -q UP || die "slurmctld does not answer (see $dir/slurmctld.log)"
+  if ! scontrol ping 2> /dev/null | grep -q UP; then
+    show_log "$dir/slurmctld.log"
+    die "slurmctld does not answer"
+  fi
   if ! pid_alive "$dir/slurmd.pid"; then
     log "starting slurmd (log $dir/slurmd.log)"
-    slurmd -f "$conf" -N "$(hostname -s)"
+    slurmd -f "$conf" -N "$(hostname -s)" || rc=$?
+    started+=(slurmd)
+    if [ "$rc" -ne 0 ]; then
+      show_log "$dir/slurmd.log"
+      die "slurmd exited with status $rc"
+    fi
   fi
-  for _ in $(seq 150); do
+  local i
+  for ((i = 0; i < 150; i++)); do
     case "$(node_state)" in idle*|mixed*|allocated*) break ;; esac
+    # A slurmd that died after going to the background: no need to wait.
+    if [ "$i" -ge 10 ] && ! pid_alive "$dir/slurmd.pid"; then break; fi
     sleep 0.2
   done
+  if ! pid_alive "$dir/slurmd.pid"; then
+    show_log "$dir/slurmd.log"
+    die "slurmd is not running"
+  fi
   case "$(node_state)" in
     idle*|mixed*|allocated*) ;;
     down*|drain*)
       scontrol update NodeName="$(hostname -s)" State=RESUME 2> /dev/null || true
       sleep 1 ;;
   esac
-  is_up || die "node not usable: state '$(node_state)' (see $dir/slurmd.log, $dir/slurmctld.log)"
+  if ! is_up; then
+    show_log "$dir/slurmd.log"
+    die "node not usable: state '$(node_state)' (see also $dir/slurmctld.log)"
+  fi
+  trap - EXIT
   log "running: $(sinfo -h -o '%P %D %c %T' | head -n1) (SLURM_CONF=$conf)"
 }
 
@@ -169,9 +234,11 @@ stop_pidfile() {
   local f=$1 name=$2
   if pid_alive "$f"; then
     log "stopping $name"
-    kill -TERM "$(cat "$f")" 2> /dev/null || true
+    local pid
+    pid=$(cat "$f" 2> /dev/null || true)
+    kill -TERM "$pid" 2> /dev/null || true
     for _ in $(seq 100); do pid_alive "$f" || break; sleep 0.1; done
-    if pid_alive "$f"; then kill -KILL "$(cat "$f")" 2> /dev/null || true; fi
+    if pid_alive "$f"; then kill -KILL "$pid" 2> /dev/null || true; fi
   fi
   rm -f "$f"
 }

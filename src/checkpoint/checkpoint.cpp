@@ -8,6 +8,7 @@
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
+#include "src/checkpoint/checksums.h"
 #include "src/checkpoint/format.h"
 
 namespace dtrain::checkpoint {
@@ -181,14 +182,10 @@ void Checkpoint::verify_file(const FileInfo& file) const {
                  ec.message(), ")");
   DTRAIN_CHECK_T(CheckpointError, size == file.bytes, "checkpoint file ", path.string(), " has ",
                  size, " bytes but the manifest records ", file.bytes, " (truncated or replaced)");
-  std::string digest;
-  try {
-    digest = data::sha256_file(path.string());
-  } catch (const Error& e) {
-    DTRAIN_THROW(CheckpointError, e.what());
-  }
-  DTRAIN_CHECK_T(CheckpointError, digest == file.sha256, "checkpoint file ", path.string(),
-                 " is corrupt: its SHA-256 is ", digest, " but the manifest records ", file.sha256);
+  const std::string digest = detail::digest_file(path.string(), file.digest_algorithm);
+  DTRAIN_CHECK_T(CheckpointError, digest == file.digest, "checkpoint file ", path.string(),
+                 " is corrupt: its ", file.digest_algorithm, " digest is ", digest,
+                 " but the manifest records ", file.digest);
 }
 
 void Checkpoint::verify() const {
@@ -246,19 +243,40 @@ at::Tensor Checkpoint::read(const std::string& name, const std::vector<std::int6
 
 // ---------------------------------------------------------------------------
 
-std::vector<CheckpointEntry> list_checkpoints(const std::string& directory) {
+namespace {
+// step-N directories under `directory`, oldest first: those with a manifest
+// (`with_manifest`) or those without.
+std::vector<CheckpointEntry> step_directories(const std::string& directory, bool with_manifest) {
   std::vector<CheckpointEntry> out;
   std::error_code ec;
   if (!fs::is_directory(directory, ec)) return out;
   for (const auto& entry : fs::directory_iterator(directory, ec)) {
     const std::int64_t step = detail::parse_step_dir_name(entry.path().filename().string());
     if (step < 0 || !entry.is_directory(ec)) continue;
-    if (!fs::exists(entry.path() / detail::kManifestName, ec)) continue;
+    if (fs::exists(entry.path() / detail::kManifestName, ec) != with_manifest) continue;
     out.push_back({step, entry.path().string()});
   }
   std::sort(out.begin(), out.end(),
             [](const CheckpointEntry& a, const CheckpointEntry& b) { return a.step < b.step; });
   return out;
+}
+}  // namespace
+
+std::vector<CheckpointEntry> list_checkpoints(const std::string& directory) {
+  return step_directories(directory, true);
+}
+
+std::vector<CheckpointEntry> list_damaged_checkpoints(const std::string& directory) {
+  return step_directories(directory, false);
+}
+
+std::string damaged_checkpoint_message(const CheckpointEntry& entry) {
+  return entry.directory + ": no " + detail::kManifestName +
+         "; a save renames its directory to step-N only after writing the manifest, so it was "
+         "deleted or lost, and step " +
+         std::to_string(entry.step) +
+         " cannot be loaded (restore the manifest, or remove the directory once you no longer "
+         "need its files)";
 }
 
 }  // namespace dtrain::checkpoint

@@ -2,10 +2,19 @@
 
 #include "dtrain/data/convert.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <memory>
+#include <regex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -13,6 +22,8 @@
 #include "src/data/random.h"
 
 namespace dtrain::data {
+
+namespace fs = std::filesystem;
 
 const std::vector<std::string>& fashion_mnist_class_names() {
   static const std::vector<std::string> kNames{"T-shirt/top", "Trouser",   "Pullover", "Dress",
@@ -29,17 +40,55 @@ struct Idx {
   std::vector<std::uint8_t> data;
 };
 
+// An image file and its label file, read and checked against each other.
+struct IdxSplit {
+  std::string images_path;
+  std::string labels_path;
+  Idx images;
+  Idx labels;
+};
+
+// Reads a whole IDX file, gzip'd or plain (gzopen reads plain files
+// transparently), and checks all of it: the magic number, exactly as many
+// bytes as the dimensions declare, and for gzip the end of the stream with
+// its CRC-32 and length. A file that passes is complete and undamaged.
 Idx read_idx(const std::string& path, int want_ndims) {
-  // gzopen reads plain files transparently too.
-  std::unique_ptr<gzFile_s, int (*)(gzFile)> file(gzopen(path.c_str(), "rb"), gzclose);
-  DTRAIN_CHECK_T(DataError, file != nullptr, "cannot open IDX file ", path);
+  std::error_code ec;
+  DTRAIN_CHECK_T(DataError, fs::is_regular_file(path, ec), "IDX file ", path,
+                 " does not exist (or is not a file)");
+  gzFile file = gzopen(path.c_str(), "rb");
+  DTRAIN_CHECK_T(DataError, file != nullptr, "cannot open IDX file ", path, ": ",
+                 std::strerror(errno));
+  std::unique_ptr<gzFile_s, int (*)(gzFile)> closer(file, gzclose);
+  // What zlib says went wrong; a CRC or length mismatch means a damaged file.
+  auto gzip_problem = [&](const char* what) {
+    int code = Z_OK;
+    const char* message = gzerror(file, &code);
+    std::string text = message != nullptr ? message : "";
+    if (text.rfind(path + ": ", 0) == 0) text.erase(0, path.size() + 2);  // zlib names the file
+    if (code == Z_DATA_ERROR && (text.find("incorrect data check") != std::string::npos ||
+                                 text.find("incorrect length check") != std::string::npos)) {
+      return ::dtrain::detail::str_cat(
+          "IDX file ", path, " failed its gzip checksum (", text,
+          "): the file is corrupt; download or reinstall it (for Debian's "
+          "files: apt-get install --reinstall dataset-fashion-mnist)");
+    }
+    if (code == Z_BUF_ERROR) {
+      return ::dtrain::detail::str_cat(
+          "IDX file ", path, " is truncated: its gzip stream ends early (", "reading ", what, ")");
+    }
+    if (code != Z_OK) {
+      return ::dtrain::detail::str_cat("IDX file ", path, " is corrupt: gzip reports '", text,
+                                       "' (reading ", what, ")");
+    }
+    return ::dtrain::detail::str_cat("IDX file ", path, " is truncated (reading ", what, ")");
+  };
   auto read_exact = [&](void* dst, std::size_t n, const char* what) {
     std::size_t done = 0;
     while (done < n) {
       const unsigned chunk = static_cast<unsigned>(std::min<std::size_t>(n - done, 1u << 30));
-      const int got = gzread(file.get(), static_cast<char*>(dst) + done, chunk);
-      DTRAIN_CHECK_T(DataError, got > 0, "IDX file ", path, " is truncated or corrupt (reading ",
-                     what, ")");
+      const int got = gzread(file, static_cast<char*>(dst) + done, chunk);
+      if (got <= 0) throw DataError(gzip_problem(what));
       done += static_cast<std::size_t>(got);
     }
   };
@@ -60,7 +109,142 @@ Idx read_idx(const std::string& path, int want_ndims) {
   }
   idx.data.resize(static_cast<std::size_t>(count));
   if (count > 0) read_exact(idx.data.data(), idx.data.size(), "data");
+  // The end: no more data, and (gzip) a trailer whose CRC-32 and length match.
+  unsigned char extra = 0;
+  const int more = gzread(file, &extra, 1);
+  if (more < 0) throw DataError(gzip_problem("the gzip trailer"));
+  DTRAIN_CHECK_T(DataError, more == 0, "IDX file ", path,
+                 " holds more data than its header declares (", count, " bytes)");
+  const int closed = gzclose(closer.release());
+  DTRAIN_CHECK_T(DataError, closed == Z_OK, "IDX file ", path,
+                 closed == Z_BUF_ERROR ? " is truncated: its gzip stream ends early"
+                                       : " could not be read to its end",
+                 " (gzclose returned ", closed, ")");
   return idx;
+}
+
+IdxSplit read_split(const std::string& images_path, const std::string& labels_path) {
+  IdxSplit split{images_path, labels_path, read_idx(images_path, 3), read_idx(labels_path, 1)};
+  DTRAIN_CHECK_T(DataError, split.images.dims[0] == split.labels.dims[0], images_path, " holds ",
+                 split.images.dims[0], " images but ", labels_path, " holds ", split.labels.dims[0],
+                 " labels");
+  DTRAIN_CHECK_T(DataError, split.images.dims[0] > 0, images_path, " holds no images");
+  return split;
+}
+
+DatasetSpec split_spec(const IdxSplit& split, const std::string& name, int shards,
+                       const std::vector<std::string>& class_names) {
+  const std::int64_t n = split.images.dims[0];
+  DatasetSpec spec;
+  spec.name = name;
+  spec.fields = {{"images", DType::kUInt8, {1, split.images.dims[1], split.images.dims[2]}},
+                 {"labels", DType::kInt64, {}}};
+  spec.class_names = class_names;
+  spec.samples_per_shard = (n + shards - 1) / shards;
+  return spec;
+}
+
+Manifest write_split(const IdxSplit& split, const std::string& out_dir, const std::string& name,
+                     int shards, const std::vector<std::string>& class_names) {
+  DTRAIN_CHECK_ARG(shards > 0, "--shards must be > 0, got ", shards);
+  std::vector<std::int64_t> wide(split.labels.data.begin(), split.labels.data.end());
+  DatasetWriter writer(out_dir, split_spec(split, name, shards, class_names));
+  writer.add({split.images.data.data(), wide.data()}, split.images.dims[0]);
+  return writer.finish();
+}
+
+// True if `dir` holds a data set (every digest verified) with exactly the
+// fields, class names and samples that write_split would write for `split`;
+// the shard layout may differ.
+bool holds_split(const std::string& dir, const IdxSplit& split,
+                 const std::vector<std::string>& class_names) {
+  const auto ds = Dataset::open(dir, {true});
+  const Manifest& m = ds->manifest();
+  const DatasetSpec want = split_spec(split, m.name, 1, class_names);
+  if (m.total_samples != split.images.dims[0] || m.class_names != class_names ||
+      m.fields.size() != want.fields.size()) {
+    return false;
+  }
+  for (std::size_t i = 0; i < want.fields.size(); ++i) {
+    const FieldSpec& a = m.fields[i];
+    const FieldSpec& b = want.fields[i];
+    if (a.name != b.name || a.dtype != b.dtype || a.shape != b.shape) return false;
+  }
+  const std::size_t image_bytes = want.fields[0].bytes_per_sample();
+  std::vector<std::uint8_t> images;
+  std::vector<std::int64_t> labels;
+  const auto& offsets = ds->shard_offsets();
+  for (std::size_t shard = 0; shard + 1 < offsets.size(); ++shard) {
+    const std::int64_t first = offsets[shard];
+    const std::int64_t n = offsets[shard + 1] - first;
+    images.resize(static_cast<std::size_t>(n) * image_bytes);
+    labels.resize(static_cast<std::size_t>(n));
+    ds->read(0, first, n, images.data());
+    ds->read(1, first, n, labels.data());
+    if (!std::equal(images.begin(), images.end(),
+                    split.images.data.begin() + static_cast<std::ptrdiff_t>(first * image_bytes)) ||
+        !std::equal(labels.begin(), labels.end(),
+                    split.labels.data.begin() + static_cast<std::ptrdiff_t>(first))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// What an unfinished DatasetWriter leaves: shard files and a temporary
+// manifest. A directory holding only these is no data set and may be
+// replaced.
+bool only_writer_leftovers(const fs::path& dir) {
+  static const std::regex kLeftover(R"(shard-[0-9]{5}\.h5|manifest\.json\.tmp)");
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (!std::regex_match(entry.path().filename().string(), kLeftover)) return false;
+  }
+  return true;
+}
+
+// An exclusive lock on a directory (flock), so that two conversions never
+// write into one output directory at the same time.
+class DirectoryLock {
+ public:
+  explicit DirectoryLock(const std::string& dir)
+      : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
+    DTRAIN_CHECK_T(DataError, fd_ >= 0, "cannot open ", dir, ": ", std::strerror(errno));
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      ::close(fd_);
+      DTRAIN_THROW(InvalidArgument, "another conversion is writing into '", dir,
+                   "'; wait for it to finish");
+    }
+  }
+  ~DirectoryLock() { ::close(fd_); }
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+
+ private:
+  int fd_;
+};
+
+// Removes a directory tree when it goes out of scope (errors ignored).
+class RemoveOnExit {
+ public:
+  explicit RemoveOnExit(fs::path path) : path_(std::move(path)) {}
+  ~RemoveOnExit() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  RemoveOnExit(const RemoveOnExit&) = delete;
+  RemoveOnExit& operator=(const RemoveOnExit&) = delete;
+
+ private:
+  fs::path path_;
+};
+
+void fsync_directory(const fs::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  DTRAIN_CHECK_T(DataError, fd >= 0, "cannot open ", dir.string(), ": ", std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  DTRAIN_CHECK_T(DataError, rc == 0, "fsync of ", dir.string(), " failed: ", std::strerror(err));
 }
 
 }  // namespace
@@ -69,31 +253,73 @@ Manifest convert_idx(const std::string& images_path, const std::string& labels_p
                      const std::string& out_dir, const std::string& name, int shards,
                      const std::vector<std::string>& class_names) {
   DTRAIN_CHECK_ARG(shards > 0, "--shards must be > 0, got ", shards);
-  const Idx images = read_idx(images_path, 3);
-  const Idx labels = read_idx(labels_path, 1);
-  DTRAIN_CHECK_T(DataError, images.dims[0] == labels.dims[0], images_path, " holds ",
-                 images.dims[0], " images but ", labels_path, " holds ", labels.dims[0], " labels");
-  DTRAIN_CHECK_T(DataError, images.dims[0] > 0, images_path, " holds no images");
-  const std::int64_t n = images.dims[0];
-  DatasetSpec spec;
-  spec.name = name;
-  spec.fields = {{"images", DType::kUInt8, {1, images.dims[1], images.dims[2]}},
-                 {"labels", DType::kInt64, {}}};
-  spec.class_names = class_names;
-  spec.samples_per_shard = (n + shards - 1) / shards;
-  std::vector<std::int64_t> wide(labels.data.begin(), labels.data.end());
-  DatasetWriter writer(out_dir, spec);
-  writer.add({images.data.data(), wide.data()}, n);
-  return writer.finish();
+  return write_split(read_split(images_path, labels_path), out_dir, name, shards, class_names);
 }
 
 void convert_fashion_mnist(const std::string& source_dir, const std::string& out_dir, int shards) {
+  DTRAIN_CHECK_ARG(shards > 0, "--shards must be > 0, got ", shards);
+  struct Target {
+    const char* split;   // output subdirectory
+    const char* prefix;  // of the IDX file names
+    const char* name;    // of the data set
+  };
+  const Target targets[] = {{"train", "train", "fashion-mnist-train"},
+                            {"test", "t10k", "fashion-mnist-test"}};
   const auto& names = fashion_mnist_class_names();
-  convert_idx(source_dir + "/train-images-idx3-ubyte.gz",
-              source_dir + "/train-labels-idx1-ubyte.gz", out_dir + "/train", "fashion-mnist-train",
-              shards, names);
-  convert_idx(source_dir + "/t10k-images-idx3-ubyte.gz", source_dir + "/t10k-labels-idx1-ubyte.gz",
-              out_dir + "/test", "fashion-mnist-test", shards, names);
+  const fs::path out(out_dir);
+  std::error_code ec;
+  fs::create_directories(out, ec);
+  DTRAIN_CHECK_ARG(!ec && fs::is_directory(out), "cannot create output directory '", out_dir,
+                   "': ", ec ? ec.message() : "not a directory");
+  const DirectoryLock lock(out_dir);
+
+  // Refuse at once, before reading anything, what could never be published.
+  std::vector<bool> published;
+  for (const Target& t : targets) {
+    const fs::path dir = out / t.split;
+    published.push_back(fs::exists(dir / "manifest.json"));
+    DTRAIN_CHECK_ARG(published.back() || !fs::exists(dir) ||
+                         (fs::is_directory(dir) && only_writer_leftovers(dir)),
+                     "'", dir.string(),
+                     "' exists but holds no data set (no manifest.json); remove it or choose "
+                     "another --out");
+  }
+  DTRAIN_CHECK_ARG(!published[0] || !published[1], "'", out_dir,
+                   "' already holds both splits (train/ and test/); choose an empty directory");
+
+  // 1. Read and check all four files (magic, sizes, gzip checksums).
+  std::vector<IdxSplit> splits;
+  for (const Target& t : targets) {
+    const std::string prefix = source_dir + "/" + t.prefix;
+    splits.push_back(
+        read_split(prefix + "-images-idx3-ubyte.gz", prefix + "-labels-idx1-ubyte.gz"));
+  }
+  // A split that is already there stays if it holds the same samples: an
+  // earlier conversion stopped between publishing its two splits.
+  for (std::size_t i = 0; i < splits.size(); ++i) {
+    const std::string dir = (out / targets[i].split).string();
+    DTRAIN_CHECK_ARG(!published[i] || holds_split(dir, splits[i], names), "'", dir,
+                     "' already holds a data set that differs from ", source_dir,
+                     "; remove it or choose another --out");
+  }
+
+  // 2. Write both splits into a staging directory, never read as a data set.
+  const fs::path staging = out / ".convert.tmp";
+  fs::remove_all(staging);  // left by an interrupted conversion (the lock is ours)
+  const RemoveOnExit remove_staging(staging);
+  for (std::size_t i = 0; i < splits.size(); ++i) {
+    if (published[i]) continue;
+    write_split(splits[i], (staging / targets[i].split).string(), targets[i].name, shards, names);
+  }
+
+  // 3. Publish: a rename per split, once everything is written.
+  for (std::size_t i = 0; i < splits.size(); ++i) {
+    if (published[i]) continue;
+    const fs::path dir = out / targets[i].split;
+    fs::remove_all(dir);  // nothing, or only an unfinished writer's leftovers (checked above)
+    fs::rename(staging / targets[i].split, dir);
+  }
+  fsync_directory(out);
 }
 
 std::uint8_t synthetic_pixel(std::uint64_t seed, std::int64_t sample, std::int64_t element) {

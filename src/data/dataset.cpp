@@ -10,7 +10,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -86,6 +88,37 @@ void fsync_path(const std::string& path) {
   DTRAIN_CHECK_T(DataError, rc == 0, "fsync of ", path, " failed: ", std::strerror(err));
 }
 
+bool is_integer(DType dtype) { return dtype != DType::kFloat32 && dtype != DType::kFloat64; }
+
+template <typename T>
+void widen_range(const void* data, std::size_t count, std::optional<ValueRange>& range) {
+  if (count == 0) return;
+  const T* values = static_cast<const T*>(data);
+  const auto [lo, hi] = std::minmax_element(values, values + count);
+  const ValueRange seen{static_cast<std::int64_t>(*lo), static_cast<std::int64_t>(*hi)};
+  range = range ? ValueRange{std::min(range->min, seen.min), std::max(range->max, seen.max)} : seen;
+}
+
+// Widens `range` by `count` elements of integer type `dtype` at `data`.
+void widen_range(DType dtype, const void* data, std::size_t count,
+                 std::optional<ValueRange>& range) {
+  switch (dtype) {
+    case DType::kUInt8:
+      return widen_range<std::uint8_t>(data, count, range);
+    case DType::kInt8:
+      return widen_range<std::int8_t>(data, count, range);
+    case DType::kInt16:
+      return widen_range<std::int16_t>(data, count, range);
+    case DType::kInt32:
+      return widen_range<std::int32_t>(data, count, range);
+    case DType::kInt64:
+      return widen_range<std::int64_t>(data, count, range);
+    case DType::kFloat32:
+    case DType::kFloat64:
+      return;
+  }
+}
+
 std::string shape_text(const std::vector<std::int64_t>& shape) {
   std::ostringstream os;
   os << "[";
@@ -109,6 +142,7 @@ struct DatasetWriter::Impl {
   std::int64_t in_shard = 0;
   std::int64_t total = 0;
   std::vector<ShardInfo> shards;
+  std::vector<std::optional<ValueRange>> ranges;  // per field; integer fields only
   bool finished = false;
 
   void open_shard() {
@@ -176,6 +210,7 @@ DatasetWriter::DatasetWriter(std::string dir, DatasetSpec spec) : impl_(std::mak
                    "' already holds a data set (manifest.json); choose an empty directory");
   impl_->dir = std::move(dir);
   impl_->spec = std::move(spec);
+  impl_->ranges.resize(impl_->spec.fields.size());
 }
 
 DatasetWriter::~DatasetWriter() = default;  // Handles close the open shard; no manifest.
@@ -222,6 +257,11 @@ void DatasetWriter::add(const std::vector<const void*>& fields, std::int64_t cou
     done += n;
     if (s.in_shard == s.spec.samples_per_shard) s.close_shard();
   }
+  for (std::size_t i = 0; i < fields.size(); ++i) {
+    const FieldSpec& f = s.spec.fields[i];
+    widen_range(f.dtype, fields[i], static_cast<std::size_t>(count * f.elements_per_sample()),
+                s.ranges[i]);
+  }
 }
 
 Manifest DatasetWriter::finish() {
@@ -236,6 +276,9 @@ Manifest DatasetWriter::finish() {
   m.fields = s.spec.fields;
   m.shards = s.shards;
   m.class_names = s.spec.class_names;
+  for (std::size_t i = 0; i < m.fields.size(); ++i) {
+    if (s.ranges[i]) m.value_ranges[m.fields[i].name] = *s.ranges[i];
+  }
   // Written last, atomically: a reader sees either no data set or all of it.
   const std::string final_path = s.dir + "/" + kManifestName;
   const std::string tmp_path = final_path + ".tmp";
@@ -269,6 +312,9 @@ struct Dataset::Impl {
   // read() changes the selection of the shared file dataspaces; HDF5 would
   // serialize the calls anyway.
   std::mutex read_mutex;
+  // Ranges found by reading, for fields the manifest has none for.
+  std::mutex range_mutex;
+  std::map<int, ValueRange> read_ranges;
 
   void check_dataset(int shard, int field_index) {
     const FieldSpec& f = manifest.fields[field_index];
@@ -397,6 +443,60 @@ int Dataset::shard_of(std::int64_t index) const {
   DTRAIN_CHECK_ARG(index >= 0 && index < off.back(), "sample index ", index,
                    " is outside the data set (", off.back(), " samples)");
   return static_cast<int>(std::upper_bound(off.begin(), off.end(), index) - off.begin()) - 1;
+}
+
+ValueRange Dataset::value_range(int field) {
+  Impl& s = *impl_;
+  DTRAIN_CHECK_ARG(field >= 0 && field < static_cast<int>(s.manifest.fields.size()),
+                   "bad field index ", field);
+  const FieldSpec& f = s.manifest.fields[field];
+  DTRAIN_CHECK_ARG(is_integer(f.dtype), "field '", f.name, "' of ", s.dir, " is ",
+                   dtype_name(f.dtype), "; value ranges are kept for integer fields only");
+  const auto recorded = s.manifest.value_ranges.find(f.name);
+  if (recorded != s.manifest.value_ranges.end()) return recorded->second;
+  std::lock_guard<std::mutex> lock(s.range_mutex);
+  const auto known = s.read_ranges.find(field);
+  if (known != s.read_ranges.end()) return known->second;
+  // Written before ranges were recorded: read the field once, in blocks of
+  // about 8 MiB, shard by shard.
+  const std::int64_t per_sample = f.elements_per_sample();
+  const std::int64_t block = std::max<std::int64_t>(
+      1, (std::int64_t{8} << 20) / static_cast<std::int64_t>(f.bytes_per_sample()));
+  std::vector<unsigned char> buffer;
+  std::optional<ValueRange> range;
+  for (std::size_t shard = 0; shard + 1 < s.offsets.size(); ++shard) {
+    for (std::int64_t first = s.offsets[shard]; first < s.offsets[shard + 1]; first += block) {
+      const std::int64_t n = std::min(block, s.offsets[shard + 1] - first);
+      buffer.resize(static_cast<std::size_t>(n) * f.bytes_per_sample());
+      read(field, first, n, buffer.data());
+      widen_range(f.dtype, buffer.data(), static_cast<std::size_t>(n * per_sample), range);
+    }
+  }
+  const ValueRange result = range.value_or(ValueRange{});
+  s.read_ranges[field] = result;
+  return result;
+}
+
+void check_label_field(const Dataset& dataset, const std::string& field) {
+  const FieldSpec& f = dataset.manifest().fields[dataset.field_index(field)];
+  DTRAIN_CHECK_T(DataError, is_integer(f.dtype) && f.shape.empty(), "label field '", field, "' of ",
+                 dataset.dir(), " is ", dtype_name(f.dtype), " with per-sample shape ",
+                 shape_text(f.shape),
+                 "; class labels must be one integer per sample (uint8, int8, int16, int32 or "
+                 "int64, shape []): write the data set again with integer labels");
+}
+
+void check_class_labels(Dataset& dataset, const std::string& field, std::int64_t classes) {
+  check_label_field(dataset, field);
+  const ValueRange range = dataset.value_range(dataset.field_index(field));
+  if (range.min >= 0 && range.max < classes) return;
+  const auto& names = dataset.manifest().class_names;
+  DTRAIN_THROW(
+      DataError, "label field '", field, "' of ", dataset.dir(), " holds values from ", range.min,
+      " to ", range.max, ", but ", classes, " classes need labels in [0, ", classes, ")",
+      names.empty() ? std::string(" (manifest.json lists no class_names)")
+                    : " (manifest.json lists " + std::to_string(names.size()) + " class_names)",
+      ": fix the labels or the class_names and write the data set again");
 }
 
 void Dataset::read(int field, std::int64_t start, std::int64_t count, void* dst) {

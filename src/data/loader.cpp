@@ -821,11 +821,7 @@ DataLoader::DataLoader(std::shared_ptr<Dataset> dataset, LoaderOptions options, 
                    "' of ", s.dataset->dir(),
                    " must have per-sample shape [C,H,W] or [H,W], it has ", img.shape.size(),
                    " dimensions");
-  DTRAIN_CHECK_ARG(
-      lab.shape.empty() && lab.dtype != DType::kFloat32 && lab.dtype != DType::kFloat64,
-      "label field '", lab.name, "' of ", s.dataset->dir(),
-      " must be an integer scalar per sample, it is ", dtype_name(lab.dtype), " with ",
-      lab.shape.size(), " dimensions");
+  check_label_field(*s.dataset, lab.name);
   s.channels = img.shape.size() == 3 ? static_cast<int>(img.shape[0]) : 1;
   s.height = static_cast<int>(img.shape[img.shape.size() - 2]);
   s.width = static_cast<int>(img.shape[img.shape.size() - 1]);

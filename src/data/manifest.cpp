@@ -87,7 +87,13 @@ std::string Manifest::to_json() const {
   doc["total_samples"] = total_samples;
   doc["fields"] = nlohmann::json::array();
   for (const FieldSpec& f : fields) {
-    doc["fields"].push_back({{"name", f.name}, {"dtype", dtype_name(f.dtype)}, {"shape", f.shape}});
+    nlohmann::json field{{"name", f.name}, {"dtype", dtype_name(f.dtype)}, {"shape", f.shape}};
+    const auto range = value_ranges.find(f.name);
+    if (range != value_ranges.end()) {
+      field["min"] = range->second.min;
+      field["max"] = range->second.max;
+    }
+    doc["fields"].push_back(field);
   }
   doc["shards"] = nlohmann::json::array();
   for (const ShardInfo& s : shards) {
@@ -119,6 +125,12 @@ Manifest Manifest::from_json(const std::string& text, const std::string& source)
       for (std::int64_t d : field.shape) {
         DTRAIN_CHECK_T(DataError, d > 0, source, ": field '", field.name,
                        "' has a non-positive dimension ", d);
+      }
+      if (f.contains("min") || f.contains("max")) {
+        const ValueRange range{f.at("min").get<std::int64_t>(), f.at("max").get<std::int64_t>()};
+        DTRAIN_CHECK_T(DataError, range.min <= range.max, source, ": field '", field.name,
+                       "' has min ", range.min, " > max ", range.max);
+        m.value_ranges[field.name] = range;
       }
       m.fields.push_back(field);
     }

@@ -163,15 +163,22 @@ std::string describe(const std::string& name, const at::Tensor& t) {
 }
 
 // Checks that every rank has the same parameter list as dp rank 0; every
-// rank throws the same error naming the first difference.
-void check_same_parameters(Communicator& dp, const std::vector<std::string>& mine) {
+// rank throws the same error naming the first difference. The exchanged
+// tensors live on `device`, the parameters' device, since a communicator
+// takes tensors of one kind only (CPU for MPI, CUDA for NCCL).
+void check_same_parameters(Communicator& dp, const std::vector<std::string>& mine,
+                           const at::Device& device) {
   std::string joined;
   for (const std::string& d : mine) joined += d + '\n';
-  at::Tensor length = at::full({1}, static_cast<std::int64_t>(joined.size()), at::kLong);
+  const auto on_device = at::TensorOptions().device(device);
+  at::Tensor length =
+      at::full({1}, static_cast<std::int64_t>(joined.size()), on_device.dtype(at::kLong));
   dp.broadcast(length)->wait();
-  at::Tensor bytes = at::empty({length.item<std::int64_t>()}, at::kByte);
+  at::Tensor bytes = at::empty({length.cpu().item<std::int64_t>()}, at::kByte);
   if (dp.rank() == 0) std::memcpy(bytes.data_ptr(), joined.data(), joined.size());
+  bytes = bytes.to(device);
   dp.broadcast(bytes)->wait();
+  bytes = bytes.cpu();
   const std::string theirs(static_cast<const char*>(bytes.data_ptr()),
                            static_cast<std::size_t>(bytes.numel()));
   std::vector<std::string> reference;
@@ -186,11 +193,11 @@ void check_same_parameters(Communicator& dp, const std::vector<std::string>& min
       break;
     }
   }
-  at::Tensor agreed = at::full({1}, first, at::kLong);
+  at::Tensor agreed = at::full({1}, first, on_device.dtype(at::kLong));
   collectives::AllReduceOptions min;
   min.op = ReduceOp::kMin;
   dp.all_reduce(agreed, min)->wait();
-  const std::int64_t k = agreed.item<std::int64_t>();
+  const std::int64_t k = agreed.cpu().item<std::int64_t>();
   if (k == std::numeric_limits<std::int64_t>::max()) return;
   const auto at_index = [k](const std::vector<std::string>& list) {
     return static_cast<std::size_t>(k) < list.size() ? "'" + list[k] + "'" : std::string("nothing");
@@ -218,7 +225,9 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Modu
   s.find_unused = options_.find_unused_parameters;
 
   std::vector<std::string> descriptions;
+  at::Device device = at::kCPU;
   for (const auto& item : module_->named_parameters(/*recurse=*/true)) {
+    if (descriptions.empty()) device = item.value().device();
     descriptions.push_back(describe(item.key(), item.value()));
     if (!item.value().requires_grad()) continue;
     State::Slot slot;
@@ -226,7 +235,7 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Modu
     slot.param = item.value();
     s.slots.push_back(std::move(slot));
   }
-  check_same_parameters(*dp_, descriptions);
+  check_same_parameters(*dp_, descriptions, device);
 
   // Every replica starts from rank 0's weights and buffers.
   {
@@ -267,9 +276,9 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Modu
     b.pending = static_cast<int>(b.slots.size());
     if (options_.compression != GradientCompression::kNone && first.scalar_type() == at::kFloat) {
       b.wire = at::zeros(
-          {numel}, at::TensorOptions().dtype(options_.compression == GradientCompression::kBFloat16
-                                                 ? at::kBFloat16
-                                                 : at::kHalf));
+          {numel},
+          first.options().requires_grad(false).dtype(
+              options_.compression == GradientCompression::kBFloat16 ? at::kBFloat16 : at::kHalf));
     }
   }
   for (std::size_t i = 0; i < s.slots.size(); ++i) {

@@ -2,8 +2,10 @@
 """Fault-injection and end-to-end tests of the trainer, the checkpoints and
 dtrain-launch, with real faults: a rank SIGKILLed at a step, a rank killed
 while a checkpoint is being written, flipped bytes in the newest checkpoint,
-a restart on fewer ranks, a file-size limit during a save, and the trainer's
-bad-input errors.
+every other kind of damage to it (a truncated or deleted rank file, a garbled
+or deleted manifest, leftovers of an interrupted save), a restart on fewer
+ranks, a file-size limit during a save, and the trainer's bad-input errors
+(bad options, bad labels).
 
     fault_test.py CASE        (see CASES at the bottom)
 
@@ -12,6 +14,7 @@ binaries), DTRAIN_LAUNCH (scripts/launch/dtrain-launch), DTRAIN_FAULT_WORK
 (a scratch directory; the synthetic data set is made there once).
 """
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -169,6 +172,80 @@ def case_corrupt_newest():
     same_checkpoints(ref + "/checkpoints", out + "/checkpoints")
 
 
+def damage_flip(ckpt):
+    bad = os.path.join(ckpt, "rank-00000.h5")
+    size = os.path.getsize(bad)
+    with open(bad, "r+b") as f:
+        f.seek(size // 2)
+        chunk = f.read(64)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def damage_truncate(ckpt):
+    bad = os.path.join(ckpt, "rank-00001.h5")
+    os.truncate(bad, os.path.getsize(bad) // 2)
+
+
+def damage_garble(ckpt):
+    with open(os.path.join(ckpt, "manifest.json"), "w") as f:
+        f.write("{ not json")
+
+
+# (name, damage of the newest checkpoint (step 12), what verify and the
+# resume's warning must name, the verify exit status, the step resumed from)
+DAMAGES = [
+    ("flipped-byte", damage_flip, ["rank-00000.h5"], 1, 8),
+    ("truncated-file", damage_truncate, ["rank-00001.h5"], 1, 8),
+    ("deleted-file", lambda c: os.remove(os.path.join(c, "rank-00000.h5")), ["rank-00000.h5"],
+     1, 8),
+    ("garbled-manifest", damage_garble, ["step-000000012", "manifest.json"], 1, 8),
+    ("deleted-manifest", lambda c: os.remove(os.path.join(c, "manifest.json")),
+     ["step-000000012", "no manifest.json"], 1, 8),
+    # Not a checkpoint at all: an interrupted save of step 16, removed on start.
+    ("tmp-leftover", lambda c: shutil.copytree(c, os.path.join(os.path.dirname(c),
+                                                               ".tmp-step-000000016"),
+                                               ignore=shutil.ignore_patterns("manifest.json")),
+     [".tmp-step-000000016", "interrupted save"], 0, 12),
+]
+
+
+def case_damaged_checkpoints():
+    """Each kind of damage to the newest checkpoint: `dtrain-ckpt verify`
+    fails naming what is wrong, and the trainer warns naming it and resumes
+    from the checkpoint before (a .tmp leftover is no checkpoint: removed
+    with a warning, verify passes)."""
+    source = fresh("damaged-source")
+    if launch(2, trainer_args(source, 12)).returncode != 0:
+        fail("the run that writes the checkpoints failed")
+    if steps_of(source + "/checkpoints") != [4, 8, 12]:
+        fail(f"checkpoints: {steps_of(source + '/checkpoints')}")
+    for name, damage, needles, verify_status, resumed in DAMAGES:
+        out = fresh("damaged-" + name)
+        shutil.copytree(source + "/checkpoints", out + "/checkpoints")
+        damage(os.path.join(out, "checkpoints", "step-000000012"))
+        p = run([CKPT, "verify", out + "/checkpoints"])
+        if p.returncode != verify_status:
+            fail(f"{name}: dtrain-ckpt verify exited {p.returncode}, expected {verify_status}")
+        if verify_status != 0 and not all(n in p.stdout for n in needles):
+            fail(f"{name}: dtrain-ckpt verify does not name {needles}")
+        # One rank resumes what two wrote; --steps 8: nothing more to train.
+        p = run(trainer_args(out, 8, ["--test-data", "none"]))
+        if p.returncode != 0:
+            fail(f"{name}: the resumed run failed")
+        warnings = [line for line in p.stdout.splitlines() if "warning" in line]
+        if not any(all(n in line for n in needles) for line in warnings):
+            fail(f"{name}: no warning naming {needles}")
+        if f"step-{resumed:09d} (step {resumed}," not in p.stdout:
+            fail(f"{name}: did not resume from step {resumed}")
+    p = run([CKPT, "list", out + "/checkpoints"])
+    if p.returncode != 0 or "step-000000012" not in p.stdout:
+        fail("dtrain-ckpt list does not show the checkpoints")
+    if run([CKPT, "verify", "--frobnicate", out]).returncode != 2:
+        fail("dtrain-ckpt with an unknown option did not exit 2")
+    print(f"ok: {len(DAMAGES)} kinds of damage")
+
+
 def case_fewer_ranks():
     """(d) a rank that keeps dying on 4 ranks: restart on 2, same global
     batch, every sample of the epoch exactly once."""
@@ -304,10 +381,50 @@ def expect_bad_input(args, message, ranks=1, name="bad", env_extra=None):
     p = run(cmd + args, env_extra)
     if p.returncode != 2 and not (ranks > 1 and p.returncode != 0):
         fail(f"exit status {p.returncode}, expected 2, for: {' '.join(args)}")
-    if message not in p.stdout:
-        fail(f"the message lacks '{message}'")
-    if os.path.exists(os.path.join(out, "metrics")):
-        fail("something was written before the input was checked")
+    messages = [message] if isinstance(message, str) else message
+    for m in messages:
+        if m not in p.stdout:
+            fail(f"the message lacks '{m}'")
+    for written in ("metrics", "checkpoints"):
+        if os.path.exists(os.path.join(out, written)):
+            fail(f"{written}/ was written before the input was checked")
+
+
+def relabelled(name, transform, dtype=None, keep_range=True):
+    """A copy of the synthetic training split whose labels are transform(labels),
+    stored as `dtype` (default: as they were), with the manifest updated to
+    match (sizes, digests, dtype; the recorded range unless keep_range is
+    False, as in a data set written before the range was recorded)."""
+    import h5py
+    import numpy
+    path = fresh(name)
+    shutil.copytree(data_dir() + "/train", path)
+    with open(path + "/manifest.json") as f:
+        manifest = json.load(f)
+    values = []
+    for shard in manifest["shards"]:
+        file = os.path.join(path, shard["file"])
+        with h5py.File(file, "r+") as h5:
+            labels = transform(h5["labels"][...])
+            del h5["labels"]
+            h5.create_dataset("labels", data=labels.astype(dtype or labels.dtype),
+                              chunks=(len(labels),))
+            values.append(labels)
+        shard["bytes"] = os.path.getsize(file)
+        with open(file, "rb") as f:
+            shard["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    everything = numpy.concatenate(values)
+    for field in manifest["fields"]:
+        if field["name"] == "labels":
+            field.pop("min", None)
+            field.pop("max", None)
+            if dtype:
+                field["dtype"] = numpy.dtype(dtype).name
+            if keep_range and not dtype:
+                field["min"], field["max"] = int(everything.min()), int(everything.max())
+    with open(path + "/manifest.json", "w") as f:
+        json.dump(manifest, f, indent=2)
+    return path
 
 
 def case_bad_input():
@@ -334,6 +451,24 @@ def case_bad_input():
     expect_bad_input(base + ["--epochs"], "epochs")
     expect_bad_input(base, "DTRAIN_MALLOC_TUNING='yes' is not 0 or 1",
                      env_extra={"DTRAIN_MALLOC_TUNING": "yes"})
+    # Labels the model cannot use: caught when the data set is opened, before
+    # anything is written (not at the first step, or by the loader).
+    floats = relabelled("float-labels", lambda l: l, dtype="float32")
+    expect_bad_input(base + ["--train-data", floats], ["label field 'labels'", "float32"])
+    shifted = relabelled("shifted-labels", lambda l: l + 10)
+    expect_bad_input(base + ["--train-data", shifted],
+                     ["label field 'labels'", "from 10 to 19", "[0, 10)"])
+    # The same in a data set written before the range was recorded: read once.
+    unrecorded = relabelled("shifted-labels-no-range", lambda l: l + 10, keep_range=False)
+    expect_bad_input(base + ["--train-data", unrecorded],
+                     ["label field 'labels'", "from 10 to 19", "[0, 10)"])
+    expect_bad_input(base + ["--test-data", shifted], ["label field 'labels'", shifted],
+                     ranks=2)
+    # Boolean options: `--resume false` as well as `--resume=false`; a value
+    # that does not parse names its option.
+    expect_bad_input(base + ["--max-minutes", "soon"], "--max-minutes: cannot parse 'soon'")
+    expect_bad_input(base + ["--resume=maybe"], "--resume: cannot parse 'maybe'")
+    expect_bad_input(base + ["--resume", "false", "extra"], "unexpected argument 'extra'")
 
 
 def case_loader_output():

@@ -10,6 +10,9 @@ Usage: slurm_test.py CASE
   restart_mpirun          restarted and finished (DTRAIN_LAUNCHER=mpirun for the second)
   scancel_srun          `scancel --batch --signal=TERM` of a running job: the ranks
   scancel_mpirun          get SIGTERM, write their marker, the job ends with 75
+  start_failure         slurmd fails to start (a fake slurmd first on PATH): the start
+                        fails, shows slurmd's last log lines and leaves no daemon it
+                        started running (its own directory and port, no fixture)
 """
 
 import os
@@ -144,8 +147,77 @@ def scancel_case(tmp, launcher):
     check(text.count("fake_job rank 0/2 attempt") == 1, "the job was restarted", text)
 
 
+FAKE_SLURMD = {
+    # Fails at once, as slurmd does without a cgroup file system.
+    "exits": """#!/bin/sh
+echo "slurmd: error: fake slurmd: no cgroup file system mounted" >> "$DTRAIN_SLURM_DIR/slurmd.log"
+exit 1
+""",
+    # Goes to the background (pid file written), then dies.
+    "dies": """#!/bin/sh
+echo "slurmd: error: fake slurmd: died after starting" >> "$DTRAIN_SLURM_DIR/slurmd.log"
+sh -c 'echo $$ > "$DTRAIN_SLURM_DIR/slurmd.pid"; sleep 1' > /dev/null 2>&1 &
+exit 0
+""",
+}
+
+
+def processes(name, needle=""):
+    """Pids of processes called `name` whose command line holds `needle`."""
+    out = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % pid) as f:
+                comm = f.read().strip()
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if comm == name and needle in cmdline:
+            out.add(int(pid))
+    return out
+
+
+def case_start_failure():
+    require_slurm()
+    with tempfile.TemporaryDirectory(prefix="dtrain-slurm-fail.") as tmp:
+        for variant, script in FAKE_SLURMD.items():
+            slurm_dir = os.path.join(tmp, variant)
+            bin_dir = os.path.join(tmp, "bin-" + variant)
+            os.makedirs(bin_dir)
+            fake = os.path.join(bin_dir, "slurmd")
+            with open(fake, "w") as f:
+                f.write(script)
+            os.chmod(fake, 0o755)
+            env = dict(os.environ, DTRAIN_SLURM_DIR=slurm_dir, DTRAIN_SLURM_PORT="6917",
+                       SLURM_CONF=os.path.join(slurm_dir, "slurm.conf"),
+                       PATH=bin_dir + ":" + os.environ["PATH"])
+            munged_before = processes("munged")
+            try:
+                p = subprocess.run([SLURM_LOCAL, "start"], env=env, capture_output=True,
+                                   text=True, timeout=HANG)
+                text = p.stdout + p.stderr
+                check(p.returncode != 0, "%s: the start succeeded with a failing slurmd" % variant,
+                      text)
+                check("fake slurmd" in text,
+                      "%s: slurmd's log lines are not in the output" % variant, text)
+                left = processes("slurmctld", slurm_dir)
+                check(not left, "%s: slurmctld %s is still running" % (variant, sorted(left)),
+                      text)
+                new_munged = processes("munged") - munged_before
+                check(not new_munged, "%s: the munged it started (%s) is still running"
+                      % (variant, sorted(new_munged)), text)
+                print("ok: %s\n%s" % (variant, text))
+            finally:
+                subprocess.run([SLURM_LOCAL, "stop"], env=env, timeout=HANG,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 CASES = {
     "start": case_start,
+    "start_failure": case_start_failure,
     "stop": case_stop,
     "restart_srun": lambda: with_tmp(restart_case, "srun"),
     "restart_mpirun": lambda: with_tmp(restart_case, "mpirun"),

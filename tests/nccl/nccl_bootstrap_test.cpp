@@ -211,8 +211,36 @@ TEST_F(NcclBootstrapTest, AnAlgorithmThatConflictsWithNcclAlgoOrAnOldNcclIsRejec
     EXPECT_MESSAGE_HAS(e.what(), "NCCL_ALGO='Tree'");
   }
   unsetenv("NCCL_ALGO");
-  EXPECT_CALL(*api_, nccl_version()).WillOnce(Return(22304));
-  EXPECT_THROW(create(bootstrap, options), InvalidArgument);
+  EXPECT_CALL(*api_, nccl_version()).WillRepeatedly(Return(22304));
+  EXPECT_CALL(*api_, nccl_header_version()).WillRepeatedly(Return(22304));
+  try {
+    create(bootstrap, options);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_MESSAGE_HAS(e.what(), "needs NCCL >= 2.24");
+  }
+}
+
+// Seen on a GPU machine with a system libnccl beside PyTorch's wheel: dtrain
+// compiled against one nccl.h and loaded another release's library, and
+// ncclCommSplit overran a stack-allocated ncclConfig_t.
+TEST_F(NcclBootstrapTest, ALibraryOfAnotherReleaseThanTheHeaderIsRejectedOnEveryRank) {
+  FakeBootstrap bootstrap(0, 2);
+  EXPECT_CALL(*api_, nccl_header_version()).WillRepeatedly(Return(22703));
+  EXPECT_CALL(*api_, nccl_version()).WillRepeatedly(Return(22809));
+  EXPECT_CALL(*api_, comm_init_rank(_, _, _, _)).Times(0);
+  try {
+    create(bootstrap);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_MESSAGE_HAS(e.what(), "compiled against NCCL 2.27.3");
+    EXPECT_MESSAGE_HAS(e.what(), "loaded libnccl 2.28.9");
+  }
+  EXPECT_EQ(bootstrap.flag_sent, 1) << "the other ranks must learn that this one failed";
+  // Another patch release of the same NCCL is fine.
+  EXPECT_CALL(*api_, nccl_version()).WillRepeatedly(Return(22707));
+  EXPECT_CALL(*api_, comm_init_rank(_, _, _, _)).WillOnce(Return(kComm));
+  EXPECT_NO_THROW(create(bootstrap));
 }
 
 TEST(NcclOptionsTest, ValidateRejectsNonsense) {

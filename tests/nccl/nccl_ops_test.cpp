@@ -315,7 +315,7 @@ TEST_F(NcclOpsTest, SendAndRecvAreGroupedNcclCalls) {
 
 TEST_F(NcclOpsTest, SplitMapsColorAndKeyAndReadsRankAndSizeFromNccl) {
   EXPECT_CALL(*api_, comm_split(kComm, 3, 7, Field(&NcclCommConfig::name, "world/3")))
-      .WillOnce(Return(kChildComm));
+      .WillOnce(Return(kChildSplit));
   EXPECT_CALL(*api_, comm_count(kChildComm)).WillOnce(Return(2));
   EXPECT_CALL(*api_, comm_user_rank(kChildComm)).WillOnce(Return(1));
   EXPECT_CALL(*api_, all_reduce(_, _, 4, _, _, kChildComm, _));
@@ -338,7 +338,7 @@ TEST_F(NcclOpsTest, NegativeColorsTakePartButGetNoCommunicator) {
   SplitOptions named;
   named.name = "tp";
   EXPECT_CALL(*api_, comm_split(kComm, 0, 1, Field(&NcclCommConfig::name, "tp")))
-      .WillOnce(Return(kChildComm));
+      .WillOnce(Return(kChildSplit));
   EXPECT_CALL(*api_, comm_count(kChildComm)).WillOnce(Return(1));
   EXPECT_EQ(comm_->split(0, 1, named)->name(), "tp");
 }
@@ -353,7 +353,7 @@ TEST_F(NcclOpsTest, SplitsOfARingOrTreeCommunicatorGetTheSameAlgorithm) {
   EXPECT_CALL(*api_, comm_split(kComm, 0, 0, _))
       .WillOnce([](NcclComm, int, int, const NcclCommConfig&) {
         EXPECT_STREQ(std::getenv("NCCL_ALGO"), "allreduce:tree");
-        return kChildComm;
+        return kChildSplit;
       });
   EXPECT_CALL(*api_, comm_count(kChildComm)).WillOnce(Return(4));
   auto child = comm_->split(0, 0, {});
@@ -362,8 +362,34 @@ TEST_F(NcclOpsTest, SplitsOfARingOrTreeCommunicatorGetTheSameAlgorithm) {
   unsetenv("NCCL_ALGO");
 }
 
+// NCCL publishes a split's child only when the split completes (its handle
+// is null until then); the backend polls for it. Seen on an H200: treating
+// the null handle as the answer lost the child, and NCCL later wrote it into
+// memory that was gone.
+TEST_F(NcclOpsTest, ASplitsChildIsTakenWhenNcclPublishesIt) {
+  EXPECT_CALL(*api_, comm_split(kComm, 2, 0, _)).WillOnce(Return(kChildSplit));
+  EXPECT_CALL(*api_, split_child(kChildSplit))
+      .WillOnce(Return(nullptr))
+      .WillOnce(Return(nullptr))
+      .WillRepeatedly(Return(kChildComm));
+  EXPECT_CALL(*api_, comm_count(kChildComm)).WillOnce(Return(2));
+  auto child = comm_->split(2, 0, {});
+  ASSERT_NE(child, nullptr);
+  EXPECT_EQ(child->size(), 2);
+}
+
+TEST_F(NcclOpsTest, ASplitWhoseChildNeverAppearsTimesOutAndFailsTheParent) {
+  EXPECT_CALL(*api_, comm_split(kComm, 1, 0, _)).WillOnce(Return(kChildSplit));
+  ON_CALL(*api_, split_child(kChildSplit)).WillByDefault(Return(nullptr));
+  EXPECT_CALL(*api_, comm_abort(kComm));
+  SplitOptions quick;
+  quick.timeout = Timeout(20);
+  EXPECT_THROW(comm_->split(1, 0, quick), TimeoutError);
+  EXPECT_TRUE(comm_->failed());
+}
+
 TEST_F(NcclOpsTest, ASplitThatNeverSettlesTimesOutAndFailsTheParent) {
-  EXPECT_CALL(*api_, comm_split(kComm, 1, 0, _)).WillOnce(Return(kChildComm));
+  EXPECT_CALL(*api_, comm_split(kComm, 1, 0, _)).WillOnce(Return(kChildSplit));
   ON_CALL(*api_, comm_check_async_error(kChildComm)).WillByDefault(Return(true));
   EXPECT_CALL(*api_, comm_abort(kChildComm));
   EXPECT_CALL(*api_, comm_abort(kComm));

@@ -25,6 +25,7 @@ using detail::CudaEvent;
 using detail::CudaStream;
 using detail::NcclComm;
 using detail::NcclCommConfig;
+using detail::NcclSplit;
 using detail::NcclDataType;
 using detail::NcclRedOp;
 using detail::NcclUniqueId;
@@ -38,6 +39,8 @@ inline const CudaStream kCommStream = fake_handle<CudaStream>(0x5000);
 inline const CudaStream kCallerStream = fake_handle<CudaStream>(0xA000);
 inline const NcclComm kComm = fake_handle<NcclComm>(0xC000);
 inline const NcclComm kChildComm = fake_handle<NcclComm>(0xC100);
+/// The split whose child is kChildComm (see split_child's default).
+inline const NcclSplit kChildSplit = fake_handle<NcclSplit>(0xC100);
 
 inline NcclUniqueId unique_id_filled_with(char value) {
   NcclUniqueId id;
@@ -60,10 +63,12 @@ class MockCudaNcclApi : public detail::CudaNcclApi {
   MOCK_METHOD(void*, device_malloc, (std::size_t), (override));
   MOCK_METHOD(void, device_free, (void*), (override));
   MOCK_METHOD(int, nccl_version, (), (override));
+  MOCK_METHOD(int, nccl_header_version, (), (override));
   MOCK_METHOD(NcclUniqueId, get_unique_id, (), (override));
   MOCK_METHOD(NcclComm, comm_init_rank, (int, const NcclUniqueId&, int, const NcclCommConfig&),
               (override));
-  MOCK_METHOD(NcclComm, comm_split, (NcclComm, int, int, const NcclCommConfig&), (override));
+  MOCK_METHOD(NcclSplit, comm_split, (NcclComm, int, int, const NcclCommConfig&), (override));
+  MOCK_METHOD(NcclComm, split_child, (NcclSplit), (override));
   MOCK_METHOD(int, comm_count, (NcclComm), (override));
   MOCK_METHOD(int, comm_user_rank, (NcclComm), (override));
   MOCK_METHOD(bool, comm_check_async_error, (NcclComm), (override));
@@ -105,6 +110,11 @@ class MockCudaNcclApi : public detail::CudaNcclApi {
     ON_CALL(*this, event_query(_)).WillByDefault([this](CudaEvent) { return gpu_done.load(); });
     ON_CALL(*this, device_malloc(_)).WillByDefault(Return(fake_handle<void*>(0xB000)));
     ON_CALL(*this, nccl_version()).WillByDefault(Return(22809));
+    ON_CALL(*this, nccl_header_version()).WillByDefault(Return(22809));
+    // A split's token is its child's handle, published at once by default.
+    ON_CALL(*this, split_child(_)).WillByDefault([](NcclSplit split) {
+      return reinterpret_cast<NcclComm>(split);
+    });
     ON_CALL(*this, get_unique_id()).WillByDefault(Return(unique_id_filled_with('r')));
     ON_CALL(*this, comm_init_rank(_, _, _, _)).WillByDefault(Return(kComm));
     ON_CALL(*this, comm_check_async_error(_)).WillByDefault(Return(false));

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -43,6 +44,20 @@ void expect_open_error(const std::string& dir, const std::vector<std::string>& n
     Dataset::open(dir, options);
     ADD_FAILURE() << "opening " << dir << " did not throw";
   } catch (const DataError& e) {
+    for (const auto& n : needles) {
+      EXPECT_NE(std::string(e.what()).find(n), std::string::npos)
+          << "message lacks '" << n << "': " << e.what();
+    }
+  }
+}
+
+// Expects `fn` to throw E with a message holding every needle.
+template <typename E, typename Fn>
+void expect_error(Fn fn, const std::vector<std::string>& needles) {
+  try {
+    fn();
+    ADD_FAILURE() << "no exception";
+  } catch (const E& e) {
     for (const auto& n : needles) {
       EXPECT_NE(std::string(e.what()).find(n), std::string::npos)
           << "message lacks '" << n << "': " << e.what();
@@ -200,6 +215,64 @@ TEST(DataFormat, BadInputsFailAtOpenNamingFileAndField) {
   }
 }
 
+// The writer records each integer field's range; labels are checked against
+// the class count from it, or, in a data set written before the range was
+// recorded, by reading them once.
+TEST(DataFormat, LabelRangeIsRecordedAndChecked) {
+  ScratchDir dir;
+  const std::string d = dir / "pattern";
+  make_pattern_dataset(d, 40, 15);  // labels 3i + 1: 1 .. 118
+  const std::string text = read_text(d + "/manifest.json");
+  EXPECT_NE(text.find("\"min\": 1"), std::string::npos) << text;
+  EXPECT_NE(text.find("\"max\": 118"), std::string::npos) << text;
+  const Manifest m = Manifest::from_json(text, "m");
+  ASSERT_EQ(m.value_ranges.count("labels"), 1u);
+  EXPECT_EQ(m.value_ranges.at("labels").min, 1);
+  EXPECT_EQ(m.value_ranges.at("labels").max, 118);
+  EXPECT_EQ(m.value_ranges.at("images").min, 0);
+
+  // An older data set: no ranges in its manifest. It still opens; the range
+  // is found by reading the labels.
+  const std::string old = dir / "old";
+  make_pattern_dataset(old, 40, 15);
+  Manifest stripped = Manifest::from_json(read_text(old + "/manifest.json"), "m");
+  stripped.value_ranges.clear();
+  write_text(old + "/manifest.json", stripped.to_json());
+  EXPECT_EQ(read_text(old + "/manifest.json").find("\"min\""), std::string::npos);
+
+  for (const std::string& path : {d, old}) {
+    SCOPED_TRACE(path);
+    auto ds = Dataset::open(path);
+    const ValueRange range = ds->value_range(ds->field_index("labels"));
+    EXPECT_EQ(range.min, 1);
+    EXPECT_EQ(range.max, 118);
+    check_class_labels(*ds, "labels", 119);
+    expect_error<DataError>([&] { check_class_labels(*ds, "labels", 10); },
+                            {"label field 'labels'", path, "from 1 to 118", "[0, 10)"});
+  }
+
+  // Float labels are no class labels, whatever their values.
+  DatasetSpec spec;
+  spec.fields = {{"images", DType::kUInt8, {2}}, {"labels", DType::kFloat32, {}}};
+  spec.class_names = {"a", "b"};
+  {
+    DatasetWriter writer(dir / "float", spec);
+    const std::uint8_t px[4] = {1, 2, 3, 4};
+    const float labels[2] = {0, 1};
+    writer.add({px, labels}, 2);
+    EXPECT_EQ(writer.finish().value_ranges.count("labels"), 0u);
+  }
+  auto floats = Dataset::open(dir / "float");
+  expect_error<DataError>([&] { check_class_labels(*floats, "labels", 2); },
+                          {"label field 'labels'", "float32", "integer"});
+  EXPECT_THROW(floats->value_range(1), InvalidArgument);
+  // A min above max is a malformed manifest.
+  std::string swapped = read_text(d + "/manifest.json");
+  swapped.replace(swapped.find("\"min\": 1"), 8, "\"min\": 999");
+  write_text(d + "/manifest.json", swapped);
+  expect_open_error(d, {"manifest.json", "min 999 > max 118"});
+}
+
 // Writes a gzip'd IDX file: magic, big-endian dims, uint8 data.
 void write_idx_gz(const std::string& path, const std::vector<std::uint32_t>& dims,
                   const std::vector<std::uint8_t>& data) {
@@ -250,6 +323,139 @@ TEST(DataFormat, ConvertsIdxFiles) {
   }
 }
 
+// A source directory of the four Fashion-MNIST files, tiny: 13 training and
+// 7 test images of 5x3 pixels.
+struct FashionSource {
+  std::vector<std::uint8_t> train_pixels, train_labels, test_pixels, test_labels;
+
+  FashionSource() {
+    for (std::size_t i = 0; i < 13 * 15; ++i) train_pixels.push_back(static_cast<std::uint8_t>(i));
+    for (std::size_t i = 0; i < 13; ++i) train_labels.push_back(static_cast<std::uint8_t>(i % 10));
+    for (std::size_t i = 0; i < 7 * 15; ++i)
+      test_pixels.push_back(static_cast<std::uint8_t>(3 * i));
+    for (std::size_t i = 0; i < 7; ++i) test_labels.push_back(static_cast<std::uint8_t>(9 - i));
+  }
+  void write(const std::string& dir) const {
+    fs::create_directories(dir);
+    write_idx_gz(dir + "/train-images-idx3-ubyte.gz", {13, 5, 3}, train_pixels);
+    write_idx_gz(dir + "/train-labels-idx1-ubyte.gz", {13}, train_labels);
+    write_idx_gz(dir + "/t10k-images-idx3-ubyte.gz", {7, 5, 3}, test_pixels);
+    write_idx_gz(dir + "/t10k-labels-idx1-ubyte.gz", {7}, test_labels);
+  }
+};
+
+void expect_converted(const std::string& out, const FashionSource& src) {
+  auto train = Dataset::open(out + "/train");
+  auto test = Dataset::open(out + "/test");
+  ASSERT_EQ(train->size(), 13);
+  ASSERT_EQ(test->size(), 7);
+  std::vector<std::uint8_t> px(15);
+  std::int64_t label = 0;
+  test->read(0, 6, 1, px.data());
+  test->read(1, 6, 1, &label);
+  EXPECT_EQ(label, src.test_labels[6]);
+  EXPECT_TRUE(std::equal(px.begin(), px.end(), src.test_pixels.begin() + 6 * 15));
+  EXPECT_FALSE(fs::exists(out + "/.convert.tmp"));
+}
+
+// A failed conversion publishes neither split, and a rerun with good files
+// works; a gzip CRC error is reported as such.
+TEST(DataFormat, FashionMnistConversionPublishesBothSplitsOrNeither) {
+  ScratchDir dir;
+  const FashionSource src;
+  const std::string good = dir / "good";
+  src.write(good);
+  struct Damage {
+    const char* name;
+    std::function<void(const std::string&)> apply;  // on a copy of the source
+    std::vector<std::string> message;
+  };
+  const std::vector<Damage> damages = {
+      {"missing",
+       [](const std::string& d) { fs::remove(d + "/t10k-images-idx3-ubyte.gz"); },
+       {"t10k-images-idx3-ubyte.gz", "does not exist"}},
+      {"short-labels",  // a complete gzip stream, 6 labels where 7 are declared
+       [&](const std::string& d) {
+         write_idx_gz(
+             d + "/t10k-labels-idx1-ubyte.gz", {7},
+             std::vector<std::uint8_t>(src.test_labels.begin(), src.test_labels.end() - 1));
+       },
+       {"t10k-labels-idx1-ubyte.gz", "truncated"}},
+      {"cut-gzip",  // the gzip file itself cut short
+       [](const std::string& d) {
+         const std::string f = d + "/t10k-images-idx3-ubyte.gz";
+         fs::resize_file(f, fs::file_size(f) / 2);
+       },
+       {"t10k-images-idx3-ubyte.gz", "truncated"}},
+      {"crc",  // the CRC-32 in the gzip trailer no longer matches
+       [](const std::string& d) {
+         const std::string f = d + "/t10k-labels-idx1-ubyte.gz";
+         std::fstream io(f, std::ios::in | std::ios::out | std::ios::binary);
+         io.seekg(-8, std::ios::end);
+         char c = 0;
+         io.read(&c, 1);
+         io.seekp(-8, std::ios::end);
+         c = static_cast<char>(c ^ 0x5a);
+         io.write(&c, 1);
+       },
+       {"t10k-labels-idx1-ubyte.gz", "gzip checksum"}},
+  };
+  for (const Damage& damage : damages) {
+    SCOPED_TRACE(damage.name);
+    const std::string bad = dir / (std::string("bad-") + damage.name);
+    src.write(bad);
+    damage.apply(bad);
+    const std::string out = dir / (std::string("out-") + damage.name);
+    expect_error<DataError>([&] { convert_fashion_mnist(bad, out, 2); }, damage.message);
+    EXPECT_FALSE(fs::exists(out + "/train")) << "the train split was published";
+    EXPECT_FALSE(fs::exists(out + "/test"));
+    EXPECT_FALSE(fs::exists(out + "/.convert.tmp"));
+    convert_fashion_mnist(good, out, 2);  // the rerun with good files
+    expect_converted(out, src);
+  }
+  // Both splits there: nothing to do, a clear error.
+  expect_error<InvalidArgument>([&] { convert_fashion_mnist(good, dir / "out-crc", 2); },
+                                {"already holds both splits"});
+}
+
+// A train split published alone (by an earlier conversion that stopped
+// between its two renames, or failed on the test split) is kept when it
+// holds the same samples, and is an error when it differs.
+TEST(DataFormat, FashionMnistConversionCompletesAHalfPublishedOutput) {
+  ScratchDir dir;
+  const FashionSource src;
+  const std::string good = dir / "good";
+  src.write(good);
+  const std::string out = dir / "out";
+  convert_idx(good + "/train-images-idx3-ubyte.gz", good + "/train-labels-idx1-ubyte.gz",
+              out + "/train", "fashion-mnist-train", 3, fashion_mnist_class_names());
+  const std::string before = read_text(out + "/train/manifest.json");
+  convert_fashion_mnist(good, out, 2);
+  expect_converted(out, src);
+  EXPECT_EQ(read_text(out + "/train/manifest.json"), before) << "the train split was rewritten";
+
+  const std::string other = dir / "other";
+  convert_idx(good + "/t10k-images-idx3-ubyte.gz", good + "/t10k-labels-idx1-ubyte.gz",
+              other + "/train", "not-the-train-split", 1, fashion_mnist_class_names());
+  expect_error<InvalidArgument>([&] { convert_fashion_mnist(good, other, 2); },
+                                {other + "/train", "differs"});
+  EXPECT_FALSE(fs::exists(other + "/test"));
+  // Leftovers of an unfinished writer are no data set: replaced.
+  const std::string leftovers = dir / "leftovers";
+  fs::create_directories(leftovers + "/test");
+  write_text(leftovers + "/test/shard-00000.h5", "partial");
+  convert_fashion_mnist(good, leftovers, 1);
+  expect_converted(leftovers, src);
+  // Anything else is not touched.
+  const std::string foreign = dir / "foreign";
+  fs::create_directories(foreign + "/test");
+  write_text(foreign + "/test/notes.txt", "mine");
+  expect_error<InvalidArgument>([&] { convert_fashion_mnist(good, foreign, 1); },
+                                {foreign + "/test", "holds no data set"});
+  EXPECT_EQ(read_text(foreign + "/test/notes.txt"), "mine");
+  EXPECT_FALSE(fs::exists(foreign + "/train"));
+}
+
 TEST(DataFormat, ShardOpensAsPlainArrayInH5dump) {
   if (std::system("command -v h5dump >/dev/null 2>&1") != 0) GTEST_SKIP() << "no h5dump";
   ScratchDir dir;
@@ -296,6 +502,55 @@ TEST(DataFormat, ToolGenerateInspectVerify) {
   EXPECT_NE(read_text(dir / "log.txt").find("shard-00001.h5 is corrupt"), std::string::npos)
       << read_text(dir / "log.txt");
   EXPECT_EQ(run("frobnicate"), 2);
+  // Usage errors exit 2 and name the option.
+  auto log_has = [&](const std::string& text) {
+    return read_text(dir / "log.txt").find(text) != std::string::npos;
+  };
+  EXPECT_EQ(run("generate --out " + (dir / "s2") + " --shape 3,x,4"), 2);
+  EXPECT_TRUE(log_has("--shape '3,x,4' must be comma-separated positive integers"))
+      << read_text(dir / "log.txt");
+  EXPECT_EQ(run("generate --out " + (dir / "s3") + " --samples lots"), 2);
+  EXPECT_TRUE(log_has("--samples: cannot parse 'lots'")) << read_text(dir / "log.txt");
+  EXPECT_EQ(run("inspect " + out + " " + out), 2);
+  EXPECT_TRUE(log_has("unexpected argument")) << read_text(dir / "log.txt");
+  EXPECT_FALSE(fs::exists(dir / "s2"));
+  EXPECT_FALSE(fs::exists(dir / "s3"));
+}
+
+// convert-fashion-mnist from the command line: a corrupt file is a named
+// error (exit 1) that publishes nothing; the rerun with good files works.
+TEST(DataFormat, ToolConvertsAfterAFailedConversion) {
+  ScratchDir dir;
+  const FashionSource src;
+  src.write(dir / "good");
+  src.write(dir / "bad");
+  {  // a flipped bit in the gzip trailer's CRC-32
+    std::fstream io(dir / "bad/train-labels-idx1-ubyte.gz",
+                    std::ios::in | std::ios::out | std::ios::binary);
+    io.seekg(-6, std::ios::end);
+    char c = 0;
+    io.read(&c, 1);
+    io.seekp(-6, std::ios::end);
+    c = static_cast<char>(c ^ 1);
+    io.write(&c, 1);
+  }
+  const std::string tool = DTRAIN_DATA_TOOL;
+  const std::string out = dir / "data";
+  auto convert = [&](const std::string& source) {
+    const int rc = std::system((tool + " convert-fashion-mnist --source " + source + " --out " +
+                                out + " --shards 2 > " + (dir / "log.txt") + " 2>&1")
+                                   .c_str());
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  };
+  EXPECT_EQ(convert(dir / "bad"), 1);
+  const std::string log = read_text(dir / "log.txt");
+  EXPECT_NE(log.find("train-labels-idx1-ubyte.gz failed its gzip checksum"), std::string::npos)
+      << log;
+  EXPECT_EQ(log.find("magic number"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(out + "/train"));
+  EXPECT_FALSE(fs::exists(out + "/test"));
+  EXPECT_EQ(convert(dir / "good"), 0) << read_text(dir / "log.txt");
+  expect_converted(out, src);
 }
 
 }  // namespace

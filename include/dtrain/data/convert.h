@@ -16,15 +16,24 @@ const std::vector<std::string>& fashion_mnist_class_names();
 /// Converts one IDX image file (magic 0x803, uint8 [n, rows, cols]) and its
 /// label file (magic 0x801, uint8 [n]), gzip'd or not, into a data set with
 /// fields images uint8 [1, rows, cols] and labels int64 [] in `out_dir`,
-/// split into `shards` shards. Throws DataError naming the file on a bad
-/// magic number, a truncated file or a count mismatch.
+/// split into `shards` shards. Both files are read and checked whole before
+/// anything is written. Throws DataError naming the file on a missing file,
+/// a bad magic number, a truncated file, a failed gzip checksum (CRC-32) or
+/// a count mismatch.
 Manifest convert_idx(const std::string& images_path, const std::string& labels_path,
                      const std::string& out_dir, const std::string& name, int shards,
                      const std::vector<std::string>& class_names = {});
 
 /// Converts Debian's dataset-fashion-mnist files in `source_dir`
 /// ({train,t10k}-{images-idx3,labels-idx1}-ubyte.gz) into out_dir/train and
-/// out_dir/test.
+/// out_dir/test, all or nothing: the four files are read and checked first,
+/// both splits are written into out_dir/.convert.tmp, and only then renamed
+/// into place. A failure (a missing, truncated or corrupt file, a full
+/// disk) publishes neither split, so a rerun with good files just works. A
+/// split already in place (an earlier conversion stopped between the two
+/// renames) is kept if it holds the same samples; if it differs, or both
+/// splits are there, it throws InvalidArgument. A second conversion into
+/// the same out_dir at the same time is refused (InvalidArgument).
 void convert_fashion_mnist(const std::string& source_dir, const std::string& out_dir, int shards);
 
 struct SyntheticSpec {

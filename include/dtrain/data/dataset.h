@@ -8,8 +8,9 @@
 //   <dir>/shard-00001.h5     ...
 //
 // manifest.json holds format_version, name, total_samples, the fields
-// ({name, dtype, shape} with the per-sample shape), optional class_names,
-// and per shard {file, samples, bytes, sha256}. Every field of a shard is
+// ({name, dtype, shape} with the per-sample shape, and for integer fields
+// the smallest and largest value, min and max), optional class_names, and
+// per shard {file, samples, bytes, sha256}. Every field of a shard is
 // chunked along the sample axis only (chunk = max(1, 256 KiB / sample bytes)
 // samples, at most the shard's samples), uncompressed, so any HDF5 tool
 // (h5dump, h5py) opens it as a plain array. See docs/data.md.
@@ -21,6 +22,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,6 +49,12 @@ struct FieldSpec {
   std::size_t bytes_per_sample() const { return elements_per_sample() * dtype_size(dtype); }
 };
 
+/// The smallest and largest value of an integer field over every sample.
+struct ValueRange {
+  std::int64_t min = 0;
+  std::int64_t max = 0;
+};
+
 struct ShardInfo {
   std::string file;  ///< Relative to the data set directory.
   std::int64_t samples = 0;
@@ -62,6 +70,11 @@ struct Manifest {
   std::vector<FieldSpec> fields;
   std::vector<ShardInfo> shards;
   std::vector<std::string> class_names;  ///< Optional.
+  /// By field name: the range of every integer field, recorded by
+  /// DatasetWriter ("min" and "max" in the field's entry) so that labels can
+  /// be checked without reading them. Empty in data sets written before the
+  /// range was recorded; Dataset::value_range() then reads the field.
+  std::map<std::string, ValueRange> value_ranges;
 
   std::string to_json() const;
   /// Parses and checks the structure (not the files). Throws DataError
@@ -88,7 +101,8 @@ std::int64_t chunk_samples_for(const FieldSpec& field, std::int64_t samples_per_
 
 /// Writes a data set: samples are appended, shards roll over every
 /// samples_per_shard samples, and finish() writes manifest.json last and
-/// atomically (temporary name, fsync, rename). A writer destroyed before
+/// atomically (temporary name, fsync, rename), with the range of values of
+/// every integer field. A writer destroyed before
 /// finish() leaves shard files but no manifest, i.e. no data set.
 class DatasetWriter {
  public:
@@ -146,6 +160,13 @@ class Dataset {
   /// Chunk length (samples) of `field` in `shard`, as stored in the file.
   std::int64_t chunk_samples(int field, int shard) const;
 
+  /// The smallest and largest value of integer field `field`: the
+  /// manifest's, or, for a data set written before the range was recorded,
+  /// found by reading the field once (then remembered). Throws
+  /// InvalidArgument for a floating-point field, DataError on a read error.
+  /// Thread-safe.
+  ValueRange value_range(int field);
+
   /// Reads samples [start, start + count) of field `field` into `dst`
   /// (count * bytes_per_sample bytes). The range must lie in one shard.
   /// One HDF5 hyperslab read. Thread-safe (serialized). Throws DataError
@@ -157,6 +178,18 @@ class Dataset {
   explicit Dataset(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+/// Throws DataError, naming the data set and the field, unless field
+/// `field` of `dataset` can hold class labels: one integer per sample (not
+/// float32 or float64, not an array). The loader's check of its label field.
+void check_label_field(const Dataset& dataset, const std::string& field);
+
+/// check_label_field, and every value of the field lies in [0, classes).
+/// Cheap for a data set whose manifest records the range; an older one is
+/// read once (Dataset::value_range). Throws DataError naming the data set,
+/// the field and the values outside the range. Meant for the moment a data
+/// set is opened, before anything is trained or written.
+void check_class_labels(Dataset& dataset, const std::string& field, std::int64_t classes);
 
 /// Recomputes the SHA-256 of a file (lower-case hex). Throws DataError.
 std::string sha256_file(const std::string& path);

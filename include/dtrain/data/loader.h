@@ -127,8 +127,10 @@ struct LoaderStats {
 
 class DataLoader {
  public:
-  /// Validates options and the fields (InvalidArgument naming the field) and
-  /// starts the threads. Several loaders may share one Dataset.
+  /// Validates options and the fields (InvalidArgument naming the field;
+  /// DataError from check_label_field for a label field that is not one
+  /// integer per sample) and starts the threads. Several loaders may share
+  /// one Dataset.
   DataLoader(std::shared_ptr<Dataset> dataset, LoaderOptions options, int dp_rank, int dp_size);
   /// Stops and joins the threads; never throws.
   ~DataLoader();

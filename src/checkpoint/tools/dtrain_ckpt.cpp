@@ -1,7 +1,7 @@
 // dtrain-ckpt: list, verify and inspect checkpoints.
 //
 //   dtrain-ckpt list DIR           committed checkpoints under DIR, oldest first
-//   dtrain-ckpt verify PATH        every file's size and SHA-256 (PATH: one
+//   dtrain-ckpt verify PATH        every file's size and digest (PATH: one
 //                                  checkpoint, or DIR for all of them)
 //   dtrain-ckpt inspect PATH       step, writers, metadata, tensors and pieces
 //                                  (PATH: one checkpoint, or DIR for the newest)
@@ -9,7 +9,9 @@
 //                                  model/) of two checkpoints bitwise
 //
 // Exit status: 0 when everything checked is fine (diff: identical), 1 when a
-// checkpoint is bad (diff: they differ), 2 for usage errors.
+// checkpoint is bad (diff: they differ), 2 for usage errors. `verify DIR`
+// counts a step-N directory without manifest.json as bad (only damage makes
+// one: a save renames its directory after writing the manifest).
 
 #include <cstdio>
 #include <filesystem>
@@ -19,6 +21,7 @@
 
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/error.h"
+#include "src/cli/cli.h"
 
 namespace {
 
@@ -29,7 +32,7 @@ int usage(const char* problem) {
   if (problem != nullptr) std::cerr << "dtrain-ckpt: " << problem << "\n";
   std::cerr << "usage: dtrain-ckpt list DIR | verify PATH | inspect PATH | diff A B [PREFIX]  (-h "
                "for help)\n";
-  return 2;
+  return dtrain::cli::kExitUsage;
 }
 
 std::string shape_text(const std::vector<std::int64_t>& shape) {
@@ -67,16 +70,35 @@ int list(const std::string& dir) {
     }
   }
   if (entries.empty()) std::printf("(no committed checkpoints in %s)\n", dir.c_str());
+  for (const auto& e : list_damaged_checkpoints(dir)) {
+    std::printf("damaged: %s\n", damaged_checkpoint_message(e).c_str());
+  }
   return 0;
+}
+
+// step-N directories without a manifest at PATH: PATH itself, or in it.
+std::vector<CheckpointEntry> damaged_at(const std::string& path) {
+  if (fs::exists(fs::path(path) / "manifest.json")) return {};
+  std::error_code ec;
+  const fs::path parent = fs::path(path).lexically_normal().parent_path();
+  for (const auto& e : list_damaged_checkpoints(parent.empty() ? "." : parent.string())) {
+    if (fs::equivalent(e.directory, path, ec)) return {e};
+  }
+  return list_damaged_checkpoints(path);
 }
 
 int verify(const std::string& path) {
   const auto targets = checkpoints_at(path, false);
-  if (targets.empty()) {
+  const auto damaged = damaged_at(path);
+  if (targets.empty() && damaged.empty()) {
     std::cerr << "dtrain-ckpt: no checkpoint at " << path << "\n";
     return 1;
   }
   int bad = 0;
+  for (const auto& e : damaged) {
+    std::printf("BAD   %s\n", damaged_checkpoint_message(e).c_str());
+    ++bad;
+  }
   for (const std::string& dir : targets) {
     try {
       const Checkpoint c = Checkpoint::open(dir);
@@ -104,8 +126,9 @@ int inspect(const std::string& path) {
   for (const auto& [k, v] : c.metadata()) std::printf("  %-24s %s\n", k.c_str(), v.c_str());
   std::printf("files\n");
   for (const auto& f : c.files()) {
-    std::printf("  %-16s rank %-5d %12llu bytes  sha256 %s\n", f.file.c_str(), f.rank,
-                static_cast<unsigned long long>(f.bytes), f.sha256.c_str());
+    std::printf("  %-16s rank %-5d %12llu bytes  %s %s\n", f.file.c_str(), f.rank,
+                static_cast<unsigned long long>(f.bytes), f.digest_algorithm.c_str(),
+                f.digest.c_str());
   }
   std::printf("tensors\n");
   for (const std::string& name : c.tensor_names()) {
@@ -168,39 +191,57 @@ int diff(const std::string& a_path, const std::string& b_path, const std::string
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2) return usage(nullptr);
-  const std::string command = argv[1];
-  if (command == "-h" || command == "--help") {
-    std::cout << "dtrain-ckpt: list, verify and inspect dtrain checkpoints\n\n"
-                 "  dtrain-ckpt list DIR       committed checkpoints under DIR, oldest first\n"
-                 "  dtrain-ckpt verify PATH    sizes and SHA-256 of every file (PATH: one\n"
-                 "                             checkpoint, or a directory of them)\n"
-                 "  dtrain-ckpt inspect PATH   step, metadata, files, tensors and their pieces\n"
-                 "                             (PATH: one checkpoint, or the newest in DIR)\n"
-                 "  dtrain-ckpt diff A B [PREFIX]\n"
-                 "                             bitwise comparison of the tensors (under PREFIX)\n"
-                 "                             of two checkpoints (or the newest in two DIRs)\n\n"
-                 "Exit status: 0 fine, 1 a checkpoint is bad or missing, 2 usage error.\n";
-    return 0;
+  cxxopts::Options cli("dtrain-ckpt", "list, verify and inspect dtrain checkpoints");
+  cli.add_options()("command", "list, verify, inspect or diff", cxxopts::value<std::string>())(
+      "paths", "the command's paths", cxxopts::value<std::vector<std::string>>())(
+      "h,help", "print this help");
+  cli.parse_positional({"command", "paths"});
+  std::string command;
+  std::vector<std::string> paths;
+  try {
+    const auto parsed = dtrain::cli::parse(cli, argc, argv);
+    if (parsed.count("help")) {
+      std::cout << "dtrain-ckpt: list, verify and inspect dtrain checkpoints\n\n"
+                   "  dtrain-ckpt list DIR       committed checkpoints under DIR, oldest first\n"
+                   "  dtrain-ckpt verify PATH    sizes and digests of every file (PATH: one\n"
+                   "                             checkpoint, or a directory of them; a step-N\n"
+                   "                             directory without manifest.json is bad)\n"
+                   "  dtrain-ckpt inspect PATH   step, metadata, files, tensors and their pieces\n"
+                   "                             (PATH: one checkpoint, or the newest in DIR)\n"
+                   "  dtrain-ckpt diff A B [PREFIX]\n"
+                   "                             bitwise comparison of the tensors (under PREFIX)\n"
+                   "                             of two checkpoints (or the newest in two DIRs)\n\n"
+                   "Exit status: 0 fine, 1 a checkpoint is bad or missing, 2 usage error.\n";
+      return 0;
+    }
+    if (parsed.count("command") == 0) return usage(nullptr);
+    command = parsed["command"].as<std::string>();
+    if (parsed.count("paths")) paths = parsed["paths"].as<std::vector<std::string>>();
+  } catch (const dtrain::cli::UsageError& e) {
+    return usage(e.what());
   }
   if (command == "diff") {
-    if (argc != 4 && argc != 5) return usage("diff needs two checkpoints and an optional prefix");
+    if (paths.size() != 2 && paths.size() != 3) {
+      return usage("diff needs two checkpoints and an optional prefix");
+    }
     try {
-      return diff(argv[2], argv[3], argc == 5 ? argv[4] : "");
+      return diff(paths[0], paths[1], paths.size() == 3 ? paths[2] : "");
     } catch (const dtrain::Error& e) {
       std::cerr << "dtrain-ckpt: " << e.what() << "\n";
       return 2;
     }
   }
-  if (argc != 3) return usage("expected one PATH after the command");
-  const std::string path = argv[2];
+  if (command != "list" && command != "verify" && command != "inspect") {
+    return usage(("unknown command '" + command + "'").c_str());
+  }
+  if (paths.size() != 1) return usage("expected one PATH after the command");
+  const std::string& path = paths.front();
   try {
     if (command == "list") return list(path);
     if (command == "verify") return verify(path);
-    if (command == "inspect") return inspect(path);
+    return inspect(path);
   } catch (const dtrain::Error& e) {
     std::cerr << "dtrain-ckpt: " << e.what() << "\n";
     return 1;
   }
-  return usage(("unknown command '" + command + "'").c_str());
 }

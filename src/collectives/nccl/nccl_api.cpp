@@ -5,8 +5,13 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "src/collectives/nccl/nccl_api.h"
 
@@ -113,11 +118,25 @@ void check_cuda(cudaError_t result, const char* call) {
   throw cuda_error(result, call);
 }
 
-ncclConfig_t make_config(const NcclCommConfig& config) {
+// Where NCCL puts a new communicator. A non-blocking ncclCommInitRankConfig
+// or ncclCommSplit stores the handle into the caller's ncclComm_t* once more
+// when it completes, from NCCL's own thread (init.cc: `__atomic_store_n(
+// job->newcomm, comm, ...)`): a local variable would be written after its
+// frame is gone (seen as "stack smashing" in a split on an H200). So the
+// handle, and the name the config points to, live in a slot that is kept
+// until the communicator is destroyed or aborted.
+struct CommSlot {
+  ncclComm_t comm = nullptr;
+  std::string name;
+};
+
+ncclConfig_t make_config(const NcclCommConfig& config, const CommSlot& slot) {
   ncclConfig_t c = NCCL_CONFIG_INITIALIZER;
   c.blocking = config.blocking ? 1 : 0;
 #if NCCL_VERSION_CODE >= NCCL_VERSION(2, 27, 0)
-  c.commName = config.name.empty() ? nullptr : config.name.c_str();
+  c.commName = slot.name.empty() ? nullptr : slot.name.c_str();
+#else
+  (void)slot;
 #endif
   return c;
 }
@@ -177,6 +196,7 @@ class RealCudaNcclApi final : public CudaNcclApi {
     check_nccl(ncclGetVersion(&version), "ncclGetVersion");
     return version;
   }
+  int nccl_header_version() override { return NCCL_VERSION_CODE; }
   NcclUniqueId get_unique_id() override {
     ncclUniqueId id;
     check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
@@ -188,17 +208,26 @@ class RealCudaNcclApi final : public CudaNcclApi {
                           const NcclCommConfig& config) override {
     ncclUniqueId nccl_id;
     std::memcpy(&nccl_id, id.bytes.data(), sizeof(nccl_id));
-    ncclConfig_t c = make_config(config);
-    ncclComm_t comm = nullptr;
-    check_nccl(ncclCommInitRankConfig(&comm, nranks, nccl_id, rank, &c), "ncclCommInitRankConfig",
-               comm);
-    return comm;
+    CommSlot* slot = new_slot(config);
+    ncclConfig_t c = make_config(config, *slot);
+    const ncclResult_t result = ncclCommInitRankConfig(&slot->comm, nranks, nccl_id, rank, &c);
+    return settle_slot(slot, result, "ncclCommInitRankConfig");
   }
-  NcclComm comm_split(NcclComm comm, int color, int key, const NcclCommConfig& config) override {
-    ncclConfig_t c = make_config(config);
-    ncclComm_t child = nullptr;
-    check_nccl(ncclCommSplit(comm, color, key, &child, &c), "ncclCommSplit", comm);
-    return child;
+  NcclSplit comm_split(NcclComm comm, int color, int key, const NcclCommConfig& config) override {
+    CommSlot* slot = new_slot(config);
+    ncclConfig_t c = make_config(config, *slot);
+    const ncclResult_t result = ncclCommSplit(comm, color, key, &slot->comm, &c);
+    // Without a color NCCL starts no job that could write the slot later.
+    if (color == NCCL_SPLIT_NOCOLOR || (result != ncclSuccess && result != ncclInProgress)) {
+      release_slot(slot);
+    }
+    check_nccl(result, "ncclCommSplit", comm);
+    return color == NCCL_SPLIT_NOCOLOR ? nullptr : reinterpret_cast<NcclSplit>(slot);
+  }
+  NcclComm split_child(NcclSplit split) override {
+    // The slot stays alive until the child is destroyed or aborted, or for
+    // good if the split never completes (NCCL may still write it then).
+    return __atomic_load_n(&reinterpret_cast<CommSlot*>(split)->comm, __ATOMIC_ACQUIRE);
   }
   int comm_count(NcclComm comm) override {
     int count = 0;
@@ -225,9 +254,15 @@ class RealCudaNcclApi final : public CudaNcclApi {
     check_nccl(ncclCommFinalize(comm), "ncclCommFinalize", comm);
   }
   void comm_destroy(NcclComm comm) override {
-    check_nccl(ncclCommDestroy(comm), "ncclCommDestroy");
+    const ncclResult_t result = ncclCommDestroy(comm);
+    release_slot_of(comm);
+    check_nccl(result, "ncclCommDestroy");
   }
-  void comm_abort(NcclComm comm) override { check_nccl(ncclCommAbort(comm), "ncclCommAbort"); }
+  void comm_abort(NcclComm comm) override {
+    const ncclResult_t result = ncclCommAbort(comm);
+    release_slot_of(comm);
+    check_nccl(result, "ncclCommAbort");
+  }
 
   void all_reduce(const void* send, void* recv, std::size_t count, NcclDataType type, NcclRedOp op,
                   NcclComm comm, CudaStream stream) override {
@@ -262,6 +297,40 @@ class RealCudaNcclApi final : public CudaNcclApi {
   void group_end() override { check_nccl(ncclGroupEnd(), "ncclGroupEnd"); }
 
  private:
+  CommSlot* new_slot(const NcclCommConfig& config) {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    slots_.push_back(std::make_unique<CommSlot>());
+    slots_.back()->name = config.name;
+    return slots_.back().get();
+  }
+  // The handle an initialization returned at once (NCCL stores it again when
+  // the initialization completes); the slot stays while NCCL may write it.
+  NcclComm settle_slot(CommSlot* slot, ncclResult_t result, const char* call) {
+    ncclComm_t comm = __atomic_load_n(&slot->comm, __ATOMIC_ACQUIRE);
+    if (result != ncclSuccess && result != ncclInProgress) {
+      if (comm == nullptr) release_slot(slot);
+      check_nccl(result, call, comm);
+    }
+    return comm;
+  }
+  void release_slot(CommSlot* slot) {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    slots_.erase(std::remove_if(slots_.begin(), slots_.end(),
+                                [slot](const auto& s) { return s.get() == slot; }),
+                 slots_.end());
+  }
+  void release_slot_of(ncclComm_t comm) {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    slots_.erase(std::remove_if(slots_.begin(), slots_.end(),
+                                [comm](const auto& s) {
+                                  return __atomic_load_n(&s->comm, __ATOMIC_ACQUIRE) == comm;
+                                }),
+                 slots_.end());
+  }
+
+  std::mutex slots_mutex_;
+  std::vector<std::unique_ptr<CommSlot>> slots_;
+
   static ncclDataType_t nccl_type(NcclDataType type) {
     return static_cast<ncclDataType_t>(static_cast<int>(type));
   }

@@ -33,6 +33,9 @@ namespace dtrain::collectives::detail {
 using CudaStream = CUstream_st*;  ///< cudaStream_t; nullptr is the legacy default stream.
 using CudaEvent = CUevent_st*;    ///< cudaEvent_t
 using NcclComm = ncclComm*;       ///< ncclComm_t; nullptr is "no communicator".
+struct NcclSplitOp;
+/// A split in flight (comm_split); nullptr for a rank that gets no child.
+using NcclSplit = NcclSplitOp*;
 
 /// ncclDataType_t, with NCCL's values (checked in nccl_api.cpp).
 enum class NcclDataType : int {
@@ -94,14 +97,20 @@ class CudaNcclApi {
   virtual void device_free(void* pointer) = 0;         ///< cudaFree
 
   // --- NCCL: communicators ------------------------------------------------
-  virtual int nccl_version() = 0;            ///< ncclGetVersion (e.g. 22809)
+  virtual int nccl_version() = 0;  ///< ncclGetVersion (e.g. 22809)
+  /// NCCL_VERSION_CODE of the nccl.h dtrain was compiled against.
+  virtual int nccl_header_version() = 0;
   virtual NcclUniqueId get_unique_id() = 0;  ///< ncclGetUniqueId
   /// ncclCommInitRankConfig on the current device.
   virtual NcclComm comm_init_rank(int nranks, const NcclUniqueId& id, int rank,
                                   const NcclCommConfig& config) = 0;
-  /// ncclCommSplit; `color` may be kNcclSplitNoColor. Returns nullptr for
-  /// ranks that get no communicator (once settled).
-  virtual NcclComm comm_split(NcclComm comm, int color, int key, const NcclCommConfig& config) = 0;
+  /// ncclCommSplit, non-blocking; `color` may be kNcclSplitNoColor (then it
+  /// returns nullptr). NCCL publishes the child's handle only when the split
+  /// has completed, from its own thread: poll split_child().
+  virtual NcclSplit comm_split(NcclComm comm, int color, int key, const NcclCommConfig& config) = 0;
+  /// The child communicator of `split`, or nullptr while NCCL has not
+  /// published it yet. Never blocks.
+  virtual NcclComm split_child(NcclSplit split) = 0;
   virtual int comm_count(NcclComm comm) = 0;      ///< ncclCommCount
   virtual int comm_user_rank(NcclComm comm) = 0;  ///< ncclCommUserRank
   /// ncclCommGetAsyncError: returns true while the communicator's last

@@ -99,6 +99,23 @@ void check_algorithm_setting(CudaNcclApi& api, const NcclOptions& options) {
                    "; use algorithm auto");
 }
 
+// The libnccl.so.2 this process loaded must be the release of the nccl.h it
+// was compiled against: structures such as ncclConfig_t change between
+// releases, and NCCL writes into them (a second NCCL on the library path,
+// e.g. a system one beside a PyTorch wheel's, otherwise corrupts memory).
+void check_nccl_library(CudaNcclApi& api) {
+  const int loaded = api.nccl_version();
+  const int compiled = api.nccl_header_version();
+  const auto release = [](int code) { return code / 100; };  // major * 100 + minor
+  DTRAIN_CHECK_ARG(release(loaded) == release(compiled),
+                   "make_nccl_communicator: this program was compiled against NCCL ",
+                   compiled / 10000, ".", compiled / 100 % 100, ".", compiled % 100,
+                   " (nccl.h) but loaded libnccl ", loaded / 10000, ".", loaded / 100 % 100, ".",
+                   loaded % 100,
+                   "; build and run with one NCCL (NCCL_HOME at configure time, the library "
+                   "path at run time)");
+}
+
 // Step 2: true if any rank failed its local checks.
 bool any_rank_failed(Communicator& bootstrap, bool this_rank_failed, Timeout timeout) {
   at::Tensor flag = at::empty({1}, at::kInt);
@@ -168,6 +185,7 @@ std::shared_ptr<Communicator> create_nccl_communicator(Communicator& bootstrap, 
   std::exception_ptr local_error;
   try {
     device = choose_device(api, options, hooks.launch, rank);
+    check_nccl_library(api);
     check_algorithm_setting(api, options);
     if (rank == 0) {
       DeviceGuard guard(api, device);

@@ -324,12 +324,17 @@ std::shared_ptr<Communicator> NcclCommunicator::split(int color, int key,
       ScopedNcclAlgo algo(nccl_options_.algorithm);
       NcclCommConfig config;
       config.name = child.name;
-      child_comm = api_->comm_split(comm_, color < 0 ? kNcclSplitNoColor : color, key, config);
-      // Non-blocking: both the parent and the child settle when every rank
-      // has joined; a rank that never calls split ends here, not in a hang.
+      const NcclSplit pending =
+          api_->comm_split(comm_, color < 0 ? kNcclSplitNoColor : color, key, config);
+      // Non-blocking: the parent settles, the child's handle appears and the
+      // child settles when every rank has joined; a rank that never calls
+      // split ends here, not in a hang.
       const auto deadline = Clock::now() + timeout;
-      const bool settled = wait_settled(*api_, comm_, deadline) &&
-                           (child_comm == nullptr || wait_settled(*api_, child_comm, deadline));
+      bool settled = wait_settled(*api_, comm_, deadline);
+      if (settled && pending != nullptr) {
+        settled = wait_for_child(*api_, pending, deadline, &child_comm) &&
+                  wait_settled(*api_, child_comm, deadline);
+      }
       if (!settled) {
         DTRAIN_THROW(TimeoutError, what, " did not complete within ", timeout.count(),
                      " ms (did every rank call split?); the NCCL communicator was aborted");

@@ -73,6 +73,11 @@ using KeepAlive = std::vector<at::Tensor>;
 /// the API's CommError if the communicator failed.
 bool wait_settled(CudaNcclApi& api, NcclComm comm, std::chrono::steady_clock::time_point deadline);
 
+/// Polls `split` until NCCL publishes the child's handle (into *child, true)
+/// or the deadline passes (false).
+bool wait_for_child(CudaNcclApi& api, NcclSplit split,
+                    std::chrono::steady_clock::time_point deadline, NcclComm* child);
+
 /// Sets NCCL_ALGO for NCCL's initialization of a communicator (see
 /// NcclOptions::algorithm); restores the previous value (or unsets it) when
 /// destroyed. Does nothing for kAuto.

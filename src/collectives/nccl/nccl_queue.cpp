@@ -243,14 +243,30 @@ void NcclCommunicator::watchdog_loop() {
   }
 }
 
-bool wait_settled(CudaNcclApi& api, NcclComm comm, Clock::time_point deadline) {
+namespace {
+
+// Polls `busy` with a growing sleep (1 us to 1 ms) until it says false (true)
+// or the deadline passes (false).
+template <typename Busy>
+bool poll_until(Busy busy, Clock::time_point deadline) {
   auto sleep = std::chrono::microseconds(1);
-  while (api.comm_check_async_error(comm)) {
+  while (busy()) {
     if (Clock::now() >= deadline) return false;
     std::this_thread::sleep_for(sleep);
     sleep = std::min(sleep * 2, std::chrono::microseconds(1000));
   }
   return true;
+}
+
+}  // namespace
+
+bool wait_settled(CudaNcclApi& api, NcclComm comm, Clock::time_point deadline) {
+  return poll_until([&] { return api.comm_check_async_error(comm); }, deadline);
+}
+
+bool wait_for_child(CudaNcclApi& api, NcclSplit split, Clock::time_point deadline,
+                    NcclComm* child) {
+  return poll_until([&] { return (*child = api.split_child(split)) == nullptr; }, deadline);
 }
 
 }  // namespace dtrain::collectives::detail

@@ -1,11 +1,16 @@
 // dtrain-data: make, inspect and verify sharded HDF5 data sets.
 //
-//   dtrain-data convert-fashion-mnist --source /usr/share/datasets/fashion-mnist --out DIR --shards
-//   4 dtrain-data generate --out DIR --samples 60000 --shape 1,28,28 --classes 10 --shards 4 --seed
-//   1 dtrain-data inspect DIR dtrain-data verify DIR        exit 0 when every check passes, 1
-//   otherwise
-
-#include <cxxopts.hpp>
+//   dtrain-data convert-fashion-mnist --source /usr/share/datasets/fashion-mnist --out DIR
+//       [--shards 4]
+//   dtrain-data generate --out DIR --samples 60000 --shape 1,28,28 --classes 10 --shards 4
+//       [--seed 1]
+//   dtrain-data inspect DIR
+//   dtrain-data verify DIR
+//
+// Exit status: 0 success (verify: every check passed); 1 a bad or unreadable
+// data set or input file (verify: a check failed); 2 a usage error or other
+// bad input found before anything was written (an unknown option, a value
+// that does not parse, an output directory that already holds a data set).
 
 #include <cstdint>
 #include <cstdio>
@@ -18,6 +23,7 @@
 #include "dtrain/data/convert.h"
 #include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
+#include "src/cli/cli.h"
 
 namespace {
 
@@ -36,8 +42,8 @@ std::vector<std::int64_t> parse_shape(const std::string& text) {
       pos = 0;
     }
     if (pos != item.size() || item.empty() || v <= 0) {
-      throw dtrain::InvalidArgument("--shape '" + text +
-                                    "' must be comma-separated positive integers");
+      throw dtrain::cli::UsageError("--shape '" + text +
+                                    "' must be comma-separated positive integers, e.g. 3,32,32");
     }
     shape.push_back(v);
   }
@@ -82,7 +88,7 @@ int usage(const char* error) {
                "[--seed S]\n"
                "  inspect DIR\n"
                "  verify DIR\n";
-  return 2;
+  return dtrain::cli::kExitUsage;
 }
 
 }  // namespace
@@ -90,6 +96,10 @@ int usage(const char* error) {
 int main(int argc, char** argv) {
   if (argc < 2) return usage(nullptr);
   const std::string command = argv[1];
+  if (command == "-h" || command == "--help") {
+    usage(nullptr);
+    return 0;
+  }
   cxxopts::Options cli("dtrain-data " + command, "sharded HDF5 data sets");
   cli.add_options()(
       "source", "directory of the gzip'd IDX files",
@@ -104,7 +114,7 @@ int main(int argc, char** argv) {
       "h,help", "print this help");
   cli.parse_positional({"dir"});
   try {
-    const auto parsed = cli.parse(argc - 1, argv + 1);
+    const auto parsed = dtrain::cli::parse(cli, argc - 1, argv + 1);
     if (parsed.count("help")) {
       std::cout << cli.help() << std::endl;
       return 0;
@@ -153,8 +163,11 @@ int main(int argc, char** argv) {
       }
     }
     return usage(("unknown command '" + command + "'").c_str());
-  } catch (const cxxopts::exceptions::exception& e) {
+  } catch (const dtrain::cli::UsageError& e) {
     return usage(e.what());
+  } catch (const dtrain::InvalidArgument& e) {
+    std::cerr << "dtrain-data " << command << ": " << e.what() << "\n";
+    return dtrain::cli::kExitUsage;
   } catch (const std::exception& e) {
     std::cerr << "dtrain-data " << command << ": " << e.what() << "\n";
     return 1;
