@@ -19,7 +19,7 @@ if [ "$compat" = 1 ]; then
   mkdir -p "$build"
   "$root/scripts/compat/trixie.sh" --root-only >"$build/compat-root.log" 2>&1 &
   root_job=$!
-  trap '[ -z "$root_job" ] || kill "$root_job" 2>/dev/null || true' EXIT
+  trap '[ -z "$root_job" ] || { kill "$root_job" 2>/dev/null && wait "$root_job"; } || true' EXIT
 fi
 
 "$root/scripts/build.sh"

@@ -56,8 +56,38 @@ done
 if [ "${DTRAIN_COMPAT_IN_NAMESPACE:-}" != 1 ]; then
   unshare --mount --propagation private --fork --pid --kill-child true 2>/dev/null ||
     cannot_run "cannot create a mount namespace (unshare --mount); a container needs CAP_SYS_ADMIN"
-  DTRAIN_COMPAT_IN_NAMESPACE=1 exec unshare --mount --propagation private --fork --pid \
-    --kill-child "$self" "$@"
+  DTRAIN_COMPAT_IN_NAMESPACE=1 unshare --mount --propagation private --fork --pid \
+    --kill-child "$self" "$@" &
+  namespace_pid=$!
+  # unshare blocks SIGINT and SIGTERM while it waits, so a signal sent to this
+  # script alone (a CI job cancelled, scripts/test.sh stopping) is passed on:
+  # first to the script inside, which unmounts and cleans up between steps;
+  # if it is still running a long step (a build, ctest) 10 s later, the
+  # namespace is ended, which ends every process in it and takes its mounts
+  # along. The next run removes what it left in the cache.
+  stopped_by=""
+  stop_namespace() { # stop_namespace SIGNAL EXIT-STATUS
+    trap '' INT TERM HUP
+    stopped_by=$2
+    local inner _
+    inner=$(ps -o pid= --ppid "$namespace_pid" 2>/dev/null | tr -d ' ')
+    [ -z "$inner" ] || kill -"$1" "$inner" 2>/dev/null || true
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+      kill -0 "$namespace_pid" 2>/dev/null || return 0
+      sleep 1
+    done
+    say "still running 10 s after SIG$1: ending its namespace"
+    kill -KILL "$namespace_pid" 2>/dev/null || true
+  }
+  trap 'stop_namespace INT 130' INT
+  trap 'stop_namespace TERM 143' TERM
+  trap 'stop_namespace HUP 129' HUP
+  while :; do
+    rc=0
+    wait "$namespace_pid" || rc=$?
+    kill -0 "$namespace_pid" 2>/dev/null || break # else a trap interrupted wait
+  done
+  exit "${stopped_by:-$rc}"
 fi
 
 mode=test
@@ -112,6 +142,7 @@ unmount_all() {
 run_dir=""
 cleanup() {
   local rc=$?
+  trap '' INT TERM HUP # a second Ctrl-C must not cut the cleanup short
   unmount_all
   [ -n "$run_dir" ] && rm -rf --one-file-system "$run_dir"
   exit "$rc"
@@ -119,6 +150,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 # The kernel file systems, a fresh /tmp and /dev/shm, and the source tree.
 enter_mounts() { # enter_mounts ROOT
