@@ -60,18 +60,21 @@ if [ "${DTRAIN_COMPAT_IN_NAMESPACE:-}" != 1 ]; then
     --kill-child "$self" "$@" &
   namespace_pid=$!
   # unshare blocks SIGINT and SIGTERM while it waits, so a signal sent to this
-  # script alone (a CI job cancelled, scripts/test.sh stopping) is passed on:
-  # first to the script inside, which unmounts and cleans up between steps;
-  # if it is still running a long step (a build, ctest) 10 s later, the
-  # namespace is ended, which ends every process in it and takes its mounts
-  # along. The next run removes what it left in the cache.
+  # script alone (a CI job cancelled, scripts/test.sh stopping) is passed on
+  # to every process in the namespace: the step running there (a build,
+  # ctest) stops, and the script inside unmounts and cleans up. If it has
+  # not finished 10 s later, the namespace is ended, which ends every process
+  # in it and takes its mounts along; the next run removes what it left in
+  # the cache.
   stopped_by=""
   stop_namespace() { # stop_namespace SIGNAL EXIT-STATUS
     trap '' INT TERM HUP
     stopped_by=$2
     local inner _
     inner=$(ps -o pid= --ppid "$namespace_pid" 2>/dev/null | tr -d ' ')
-    [ -z "$inner" ] || kill -"$1" "$inner" 2>/dev/null || true
+    if [ -n "$inner" ]; then
+      pkill -"$1" --ns "$inner" --nslist pid 2>/dev/null || kill -"$1" "$inner" 2>/dev/null || true
+    fi
     for _ in 1 2 3 4 5 6 7 8 9 10; do
       kill -0 "$namespace_pid" 2>/dev/null || return 0
       sleep 1
