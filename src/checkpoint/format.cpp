@@ -486,8 +486,11 @@ std::size_t build_image(FileImage& image, ImageFileWriter& writer, const std::st
     const PieceRecord& r = piece.record;
     DTRAIN_CHECK_T(CheckpointError, piece.data.is_contiguous() && piece.data.is_cpu(), path,
                    " tensor '", r.name, "': the data to write is not a contiguous CPU tensor");
-    std::vector<hsize_t> dims(r.shape.begin(), r.shape.end());
-    if (dims.empty()) dims.push_back(1);  // a 0-d tensor is stored as [1]
+    // A 0-d tensor is stored as [1]. (Made in one step: GCC 14 reports a
+    // false -Wfree-nonheap-object for a push_back after the range copy.)
+    const std::vector<hsize_t> dims = r.shape.empty()
+                                          ? std::vector<hsize_t>{1}
+                                          : std::vector<hsize_t>(r.shape.begin(), r.shape.end());
     Handle space(check(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
                        "H5Screate_simple", path, r.name),
                  H5Sclose);

@@ -19,12 +19,16 @@ MpiProcess initialize_mpi(int* argc, char*** argv) {
   if (initialized) {
     DTRAIN_MPI_CHECK(MPI_Query_thread(&provided));
   } else {
-    // Open MPI 4.1's shared-memory single-copy (CMA) path writes a longer
+    // Open MPI's shared-memory single-copy (CMA) path writes a longer
     // message past a shorter receive buffer instead of truncating it (seen
-    // as heap corruption when ranks passed tensors of different sizes);
-    // its copy-in/copy-out path truncates and reports MPI_ERR_TRUNCATE.
-    // Use the latter unless the user chose otherwise.
+    // as heap corruption when ranks passed tensors of different sizes, in
+    // 4.1 and in 5.0); its copy-in/copy-out path truncates and reports
+    // MPI_ERR_TRUNCATE. Use the latter unless the user chose otherwise:
+    // 4.x turns single copy off in its `vader` BTL, 5.x, where single copy
+    // is a framework of its own (`smsc`), by excluding its components.
+    // Each version ignores the other's variable.
     set_env_default("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    set_env_default("OMPI_MCA_smsc", "^cma,knem,xpmem");
     DTRAIN_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
     process.initialized_here = true;
   }
