@@ -42,7 +42,7 @@ die() {
 # --- can it run here? ----------------------------------------------------------
 cannot_run() {
   say "cannot run here: $*"
-  say "(scripts/test.sh leaves this build out with DTRAIN_SKIP_COMPAT=1)"
+  say "(scripts/test.sh runs this build only with DTRAIN_COMPAT=1)"
   exit 2
 }
 [ "$(uname -s)" = Linux ] || cannot_run "needs Linux"
