@@ -1,7 +1,9 @@
 #pragma once
 // Shared by the mpi-labelled test binaries (see mpi_test_main.cpp).
 
+#include <chrono>
 #include <memory>
+#include <string>
 
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/runtime.h"
@@ -14,5 +16,14 @@ Runtime& runtime();
 /// A world communicator shared by the tests of this binary (60 s timeout).
 /// Tests that break a communicator on purpose create their own.
 collectives::Communicator& world();
+
+/// A new world communicator of its own name and timeout, for tests that need
+/// their own (one that may fail, or other options).
+std::shared_ptr<collectives::Communicator> fresh_world(
+    const std::string& name, collectives::Timeout timeout = std::chrono::seconds(60));
+
+/// A new, empty temporary directory with the same path on every rank of
+/// `comm` (rank 0 makes it), named `<prefix>-XXXXXX`.
+std::string shared_temp_dir(collectives::Communicator& comm, const std::string& prefix);
 
 }  // namespace dtrain::testing
