@@ -318,10 +318,9 @@ void Trainer::evaluate() {
                      {"samples", static_cast<std::int64_t>(n)}});
   }
   char line[160];
-  std::snprintf(line, sizeof(line),
-                "eval  step %lld  test loss %.4f  test accuracy %.4f (%lld images)",
+  std::snprintf(line, sizeof(line), "eval  step %lld  test loss %.4f  test accuracy %.4f (%lld %s)",
                 static_cast<long long>(step_), last_eval_loss_, last_eval_accuracy_,
-                static_cast<long long>(n));
+                static_cast<long long>(n), o_.sample_name.c_str());
   say(line);
 }
 

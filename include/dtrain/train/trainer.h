@@ -47,8 +47,8 @@
 //
 // examples/resnet/train.cpp is such a program (ResNet on HDF5 images); a GPT
 // over token ids fits the same way: its DataSource hands over token tensors,
-// its strategy scores them with its own Objective, and `rate_name`/`rate_unit`
-// say tokens instead of images.
+// its strategy scores them with its own Objective, and `rate_name`,
+// `rate_unit` and `sample_name` say tokens instead of images.
 
 #include <signal.h>
 #include <torch/types.h>
@@ -132,6 +132,7 @@ struct TrainerOptions {
   std::string progress = "auto";           ///< bar, lines, auto
   std::string rate_name = "images_per_s";  ///< the throughput's metrics field
   std::string rate_unit = "img/s";         ///< and its unit on the console
+  std::string sample_name = "images";      ///< what the evaluation line counts
 
   void validate() const;
 };
