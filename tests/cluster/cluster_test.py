@@ -7,7 +7,8 @@ on this machine, each with its own network, hostname and /dev/shm.
 Where no cluster can be made (not root, no network namespaces) every case
 prints "SKIPPED: <why>" and exits 0, which ctest reports as skipped.
 
-Environment (set by ctest): DTRAIN_ALLREDUCE_PERF; MPIRUN (optional).
+Environment (set by ctest): DTRAIN_ALLREDUCE_PERF, DTRAIN_MPI_COLLECTIVES;
+MPIRUN (optional).
 """
 import os
 import re
@@ -163,13 +164,34 @@ def allreduce(hosts, per_host, algos):
 
 
 def case_allreduce_2x2():
-    """allreduce_perf on 2 hosts x 2 ranks: correct, and auto never picks shm."""
-    print("auto ran: " + allreduce(2, 2, "ring,rhd,native,auto"))
+    """allreduce_perf on 2 hosts x 2 ranks: correct, auto never picks shm
+    and picks hier."""
+    ran = allreduce(2, 2, "ring,rhd,hier,native,auto")
+    if "hier" not in ran:
+        fail("auto never picked hier with 2 ranks on each host: " + ran)
 
 
 def case_allreduce_4x1():
-    """allreduce_perf on 4 hosts x 1 rank."""
-    print("auto ran: " + allreduce(4, 1, "ring,rhd,native,auto"))
+    """allreduce_perf on 4 hosts x 1 rank: hier has nothing to do there."""
+    ran = allreduce(4, 1, "ring,rhd,native,auto")
+    if "hier" in ran:
+        fail("auto picked hier with one rank per host: " + ran)
+
+
+def case_collectives_2x2():
+    """The collectives matrix (tests/mpi/collectives_test.cpp: every
+    algorithm, dtype and op; 0, 1, 7 and 401 elements and 1 MiB, on both
+    sides of the 64 KiB TCP eager limit) on 2 hosts x 2 ranks, against a
+    sequential reduction. hier runs as itself here, shm as the ring."""
+    binary_path = binary("DTRAIN_MPI_COLLECTIVES")
+    with Cluster(2) as c:
+        p = c.mpirun(["-H", "h1:2,h2:2", "-n", "4", binary_path, "--large-bytes=1048576"],
+                     timeout=900)
+        print(p.stdout)
+        if p.returncode != 0 or "FAILED" in p.stdout:
+            fail("the collectives matrix failed on 2 hosts x 2 ranks")
+        m = re.search(r"\[  PASSED  \] (\d+) tests", p.stdout)
+        print("ok: %s tests passed on 2 hosts x 2 ranks" % (m.group(1) if m else "?"))
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

@@ -34,9 +34,12 @@ void* Scratch::get(std::size_t bytes) {
 // 4.7-7.7x MPI_Allreduce at 64 MiB); with 4 ranks on 2 cores it led from
 // 256 KiB up but lost below, where waking a descheduled peer costs more
 // than the few messages rhd sends.
-Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm) {
+Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm,
+                                      int hier_ranks_per_host) {
   if (world_size <= 1) return Algorithm::kRing;
-  if (shm && (world_size == 2 || bytes > kAutoShmMinBytesManyRanks)) return Algorithm::kShm;
+  if (hier_ranks_per_host >= 2 && bytes > kAutoHierMinBytes) return Algorithm::kHier;
+  if (shm && hier_ranks_per_host == 0 && (world_size == 2 || bytes > kAutoShmMinBytesManyRanks))
+    return Algorithm::kShm;
   const std::size_t ring_above =
       world_size == 2 ? kAutoRingMinBytesTwoRanks : kAutoRingMinBytesManyRanks;
   return bytes <= ring_above ? Algorithm::kRhd : Algorithm::kRing;
@@ -54,6 +57,7 @@ void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::
     case Algorithm::kAuto:
     case Algorithm::kNative:
     case Algorithm::kShm:
+    case Algorithm::kHier:
       break;
   }
   DTRAIN_THROW(Error, "run_all_reduce: ", to_string(algorithm),

@@ -86,10 +86,18 @@ inline constexpr std::size_t kAutoRingMinBytesManyRanks = std::size_t{8} << 20;
 /// With shared memory, kAuto runs kShm on 2 ranks and, on more, above this.
 inline constexpr std::size_t kAutoShmMinBytesManyRanks = std::size_t{128} << 10;
 
+/// With ranks on several hosts, kAuto runs kHier above this size.
+inline constexpr std::size_t kAutoHierMinBytes = 0;
+
 /// What Algorithm::kAuto runs for a message of `bytes` bytes on `world_size`
-/// ranks, `shm` telling whether the communicator has shared memory (then
-/// kShm may be chosen). Never returns kAuto. Same answer on every rank.
-Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm = false);
+/// ranks. `shm`: every rank is on one host and the communicator has shared
+/// memory (then kShm may be chosen). `hier_ranks_per_host`: 0, or the
+/// communicator spans hosts that each hold this many ranks (>= 2) and has
+/// the shared memory kHier needs (then kHier may be chosen). kShm is never
+/// chosen across hosts. Never returns kAuto or kNative. Same answer on every
+/// rank.
+Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm = false,
+                                      int hier_ranks_per_host = 0);
 
 /// Runs `algorithm` (not kAuto, not kNative).
 void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::size_t count,

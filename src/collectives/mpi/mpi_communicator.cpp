@@ -17,6 +17,7 @@
 
 #include "dtrain/error.h"
 #include "src/collectives/algorithms/algorithms.h"
+#include "src/collectives/algorithms/hier.h"
 #include "src/collectives/mpi/mpi_error.h"
 #include "src/collectives/mpi/mpi_transport.h"
 #include "src/collectives/mpi/progress_engine.h"
@@ -129,6 +130,110 @@ MPI_Op builtin_op(ReduceOp op) {
   return MPI_OP_NULL;
 }
 
+// The groups of Algorithm::kHier, for a communicator whose ranks are on
+// several hosts with the same number (>= 2) on each: this rank's host (MPI
+// and shared memory) and its peers of the same local rank on the other
+// hosts. Their transports name ranks by their rank in the communicator.
+struct Hierarchy {
+  int local_size = 0;
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_Comm node_diag = MPI_COMM_NULL;
+  MPI_Comm hosts = MPI_COMM_NULL;
+  MPI_Comm hosts_diag = MPI_COMM_NULL;
+  std::unique_ptr<ShmSegment> node_shm;
+  std::unique_ptr<MpiTransport> node_transport;
+  std::unique_ptr<MpiTransport> hosts_transport;
+
+  // Collective over `comm`. Null, on every rank alike, unless every host
+  // holds the same number (>= 2) of ranks, there are at least 2 hosts, and
+  // every host got its shared memory.
+  static std::unique_ptr<Hierarchy> create(MPI_Comm comm, const CommunicatorOptions& options) {
+    if (options.shm_slot_bytes == 0) return nullptr;
+    int rank = 0;
+    DTRAIN_MPI_CHECK(MPI_Comm_rank(comm, &rank));
+    MPI_Comm node = MPI_COMM_NULL;
+    DTRAIN_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node));
+    int local_rank = 0;
+    int local_size = 0;
+    DTRAIN_MPI_CHECK(MPI_Comm_rank(node, &local_rank));
+    DTRAIN_MPI_CHECK(MPI_Comm_size(node, &local_size));
+    // {hosts, -min local size, max local size}
+    int mine[3] = {local_rank == 0 ? 1 : 0, -local_size, local_size};
+    int all[3] = {0, 0, 0};
+    DTRAIN_MPI_CHECK(MPI_Allreduce(&mine[0], &all[0], 1, MPI_INT, MPI_SUM, comm));
+    DTRAIN_MPI_CHECK(MPI_Allreduce(&mine[1], &all[1], 2, MPI_INT, MPI_MAX, comm));
+    if (all[0] < 2 || -all[1] != all[2] || local_size < 2) {
+      MPI_Comm_free(&node);
+      return nullptr;
+    }
+    auto h = std::make_unique<Hierarchy>();
+    h->local_size = local_size;
+    h->node = node;
+    h->node_shm = ShmSegment::create(node, options.shm_slot_bytes);
+    int ok = h->node_shm ? 1 : 0;
+    int all_ok = 0;
+    DTRAIN_MPI_CHECK(MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, comm));
+    if (!all_ok) return nullptr;  // the destructor frees `node`
+    DTRAIN_MPI_CHECK(MPI_Comm_split(comm, local_rank, rank, &h->hosts));
+    DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(h->node, MPI_ERRORS_RETURN));
+    DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(h->hosts, MPI_ERRORS_RETURN));
+    DTRAIN_MPI_CHECK(MPI_Comm_dup(h->node, &h->node_diag));
+    DTRAIN_MPI_CHECK(MPI_Comm_dup(h->hosts, &h->hosts_diag));
+    char host[MPI_MAX_PROCESSOR_NAME] = {};
+    int host_len = 0;
+    DTRAIN_MPI_CHECK(MPI_Get_processor_name(host, &host_len));
+    h->node_transport = std::make_unique<MpiTransport>(
+        h->node, h->node_diag, options.name + ": inside " + host, ranks_in(h->node, comm));
+    h->hosts_transport = std::make_unique<MpiTransport>(
+        h->hosts, h->hosts_diag, options.name + ": between hosts", ranks_in(h->hosts, comm));
+    return h;
+  }
+
+  ~Hierarchy() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;
+    for (MPI_Comm* c : {&node_diag, &hosts_diag, &hosts, &node}) {
+      if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
+    }
+  }
+
+  // Runs `body` as part of the op that `outer` is running: the sub-groups'
+  // transports share its number, deadline and description.
+  template <typename Body>
+  void run(MpiTransport& outer, Body&& body) {
+    node_transport->begin_op(outer.op());
+    hosts_transport->begin_op(outer.op());
+    try {
+      body(HierLinks{node_shm->group(), *node_transport, *node_transport, *hosts_transport});
+    } catch (...) {
+      node_transport->abandon_op();
+      hosts_transport->abandon_op();
+      throw;
+    }
+    node_transport->end_op();
+    hosts_transport->end_op();
+  }
+
+  // The rank in `parent` of each rank of `sub`.
+  static std::vector<int> ranks_in(MPI_Comm sub, MPI_Comm parent) {
+    int n = 0;
+    DTRAIN_MPI_CHECK(MPI_Comm_size(sub, &n));
+    std::vector<int> mine(static_cast<std::size_t>(n));
+    std::vector<int> theirs(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) mine[static_cast<std::size_t>(i)] = i;
+    MPI_Group sub_group = MPI_GROUP_NULL;
+    MPI_Group parent_group = MPI_GROUP_NULL;
+    DTRAIN_MPI_CHECK(MPI_Comm_group(sub, &sub_group));
+    DTRAIN_MPI_CHECK(MPI_Comm_group(parent, &parent_group));
+    DTRAIN_MPI_CHECK(
+        MPI_Group_translate_ranks(sub_group, n, mine.data(), parent_group, theirs.data()));
+    MPI_Group_free(&sub_group);
+    MPI_Group_free(&parent_group);
+    return theirs;
+  }
+};
+
 class MpiCommunicator final : public Communicator {
  public:
   MpiCommunicator(MPI_Comm comm, CommunicatorOptions options)
@@ -145,6 +250,7 @@ class MpiCommunicator final : public Communicator {
     create_half_ops<ElementType::kBFloat16>(half_ops_[0]);
     create_half_ops<ElementType::kFloat16>(half_ops_[1]);
     shm_ = ShmSegment::create(comm_, options_.shm_slot_bytes);
+    if (!shm_) hier_ = Hierarchy::create(comm_, options_);
     engine_ = std::make_unique<ProgressEngine>();
   }
 
@@ -158,6 +264,7 @@ class MpiCommunicator final : public Communicator {
       // into freed memory.
       slots_.leak();
       workspace_.leak();
+      (void)hier_.release();
       return;
     }
     for (auto& ops : half_ops_) {
@@ -183,9 +290,11 @@ class MpiCommunicator final : public Communicator {
     const std::size_t count = static_cast<std::size_t>(tensor.numel());
     Algorithm algorithm = opts.algorithm.value_or(options_.allreduce_algorithm);
     if (algorithm == Algorithm::kAuto) {
-      algorithm = choose_all_reduce_algorithm(count * reducer.element_size, size_, shm_ != nullptr);
+      algorithm = choose_all_reduce_algorithm(count * reducer.element_size, size_, shm_ != nullptr,
+                                              hier_ ? hier_->local_size : 0);
     }
     if (algorithm == Algorithm::kShm && !shm_) algorithm = Algorithm::kRing;
+    if (algorithm == Algorithm::kHier && !hier_) algorithm = Algorithm::kRing;
     DTRAIN_CHECK_ARG(algorithm != Algorithm::kNative || count <= static_cast<std::size_t>(INT_MAX),
                      "all_reduce: ", count,
                      " elements exceed MPI's int count limit of the native algorithm; use ring");
@@ -201,6 +310,10 @@ class MpiCommunicator final : public Communicator {
                       native_all_reduce(transport, data, count, type, op);
                     } else if (algorithm == Algorithm::kShm) {
                       shm_all_reduce(shm_->group(), data, count, reducer, transport);
+                    } else if (algorithm == Algorithm::kHier) {
+                      hier_->run(transport, [&](const HierLinks& links) {
+                        hier_all_reduce(links, data, count, reducer, slots_, options_.chunk_bytes);
+                      });
                     } else {
                       run_all_reduce(algorithm, transport, data, count, reducer, slots_,
                                      options_.chunk_bytes);
@@ -524,6 +637,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<MpiTransport> transport_;
   std::unique_ptr<MpiTransport> p2p_transport_;
   std::unique_ptr<ShmSegment> shm_;  // null unless every rank is on this node
+  std::unique_ptr<Hierarchy> hier_;  // null unless Algorithm::kHier can run
 
   // Touched only by the progress thread.
   Scratch slots_;      // the algorithms' pipelining slots

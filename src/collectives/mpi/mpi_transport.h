@@ -52,8 +52,11 @@ struct OpInfo {
 class MpiTransport final : public Transport, public ShmWaiter {
  public:
   /// `comm` carries the op's messages; `diag_comm` (same group) the roll
-  /// call. Neither is owned.
-  MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name);
+  /// call. Neither is owned. `rank_names`, when given, are the numbers by
+  /// which errors name the ranks of `comm` (their ranks in the communicator
+  /// `comm` is a part of); by default their ranks in `comm`.
+  MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name,
+               std::vector<int> rank_names = {});
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -64,6 +67,8 @@ class MpiTransport final : public Transport, public ShmWaiter {
 
   /// Starts an op: sets its tag (from seq), deadline and description.
   void begin_op(OpInfo info);
+  /// The op begun last.
+  const OpInfo& op() const noexcept { return op_; }
   /// Ends an op that succeeded. All requests must have completed.
   void end_op();
   /// After a failure: cancels what can be cancelled and forgets the rest.
@@ -106,10 +111,13 @@ class MpiTransport final : public Transport, public ShmWaiter {
   /// diag message per peer in flight). Peers waiting in the same op end it.
   void notify_peers();
   std::string op_label() const;
+  /// How errors name rank `peer` of this transport.
+  int name_of(int peer) const;
 
   MPI_Comm comm_;
   MPI_Comm diag_comm_;
   std::string comm_name_;
+  std::vector<int> rank_names_;
   int rank_ = 0;
   int size_ = 1;
   int tag_space_ = 32767;
