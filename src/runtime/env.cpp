@@ -61,4 +61,14 @@ std::optional<bool> read_malloc_tuning_env() {
   return value == "1";
 }
 
+HeartbeatEnv read_heartbeat_env() {
+  HeartbeatEnv env;
+  if (auto ms = read_integer("DTRAIN_HEARTBEAT_MS", 0))
+    env.interval = std::chrono::milliseconds(*ms);
+  if (auto ms = read_integer("DTRAIN_HEARTBEAT_TIMEOUT_MS", 1)) {
+    env.timeout = std::chrono::milliseconds(*ms);
+  }
+  return env;
+}
+
 }  // namespace dtrain

@@ -3,16 +3,20 @@
 #include <mpi.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/env.h"
 #include "dtrain/error.h"
 #include "src/collectives/mpi/mpi_communicator.h"
 #include "src/collectives/mpi/mpi_error.h"
+#include "src/runtime/heartbeat.h"
 
 namespace dtrain {
 namespace {
@@ -58,12 +62,26 @@ LaunchInfo detect_launch() {
   return info;
 }
 
-Runtime::Runtime(int* argc, char*** argv) : launch_(detect_launch()) {
+void HeartbeatOptions::validate() const {
+  DTRAIN_CHECK_ARG(interval.count() >= 0, "HeartbeatOptions::interval must be >= 0, got ",
+                   interval.count(), " ms");
+  DTRAIN_CHECK_ARG(interval.count() == 0 || timeout >= 2 * interval, "the heartbeat timeout (",
+                   timeout.count(),
+                   " ms, DTRAIN_HEARTBEAT_TIMEOUT_MS) must be at least twice its interval (",
+                   interval.count(), " ms, DTRAIN_HEARTBEAT_MS)");
+}
+
+Runtime::Runtime(int* argc, char*** argv, HeartbeatOptions heartbeat)
+    : launch_(detect_launch()), heartbeat_options_(heartbeat) {
   bool expected = false;
   DTRAIN_CHECK_ARG(
       g_runtime_alive.compare_exchange_strong(expected, true),
       "a dtrain::Runtime already exists in this process; create exactly one in main()");
   try {
+    const HeartbeatEnv heartbeat_env = read_heartbeat_env();
+    if (heartbeat_env.interval) heartbeat_options_.interval = *heartbeat_env.interval;
+    if (heartbeat_env.timeout) heartbeat_options_.timeout = *heartbeat_env.timeout;
+    heartbeat_options_.validate();
     malloc_policy_ = plan_malloc_policy();
     if (!apply_malloc_policy(malloc_policy_)) {
       std::fprintf(stderr, "[dtrain rank %d] warning: could not set malloc's thresholds (%s)\n",
@@ -94,7 +112,9 @@ Runtime::Runtime(int* argc, char*** argv) : launch_(detect_launch()) {
         initialized ? ", and initialize it with MPI_Init_thread(MPI_THREAD_MULTIPLE)" : "");
     DTRAIN_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
     DTRAIN_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+    heartbeat_ = std::make_unique<detail::Heartbeat>(MPI_COMM_WORLD, heartbeat_options_);
   } catch (...) {
+    heartbeat_.reset();
     if (owns_mpi_) MPI_Finalize();
     g_runtime_alive.store(false);
     throw;
@@ -102,6 +122,7 @@ Runtime::Runtime(int* argc, char*** argv) : launch_(detect_launch()) {
 }
 
 Runtime::~Runtime() {
+  heartbeat_.reset();  // says goodbye: the neighbours stop watching this rank
   if (owns_mpi_) {
     int finalized = 0;
     MPI_Finalized(&finalized);
@@ -118,10 +139,29 @@ std::shared_ptr<collectives::Communicator> Runtime::world(
   collectives::detail::rendezvous(MPI_COMM_WORLD, options.timeout, "Runtime::world");
   MPI_Comm comm = MPI_COMM_NULL;
   DTRAIN_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm));
-  return collectives::detail::make_mpi_communicator(comm, std::move(options));
+  return collectives::detail::make_mpi_communicator(comm, std::move(options),
+                                                    heartbeat_ ? heartbeat_->health() : nullptr);
 }
 
 void Runtime::abort_job(int exit_code, std::string_view reason) noexcept {
+  const int code = exit_code == 0 ? 1 : exit_code;
+  // One abort per process: a second caller (the heartbeat's thread, say)
+  // waits for the first, which ends the process.
+  static std::once_flag once;
+  bool first = false;
+  std::call_once(once, [&] { first = true; });
+  if (!first) {
+    while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  // MPI_Abort asks the launcher to end every rank; a launcher that cannot
+  // reach a lost host may never answer. Do not wait for it forever.
+  try {
+    std::thread([code] {
+      std::this_thread::sleep_for(std::chrono::seconds(10));
+      std::_Exit(code);
+    }).detach();
+  } catch (...) {  // no thread: MPI_Abort alone then
+  }
   int rank = -1;
   int initialized = 0;
   int finalized = 0;
@@ -131,8 +171,8 @@ void Runtime::abort_job(int exit_code, std::string_view reason) noexcept {
   std::fprintf(stderr, "[dtrain rank %d] aborting the job: %.*s\n", rank,
                static_cast<int>(reason.size()), reason.data());
   std::fflush(stderr);
-  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, exit_code == 0 ? 1 : exit_code);
-  std::_Exit(exit_code == 0 ? 1 : exit_code);
+  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
 }
 
 }  // namespace dtrain

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <set>
@@ -152,6 +153,28 @@ TEST_F(EnvTest, MalformedValuesNameTheVariable) {
   unsetenv("DTRAIN_TIMEOUT_MS");
   setenv("DTRAIN_ALLREDUCE_ALGO", "fast", 1);
   EXPECT_THROW(read_env_overrides(), InvalidArgument);
+}
+
+TEST_F(EnvTest, HeartbeatVariablesAndTheirLimits) {
+  EXPECT_FALSE(read_heartbeat_env().interval.has_value());
+  setenv("DTRAIN_HEARTBEAT_MS", "250", 1);
+  setenv("DTRAIN_HEARTBEAT_TIMEOUT_MS", "2000", 1);
+  const HeartbeatEnv env = read_heartbeat_env();
+  EXPECT_EQ(env.interval, std::chrono::milliseconds(250));
+  EXPECT_EQ(env.timeout, std::chrono::milliseconds(2000));
+  setenv("DTRAIN_HEARTBEAT_MS", "often", 1);
+  EXPECT_NE(invalid_argument_message(read_heartbeat_env).find("DTRAIN_HEARTBEAT_MS"),
+            std::string::npos);
+  unsetenv("DTRAIN_HEARTBEAT_MS");
+  unsetenv("DTRAIN_HEARTBEAT_TIMEOUT_MS");
+
+  HeartbeatOptions options;
+  EXPECT_NO_THROW(options.validate());
+  options.timeout = options.interval;  // a single late datagram would end the job
+  EXPECT_NE(invalid_argument_message([&] { options.validate(); }).find("at least twice"),
+            std::string::npos);
+  options.interval = std::chrono::milliseconds(0);  // off: the timeout does not matter
+  EXPECT_NO_THROW(options.validate());
 }
 
 class MallocPolicyTest : public ::testing::Test {

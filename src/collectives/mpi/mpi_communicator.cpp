@@ -147,7 +147,8 @@ struct Hierarchy {
   // Collective over `comm`. Null, on every rank alike, unless every host
   // holds the same number (>= 2) of ranks, there are at least 2 hosts, and
   // every host got its shared memory.
-  static std::unique_ptr<Hierarchy> create(MPI_Comm comm, const CommunicatorOptions& options) {
+  static std::unique_ptr<Hierarchy> create(MPI_Comm comm, const CommunicatorOptions& options,
+                                           const std::shared_ptr<const PeerHealth>& health) {
     if (options.shm_slot_bytes == 0) return nullptr;
     int rank = 0;
     DTRAIN_MPI_CHECK(MPI_Comm_rank(comm, &rank));
@@ -183,9 +184,10 @@ struct Hierarchy {
     int host_len = 0;
     DTRAIN_MPI_CHECK(MPI_Get_processor_name(host, &host_len));
     h->node_transport = std::make_unique<MpiTransport>(
-        h->node, h->node_diag, options.name + ": inside " + host, ranks_in(h->node, comm));
-    h->hosts_transport = std::make_unique<MpiTransport>(
-        h->hosts, h->hosts_diag, options.name + ": between hosts", ranks_in(h->hosts, comm));
+        h->node, h->node_diag, options.name + ": inside " + host, health, ranks_in(h->node, comm));
+    h->hosts_transport =
+        std::make_unique<MpiTransport>(h->hosts, h->hosts_diag, options.name + ": between hosts",
+                                       health, ranks_in(h->hosts, comm));
     return h;
   }
 
@@ -236,8 +238,9 @@ struct Hierarchy {
 
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator(MPI_Comm comm, CommunicatorOptions options)
-      : comm_(comm), options_(std::move(options)) {
+  MpiCommunicator(MPI_Comm comm, CommunicatorOptions options,
+                  std::shared_ptr<const PeerHealth> health)
+      : comm_(comm), options_(std::move(options)), health_(std::move(health)) {
     options_.validate();
     name_ = std::make_shared<const std::string>(options_.name);
     DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
@@ -245,12 +248,12 @@ class MpiCommunicator final : public Communicator {
     DTRAIN_MPI_CHECK(MPI_Comm_dup(comm_, &diag_comm_));
     DTRAIN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     DTRAIN_MPI_CHECK(MPI_Comm_size(comm_, &size_));
-    transport_ = std::make_unique<MpiTransport>(comm_, diag_comm_, options_.name);
-    p2p_transport_ = std::make_unique<MpiTransport>(p2p_comm_, diag_comm_, options_.name);
+    transport_ = std::make_unique<MpiTransport>(comm_, diag_comm_, options_.name, health_);
+    p2p_transport_ = std::make_unique<MpiTransport>(p2p_comm_, diag_comm_, options_.name, health_);
     create_half_ops<ElementType::kBFloat16>(half_ops_[0]);
     create_half_ops<ElementType::kFloat16>(half_ops_[1]);
     shm_ = ShmSegment::create(comm_, options_.shm_slot_bytes);
-    if (!shm_) hier_ = Hierarchy::create(comm_, options_);
+    if (!shm_) hier_ = Hierarchy::create(comm_, options_, health_);
     engine_ = std::make_unique<ProgressEngine>();
   }
 
@@ -441,7 +444,7 @@ class MpiCommunicator final : public Communicator {
     CommunicatorOptions child = options_;
     child.timeout = timeout;
     child.name = opts.name.empty() ? options_.name + "/" + std::to_string(color) : opts.name;
-    return std::make_shared<MpiCommunicator>(new_comm, std::move(child));
+    return std::make_shared<MpiCommunicator>(new_comm, std::move(child), health_);
   }
 
  private:
@@ -570,6 +573,16 @@ class MpiCommunicator final : public Communicator {
       DTRAIN_THROW(CommError, what.str(), " was not run: communicator '", options_.name,
                    "' failed earlier: ", failure_);
     }
+    if (health_ && health_->failed()) {
+      const std::string lost = health_->failure();
+      {
+        std::lock_guard<std::mutex> lock(failure_mutex_);
+        if (!failed_.load()) failure_ = lost;
+      }
+      failed_.store(true);
+      DTRAIN_THROW(CommError, what.str(), " on communicator '", options_.name, "' (rank ", rank_,
+                   " of ", size_, ") was not run: ", lost);
+    }
     OpInfo info;
     info.seq = collective ? collective_seq_++ : kPointToPointSeq;
     info.what = what;
@@ -630,7 +643,8 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm p2p_comm_ = MPI_COMM_NULL;
   MPI_Comm diag_comm_ = MPI_COMM_NULL;
   CommunicatorOptions options_;
-  std::shared_ptr<const std::string> name_;  // shared with every Work, for its description
+  std::shared_ptr<const PeerHealth> health_;  // the job's heartbeat; may be null
+  std::shared_ptr<const std::string> name_;   // shared with every Work, for its description
   int rank_ = 0;
   int size_ = 1;
   MPI_Op half_ops_[2][4] = {};  // [bfloat16, float16][sum, product, min, max]
@@ -654,8 +668,9 @@ class MpiCommunicator final : public Communicator {
 
 }  // namespace
 
-std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommunicatorOptions options) {
-  return std::make_shared<MpiCommunicator>(comm, std::move(options));
+std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommunicatorOptions options,
+                                                    std::shared_ptr<const PeerHealth> health) {
+  return std::make_shared<MpiCommunicator>(comm, std::move(options), std::move(health));
 }
 
 void rendezvous(MPI_Comm comm, Timeout timeout, const char* what) {

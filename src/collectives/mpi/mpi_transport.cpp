@@ -55,11 +55,12 @@ void throw_mpi_error(int code, const char* call, const std::string& context) {
 }
 
 MpiTransport::MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name,
-                           std::vector<int> rank_names)
+                           std::shared_ptr<const PeerHealth> health, std::vector<int> rank_names)
     : comm_(comm),
       diag_comm_(diag_comm),
       comm_name_(std::move(comm_name)),
-      rank_names_(std::move(rank_names)) {
+      rank_names_(std::move(rank_names)),
+      health_(std::move(health)) {
   DTRAIN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
   DTRAIN_MPI_CHECK(MPI_Comm_size(comm_, &size_));
   void* tag_ub = nullptr;
@@ -256,7 +257,9 @@ void MpiTransport::service_diag() {
   }
 }
 
-bool MpiTransport::should_give_up() { return gave_up_peer_ >= 0 || Clock::now() >= op_.deadline; }
+bool MpiTransport::should_give_up() {
+  return gave_up_peer_ >= 0 || Clock::now() >= op_.deadline || (health_ && health_->failed());
+}
 
 int MpiTransport::name_of(int peer) const {
   return rank_names_.empty() ? peer : rank_names_[static_cast<std::size_t>(peer)];
@@ -283,6 +286,16 @@ void MpiTransport::notify_peers() {
 }
 
 void MpiTransport::fail_timeout(const std::string& waiting_on) {
+  if (health_ && health_->failed()) {
+    // The heartbeat knows who is gone; a roll call would only wait for them.
+    notify_peers();
+    std::ostringstream msg;
+    msg << op_label() << " on communicator '" << comm_name_ << "' (rank " << name_of(rank_);
+    if (rank_names_.empty()) msg << " of " << size_;
+    msg << ") was ended: " << health_->failure();
+    if (!waiting_on.empty()) msg << "; this rank was waiting on " << waiting_on;
+    DTRAIN_THROW(CommError, msg.str());
+  }
   // Roll call: ask every peer which op it is in. Live peers that are waiting
   // in an op answer from their own polling loop; a peer that is dead, hung
   // outside dtrain, or idle does not answer.

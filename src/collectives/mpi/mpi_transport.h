@@ -13,12 +13,14 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "src/collectives/algorithms/element_type.h"
 #include "src/collectives/algorithms/shm.h"
 #include "src/collectives/algorithms/transport.h"
+#include "src/collectives/peer_health.h"
 
 namespace dtrain::collectives::detail {
 
@@ -55,8 +57,10 @@ class MpiTransport final : public Transport, public ShmWaiter {
   /// call. Neither is owned. `rank_names`, when given, are the numbers by
   /// which errors name the ranks of `comm` (their ranks in the communicator
   /// `comm` is a part of); by default their ranks in `comm`.
+  /// `health` (may be null): once it has failed, waits end with a CommError
+  /// naming the op and what the heartbeat lost.
   MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name,
-               std::vector<int> rank_names = {});
+               std::shared_ptr<const PeerHealth> health, std::vector<int> rank_names = {});
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -106,6 +110,8 @@ class MpiTransport final : public Transport, public ShmWaiter {
   void service_diag();
   /// True when this op must end: its deadline passed or a peer gave up on it.
   bool should_give_up();
+  /// Ends the op: TimeoutError naming who was not heard from (after a roll
+  /// call), or CommError naming what the heartbeat lost.
   [[noreturn]] void fail_timeout(const std::string& waiting_on);
   /// Sends every peer a roll-call query for the current op (at most one
   /// diag message per peer in flight). Peers waiting in the same op end it.
@@ -118,6 +124,7 @@ class MpiTransport final : public Transport, public ShmWaiter {
   MPI_Comm diag_comm_;
   std::string comm_name_;
   std::vector<int> rank_names_;
+  std::shared_ptr<const PeerHealth> health_;
   int rank_ = 0;
   int size_ = 1;
   int tag_space_ = 32767;
