@@ -12,6 +12,7 @@
 #include <future>
 #include <iostream>
 #include <mutex>
+#include <thread>
 
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/collectives/communicator.h"
@@ -36,7 +37,9 @@ double seconds_since(Clock::time_point start) {
 // kills this process with SIGKILL when it reaches <phase> ("after_write":
 // its file is written and synced, nothing is committed; "before_rename":
 // rank 0 has written the manifest into the temporary directory) while saving
-// <step>. A real kill, at the worst moment, for tests. Only on a job's first
+// <step>. A real kill, at the worst moment, for tests. With ":stall"
+// appended, the process instead says so and waits there until it is killed
+// from outside (a test then kills its whole host). Only on a job's first
 // attempt (DTRAIN_RESTART_COUNT unset or 0, as dtrain-launch sets it).
 void maybe_crash(const char* phase, std::int64_t step, int rank) {
   const char* spec = std::getenv("DTRAIN_FAULT_CHECKPOINT");
@@ -45,6 +48,11 @@ void maybe_crash(const char* phase, std::int64_t step, int rank) {
   if (restart != nullptr && std::string(restart) != "0") return;
   const std::string expected =
       std::string(phase) + ":" + std::to_string(step) + ":" + std::to_string(rank);
+  if (expected + ":stall" == spec) {
+    std::cerr << "[dtrain rank " << rank << "] fault injection: stalled while saving step " << step
+              << " (" << phase << ")" << std::endl;
+    while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
   if (expected == spec) {
     std::cerr << "[dtrain rank " << rank << "] fault injection: killed while saving step " << step
               << " (" << phase << ")" << std::endl;

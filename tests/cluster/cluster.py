@@ -5,8 +5,10 @@
         c.mpirun(["-H", "h1:2,h2:2", "-n", "4", prog])   # ranks on the hosts
         c.kill("h2"); c.cut("h3"); c.heal("h3")
 
-`down` runs when the block ends, however it ends; a cluster whose owner
-(this process) died without it is removed by the next `up`.
+`down` runs when the block ends, however it ends (SIGTERM and SIGHUP, which
+ctest and a closed terminal send, end the block like an exception); a
+cluster whose owner (this process) died without it (SIGKILL) is removed by
+the next `up`.
 
 skip_unless_possible() prints "SKIPPED: <why>" and exits 0 where no cluster
 can be made (not root, no network namespaces): ctest marks the test skipped
@@ -14,6 +16,7 @@ through SKIP_REGULAR_EXPRESSION, so it never passes silently.
 """
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -35,6 +38,11 @@ def skip_unless_possible():
         skip("no namespace cluster on this machine: " + p.stdout.strip())
 
 
+def _exit_on_signal(signum, _frame):
+    # Unwinds the `with` blocks, so that their clusters are taken down.
+    raise SystemExit(128 + signum)
+
+
 class Cluster:
     def __init__(self, hosts):
         self.n = hosts
@@ -42,6 +50,8 @@ class Cluster:
 
     # -- lifetime ----------------------------------------------------------
     def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _exit_on_signal)
         p = subprocess.run([CLUSTER_SH, "up", str(self.n), "--owner", str(os.getpid())],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if p.returncode != 0:
