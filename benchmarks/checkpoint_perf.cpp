@@ -15,8 +15,14 @@
 //                   same loop without a save, sync vs async, and the time
 //                   save() itself blocked. An async save still competes for
 //                   the cores while it writes; the loop should outlast it.
+//   save parts      where the best sync save's time went, on the slowest rank:
+//                   encode (HDF5 file built in memory: copies, Fletcher32;
+//                   its chunks go to disk meanwhile), write (the writes left
+//                   after that, the XXH3 digest alongside), fsync, commit
+//                   (agreement, manifest, rename)
 // Times are the slowest rank's; each row keeps the best of --iters runs.
-// --no-fsync measures without fsync (the page cache only).
+// --no-fsync measures without fsync; --buffered writes through the page
+// cache instead of O_DIRECT.
 
 #include <torch/torch.h>
 
@@ -120,6 +126,8 @@ int main(int argc, char** argv) {
       cxxopts::value<int>()->default_value("100"))("step-ms", "approximate compute per step",
                                                    cxxopts::value<double>()->default_value("50"))(
       "no-fsync", "skip fsync", cxxopts::value<bool>()->default_value("false"))(
+      "buffered", "write through the page cache (no O_DIRECT)",
+      cxxopts::value<bool>()->default_value("false"))(
       "json", "write results to this file", cxxopts::value<std::string>()->default_value(""))(
       "h,help", "help");
   cxxopts::ParseResult args;
@@ -149,6 +157,7 @@ int main(int argc, char** argv) {
   sync_opt.keep_last = 2;
   sync_opt.async = false;
   sync_opt.fsync = !args["no-fsync"].as<bool>();
+  sync_opt.direct_io = !args["buffered"].as<bool>();
   CheckpointOptions async_opt = sync_opt;
   async_opt.async = true;
   CheckpointManager sync_mgr(sync_opt, world);
@@ -157,12 +166,24 @@ int main(int argc, char** argv) {
   std::int64_t step = 1;
   double save_s = 1e30;
   std::uint64_t written = 0;
+  dtrain::checkpoint::WriteStats parts;  // of the best save, the slowest rank's each
   for (int i = 0; i < iters; ++i) {
     world->barrier()->wait();
     const auto t = Clock::now();
     sync_mgr.save(step++, state.dict(rank));
-    save_s = std::min(save_s, slowest(*world, since(t)));
-    written = sync_mgr.last_write().bytes;
+    const double seconds = slowest(*world, since(t));
+    const auto w = sync_mgr.last_write();
+    written = w.bytes;
+    if (seconds < save_s) {
+      parts = w;
+      parts.encode_seconds = slowest(*world, w.encode_seconds);
+      parts.io_seconds = slowest(*world, w.io_seconds);
+      parts.fsync_seconds = slowest(*world, w.fsync_seconds);
+      parts.commit_seconds = slowest(*world, w.commit_seconds);
+    } else {
+      for (int k = 0; k < 4; ++k) slowest(*world, 0);  // the same collectives on every rank
+    }
+    save_s = std::min(save_s, seconds);
   }
   const double written_max = slowest(*world, static_cast<double>(written));
 
@@ -226,6 +247,13 @@ int main(int argc, char** argv) {
                 written_max / (1 << 20), written_max / save_s / 1e9);
     std::printf("%-22s %12.3f %12.1f %14.3f\n", "load (verify + read)", load_s,
                 read_bytes / (1 << 20), read_bytes / load_s / 1e9);
+    std::printf("\n# parts of the best sync save (slowest rank each; written %s)\n",
+                parts.direct_io ? "with O_DIRECT" : "through the page cache");
+    std::printf("%-22s %12s\n", "part", "seconds");
+    std::printf("%-22s %12.3f\n", "encode (HDF5 image)", parts.encode_seconds);
+    std::printf("%-22s %12.3f\n", "write rest (+ digest)", parts.io_seconds);
+    std::printf("%-22s %12.3f\n", "fsync", parts.fsync_seconds);
+    std::printf("%-22s %12.3f\n", "commit", parts.commit_seconds);
     std::printf("\n# training loop of %d steps (~%.0f ms each), one save at its start\n", steps,
                 base / steps * 1e3);
     std::printf("%-22s %12s %14s %16s\n", "row", "loop s", "extra s (stall)", "save() blocked s");
@@ -240,6 +268,11 @@ int main(int argc, char** argv) {
                           {"ranks", n},
                           {"model_bytes", model_bytes},
                           {"fsync", sync_opt.fsync},
+                          {"direct_io", parts.direct_io},
+                          {"save_encode_seconds", parts.encode_seconds},
+                          {"save_write_seconds", parts.io_seconds},
+                          {"save_fsync_seconds", parts.fsync_seconds},
+                          {"save_commit_seconds", parts.commit_seconds},
                           {"save_seconds", save_s},
                           {"save_bytes_per_rank", written_max},
                           {"load_seconds", load_s},

@@ -62,6 +62,17 @@ set(DTRAIN_HAVE_HDF5 ${HDF5_FOUND})
 find_package(OpenSSL REQUIRED)
 find_package(ZLIB REQUIRED)
 
+# Checkpoint file digests (XXH3-128), used header-only (XXH_INLINE_ALL): only
+# libxxhash-dev's xxhash.h is needed, nothing is linked or exported.
+find_path(XXHASH_INCLUDE_DIR xxhash.h)
+if(NOT XXHASH_INCLUDE_DIR)
+  message(FATAL_ERROR "dtrain: xxhash.h was not found; install libxxhash-dev (scripts/setup.sh)")
+endif()
+if(NOT TARGET dtrain_xxhash)
+  add_library(dtrain_xxhash INTERFACE)
+  target_include_directories(dtrain_xxhash SYSTEM INTERFACE ${XXHASH_INCLUDE_DIR})
+endif()
+
 # CUDA toolkit and NCCL: optional. Only detected here; the backend that uses
 # them is its own target.
 set(DTRAIN_HAVE_NCCL OFF)

@@ -24,6 +24,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libhdf5-dev hdf5-tools
   libssl-dev zlib1g-dev   # shard digests (SHA-256), gzip'd IDX input
+  libxxhash-dev           # checkpoint file digests (XXH3-128)
   dataset-fashion-mnist   # Fashion-MNIST IDX files for dtrain-data convert-fashion-mnist
   libcxxopts-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "dtrain/error.h"
+#include "dtrain/parallel/sync_batch_norm.h"
 
 namespace dtrain::resnet {
 namespace {
@@ -45,6 +46,14 @@ std::string names_list() {
 
 nn::AnyModule batch_norm_2d(std::int64_t channels) {
   return nn::AnyModule(nn::BatchNorm2d(channels));
+}
+
+NormFactory sync_batch_norm_2d(std::shared_ptr<collectives::Communicator> comm) {
+  return [comm = std::move(comm)](std::int64_t channels) {
+    parallel::SyncBatchNormOptions options;
+    options.num_features = channels;
+    return nn::AnyModule(parallel::SyncBatchNorm(options, comm));
+  };
 }
 
 void ResNetOptions::validate() const {

@@ -45,6 +45,8 @@
 #include <string>
 #include <vector>
 
+#include "dtrain/collectives/communicator.h"
+
 namespace dtrain::resnet {
 
 /// How a residual block's shortcut matches a change of shape.
@@ -68,6 +70,13 @@ using NormFactory = std::function<torch::nn::AnyModule(std::int64_t channels)>;
 
 /// torch::nn::BatchNorm2d (the default NormFactory).
 torch::nn::AnyModule batch_norm_2d(std::int64_t channels);
+
+/// dtrain::parallel::SyncBatchNorm over `comm` (its own communicator over the
+/// data-parallel ranks; see sync_batch_norm.h): statistics of the whole
+/// global batch. Use it at every world size, 1 included: a 1-rank run then
+/// computes exactly as N ranks do, while BatchNorm2d rounds differently and
+/// makes 1-rank and N-rank runs drift apart (docs/ddp.md, SyncBatchNorm).
+NormFactory sync_batch_norm_2d(std::shared_ptr<collectives::Communicator> comm);
 
 struct ResNetOptions {
   Layout layout = Layout::kCifar;

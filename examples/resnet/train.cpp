@@ -51,7 +51,6 @@
 #include "dtrain/data/loader.h"
 #include "dtrain/error.h"
 #include "dtrain/parallel/distributed_data_parallel.h"
-#include "dtrain/parallel/sync_batch_norm.h"
 #include "dtrain/parallel/zero_optimizer.h"
 #include "dtrain/runtime.h"
 #include "examples/resnet/resnet.h"
@@ -474,13 +473,10 @@ void Trainer::setup() {
 #endif
   torch::manual_seed(c_.seed);
   dtrain::resnet::NormFactory norm;
-  if (c_.sync_bn && world_size_ > 1) {
+  if (c_.sync_bn) {
+    // On one rank too: BatchNorm2d would round differently from N ranks.
     bn_comm_ = train_comm_->split(0, rank_, {"sync-bn", std::nullopt});
-    norm = [comm = bn_comm_](std::int64_t channels) {
-      dtrain::parallel::SyncBatchNormOptions o;
-      o.num_features = channels;
-      return torch::nn::AnyModule(dtrain::parallel::SyncBatchNorm(o, comm));
-    };
+    norm = dtrain::resnet::sync_batch_norm_2d(bn_comm_);
   }
   model_ = dtrain::resnet::make_resnet(c_.model, channels_, classes_, false, norm);
   model_->to(device_);

@@ -8,6 +8,7 @@
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
+#include "src/checkpoint/checksums.h"
 #include "src/checkpoint/format.h"
 
 namespace dtrain::checkpoint {
@@ -181,14 +182,10 @@ void Checkpoint::verify_file(const FileInfo& file) const {
                  ec.message(), ")");
   DTRAIN_CHECK_T(CheckpointError, size == file.bytes, "checkpoint file ", path.string(), " has ",
                  size, " bytes but the manifest records ", file.bytes, " (truncated or replaced)");
-  std::string digest;
-  try {
-    digest = data::sha256_file(path.string());
-  } catch (const Error& e) {
-    DTRAIN_THROW(CheckpointError, e.what());
-  }
-  DTRAIN_CHECK_T(CheckpointError, digest == file.sha256, "checkpoint file ", path.string(),
-                 " is corrupt: its SHA-256 is ", digest, " but the manifest records ", file.sha256);
+  const std::string digest = detail::digest_file(path.string(), file.digest_algorithm);
+  DTRAIN_CHECK_T(CheckpointError, digest == file.digest, "checkpoint file ", path.string(),
+                 " is corrupt: its ", file.digest_algorithm, " digest is ", digest,
+                 " but the manifest records ", file.digest);
 }
 
 void Checkpoint::verify() const {

@@ -16,8 +16,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
+#include "src/checkpoint/checksums.h"
 #include "src/data/hdf5_handle.h"
 
 namespace dtrain::checkpoint::detail {
@@ -132,21 +132,88 @@ void write_int_attribute(hid_t object, const char* name, const std::vector<std::
   ck(H5Awrite(attr.get(), H5T_NATIVE_INT64, values.data()), "H5Awrite", path, name);
 }
 
-// Chunks of about 1 MiB: whole trailing dimensions, cut along the leading ones.
-std::vector<hsize_t> chunk_dims(const std::vector<hsize_t>& dims, std::size_t element_size) {
+// Chunks of about 1 MiB: whole trailing dimensions, cut along the leading
+// ones. A chunk is [1, ..., 1, rows, dims[split + 1], ...], so each one is a
+// contiguous run of the row-major tensor. Example: float32 [3, 1000, 512]
+// (2000 bytes a row of 512) gives split 1 and rows 524: chunks [1, 524, 512],
+// two along dimension 1 (the second holds 476 rows, padded) for each of the 3.
+struct ChunkLayout {
+  std::vector<hsize_t> chunk;  // the chunk shape given to HDF5
+  std::size_t split = 0;       // the dimension cut into `rows`
+  hsize_t rows = 1;
+};
+
+ChunkLayout chunk_layout(const std::vector<hsize_t>& dims, std::size_t element_size) {
   constexpr std::size_t kTarget = std::size_t{1} << 20;
-  std::vector<hsize_t> chunk = dims;
-  for (std::size_t i = 0; i < chunk.size(); ++i) {
+  ChunkLayout layout;
+  layout.chunk = dims;
+  for (std::size_t i = 0; i < dims.size(); ++i) {
     std::size_t rest = element_size;
-    for (std::size_t j = i + 1; j < chunk.size(); ++j) rest *= chunk[j];
-    if (rest <= kTarget) {
-      const hsize_t rows = std::max<hsize_t>(1, kTarget / rest);
-      chunk[i] = std::min(chunk[i], rows);
+    for (std::size_t j = i + 1; j < dims.size(); ++j) rest *= dims[j];
+    if (rest <= kTarget || i + 1 == dims.size()) {
+      layout.split = i;
+      layout.rows = std::min(dims[i], std::max<hsize_t>(1, kTarget / rest));
+      layout.chunk[i] = layout.rows;
       break;
     }
-    chunk[i] = 1;
+    layout.chunk[i] = 1;
   }
-  return chunk;
+  return layout;
+}
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "chunks are written as they lie in memory, which must be little-endian like the "
+              "file types");
+
+// Writes the chunks of a piece's (contiguous, little-endian) data, each
+// followed by its Fletcher32 (exactly what HDF5's filter would store), with
+// H5Dwrite_chunk: HDF5's own filter path copies every chunk twice and
+// checksums it a word at a time. An edge chunk is padded with zeros (HDF5's
+// default fill value) to the full chunk shape, as HDF5 stores it.
+void write_chunks(hid_t dset, const std::vector<hsize_t>& dims, const ChunkLayout& layout,
+                  const char* data, std::size_t element_size, std::vector<char>& buffer,
+                  ImageFileWriter& writer, const std::string& path, const std::string& name) {
+  const std::size_t split = layout.split;
+  hsize_t outer = 1;
+  for (std::size_t d = 0; d < split; ++d) outer *= dims[d];
+  std::size_t row_bytes = element_size;
+  for (std::size_t d = split + 1; d < dims.size(); ++d) row_bytes *= dims[d];
+  const std::size_t chunk_bytes = layout.rows * row_bytes;
+  buffer.resize(chunk_bytes + 4);
+  std::vector<hsize_t> offset(dims.size(), 0);
+  for (hsize_t o = 0; o < outer; ++o) {
+    hsize_t rest = o;  // o's coordinates in dims[0, split)
+    for (std::size_t d = split; d-- > 0;) {
+      offset[d] = rest % dims[d];
+      rest /= dims[d];
+    }
+    for (hsize_t start = 0; start < dims[split]; start += layout.rows) {
+      const std::size_t bytes = std::min<hsize_t>(layout.rows, dims[split] - start) * row_bytes;
+      const char* source = data + (o * dims[split] + start) * row_bytes;
+      std::uint32_t checksum = 0;
+      if (bytes == chunk_bytes) {
+        checksum = copy_with_fletcher32(buffer.data(), source, bytes);
+      } else {
+        std::memcpy(buffer.data(), source, bytes);
+        std::memset(buffer.data() + bytes, 0, chunk_bytes - bytes);
+        checksum = fletcher32(buffer.data(), chunk_bytes);
+      }
+      for (int b = 0; b < 4; ++b) {
+        buffer[chunk_bytes + b] = static_cast<char>((checksum >> (8 * b)) & 0xff);
+      }
+      offset[split] = start;
+      ck(H5Dwrite_chunk(dset, H5P_DEFAULT, /*filters=*/0, offset.data(), buffer.size(),
+                        buffer.data()),
+         "H5Dwrite_chunk", path, name);
+      // HDF5 never touches a written chunk again: it can go to disk now.
+      unsigned filters = 0;
+      haddr_t address = HADDR_UNDEF;
+      hsize_t stored = 0;
+      ck(H5Dget_chunk_info_by_coord(dset, offset.data(), &filters, &address, &stored),
+         "H5Dget_chunk_info_by_coord", path, name);
+      writer.final_range(address, address + stored);
+    }
+  }
 }
 
 json to_json(const std::vector<std::int64_t>& v) { return json(v); }
@@ -162,6 +229,9 @@ std::vector<std::int64_t> shape_of(const json& j, const char* key, const std::st
   }
   return out;
 }
+
+// The manifest key of every file's digest in a format version.
+const char* digest_of_version(int version) { return version >= 2 ? kDigestXxh3 : kDigestSha256; }
 
 }  // namespace
 
@@ -202,9 +272,13 @@ std::string serialize(const FileRecord& record) {
                       {"offset", to_json(p.offset)},
                       {"shape", to_json(p.shape)}});
   }
-  return json{{"file", record.info.file},   {"rank", record.info.rank},
-              {"bytes", record.info.bytes}, {"sha256", record.info.sha256},
-              {"error", record.error},      {"pieces", pieces}}
+  return json{{"file", record.info.file},
+              {"rank", record.info.rank},
+              {"bytes", record.info.bytes},
+              {"digest_algorithm", record.info.digest_algorithm},
+              {"digest", record.info.digest},
+              {"error", record.error},
+              {"pieces", pieces}}
       .dump();
 }
 
@@ -214,7 +288,8 @@ FileRecord parse_file_record(const std::string& text) {
   r.info.file = j.at("file").get<std::string>();
   r.info.rank = j.at("rank").get<int>();
   r.info.bytes = j.at("bytes").get<std::uint64_t>();
-  r.info.sha256 = j.at("sha256").get<std::string>();
+  r.info.digest_algorithm = j.at("digest_algorithm").get<std::string>();
+  r.info.digest = j.at("digest").get<std::string>();
   r.error = j.at("error").get<std::string>();
   for (const auto& p : j.at("pieces")) {
     PieceRecord piece;
@@ -267,7 +342,11 @@ Manifest make_manifest(std::int64_t step, const std::map<std::string, std::strin
 std::string serialize(const Manifest& m) {
   json files = json::array();
   for (const FileInfo& f : m.files) {
-    files.push_back({{"file", f.file}, {"rank", f.rank}, {"bytes", f.bytes}, {"sha256", f.sha256}});
+    DTRAIN_CHECK_T(CheckpointError, f.digest_algorithm == digest_of_version(kFormatVersion),
+                   "file ", f.file, " has a ", f.digest_algorithm, " digest; format version ",
+                   kFormatVersion, " records ", digest_of_version(kFormatVersion));
+    files.push_back(
+        {{"file", f.file}, {"rank", f.rank}, {"bytes", f.bytes}, {f.digest_algorithm, f.digest}});
   }
   json tensors = json::object();
   for (const auto& [name, t] : m.tensors) {
@@ -303,9 +382,13 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
   try {
     DTRAIN_CHECK_T(CheckpointError, j.is_object() && j.value("format", "") == kFormatName, source,
                    ": not a dtrain checkpoint manifest (no \"format\": \"", kFormatName, "\")");
-    DTRAIN_CHECK_T(CheckpointError, j.value("version", 0) == kFormatVersion, source,
-                   ": format version ", j.value("version", 0),
-                   " is not supported (this build reads ", kFormatVersion, ")");
+    m.version = j.value("version", 0);
+    DTRAIN_CHECK_T(CheckpointError,
+                   m.version >= kOldestFormatVersion && m.version <= kFormatVersion, source,
+                   ": format version ", m.version, " is not supported (this build reads ",
+                   kOldestFormatVersion, " to ", kFormatVersion,
+                   m.version > kFormatVersion ? "; a newer dtrain wrote it" : "", ")");
+    const char* digest_key = digest_of_version(m.version);
     m.step = j.at("step").get<std::int64_t>();
     m.world_size = j.at("world_size").get<int>();
     m.created_unix = j.value("created_unix", 0.0);
@@ -316,7 +399,8 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
       info.file = f.at("file").get<std::string>();
       info.rank = f.at("rank").get<int>();
       info.bytes = f.at("bytes").get<std::uint64_t>();
-      info.sha256 = f.at("sha256").get<std::string>();
+      info.digest_algorithm = digest_key;
+      info.digest = f.at(digest_key).get<std::string>();
       DTRAIN_CHECK_T(
           CheckpointError,
           info.file.find('/') == std::string::npos && info.file.find("..") == std::string::npos,
@@ -357,17 +441,22 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
 
 namespace {
 
-// The whole HDF5 file, built in memory.
-void build_image(std::vector<char>& image, const std::string& path, std::int64_t step, int rank,
-                 int world_size, const std::vector<PieceToWrite>& pieces) {
+// The whole HDF5 file, built in `image` (its chunks handed to `writer` as
+// they are done); returns its size.
+std::size_t build_image(FileImage& image, ImageFileWriter& writer, const std::string& path,
+                        std::int64_t step, int rank, int world_size,
+                        const std::vector<PieceToWrite>& pieces) {
   data::detail::ErrorScope quiet;
   std::size_t payload = 0;
   for (const auto& p : pieces) payload += p.data.nbytes();
+  // Room for the data, padded edge chunks and metadata: rarely grown.
+  image.reserve(payload + payload / 64 + (std::size_t{4} << 20));
   Handle fapl(ck(H5Pcreate(H5P_FILE_ACCESS), "H5Pcreate", path), H5Pclose);
-  // One allocation for the whole file: growing it in steps would fault in
-  // fresh pages again at every step (slow on VMs).
-  const std::size_t increment = payload + payload / 64 + (std::size_t{4} << 20);
-  ck(H5Pset_fapl_core(fapl.get(), increment, /*backing_store=*/0), "H5Pset_fapl_core", path);
+  // The core driver zeroes each increment as the file grows into it: small
+  // steps keep that next to the writes that follow, in cache.
+  ck(H5Pset_fapl_core(fapl.get(), std::size_t{1} << 20, /*backing_store=*/0), "H5Pset_fapl_core",
+     path);
+  image.attach(fapl.get(), path);
   Handle file(
       ck(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), "H5Fcreate", path),
       H5Fclose);
@@ -381,17 +470,23 @@ void build_image(std::vector<char>& image, const std::string& path, std::int64_t
 
   for (const PieceToWrite& piece : pieces) {
     const PieceRecord& r = piece.record;
+    DTRAIN_CHECK_T(CheckpointError, piece.data.is_contiguous() && piece.data.is_cpu(), path,
+                   " tensor '", r.name, "': the data to write is not a contiguous CPU tensor");
     std::vector<hsize_t> dims(r.shape.begin(), r.shape.end());
     if (dims.empty()) dims.push_back(1);  // a 0-d tensor is stored as [1]
     Handle space(ck(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
                     "H5Screate_simple", path, r.name),
                  H5Sclose);
     Handle dcpl(ck(H5Pcreate(H5P_DATASET_CREATE), "H5Pcreate", path, r.name), H5Pclose);
+    // No object timestamps: the same state gives the same bytes (and digest).
+    ck(H5Pset_obj_track_times(dcpl.get(), 0), "H5Pset_obj_track_times", path, r.name);
     const std::int64_t numel = piece.data.numel();
+    ChunkLayout layout;
     if (numel > 0) {
-      const auto chunk = chunk_dims(dims, piece.data.element_size());
-      ck(H5Pset_chunk(dcpl.get(), static_cast<int>(chunk.size()), chunk.data()), "H5Pset_chunk",
-         path, r.name);
+      layout = chunk_layout(dims, piece.data.element_size());
+      ck(H5Pset_chunk(dcpl.get(), static_cast<int>(layout.chunk.size()), layout.chunk.data()),
+         "H5Pset_chunk", path, r.name);
+      // Readers (this library, h5py) check every chunk they read against it.
       ck(H5Pset_fletcher32(dcpl.get()), "H5Pset_fletcher32", path, r.name);
     }
     Handle dset(ck(H5Dcreate2(file.get(), r.name.c_str(), file_type(r.dtype), space.get(),
@@ -399,9 +494,8 @@ void build_image(std::vector<char>& image, const std::string& path, std::int64_t
                    "H5Dcreate2", path, r.name),
                 H5Dclose);
     if (numel > 0) {
-      ck(H5Dwrite(dset.get(), memory_type(r.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT,
-                  piece.data.data_ptr()),
-         "H5Dwrite", path, r.name);
+      write_chunks(dset.get(), dims, layout, static_cast<const char*>(piece.data.data_ptr()),
+                   piece.data.element_size(), image.chunk_buffer(), writer, path, r.name);
     }
     write_string_attribute(dset.get(), "dtype", dtype_name(r.dtype), path);
     if (!r.global_shape.empty()) {
@@ -410,44 +504,34 @@ void build_image(std::vector<char>& image, const std::string& path, std::int64_t
     }
   }
   ck(H5Fflush(file.get(), H5F_SCOPE_LOCAL), "H5Fflush", path);
+  // The size of the file (its end of allocated space); nothing is copied.
   const ssize_t size = ck(H5Fget_file_image(file.get(), nullptr, 0), "H5Fget_file_image", path);
-  image.resize(static_cast<std::size_t>(size));  // reuses the caller's buffer across saves
-  ck(H5Fget_file_image(file.get(), image.data(), image.size()), "H5Fget_file_image", path);
+  file.reset();  // the image stays in `image`
+  return static_cast<std::size_t>(size);
 }
 
 }  // namespace
 
 FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, int world_size,
-                          const std::vector<PieceToWrite>& pieces, bool sync,
-                          std::vector<char>& image) {
-  build_image(image, path, step, rank, world_size, pieces);
+                          const std::vector<PieceToWrite>& pieces, const ImageWriteOptions& options,
+                          FileImage& image, FileWriteTimes* times) {
+  const auto encode_start = std::chrono::steady_clock::now();
+  ImageFileWriter writer(path, image, options);
+  const std::size_t size = build_image(image, writer, path, step, rank, world_size, pieces);
+  const double encode_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - encode_start).count();
+  const ImageWriteResult written = writer.finish(size);
   FileInfo info;
   info.rank = rank;
   info.file = fs::path(path).filename().string();
-  info.bytes = image.size();
-  info.sha256 = data::sha256_bytes(image.data(), image.size());
-
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  DTRAIN_CHECK_T(CheckpointError, fd >= 0, "cannot create checkpoint file ", path, ": ",
-                 std::strerror(errno));
-  std::size_t done = 0;
-  int err = 0;
-  while (done < image.size()) {
-    const std::size_t n = std::min<std::size_t>(image.size() - done, std::size_t{8} << 20);
-    const ssize_t w = ::write(fd, image.data() + done, n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) {
-      err = w < 0 ? errno : ENOSPC;
-      break;
-    }
-    done += static_cast<std::size_t>(w);
-  }
-  if (err == 0 && sync && ::fsync(fd) != 0) err = errno;
-  if (::close(fd) != 0 && err == 0) err = errno;
-  if (err != 0) {
-    ::unlink(path.c_str());
-    DTRAIN_THROW(CheckpointError, "writing checkpoint file ", path, " failed after ", done, " of ",
-                 image.size(), " bytes: ", std::strerror(err));
+  info.bytes = size;
+  info.digest_algorithm = kDigestXxh3;
+  info.digest = written.digest;
+  if (times != nullptr) {
+    times->encode_seconds = encode_seconds;
+    times->write_seconds = written.write_seconds;
+    times->fsync_seconds = written.fsync_seconds;
+    times->direct_io = written.direct_io;
   }
   return info;
 }

@@ -10,11 +10,16 @@
 #include <vector>
 
 #include "dtrain/checkpoint/checkpoint.h"
+#include "src/checkpoint/file_image.h"
 
 namespace dtrain::checkpoint::detail {
 
 constexpr const char* kFormatName = "dtrain-checkpoint";
-constexpr int kFormatVersion = 1;
+/// The version written. 2: the manifest records each file's XXH3-128
+/// ("xxh3_128"); 1: its SHA-256 ("sha256"). The HDF5 files are the same in
+/// both. Versions kOldestFormatVersion..kFormatVersion are read.
+constexpr int kFormatVersion = 2;
+constexpr int kOldestFormatVersion = 1;
 constexpr const char* kManifestName = "manifest.json";
 
 /// "step-000001200" (the committed directory name of a step).
@@ -50,6 +55,7 @@ std::string serialize(const FileRecord& record);
 FileRecord parse_file_record(const std::string& text);
 
 struct Manifest {
+  int version = kFormatVersion;
   std::int64_t step = 0;
   int world_size = 0;
   double created_unix = 0;
@@ -72,16 +78,25 @@ struct PieceToWrite {
   at::Tensor data;
 };
 
-/// Writes the pieces to a new HDF5 file at `path` (chunked, Fletcher32) with
-/// root attributes (format, version, step, rank, world size), fsynced when
-/// `sync`; returns its size and SHA-256. The file is built in memory (HDF5's
-/// core driver) and written with plain write() calls, so a full disk or a
-/// file-size limit is a clean CheckpointError naming the file (the partial
-/// file is removed) rather than a failing HDF5 close. `image` is the caller's
-/// buffer for the file image, reused across saves (fresh pages are slow).
+/// How long the parts of write_piece_file() took.
+struct FileWriteTimes {
+  double encode_seconds = 0;  ///< building the HDF5 file (its chunks written meanwhile)
+  double write_seconds = 0;   ///< the writes left after that, and the digest
+  double fsync_seconds = 0;
+  bool direct_io = false;  ///< written with O_DIRECT
+};
+
+/// Writes the pieces to a new HDF5 file at `path` (chunked, Fletcher32 per
+/// chunk) with root attributes (format, version, step, rank, world size);
+/// returns its size and XXH3-128 digest. The file is built in `image` (HDF5's
+/// core driver; the caller's buffer, reused across saves since fresh pages
+/// are slow) and put on disk by an ImageFileWriter, each chunk as soon as it
+/// is done, so a full disk or a file-size limit is a clean CheckpointError
+/// naming the file (the partial file is removed) rather than a failing HDF5
+/// close. `times`, if given, receives the time of each part.
 FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, int world_size,
-                          const std::vector<PieceToWrite>& pieces, bool sync,
-                          std::vector<char>& image);
+                          const std::vector<PieceToWrite>& pieces, const ImageWriteOptions& options,
+                          FileImage& image, FileWriteTimes* times = nullptr);
 
 /// Reads [start, start + count) of the piece `name` from an open file into
 /// `out` (contiguous, count's shape, the piece's dtype).

@@ -73,7 +73,7 @@ struct CheckpointManager::Impl {
   int rank = 0;
   int size = 1;
   std::map<std::string, at::Tensor> staging;  // reused host buffers, by tensor name
-  std::vector<char> image;                    // reused buffer of this rank's file
+  detail::FileImage image;                    // reused buffer of this rank's file
   std::future<void> pending;
   mutable std::mutex mutex;
   WriteStats last;
@@ -173,12 +173,16 @@ struct CheckpointManager::Impl {
     record.info.file = detail::rank_file_name(rank);
     record.info.rank = rank;
     const auto write_start = Clock::now();
+    detail::FileWriteTimes times;
     try {
       fs::create_directories(tmp);
       const fs::path path = tmp / record.info.file;
       fs::remove(path);
-      record.info =
-          detail::write_piece_file(path.string(), step, rank, size, pieces, options.fsync, image);
+      detail::ImageWriteOptions write_options;
+      write_options.sync = options.fsync;
+      write_options.direct_io = options.direct_io;
+      record.info = detail::write_piece_file(path.string(), step, rank, size, pieces, write_options,
+                                             image, &times);
       for (const auto& p : pieces) record.pieces.push_back(p.record);
       maybe_crash("after_write", step, rank);
     } catch (const std::exception& e) {
@@ -246,8 +250,12 @@ struct CheckpointManager::Impl {
     std::lock_guard<std::mutex> lock(mutex);
     last.step = step;
     last.write_seconds = write_seconds;
+    last.encode_seconds = times.encode_seconds;
+    last.io_seconds = times.write_seconds;
+    last.fsync_seconds = times.fsync_seconds;
     last.commit_seconds = seconds_since(commit_start);
     last.bytes = record.info.bytes;
+    last.direct_io = times.direct_io;
   }
 
   void wait_pending() {
@@ -368,12 +376,18 @@ SaveStats CheckpointManager::save(std::int64_t step, const StateDict& state,
       mine = static_cast<int>(owner) == impl_->rank;
     }
     if (!mine) continue;
-    at::Tensor& buffer = impl_->staging[e.name];
-    if (!buffer.defined() || buffer.sizes() != e.tensor.sizes() ||
-        buffer.scalar_type() != e.tensor.scalar_type()) {
-      buffer = at::empty(e.tensor.sizes(), at::TensorOptions().dtype(e.tensor.scalar_type()));
+    // A synchronous save writes before returning, so a contiguous CPU tensor
+    // is written as it is; an asynchronous one snapshots it first.
+    at::Tensor buffer = e.tensor.detach();
+    if (impl_->options.async || !buffer.is_cpu() || !buffer.is_contiguous()) {
+      at::Tensor& staged = impl_->staging[e.name];
+      if (!staged.defined() || staged.sizes() != e.tensor.sizes() ||
+          staged.scalar_type() != e.tensor.scalar_type()) {
+        staged = at::empty(e.tensor.sizes(), at::TensorOptions().dtype(e.tensor.scalar_type()));
+      }
+      staged.copy_(buffer);
+      buffer = staged;
     }
-    buffer.copy_(e.tensor.detach());
     detail::PieceToWrite piece;
     piece.record.name = e.name;
     piece.record.dtype = e.tensor.scalar_type();

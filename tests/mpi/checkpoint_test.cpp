@@ -17,9 +17,12 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/checkpoint/state.h"
 #include "dtrain/collectives/communicator.h"
+#include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
 #include "dtrain/parallel/zero_optimizer.h"
 #include "tests/mpi/mpi_test_env.h"
@@ -306,6 +309,102 @@ TEST(CheckpointTest, UnwritableDirectoryIsAClearErrorOnEveryRank) {
   } catch (const CheckpointError& e) {
     EXPECT_NE(std::string(e.what()).find("a-file/checkpoints"), std::string::npos) << e.what();
   }
+  comm->barrier()->wait();
+}
+
+// The state every damage test saves: a big replicated tensor and a shard per
+// rank, so every rank writes a file.
+StateDict damage_test_state(const collectives::Communicator& comm, float scale) {
+  StateDict state;
+  state.add_replicated("model/big", torch::arange(300000, torch::kFloat) * scale);
+  state.add_shard("opt/flat", torch::full({1000}, scale), {1000 * comm.size()},
+                  {1000 * comm.rank()});
+  return state;
+}
+
+// The damage every reader must notice in a file of the newest checkpoint,
+// wherever it is: a flipped byte early in the file (HDF5's own metadata, which
+// no chunk checksum covers), one late in it, a file one byte short, a file
+// gone.
+// verify() names the file and resume falls back to the checkpoint before.
+TEST(CheckpointTest, EveryDamagedFileIsFoundByVerifyAndResume) {
+  auto comm = comm_named("ckpt-damage");
+  const std::string dir = shared_dir(*comm, "damage");
+  std::vector<std::string> warnings;
+  CheckpointOptions options = sync_options(dir);
+  options.on_warning = [&](const std::string& w) { warnings.push_back(w); };
+  CheckpointManager manager(options, comm);
+  manager.save(10, damage_test_state(*comm, 1.0f));
+  for (const std::string damage : {"early-byte", "late-byte", "truncated", "deleted"}) {
+    manager.save(20, damage_test_state(*comm, 2.0f));  // a good step 20 again
+    const Checkpoint good = Checkpoint::open(manager.list().back().directory);
+    ASSERT_EQ(good.step(), 20);
+    good.verify();
+    EXPECT_EQ(good.files().front().digest_algorithm, "xxh3_128");
+    const std::string victim = good.directory() + "/" + good.files().back().file;
+    comm->barrier()->wait();  // every rank has checked the good one
+    if (comm->rank() == 0) {
+      const auto size = static_cast<std::int64_t>(fs::file_size(victim));
+      if (damage == "early-byte") flip_bytes(victim, 200, 1);  // HDF5's object headers
+      if (damage == "late-byte") flip_bytes(victim, size - 2000, 1);
+      if (damage == "truncated") fs::resize_file(victim, static_cast<std::uintmax_t>(size - 1));
+      if (damage == "deleted") fs::remove(victim);
+    }
+    comm->barrier()->wait();
+    try {
+      Checkpoint::open(good.directory()).verify();
+      ADD_FAILURE() << damage << ": verify() passed";
+    } catch (const CheckpointError& e) {
+      EXPECT_NE(std::string(e.what()).find(fs::path(victim).filename().string()), std::string::npos)
+          << damage << ": " << e.what();
+    }
+    warnings.clear();
+    const auto latest = manager.latest_valid();
+    ASSERT_TRUE(latest.has_value()) << damage;
+    EXPECT_EQ(latest->step, 10) << damage;
+    comm->barrier()->wait();
+  }
+}
+
+// Checkpoints of format version 1 (a SHA-256 of every file) are still
+// verified and read; damage to them is still found.
+TEST(CheckpointTest, AVersion1CheckpointIsStillVerifiedAndRead) {
+  auto comm = comm_named("ckpt-version1");
+  const std::string dir = shared_dir(*comm, "version1");
+  std::vector<std::string> warnings;
+  CheckpointOptions options = sync_options(dir);
+  options.on_warning = [&](const std::string& w) { warnings.push_back(w); };
+  CheckpointManager manager(options, comm);
+  manager.save(5, damage_test_state(*comm, 3.0f));
+  const std::string step_dir = manager.list().back().directory;
+  if (comm->rank() == 0) {  // rewrite the manifest as version 1 wrote it
+    const std::string path = step_dir + "/manifest.json";
+    nlohmann::json manifest = nlohmann::json::parse(std::ifstream(path));
+    manifest["version"] = 1;
+    for (auto& f : manifest["files"]) {
+      f.erase("xxh3_128");
+      f["sha256"] = data::sha256_file(step_dir + "/" + f["file"].get<std::string>());
+    }
+    std::ofstream(path, std::ios::trunc) << manifest.dump(1);
+  }
+  comm->barrier()->wait();
+  const auto latest = manager.latest_valid();
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->step, 5);
+  const Checkpoint ckpt = Checkpoint::open(step_dir);
+  EXPECT_EQ(ckpt.files().front().digest_algorithm, "sha256");
+  ckpt.verify();
+  EXPECT_TRUE(torch::equal(ckpt.read("model/big"), torch::arange(300000, torch::kFloat) * 3.0f));
+  comm->barrier()->wait();
+  if (comm->rank() == 0) flip_bytes(step_dir + "/" + ckpt.files().back().file, 200, 1);
+  comm->barrier()->wait();
+  try {
+    ckpt.verify();
+    ADD_FAILURE() << "a damaged version-1 checkpoint verified";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("sha256"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(manager.latest_valid().has_value());
   comm->barrier()->wait();
 }
 

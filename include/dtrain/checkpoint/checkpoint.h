@@ -7,7 +7,8 @@
 //       rank-00000.h5                what rank 0 wrote (HDF5, opens in h5py)
 //       rank-00001.h5                ...
 //       manifest.json                written last: step, world size, user
-//                                    metadata, every file's size and SHA-256,
+//                                    metadata, every file's size and digest
+//                                    (XXH3-128; SHA-256 in format version 1),
 //                                    and for every tensor its dtype, global
 //                                    shape and pieces (file, offset, shape)
 //   <directory>/.tmp-step-000001300/ a save in progress (never loaded)
@@ -21,9 +22,12 @@
 // parallel weights) are written by their owner.
 //
 // Saving (CheckpointManager::save, collective over the manager's ranks):
-//   1. copy this rank's pieces into host staging buffers (reused across saves);
-//   2. write them to <.tmp-step-N>/rank-R.h5 (chunked, Fletcher32 per chunk),
-//      fsync the file and digest it (in a background thread when async);
+//   1. asynchronous: copy this rank's pieces into host staging buffers
+//      (reused across saves); synchronous: use contiguous CPU tensors as they
+//      are;
+//   2. build <.tmp-step-N>/rank-R.h5 in memory (chunked, Fletcher32 per
+//      chunk), write it (O_DIRECT by default) while digesting it on a second
+//      thread, fsync it (all in a background thread when async);
 //   3. all ranks exchange their file records; if any rank failed, nothing is
 //      committed and every rank gets the same CheckpointError;
 //   4. rank 0 writes manifest.json, fsyncs it and the directory, renames
@@ -37,7 +41,7 @@
 //
 // Resuming (CheckpointManager::latest_valid, collective): the newest
 // checkpoint whose manifest parses and whose files all have the recorded size
-// and SHA-256 (the ranks share the digest work); a broken one is skipped with
+// and digest (the ranks share the digest work); a broken one is skipped with
 // a warning naming the bad file. A step-N directory without a manifest can
 // only come from damage (the rename follows the manifest): it is not loaded,
 // and rank 0 warns naming it.
@@ -117,7 +121,10 @@ struct FileInfo {
   std::string file;
   int rank = 0;
   std::uint64_t bytes = 0;
-  std::string sha256;
+  /// How `digest` was computed: "xxh3_128" (XXH3, 128 bits; written by this
+  /// version) or "sha256" (checkpoints of format version 1).
+  std::string digest_algorithm;
+  std::string digest;  ///< of the whole file, lower-case hex
 };
 
 /// A committed checkpoint, opened for reading. Opening parses the manifest
@@ -142,7 +149,7 @@ class Checkpoint {
   /// CheckpointError naming the tensor if absent.
   const TensorInfo& info(const std::string& name) const;
 
-  /// Checks that every file exists with the recorded size and SHA-256.
+  /// Checks that every file exists with the recorded size and digest.
   /// Throws CheckpointError naming the first bad file.
   void verify() const;
   /// The same for one file of files().
@@ -175,6 +182,12 @@ struct CheckpointOptions {
   /// fsync files and directories before committing. Off only for tests of
   /// throughput on throwaway directories.
   bool fsync = true;
+  /// Write the rank files with O_DIRECT, past the page cache: the bytes go
+  /// from the (reused) file image to the device, with no page-cache pages
+  /// to fill first, and fsync has little left to flush. Where the file
+  /// system refuses O_DIRECT (tmpfs on older kernels, some FUSE file
+  /// systems), the files are written through the page cache instead.
+  bool direct_io = true;
   /// Timeout of the collectives that agree on a commit; they wait for the
   /// slowest rank's whole write (unset: 30 minutes).
   std::optional<std::chrono::milliseconds> timeout;
@@ -195,9 +208,17 @@ struct SaveStats {
 /// Timing of the last completed write (background or not).
 struct WriteStats {
   std::int64_t step = -1;
-  double write_seconds = 0;   ///< HDF5 write + fsync of this rank's file
-  double commit_seconds = 0;  ///< digest, agreement, manifest, rename
+  double write_seconds = 0;  ///< this rank's file, all of it: the three parts below
+  /// Building the HDF5 file in memory (copies, Fletcher32); its chunks are
+  /// written to disk meanwhile.
+  double encode_seconds = 0;
+  /// The writes left once the file is built (HDF5's metadata, the edges of
+  /// the chunk runs, chunks still queued) and the file's digest alongside.
+  double io_seconds = 0;
+  double fsync_seconds = 0;   ///< fsync of the file
+  double commit_seconds = 0;  ///< agreement, manifest, rename
   std::uint64_t bytes = 0;    ///< size of this rank's file
+  bool direct_io = false;     ///< the file was written with O_DIRECT
 };
 
 struct CheckpointEntry {

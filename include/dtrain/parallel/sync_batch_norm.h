@@ -8,6 +8,19 @@
 // for the variance); backward all-reduces the per-channel sums of the
 // gradient and of gradient x normalized input, as PyTorch's SyncBatchNorm
 // does. Evaluation uses the running statistics and communicates nothing.
+//
+// Layout-independent: every per-channel sum is accumulated in double and
+// rounded to the input's dtype once, and the elementwise part rounds once
+// per operation. So for the same global input (and output gradient), the
+// output, the input gradient and the running statistics are bitwise the same
+// on one rank as on k ranks holding consecutive slices of the batch. (All but
+// certainly: only a double sum that lands within ~1e-16 of a float rounding
+// boundary can round differently in another order.) The affine parameters'
+// gradients are per-rank sums, which DDP adds in float. Use it on one rank
+// too (`comm` null or of size 1) when a run may continue on another number of
+// ranks: torch::nn::BatchNorm2d rounds differently, and a few ulps at an
+// activation next to 0 flip a ReLU (docs/ddp.md, "SyncBatchNorm").
+//
 // Parameter and buffer names match torch::nn::BatchNorm2d (weight, bias,
 // running_mean, running_var, num_batches_tracked), so state carries over.
 //

@@ -1,7 +1,7 @@
 // dtrain-ckpt: list, verify and inspect checkpoints.
 //
 //   dtrain-ckpt list DIR           committed checkpoints under DIR, oldest first
-//   dtrain-ckpt verify PATH        every file's size and SHA-256 (PATH: one
+//   dtrain-ckpt verify PATH        every file's size and digest (PATH: one
 //                                  checkpoint, or DIR for all of them)
 //   dtrain-ckpt inspect PATH       step, writers, metadata, tensors and pieces
 //                                  (PATH: one checkpoint, or DIR for the newest)
@@ -126,8 +126,9 @@ int inspect(const std::string& path) {
   for (const auto& [k, v] : c.metadata()) std::printf("  %-24s %s\n", k.c_str(), v.c_str());
   std::printf("files\n");
   for (const auto& f : c.files()) {
-    std::printf("  %-16s rank %-5d %12llu bytes  sha256 %s\n", f.file.c_str(), f.rank,
-                static_cast<unsigned long long>(f.bytes), f.sha256.c_str());
+    std::printf("  %-16s rank %-5d %12llu bytes  %s %s\n", f.file.c_str(), f.rank,
+                static_cast<unsigned long long>(f.bytes), f.digest_algorithm.c_str(),
+                f.digest.c_str());
   }
   std::printf("tensors\n");
   for (const std::string& name : c.tensor_names()) {
@@ -202,7 +203,7 @@ int main(int argc, char** argv) {
     if (parsed.count("help")) {
       std::cout << "dtrain-ckpt: list, verify and inspect dtrain checkpoints\n\n"
                    "  dtrain-ckpt list DIR       committed checkpoints under DIR, oldest first\n"
-                   "  dtrain-ckpt verify PATH    sizes and SHA-256 of every file (PATH: one\n"
+                   "  dtrain-ckpt verify PATH    sizes and digests of every file (PATH: one\n"
                    "                             checkpoint, or a directory of them; a step-N\n"
                    "                             directory without manifest.json is bad)\n"
                    "  dtrain-ckpt inspect PATH   step, metadata, files, tensors and their pieces\n"
