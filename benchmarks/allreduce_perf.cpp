@@ -1,13 +1,20 @@
-// allreduce_perf: all-reduce bandwidth and latency of every dtrain algorithm
-// against MPI_Allreduce, in the same process and run (nccl-tests style).
+// allreduce_perf: bandwidth and latency of dtrain's collective algorithms
+// against the MPI library's own call, in the same process and run
+// (nccl-tests style). --op picks the collective:
 //
 //   mpirun -n 2 allreduce_perf -b 8 -e 128M -f 2 --algo ring,tree,rhd,native,shm,auto
+//   mpirun -n 2 allreduce_perf --op reduce_scatter -b 1K -e 64M -f 4   (ring,shm,auto,mpi)
+//   mpirun -n 2 allreduce_perf --op all_gather -b 1K -e 64M -f 4
 //
 // For each size, every algorithm runs in turn (warm-up, then `iters` ops
 // issued back to back and waited for together, as nccl-tests does); time is
-// the slowest rank's. `mpi` is MPI_Allreduce called directly on the
-// caller's thread: the peer a user would otherwise pick. `native` is the
+// the slowest rank's. `mpi` is the blocking MPI call made directly on the
+// caller's thread (MPI_Allreduce, MPI_Reduce_scatter_block, MPI_Allgather):
+// the peer a user would otherwise pick. `native` (all-reduce only) is the
 // same MPI library's MPI_Iallreduce run through dtrain's progress thread.
+// The size of a reduce-scatter or all-gather is the whole n-rank buffer
+// (the input of a reduce-scatter, the output of an all-gather), as in
+// nccl-tests, and busbw = algbw * (n-1)/n for them.
 
 #include <mpi.h>
 
@@ -113,36 +120,101 @@ double max_over_ranks(double value) {
   return out;
 }
 
-// One all-reduce of `tensor`, by `algo` ("mpi" = direct MPI_Allreduce),
-// on the communicator registered for that algorithm.
+enum class Op { kAllReduce, kReduceScatter, kAllGather };
+
+Op parse_op(const std::string& name) {
+  if (name == "all_reduce") return Op::kAllReduce;
+  if (name == "reduce_scatter") return Op::kReduceScatter;
+  if (name == "all_gather") return Op::kAllGather;
+  throw dtrain::InvalidArgument("unknown --op '" + name +
+                                "' (all_reduce, reduce_scatter, all_gather)");
+}
+
+const char* mpi_call(Op op) {
+  switch (op) {
+    case Op::kAllReduce:
+      return "MPI_Allreduce";
+    case Op::kReduceScatter:
+      return "MPI_Reduce_scatter_block";
+    case Op::kAllGather:
+      return "MPI_Allgather";
+  }
+  return "";
+}
+
+// The buffers of one op: `input` and `output` are the same tensor for an
+// all-reduce (in place); for the others `input` / `output` hold one rank's
+// block or all n blocks, as the collective takes them.
+struct Buffers {
+  at::Tensor input;
+  at::Tensor output;
+};
+
+// One op on `buffers`, by `algo` ("mpi" = the MPI call made directly), on
+// the communicator registered for that algorithm.
 class Runner {
  public:
-  Runner(MPI_Comm raw, MPI_Datatype type) : raw_(raw), type_(type) {}
+  Runner(Op op, MPI_Comm raw, MPI_Datatype type) : op_(op), raw_(raw), type_(type) {}
 
   void add(const std::string& algo, Communicator& comm) { comms_[algo] = &comm; }
 
-  // Issues `iters` all-reduces back to back and waits for all of them.
-  // Returns the last op's description, e.g. "all_reduce(ring, sum, 8 x
-  // float32) on communicator 'bench'" ("" for mpi).
-  std::string run(const std::string& algo, const at::Tensor& tensor, int iters) {
+  // Issues `iters` ops back to back and waits for all of them. Returns the
+  // last op's description, e.g. "all_reduce(ring, sum, 8 x float32) on
+  // communicator 'bench'" ("" for mpi).
+  std::string run(const std::string& algo, const Buffers& buffers, int iters) {
     if (algo == "mpi") {
-      for (int i = 0; i < iters; ++i) {
-        MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()), type_,
-                      MPI_SUM, raw_);
-      }
+      for (int i = 0; i < iters; ++i) run_mpi(buffers);
       return "";
     }
-    dtrain::collectives::AllReduceOptions options;
-    options.algorithm = dtrain::collectives::parse_algorithm(algo);
+    const auto algorithm = dtrain::collectives::parse_algorithm(algo);
     std::shared_ptr<dtrain::collectives::Work> last;
     Communicator& comm = *comms_.at(algo);
-    for (int i = 0; i < iters; ++i) last = comm.all_reduce(tensor, options);
+    for (int i = 0; i < iters; ++i) {
+      switch (op_) {
+        case Op::kAllReduce: {
+          dtrain::collectives::AllReduceOptions options;
+          options.algorithm = algorithm;
+          last = comm.all_reduce(buffers.output, options);
+          break;
+        }
+        case Op::kReduceScatter: {
+          dtrain::collectives::ReduceScatterOptions options;
+          options.algorithm = algorithm;
+          last = comm.reduce_scatter(buffers.output, buffers.input, options);
+          break;
+        }
+        case Op::kAllGather: {
+          dtrain::collectives::AllGatherOptions options;
+          options.algorithm = algorithm;
+          last = comm.all_gather(buffers.output, buffers.input, options);
+          break;
+        }
+      }
+    }
     if (!last) return "";
     last->wait();  // ops complete in issue order
     return last->description();
   }
 
  private:
+  void run_mpi(const Buffers& b) {
+    switch (op_) {
+      case Op::kAllReduce:
+        MPI_Allreduce(MPI_IN_PLACE, b.output.data_ptr(), static_cast<int>(b.output.numel()), type_,
+                      MPI_SUM, raw_);
+        break;
+      case Op::kReduceScatter:
+        MPI_Reduce_scatter_block(b.input.data_ptr(), b.output.data_ptr(),
+                                 static_cast<int>(b.output.numel()), type_, MPI_SUM, raw_);
+        break;
+      case Op::kAllGather:
+        MPI_Allgather(b.input.data_ptr(), static_cast<int>(b.input.numel()), type_,
+                      b.output.data_ptr(), static_cast<int>(b.input.numel()), type_, raw_);
+        break;
+    }
+  }
+
+  Op op_;
   std::map<std::string, Communicator*> comms_;
   MPI_Comm raw_;
   MPI_Datatype type_;
@@ -150,7 +222,7 @@ class Runner {
 
 // --device cuda needs the NCCL backend, a GPU, and a LibTorch that can
 // allocate CUDA tensors; each missing piece gets its own message.
-void check_device(const std::string& device, const std::vector<std::string>& algos) {
+void check_device(const std::string& device, Op op, const std::vector<std::string>& algos) {
   if (device == "cpu") return;
   if (device != "cuda")
     throw dtrain::InvalidArgument("--device must be cpu or cuda, got '" + device + "'");
@@ -164,12 +236,18 @@ void check_device(const std::string& device, const std::vector<std::string>& alg
         "CPU-only); build dtrain against a CUDA-enabled LibTorch, see docs/gpu.md");
   }
   for (const std::string& algo : algos) {
+    if (op != Op::kAllReduce && algo != "auto") {
+      throw dtrain::InvalidArgument(
+          "--device cuda: NCCL chooses how to run reduce_scatter and all_gather; pass --algo "
+          "auto");
+    }
     if (algo != "ring" && algo != "tree" && algo != "auto") {
       throw dtrain::InvalidArgument("--device cuda runs NCCL's ring, tree and auto; '" + algo +
                                     "' is a CPU algorithm (pass --algo ring,tree,auto)");
     }
   }
 #else
+  (void)op;
   (void)algos;
   throw dtrain::InvalidArgument(
       "--device cuda: this build of dtrain has no NCCL backend (CUDA toolkit and NCCL were not "
@@ -199,11 +277,13 @@ MPI_Datatype mpi_type(at::ScalarType dtype) {
 int main(int argc, char** argv) {
   dtrain::Runtime runtime(&argc, &argv);
   cxxopts::Options cli("allreduce_perf",
-                       "All-reduce bandwidth of dtrain's algorithms vs MPI_Allreduce");
+                       "Collective bandwidth of dtrain's algorithms vs the MPI library's call");
   dtrain::bench::SweepOptions::add_to(cli);
-  cli.add_options("allreduce")(
+  cli.add_options("collective")("op", "all_reduce, reduce_scatter or all_gather",
+                                cxxopts::value<std::string>()->default_value("all_reduce"))(
       "algo",
-      "comma-separated algorithms: ring,tree,rhd,native,shm,auto and mpi (direct MPI_Allreduce)",
+      "comma-separated algorithms: ring,tree,rhd,native,shm,auto and mpi (the MPI call made "
+      "directly); reduce_scatter and all_gather run ring,shm,auto,mpi (the default for them)",
       cxxopts::value<std::string>()->default_value("ring,tree,rhd,native,shm,auto,mpi"))(
       "d,dtype", "element type", cxxopts::value<std::string>()->default_value("float32"))(
       "device",
@@ -215,6 +295,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> algos;
   at::ScalarType dtype;
   std::string device;
+  Op op = Op::kAllReduce;
   try {
     auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
@@ -222,14 +303,25 @@ int main(int argc, char** argv) {
       return 0;
     }
     sweep = dtrain::bench::SweepOptions::from(parsed);
+    op = parse_op(parsed["op"].as<std::string>());
     algos = split_list(parsed["algo"].as<std::string>());
+    if (op != Op::kAllReduce && parsed.count("algo") == 0) algos = {"ring", "shm", "auto", "mpi"};
     for (const auto& a : algos) {
-      if (a != "mpi") dtrain::collectives::parse_algorithm(a);
+      if (a == "mpi") continue;
+      const auto algorithm = dtrain::collectives::parse_algorithm(a);
+      if (op != Op::kAllReduce && algorithm != Algorithm::kRing && algorithm != Algorithm::kShm &&
+          algorithm != Algorithm::kAuto) {
+        throw dtrain::InvalidArgument("--algo " + a + ": " + parsed["op"].as<std::string>() +
+                                      " runs ring, shm, auto and mpi");
+      }
     }
     dtype = parse_dtype(parsed["dtype"].as<std::string>());
     device = parsed["device"].as<std::string>();
-    if (device == "cuda" && parsed.count("algo") == 0) algos = {"ring", "tree", "auto"};
-    check_device(device, algos);
+    if (device == "cuda" && parsed.count("algo") == 0) {
+      algos = op == Op::kAllReduce ? std::vector<std::string>{"ring", "tree", "auto"}
+                                   : std::vector<std::string>{"auto"};
+    }
+    check_device(device, op, algos);
     at::set_num_threads(parsed["threads"].as<int>());
   } catch (const std::exception& e) {
     if (runtime.rank() == 0) std::cerr << "allreduce_perf: " << e.what() << "\n";
@@ -248,7 +340,7 @@ int main(int argc, char** argv) {
   auto comm = runtime.world(comm_options);
   MPI_Comm raw;
   MPI_Comm_dup(MPI_COMM_WORLD, &raw);
-  Runner runner(raw, mpi_type(dtype));
+  Runner runner(op, raw, mpi_type(dtype));
   std::vector<std::shared_ptr<Communicator>> gpu_comms;
   at::TensorOptions tensor_options = at::TensorOptions().dtype(dtype);
   if (device == "cuda") {
@@ -268,54 +360,116 @@ int main(int argc, char** argv) {
     for (const std::string& algo : algos) runner.add(algo, *comm);
   }
   const int n = comm->size();
+  const int rank = comm->rank();
   const std::size_t es = c10::elementSize(dtype);
 
-  // One buffer for all sizes, touched once, so page faults stay out of the timings.
-  const std::size_t max_count = std::max<std::size_t>(1, sweep.max_bytes / es);
-  at::Tensor buffer = at::zeros({static_cast<std::int64_t>(max_count)}, tensor_options);
-  at::Tensor check_buffer = at::zeros({static_cast<std::int64_t>(max_count)}, tensor_options);
+  // Elements per rank (reduce_scatter, all_gather) or in all (all_reduce)
+  // of a message of `bytes` bytes; at least one.
+  auto block_of = [&](std::size_t bytes) {
+    return std::max<std::size_t>(1, bytes / es / (op == Op::kAllReduce ? 1 : n));
+  };
+  // One input and one output buffer for all sizes, touched once, so page
+  // faults stay out of the timings; and the same for the checks.
+  const std::size_t max_block = block_of(sweep.max_bytes);
+  const std::size_t max_total = op == Op::kAllReduce ? max_block : max_block * n;
+  auto make_buffers = [&]() {
+    Buffers all;
+    all.output =
+        at::zeros({static_cast<std::int64_t>(op == Op::kReduceScatter ? max_block : max_total)},
+                  tensor_options);
+    all.input =
+        op == Op::kAllReduce
+            ? all.output
+            : at::zeros(
+                  {static_cast<std::int64_t>(op == Op::kReduceScatter ? max_total : max_block)},
+                  tensor_options);
+    return all;
+  };
+  auto narrow = [&](const Buffers& all, std::size_t block) {
+    const auto b = static_cast<std::int64_t>(block);
+    const std::int64_t total = op == Op::kAllReduce ? b : b * n;
+    Buffers out;
+    out.output = all.output.narrow(0, 0, op == Op::kReduceScatter ? b : total);
+    out.input = op == Op::kAllReduce ? out.output
+                                     : all.input.narrow(0, 0, op == Op::kReduceScatter ? total : b);
+    return out;
+  };
+  const Buffers buffer = make_buffers();
+  const Buffers check_buffer = make_buffers();
 
   const std::string where = placement(n);
   std::vector<Row> rows;
   for (std::size_t bytes : sweep.sizes()) {
-    const std::size_t count = std::max<std::size_t>(1, bytes / es);
-    at::Tensor tensor = buffer.narrow(0, 0, static_cast<std::int64_t>(count));
+    const std::size_t block = block_of(bytes);
+    const std::size_t total = op == Op::kAllReduce ? block : block * n;
+    const Buffers buffers = narrow(buffer, block);
     for (const std::string& algo : algos) {
       Row row;
       row.algo = algo;
-      row.count = count;
-      row.bytes = count * es;
+      row.count = total;
+      row.bytes = total * es;
       if (sweep.check) {
-        // rank r contributes (r + 1) * ((i % 3) + 1): exact in every dtype.
-        at::Tensor t = check_buffer.narrow(0, 0, static_cast<std::int64_t>(count));
-        at::Tensor idx =
-            at::arange(static_cast<std::int64_t>(count), at::kInt).remainder_(3).add_(1);
-        t.copy_(idx * (comm->rank() + 1));
-        runner.run(algo, t, 1);
-        at::Tensor want = (idx * (n * (n + 1) / 2)).to(dtype);
-        row.wrong = (t.cpu() != want).sum().item<std::int64_t>();
+        // Element i (of all n blocks) of rank r is (r + 1) * ((i % 3) + 1):
+        // exact in every dtype.
+        const Buffers t = narrow(check_buffer, block);
+        const auto total_i = static_cast<std::int64_t>(total);
+        const auto block_i = static_cast<std::int64_t>(block);
+        at::Tensor pattern = at::arange(total_i, at::kInt).remainder_(3).add_(1);
+        at::Tensor got;
+        at::Tensor want;
+        switch (op) {
+          case Op::kAllReduce:
+            t.output.copy_(pattern * (rank + 1));
+            runner.run(algo, t, 1);
+            got = t.output;
+            want = pattern * (n * (n + 1) / 2);
+            break;
+          case Op::kReduceScatter:
+            t.input.copy_(pattern * (rank + 1));
+            runner.run(algo, t, 1);
+            got = t.output;
+            want = pattern.narrow(0, rank * block_i, block_i) * (n * (n + 1) / 2);
+            break;
+          case Op::kAllGather:
+            t.input.copy_(pattern.narrow(0, rank * block_i, block_i) * (rank + 1));
+            runner.run(algo, t, 1);
+            got = t.output;
+            want = pattern * at::arange(1, n + 1, at::kInt).repeat_interleave(block_i);
+            break;
+        }
+        row.wrong = (got.cpu() != want.to(dtype)).sum().item<std::int64_t>();
         MPI_Allreduce(MPI_IN_PLACE, &row.wrong, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
       }
-      tensor.zero_();  // sums of zeros stay finite however many iterations run
-      runner.run(algo, tensor, sweep.warmup_iters);
+      // Sums of zeros stay finite however many iterations run.
+      buffers.input.zero_();
+      buffers.output.zero_();
+      runner.run(algo, buffers, sweep.warmup_iters);
       MPI_Barrier(MPI_COMM_WORLD);
       const auto start = Clock::now();
-      const std::string description = runner.run(algo, tensor, sweep.iters);
+      const std::string description = runner.run(algo, buffers, sweep.iters);
       if (algo == "auto" && !description.empty()) row.ran = algorithm_of(description);
       const double seconds =
           max_over_ranks(std::chrono::duration<double>(Clock::now() - start).count()) / sweep.iters;
       row.time_us = seconds * 1e6;
       row.algbw = dtrain::bench::algbw_gbs(row.bytes, seconds);
-      row.busbw = dtrain::bench::allreduce_busbw_gbs(row.bytes, seconds, n);
+      row.busbw = op == Op::kAllReduce
+                      ? dtrain::bench::allreduce_busbw_gbs(row.bytes, seconds, n)
+                      : dtrain::bench::scatter_gather_busbw_gbs(row.bytes, seconds, n);
       rows.push_back(row);
     }
   }
 
+  const std::string op_name = op == Op::kAllReduce       ? "all_reduce"
+                              : op == Op::kReduceScatter ? "reduce_scatter"
+                                                         : "all_gather";
   if (runtime.rank() == 0) {
-    std::printf("# dtrain allreduce_perf: %s, %s sum, warm-up %d, iterations %d\n", where.c_str(),
-                c10::toString(dtype), sweep.warmup_iters, sweep.iters);
-    std::printf(
-        "# mpi = MPI_Allreduce called directly; native = MPI_Iallreduce through dtrain\n#\n");
+    std::printf("# dtrain allreduce_perf: %s, %s, %s%s, warm-up %d, iterations %d\n",
+                op_name.c_str(), where.c_str(), c10::toString(dtype),
+                op == Op::kAllGather ? "" : " sum", sweep.warmup_iters, sweep.iters);
+    std::printf("# mpi = %s called directly%s; size = %s; busbw = algbw * %s\n#\n", mpi_call(op),
+                op == Op::kAllReduce ? "; native = MPI_Iallreduce through dtrain" : "",
+                op == Op::kAllReduce ? "the message" : "all ranks' data (n blocks)",
+                op == Op::kAllReduce ? "2(n-1)/n" : "(n-1)/n");
     std::map<std::string, double> busbw_sum;
     std::map<std::string, int> busbw_n;
     for (const std::string& algo : algos) {
@@ -332,7 +486,7 @@ int main(int argc, char** argv) {
       std::printf("# %s: avg busbw %.3f GB/s\n#\n", algo.c_str(),
                   busbw_n[algo] ? busbw_sum[algo] / busbw_n[algo] : 0.0);
     }
-    // Side by side: busbw of every algorithm per size, and its ratio to MPI_Allreduce.
+    // Side by side: busbw of every algorithm per size, and its speed ratio to the MPI call.
     std::printf("# side by side: busbw GB/s (ratio to mpi)\n%12s", "size");
     for (const std::string& algo : algos) std::printf(" %18s", algo.c_str());
     std::printf("\n");
@@ -366,6 +520,7 @@ int main(int argc, char** argv) {
 
     nlohmann::json doc;
     doc["benchmark"] = "allreduce_perf";
+    doc["op"] = op_name;
     doc["ranks"] = n;
     doc["placement"] = where;
     doc["dtype"] = c10::toString(dtype);

@@ -1,8 +1,9 @@
-// ddp_perf: what DistributedDataParallel costs and what its overlap hides,
-// per training step, against plain LibTorch in the same run.
+// ddp_perf: what DistributedDataParallel (or ZeRO-1) costs and what its
+// overlap hides, per training step, against plain LibTorch in the same run.
 //
 //   scripts/launch/dtrain-mpirun -n 2 build/benchmarks/ddp_perf --model mlp
 //   scripts/launch/dtrain-mpirun -n 2 build/benchmarks/ddp_perf --model resnet20 --json r.json
+//   scripts/launch/dtrain-mpirun -n 2 build/benchmarks/ddp_perf --model mlp --zero
 //
 // Models (synthetic data, cross-entropy, SGD with momentum 0.9, 1 intra-op
 // thread per rank unless --threads says otherwise):
@@ -14,13 +15,20 @@
 //   libtorch   plain LibTorch loop on rank 0 alone (no DDP)
 //   ddp        DDP on a 1-rank communicator (rank 0 alone): DDP's own cost
 //   ddp        DDP on all ranks, overlap on and off, for each bucket cap
+// With --zero, instead of the DDP rows (after the libtorch row):
+//   zero/ring  ZeroRedundancyOptimizer on all ranks, its reduce-scatter and
+//              all-gather over the ring (a communicator without shared memory)
+//   zero/shm   the same over shared memory (Algorithm::kAuto's choice when
+//              the ranks share a node)
 // While rank 0 runs the 1-process rows the other ranks sleep (they do not
 // spin in a barrier, which would take a core from rank 0).
 //
 // Columns are per step, the slowest rank's mean: forward (incl. loss),
 // backward (with overlap, all-reduces start inside it), sync
 // (ddp.synchronize(): the exposed communication plus the buffer broadcast),
-// optimizer (zero_grad + step), step (all of it). With overlap off every
+// optimizer (zero_grad + step; under ZeRO-1 step() includes the gradient
+// reduce-scatter, the parameter all-gather and the buffer broadcast), step
+// (all of it). With overlap off every
 // all-reduce runs inside synchronize(), so its sync time is the total
 // all-reduce time; `hidden` on an overlap-on row is the share of that total
 // (same bucket cap) that backward hid: 1 - sync(on) / sync(off).
@@ -46,6 +54,7 @@
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/error.h"
 #include "dtrain/parallel/distributed_data_parallel.h"
+#include "dtrain/parallel/zero_optimizer.h"
 #include "dtrain/runtime.h"
 #include "examples/resnet/resnet.h"
 
@@ -54,6 +63,7 @@ namespace {
 using dtrain::collectives::Communicator;
 using dtrain::parallel::DdpOptions;
 using dtrain::parallel::DistributedDataParallel;
+using dtrain::parallel::ZeroRedundancyOptimizer;
 using Clock = std::chrono::steady_clock;
 
 struct Config {
@@ -64,6 +74,7 @@ struct Config {
   int iters = 10;
   int repeat = 1;
   std::vector<std::size_t> bucket_caps;
+  bool zero = false;  // ZeRO-1 rows instead of DDP rows
   std::string json_path;
 
   int batch_for(int ranks) const {
@@ -130,9 +141,10 @@ void sleeping_barrier() {
   }
 }
 
-// Runs warm-up + timed steps; `ddp` null means the plain LibTorch loop.
-StepTimes train(Model& model, DistributedDataParallel* ddp, int batch, int rank, const Config& c,
-                int* buckets) {
+// Runs warm-up + timed steps with `ddp` or `zero` (at most one; neither: the
+// plain LibTorch loop).
+StepTimes train(Model& model, DistributedDataParallel* ddp, ZeroRedundancyOptimizer* zero,
+                int batch, int rank, const Config& c, int* buckets) {
   torch::manual_seed(1000 + rank);
   std::vector<std::int64_t> shape = model.sample_shape;
   shape.insert(shape.begin(), batch);
@@ -149,7 +161,9 @@ StepTimes train(Model& model, DistributedDataParallel* ddp, int batch, int rank,
   for (int step = 0; step < c.warmup + c.iters; ++step) {
     const bool timed = step >= c.warmup;
     const auto t0 = Clock::now();
-    if (ddp) {
+    if (zero) {
+      zero->zero_grad();
+    } else if (ddp) {
       ddp->zero_grad();
     } else {
       optimizer.zero_grad();
@@ -162,7 +176,11 @@ StepTimes train(Model& model, DistributedDataParallel* ddp, int batch, int rank,
     const auto t3 = Clock::now();
     if (ddp) ddp->synchronize();
     const auto t4 = Clock::now();
-    optimizer.step();
+    if (zero) {
+      zero->step();
+    } else {
+      optimizer.step();
+    }
     const auto t5 = Clock::now();
     if (!timed) continue;
     using D = std::chrono::duration<double>;
@@ -179,10 +197,11 @@ StepTimes train(Model& model, DistributedDataParallel* ddp, int batch, int rank,
           sum.exposed / n, sum.optimizer / n, sum.step / n};
 }
 
-// One row: every rank of `comm` trains (comm null: plain LibTorch on rank 0);
-// ranks outside it wait asleep. Times are the slowest participating rank's.
+// One row: every rank of `comm` trains (comm null: plain LibTorch on rank 0)
+// with DDP (`ddp_options`), ZeRO-1 (`zero`) or neither; ranks outside it
+// wait asleep. Times are the slowest participating rank's.
 Row measure(const std::string& name, const std::shared_ptr<Communicator>& comm, bool participates,
-            int ranks, const DdpOptions* ddp_options, int rank, const Config& c) {
+            int ranks, const DdpOptions* ddp_options, bool zero, int rank, const Config& c) {
   Row row;
   row.name = name;
   row.ranks = ranks;
@@ -196,9 +215,16 @@ Row measure(const std::string& name, const std::shared_ptr<Communicator>& comm, 
     Model model = make_model(c.model);
     if (ddp_options) {
       DistributedDataParallel ddp(model.module, comm, *ddp_options);
-      local = train(model, &ddp, row.batch_per_rank, rank, c, &row.buckets);
+      local = train(model, &ddp, nullptr, row.batch_per_rank, rank, c, &row.buckets);
+    } else if (zero) {
+      // The DDP rows' optimizer, its state sharded over the ranks.
+      ZeroRedundancyOptimizer optimizer(model.module, comm, [](std::vector<torch::Tensor> shard) {
+        return std::make_unique<torch::optim::SGD>(shard,
+                                                   torch::optim::SGDOptions(0.01).momentum(0.9));
+      });
+      local = train(model, nullptr, &optimizer, row.batch_per_rank, rank, c, nullptr);
     } else {
-      local = train(model, nullptr, row.batch_per_rank, rank, c, nullptr);
+      local = train(model, nullptr, nullptr, row.batch_per_rank, rank, c, nullptr);
     }
   }
   sleeping_barrier();
@@ -247,7 +273,14 @@ void print_table(const std::vector<Row>& rows, const Config& c, std::int64_t par
                 r.buckets, 1e3 * r.t.forward, 1e3 * r.t.backward, 1e3 * r.t.sync,
                 1e3 * r.t.optimizer, 1e3 * r.t.step, r.samples_per_s, hidden);
   }
-  if (rows.size() >= 2 && rows[0].t.step > 0) {
+  if (c.zero) {
+    if (rows.size() == 3 && rows[1].t.step > 0) {
+      std::printf(
+          "# ZeRO-1, reduce-scatter + all-gather over shared memory vs the ring: %.2fx the step "
+          "time, %.2fx the optimizer time (incl. both collectives)\n",
+          rows[2].t.step / rows[1].t.step, rows[2].t.optimizer / rows[1].t.optimizer);
+    }
+  } else if (rows.size() >= 2 && rows[0].t.step > 0) {
     std::printf("# DDP on 1 rank vs plain LibTorch: %+.1f%% step time\n",
                 100 * (rows[1].t.step / rows[0].t.step - 1));
   }
@@ -302,7 +335,11 @@ int main(int argc, char** argv) {
       cxxopts::value<int>()->default_value("1"))(
       "bucket-mib", "bucket caps to sweep, in MiB",
       cxxopts::value<std::string>()->default_value("1,5,25,100"))(
-      "threads", "intra-op threads per rank", cxxopts::value<int>()->default_value("1"))(
+      "zero",
+      "ZeRO-1 rows instead of DDP rows: reduce-scatter and all-gather over the ring and over "
+      "shared memory",
+      cxxopts::value<bool>()->default_value("false"))("threads", "intra-op threads per rank",
+                                                      cxxopts::value<int>()->default_value("1"))(
       "json", "also write the results to this JSON file",
       cxxopts::value<std::string>()->default_value(""))("h,help", "print this help");
   Config c;
@@ -331,6 +368,7 @@ int main(int argc, char** argv) {
     c.repeat = parsed["repeat"].as<int>();
     DTRAIN_CHECK_ARG(c.repeat >= 1, "--repeat must be >= 1");
     c.bucket_caps = parse_caps(parsed["bucket-mib"].as<std::string>());
+    c.zero = parsed["zero"].as<bool>();
     c.json_path = parsed["json"].as<std::string>();
     const int threads = parsed["threads"].as<int>();
     DTRAIN_CHECK_ARG(threads >= 1, "--threads must be >= 1");
@@ -358,13 +396,26 @@ int main(int argc, char** argv) {
     bool participates;
     int ranks;
     std::optional<DdpOptions> options;
+    bool zero = false;
   };
   std::vector<Spec> specs;
   // The 1-process rows run what one rank would in a 1-rank job: the whole
   // global batch (resnet20), or the same batch per rank (mlp).
   specs.push_back({"libtorch", nullptr, rank == 0, 1, std::nullopt});
-  specs.push_back({"ddp", solo, rank == 0, 1, DdpOptions{}});
-  if (world > 1) {
+  std::shared_ptr<Communicator> no_shm;
+  if (c.zero) {
+    // Without shared memory the reduce-scatter and all-gather run the ring
+    // (what they ran before they had a shared-memory path).
+    dtrain::collectives::CommunicatorOptions ring_options = world_comm->options();
+    ring_options.name = "world-no-shm";
+    ring_options.shm_slot_bytes = 0;
+    no_shm = runtime.world(ring_options);
+    specs.push_back({"zero/ring", no_shm, true, world, std::nullopt, true});
+    specs.push_back({"zero/shm", world_comm, true, world, std::nullopt, true});
+  } else {
+    specs.push_back({"ddp", solo, rank == 0, 1, DdpOptions{}});
+  }
+  if (world > 1 && !c.zero) {
     for (std::size_t cap : c.bucket_caps) {
       for (bool overlap : {true, false}) {
         DdpOptions options;
@@ -380,12 +431,12 @@ int main(int argc, char** argv) {
     for (std::size_t i = 0; i < specs.size(); ++i) {
       const Spec& spec = specs[i];
       Row row = measure(spec.name, spec.comm, spec.participates, spec.ranks,
-                        spec.options ? &*spec.options : nullptr, rank, c);
+                        spec.options ? &*spec.options : nullptr, spec.zero, rank, c);
       if (rep == 0 || row.t.step < rows[i].t.step) rows[i] = row;
     }
   }
   // Overlap-on rows are followed by the overlap-off row of the same cap.
-  for (std::size_t i = 2; i + 1 < rows.size(); i += 2) {
+  for (std::size_t i = 2; !c.zero && i + 1 < rows.size(); i += 2) {
     if (rows[i + 1].t.sync > 0) {
       rows[i].hidden = std::max(0.0, 1 - rows[i].t.sync / rows[i + 1].t.sync);
     }

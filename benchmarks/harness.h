@@ -4,6 +4,8 @@
 // bandwidth definitions of nccl-tests' doc/PERFORMANCE.md:
 //   algbw = bytes / time
 //   busbw = algbw * 2(n-1)/n   for all-reduce (what each link carries)
+//   busbw = algbw * (n-1)/n    for reduce-scatter and all-gather, whose
+//                              bytes are the whole (n-rank) buffer
 
 #include <cxxopts.hpp>
 
@@ -121,6 +123,10 @@ inline double algbw_gbs(std::size_t bytes, double seconds) {
 
 inline double allreduce_busbw_gbs(std::size_t bytes, double seconds, int ranks) {
   return algbw_gbs(bytes, seconds) * (ranks > 1 ? 2.0 * (ranks - 1) / ranks : 1.0);
+}
+
+inline double scatter_gather_busbw_gbs(std::size_t bytes, double seconds, int ranks) {
+  return algbw_gbs(bytes, seconds) * (ranks > 1 ? static_cast<double>(ranks - 1) / ranks : 1.0);
 }
 
 inline void write_json(const std::string& path, const nlohmann::json& doc) {

@@ -1,6 +1,15 @@
 # All find_package calls of the project, in one place.
 find_package(Threads REQUIRED)
 find_package(MPI REQUIRED COMPONENTS CXX)
+# The environment of every test and benchmark run that starts mpiexec: run as
+# root (CI, containers), and more ranks than cores. Open MPI 4.1 reads the
+# OMPI_MCA_ variable, Open MPI 5 (PRRTE) the PRTE_MCA_ one; each ignores the
+# other's.
+set(DTRAIN_MPI_ENV
+  OMPI_ALLOW_RUN_AS_ROOT=1
+  OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  OMPI_MCA_rmaps_base_oversubscribe=1
+  PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe)
 
 # LibTorch's config adds -D_GLIBCXX_USE_CXX11_ABI and its libraries; it does
 # not define an imported target with usage requirements, so we make one.

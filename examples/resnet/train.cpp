@@ -29,12 +29,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <cxxopts.hpp>
@@ -49,6 +51,7 @@
 #endif
 #include "dtrain/data/dataset.h"
 #include "dtrain/data/loader.h"
+#include "dtrain/env.h"
 #include "dtrain/error.h"
 #include "dtrain/parallel/distributed_data_parallel.h"
 #include "dtrain/parallel/zero_optimizer.h"
@@ -312,36 +315,74 @@ struct LrSchedule {
   }
 };
 
-// Which attempt of a supervised job this is (dtrain-launch sets it).
-int restart_count() {
-  const char* text = std::getenv("DTRAIN_RESTART_COUNT");
-  return text == nullptr ? 0 : std::atoi(text);
-}
-
 double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
-void maybe_fault_kill(int rank, std::int64_t step) {
-  const char* spec = std::getenv("DTRAIN_FAULT_KILL");
-  if (spec == nullptr) return;
-  int want_rank = -1;
-  long long want_step = -1;
-  char always[16] = {0};
-  const int n = std::sscanf(spec, "%d:%lld:%15s", &want_rank, &want_step, always);
-  if (n < 2 || want_rank != rank || want_step != step) return;
-  const char* restart = std::getenv("DTRAIN_RESTART_COUNT");
-  const bool first_attempt = restart == nullptr || std::string(restart) == "0";
-  if (!first_attempt && std::string(always) != "always") return;
-  std::fprintf(stderr, "[dtrain rank %d] fault injection: SIGKILL after step %lld\n", rank,
-               want_step);
+// What the run takes from the environment, read once in main() through
+// dtrain/env.h: which attempt of a supervised job this is, and the faults
+// an external test asks for (docs/configuration.md).
+struct RunEnvironment {
+  int restart = 0;  ///< DTRAIN_RESTART_COUNT (dtrain-launch sets it)
+  /// DTRAIN_FAULT_KILL, when it applies to this attempt.
+  std::optional<dtrain::KillFaultSpec> kill;
+  /// DTRAIN_FAULT_CHECKPOINT, for CheckpointOptions::fault_hook.
+  std::optional<dtrain::CheckpointFaultSpec> checkpoint_fault;
+};
+
+RunEnvironment read_run_environment() {
+  RunEnvironment env;
+  env.restart = dtrain::read_restart_count();
+  const dtrain::FaultInjectionEnv faults = dtrain::read_fault_injection_env();
+  // Faults are injected on a job's first attempt only (a restart must be
+  // able to recover), unless DTRAIN_FAULT_KILL says `always`.
+  if (faults.kill && (env.restart == 0 || faults.kill->every_attempt)) env.kill = faults.kill;
+  if (faults.checkpoint) {
+    dtrain::checkpoint::parse_save_phase(faults.checkpoint->phase);  // a typo is bad input
+    if (env.restart == 0) env.checkpoint_fault = faults.checkpoint;
+  }
+  return env;
+}
+
+void kill_self(int rank, const std::string& what) {
+  std::fprintf(stderr, "[dtrain rank %d] fault injection: %s\n", rank, what.c_str());
   std::fflush(stderr);
   ::kill(::getpid(), SIGKILL);
+}
+
+// The CheckpointOptions::fault_hook of DTRAIN_FAULT_CHECKPOINT: a real
+// SIGKILL of this rank at that point of that save or, with `stall`, this
+// rank says so and waits there until it is killed from outside.
+std::function<void(dtrain::checkpoint::SavePhase, std::int64_t)> checkpoint_fault_hook(
+    const std::optional<dtrain::CheckpointFaultSpec>& fault, int rank) {
+  if (!fault || fault->rank != rank) return {};
+  const dtrain::checkpoint::SavePhase phase = dtrain::checkpoint::parse_save_phase(fault->phase);
+  const std::int64_t step = fault->step;
+  const bool stall = fault->stall;
+  return [phase, step, rank, stall](dtrain::checkpoint::SavePhase now, std::int64_t saving) {
+    if (now != phase || saving != step) return;
+    const std::string where =
+        "saving step " + std::to_string(step) + " (" + dtrain::checkpoint::to_string(phase) + ")";
+    if (stall) {
+      std::fprintf(stderr, "[dtrain rank %d] fault injection: stalled while %s\n", rank,
+                   where.c_str());
+      std::fflush(stderr);
+      while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    kill_self(rank, "killed while " + where);
+  };
+}
+
+void maybe_fault_kill(const std::optional<dtrain::KillFaultSpec>& kill, int rank,
+                      std::int64_t step) {
+  if (!kill || kill->rank != rank || kill->step != step) return;
+  kill_self(rank, "SIGKILL after step " + std::to_string(step));
 }
 
 // --- the run ---------------------------------------------------------------
 
 class Trainer {
  public:
-  Trainer(Config config, dtrain::Runtime& runtime) : c_(std::move(config)), runtime_(runtime) {}
+  Trainer(Config config, dtrain::Runtime& runtime, RunEnvironment env)
+      : c_(std::move(config)), runtime_(runtime), env_(std::move(env)) {}
   int run();
   /// True once every rank has accepted the input (errors after it abort the job).
   bool started() const { return started_; }
@@ -372,6 +413,7 @@ class Trainer {
 
   Config c_;
   dtrain::Runtime& runtime_;
+  RunEnvironment env_;
   bool started_ = false;
   std::shared_ptr<dtrain::collectives::Communicator> world_;
   /// Gradients, buffers and BatchNorm statistics travel here: world_ itself
@@ -452,6 +494,7 @@ void Trainer::setup() {
     o.directory = c_.checkpoint_dir;
     o.keep_last = c_.keep;
     o.async = c_.async_checkpoint;
+    o.fault_hook = checkpoint_fault_hook(env_.checkpoint_fault, runtime_.rank());
     try {
       checkpoints_ = std::make_unique<dtrain::checkpoint::CheckpointManager>(o, world_);
     } catch (const dtrain::CheckpointError& e) {
@@ -851,13 +894,13 @@ int Trainer::run() {
            {"batch_in_epoch", batch.batch_in_epoch},
            {"rank", rank_},
            {"world_size", world_size_},
-           {"restart", restart_count()},
+           {"restart", env_.restart},
            {"indices", std::vector<std::int64_t>(
                            batch.indices.data_ptr<std::int64_t>(),
                            batch.indices.data_ptr<std::int64_t>() + batch.indices.numel())}});
     }
     progress_->update(step_, batch.epoch, global_loss, images_per_s);
-    maybe_fault_kill(rank_, step_);
+    maybe_fault_kill(env_.kill, rank_, step_);
 
     if (agree[3].item<double>() > 0 || agree[4].item<double>() > 0) {
       stopped = true;
@@ -950,13 +993,22 @@ int main(int argc, char** argv) {
     return dynamic_cast<const dtrain::InvalidArgument*>(&e) != nullptr ? kExitBadInput : 1;
   }
   dtrain::Runtime& runtime = *started;
-  if (const char* kib = std::getenv("DTRAIN_FAULT_FILE_LIMIT_KIB")) {
-    const rlimit limit{static_cast<rlim_t>(std::atoll(kib)) * 1024, RLIM_INFINITY};
+  RunEnvironment env;
+  std::optional<std::uint64_t> file_limit_kib;
+  try {
+    env = read_run_environment();
+    file_limit_kib = dtrain::read_fault_injection_env().file_limit_kib;
+  } catch (const dtrain::InvalidArgument& e) {
+    std::fprintf(stderr, "[dtrain rank %d] error: %s\n", runtime.rank(), e.what());
+    return kExitBadInput;
+  }
+  if (file_limit_kib) {
+    const rlimit limit{static_cast<rlim_t>(*file_limit_kib) * 1024, RLIM_INFINITY};
     ::setrlimit(RLIMIT_FSIZE, &limit);
   }
   // The trainer outlives the handlers: aborting must not first wait for its
   // background checkpoint write, which may be waiting for a dead peer.
-  Trainer trainer(config, runtime);
+  Trainer trainer(config, runtime, std::move(env));
   try {
     return trainer.run();
   } catch (const dtrain::InvalidArgument& e) {

@@ -21,33 +21,16 @@
 #include <string_view>
 
 #include "dtrain/collectives/types.h"
+#include "dtrain/env.h"  // LaunchInfo, detect_launch()
 
 namespace dtrain {
 
 namespace collectives {
 class Communicator;
-namespace detail {
-class PeerHealth;
 }
-}  // namespace collectives
 namespace detail {
 class Heartbeat;
 }
-
-/// Where this process sits in the job, as the launcher's environment says
-/// (OMPI_COMM_WORLD_*, PMI_*/PMIX_*, SLURM_*). Readable before MPI is up,
-/// for logging; the communicators' rank()/size() are authoritative.
-struct LaunchInfo {
-  int rank = 0;
-  int size = 1;
-  int local_rank = 0;  ///< Rank among the processes on this node.
-  int local_size = 1;
-  /// "openmpi", "pmi", "slurm" or "none" (started without a launcher).
-  std::string launcher = "none";
-};
-
-/// Reads LaunchInfo from the environment. Pure; never throws.
-LaunchInfo detect_launch();
 
 /// How the process's allocator is set up for training (docs/configuration.md).
 ///
@@ -102,11 +85,15 @@ class Runtime {
   /// Applies plan_malloc_policy() (see MallocPolicy), then initializes MPI
   /// with MPI_THREAD_MULTIPLE (each communicator runs ops on
   /// its own thread). Throws CommError if the MPI library cannot provide that
-  /// level. If MPI is already initialized (by the application), checks its
-  /// thread level and leaves finalization to the application. Then starts
-  /// the heartbeat (`heartbeat`, with the DTRAIN_HEARTBEAT_* overrides):
-  /// collective, every process of the job must create its Runtime.
-  /// At most one Runtime may exist in a process.
+  /// level. MPI_COMM_WORLD and every communicator dtrain creates run under
+  /// MPI_ERRORS_RETURN: a failed MPI call becomes a CommError carrying MPI's
+  /// message, never an abort. If MPI is already initialized (by the
+  /// application), checks its thread level and leaves MPI_COMM_WORLD's error
+  /// handler and finalization to the application (dtrain's own
+  /// communicators still return errors). Then starts the heartbeat
+  /// (`heartbeat`, with the DTRAIN_HEARTBEAT_* overrides): collective, every
+  /// process of the job must create its Runtime. At most one Runtime may
+  /// exist in a process.
   Runtime(int* argc, char*** argv, HeartbeatOptions heartbeat = {});
   Runtime() : Runtime(nullptr, nullptr) {}
   ~Runtime();

@@ -6,7 +6,6 @@
 #include <sstream>
 
 #include "dtrain/checkpoint/checkpoint.h"
-#include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
 #include "src/checkpoint/checksums.h"
 #include "src/checkpoint/format.h"
@@ -45,53 +44,31 @@ std::int64_t volume(const std::vector<std::int64_t>& shape) {
 // ---------------------------------------------------------------------------
 // StateDict
 
-void StateDict::add(Entry entry) {
-  DTRAIN_CHECK_ARG(valid_name(entry.name), "checkpoint tensor name '", entry.name,
-                   "' must be '/'-separated segments of [A-Za-z0-9_.-]");
-  DTRAIN_CHECK_ARG(entry.tensor.defined(), "checkpoint tensor '", entry.name, "' is undefined");
-  DTRAIN_CHECK_ARG(detail::dtype_name(entry.tensor.scalar_type()) != nullptr, "checkpoint tensor '",
-                   entry.name, "' has unsupported dtype ", entry.tensor.scalar_type());
+void StateDict::add(const std::string& name, const at::Tensor& tensor,
+                    parallel::Placement placement) {
+  DTRAIN_CHECK_ARG(valid_name(name), "checkpoint tensor name '", name,
+                   "' must be '/'-separated segments of [A-Za-z0-9_.-], not starting with '.'");
+  DTRAIN_CHECK_ARG(tensor.defined(), "checkpoint tensor '", name, "' is undefined");
+  DTRAIN_CHECK_ARG(detail::dtype_name(tensor.scalar_type()) != nullptr, "checkpoint tensor '", name,
+                   "' has unsupported dtype ", tensor.scalar_type());
   for (const Entry& e : entries_) {
-    DTRAIN_CHECK_ARG(e.name != entry.name, "checkpoint tensor '", entry.name, "' added twice");
+    DTRAIN_CHECK_ARG(e.name != name, "checkpoint tensor '", name, "' added twice");
   }
-  entries_.push_back(std::move(entry));
+  placement.check(name, tensor);
+  entries_.push_back({name, tensor, std::move(placement)});
 }
 
 void StateDict::add_replicated(const std::string& name, const at::Tensor& tensor) {
-  Entry e;
-  e.name = name;
-  e.tensor = tensor;
-  e.kind = Kind::kReplicated;
-  if (tensor.defined()) {
-    e.global_shape = tensor.sizes().vec();
-    e.offset.assign(e.global_shape.size(), 0);
-  }
-  add(std::move(e));
+  DTRAIN_CHECK_ARG(tensor.defined(), "checkpoint tensor '", name, "' is undefined");
+  add(name, tensor, parallel::Placement::replicated(tensor.sizes().vec()));
 }
 
 void StateDict::add_shard(const std::string& name, const at::Tensor& piece,
                           std::vector<std::int64_t> global_shape,
                           std::vector<std::int64_t> offset) {
   DTRAIN_CHECK_ARG(piece.defined(), "checkpoint tensor '", name, "' is undefined");
-  DTRAIN_CHECK_ARG(global_shape.size() == static_cast<std::size_t>(piece.dim()) &&
-                       offset.size() == global_shape.size(),
-                   "checkpoint tensor '", name, "': the piece has ", piece.dim(),
-                   " dimensions but the global shape ", global_shape.size(), " and the offset ",
-                   offset.size());
-  for (std::size_t d = 0; d < global_shape.size(); ++d) {
-    DTRAIN_CHECK_ARG(
-        offset[d] >= 0 && offset[d] + piece.size(static_cast<int64_t>(d)) <= global_shape[d],
-        "checkpoint tensor '", name, "': the piece at offset ", offset[d], " of size ",
-        piece.size(static_cast<int64_t>(d)), " does not fit in dimension ", d, " of size ",
-        global_shape[d]);
-  }
-  Entry e;
-  e.name = name;
-  e.tensor = piece;
-  e.kind = Kind::kShard;
-  e.global_shape = std::move(global_shape);
-  e.offset = std::move(offset);
-  add(std::move(e));
+  add(name, piece,
+      parallel::Placement::block(std::move(global_shape), std::move(offset), piece.sizes().vec()));
 }
 
 void StateDict::add_per_rank(const std::string& name, const at::Tensor& tensor, int rank,
@@ -114,17 +91,15 @@ void StateDict::add_per_rank(const std::string& name, const at::Tensor& tensor, 
 struct Checkpoint::Impl {
   std::string directory;
   detail::Manifest manifest;
-  mutable std::map<std::string, std::int64_t> open_files;
+  mutable std::map<std::string, io::Handle> open_files;  // closed with the checkpoint
 
-  ~Impl() {
-    for (auto& [name, id] : open_files) detail::close_piece_file(id);
-  }
-  std::int64_t file(const std::string& name) const {
+  hid_t file(const std::string& name) const {
     auto it = open_files.find(name);
-    if (it != open_files.end()) return it->second;
-    const std::int64_t id = detail::open_piece_file((fs::path(directory) / name).string());
-    open_files.emplace(name, id);
-    return id;
+    if (it == open_files.end()) {
+      it = open_files.emplace(name, detail::open_piece_file((fs::path(directory) / name).string()))
+               .first;
+    }
+    return it->second.get();
   }
 };
 
@@ -146,6 +121,7 @@ Checkpoint Checkpoint::open(const std::string& directory) {
 const std::string& Checkpoint::directory() const { return impl_->directory; }
 std::int64_t Checkpoint::step() const { return impl_->manifest.step; }
 int Checkpoint::world_size() const { return impl_->manifest.world_size; }
+const collectives::GridShape& Checkpoint::grid() const { return impl_->manifest.grid; }
 const std::map<std::string, std::string>& Checkpoint::metadata() const {
   return impl_->manifest.metadata;
 }
@@ -231,7 +207,7 @@ at::Tensor Checkpoint::read(const std::string& name, const std::vector<std::int6
     const bool direct = dst.is_contiguous();
     at::Tensor buffer = direct ? dst : at::empty(count, out.options());
     const std::string path = (fs::path(impl_->directory) / p.file).string();
-    detail::read_piece(impl_->file(p.file), path, name, start, count, buffer);
+    detail::read_piece(impl_->file(p.file), path, name, p.dataset, start, count, buffer);
     if (!direct) dst.copy_(buffer);
     covered += volume(count);
   }

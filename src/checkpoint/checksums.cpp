@@ -1,22 +1,13 @@
-// Fletcher32 of HDF5 chunks and XXH3-128 digests of checkpoint files.
+// Fletcher32 of HDF5 chunks; the digests of checkpoint files (src/io/digest).
 
 #include "src/checkpoint/checksums.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
+#include <algorithm>
 #include <cstring>
-#include <memory>
-#include <vector>
 
-#define XXH_INLINE_ALL  // header-only: nothing to link, the fastest code paths inlined
-#include <xxhash.h>
-
-#include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
+#include "src/io/digest.h"
 
-static_assert(XXH_VERSION_NUMBER >= 800, "XXH3 needs xxHash 0.8 or newer (libxxhash-dev)");
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "the vector code reads words little-endian");
 
@@ -129,23 +120,6 @@ struct FletcherSums {
   }
 };
 
-std::string hex(const unsigned char* bytes, std::size_t length) {
-  static const char* kHex = "0123456789abcdef";
-  std::string out;
-  out.reserve(2 * length);
-  for (std::size_t i = 0; i < length; ++i) {
-    out += kHex[bytes[i] >> 4];
-    out += kHex[bytes[i] & 15];
-  }
-  return out;
-}
-
-std::string hex(const XXH128_hash_t& hash) {
-  XXH128_canonical_t canonical;
-  XXH128_canonicalFromHash(&canonical, hash);
-  return hex(canonical.digest, sizeof(canonical.digest));
-}
-
 template <bool kCopy>
 std::uint32_t fletcher32(const void* data, std::size_t length, void* copy_to) {
   const auto* p = static_cast<const std::uint8_t*>(data);
@@ -176,41 +150,16 @@ std::uint32_t copy_with_fletcher32(void* destination, const void* source, std::s
 }
 
 std::string xxh3_128_hex(const void* data, std::size_t length) {
-  return hex(XXH3_128bits(data, length));
+  return io::digest_bytes(io::Digest::kXxh3128, data, length);
 }
 
 std::string digest_file(const std::string& path, const std::string& algorithm) {
-  if (algorithm == kDigestSha256) {
-    try {
-      return data::sha256_file(path);
-    } catch (const Error& e) {
-      DTRAIN_THROW(CheckpointError, e.what());
-    }
-  }
+  if (algorithm == kDigestSha256)
+    return io::digest_file<CheckpointError>(io::Digest::kSha256, path);
   DTRAIN_CHECK_T(CheckpointError, algorithm == kDigestXxh3, "cannot check ", path,
                  ": unknown digest '", algorithm, "' (this build knows ", kDigestXxh3, " and ",
                  kDigestSha256, ")");
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  DTRAIN_CHECK_T(CheckpointError, fd >= 0, "cannot open ", path,
-                 " to compute its digest: ", std::strerror(errno));
-  const std::unique_ptr<int, void (*)(int*)> closer(new int(fd), [](int* f) {
-    ::close(*f);
-    delete f;
-  });
-  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-  XXH3_state_t state;
-  XXH3_INITSTATE(&state);
-  XXH3_128bits_reset(&state);
-  std::vector<char> buffer(std::size_t{4} << 20);
-  while (true) {
-    const ssize_t n = ::read(fd, buffer.data(), buffer.size());
-    if (n < 0 && errno == EINTR) continue;
-    DTRAIN_CHECK_T(CheckpointError, n >= 0, "read error while digesting ", path, ": ",
-                   std::strerror(errno));
-    if (n == 0) break;
-    XXH3_128bits_update(&state, buffer.data(), static_cast<std::size_t>(n));
-  }
-  return hex(XXH3_128bits_digest(&state));
+  return io::digest_file<CheckpointError>(io::Digest::kXxh3128, path);
 }
 
 }  // namespace dtrain::checkpoint::detail

@@ -22,7 +22,7 @@
 
 #include "dtrain/error.h"
 #include "src/checkpoint/checksums.h"
-#include "src/data/hdf5_handle.h"
+#include "src/io/hdf5.h"
 
 namespace dtrain::checkpoint::detail {
 
@@ -88,7 +88,7 @@ void FileImage::attach(std::int64_t fapl, const std::string& path) {
   callbacks.udata_free = udata_free;
   callbacks.udata = this;
   if (H5Pset_file_image_callbacks(static_cast<hid_t>(fapl), &callbacks) < 0) {
-    throw CheckpointError(data::detail::error_message("H5Pset_file_image_callbacks", path));
+    throw CheckpointError(io::error_message("H5Pset_file_image_callbacks", path));
   }
 }
 

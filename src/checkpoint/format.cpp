@@ -18,23 +18,17 @@
 
 #include "dtrain/error.h"
 #include "src/checkpoint/checksums.h"
-#include "src/data/hdf5_handle.h"
+#include "src/io/hdf5.h"
 
 namespace dtrain::checkpoint::detail {
 
 namespace fs = std::filesystem;
-using data::detail::Handle;
+using io::Handle;
+// HDF5 failures here are CheckpointErrors naming the file and the tensor.
+constexpr io::Check<CheckpointError> check;
 using json = nlohmann::json;
 
 namespace {
-
-template <typename T>
-T ck(T status, const char* what, const std::string& file, const std::string& tensor = {}) {
-  if (status < 0) {
-    throw CheckpointError(data::detail::error_message(what, file, tensor));
-  }
-  return status;
-}
 
 std::string pad(std::int64_t value, int width) {
   std::string digits = std::to_string(value);
@@ -109,13 +103,13 @@ hid_t memory_type(at::ScalarType dtype) {
 
 void write_string_attribute(hid_t object, const char* name, const std::string& value,
                             const std::string& path) {
-  Handle type(ck(H5Tcopy(H5T_C_S1), "H5Tcopy", path), H5Tclose);
-  ck(H5Tset_size(type.get(), value.empty() ? 1 : value.size()), "H5Tset_size", path);
-  Handle space(ck(H5Screate(H5S_SCALAR), "H5Screate", path), H5Sclose);
-  Handle attr(ck(H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
-                 "H5Acreate2", path, name),
+  Handle type(check(H5Tcopy(H5T_C_S1), "H5Tcopy", path), H5Tclose);
+  check(H5Tset_size(type.get(), value.empty() ? 1 : value.size()), "H5Tset_size", path);
+  Handle space(check(H5Screate(H5S_SCALAR), "H5Screate", path), H5Sclose);
+  Handle attr(check(H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                    "H5Acreate2", path, name),
               H5Aclose);
-  ck(H5Awrite(attr.get(), type.get(), value.c_str()), "H5Awrite", path, name);
+  check(H5Awrite(attr.get(), type.get(), value.c_str()), "H5Awrite", path, name);
 }
 
 // A scalar attribute for one value, a 1-d array otherwise (or when `array`).
@@ -123,13 +117,13 @@ void write_int_attribute(hid_t object, const char* name, const std::vector<std::
                          const std::string& path, bool array = false) {
   const hsize_t n = values.size();
   Handle space(
-      ck(values.size() == 1 && !array ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &n, nullptr),
-         "H5Screate", path),
+      check(values.size() == 1 && !array ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &n, nullptr),
+            "H5Screate", path),
       H5Sclose);
-  Handle attr(ck(H5Acreate2(object, name, H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
-                 "H5Acreate2", path, name),
+  Handle attr(check(H5Acreate2(object, name, H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                    "H5Acreate2", path, name),
               H5Aclose);
-  ck(H5Awrite(attr.get(), H5T_NATIVE_INT64, values.data()), "H5Awrite", path, name);
+  check(H5Awrite(attr.get(), H5T_NATIVE_INT64, values.data()), "H5Awrite", path, name);
 }
 
 // Chunks of about 1 MiB: whole trailing dimensions, cut along the leading
@@ -202,15 +196,15 @@ void write_chunks(hid_t dset, const std::vector<hsize_t>& dims, const ChunkLayou
         buffer[chunk_bytes + b] = static_cast<char>((checksum >> (8 * b)) & 0xff);
       }
       offset[split] = start;
-      ck(H5Dwrite_chunk(dset, H5P_DEFAULT, /*filters=*/0, offset.data(), buffer.size(),
-                        buffer.data()),
-         "H5Dwrite_chunk", path, name);
+      check(H5Dwrite_chunk(dset, H5P_DEFAULT, /*filters=*/0, offset.data(), buffer.size(),
+                           buffer.data()),
+            "H5Dwrite_chunk", path, name);
       // HDF5 never touches a written chunk again: it can go to disk now.
       unsigned filters = 0;
       haddr_t address = HADDR_UNDEF;
       hsize_t stored = 0;
-      ck(H5Dget_chunk_info_by_coord(dset, offset.data(), &filters, &address, &stored),
-         "H5Dget_chunk_info_by_coord", path, name);
+      check(H5Dget_chunk_info_by_coord(dset, offset.data(), &filters, &address, &stored),
+            "H5Dget_chunk_info_by_coord", path, name);
       writer.final_range(address, address + stored);
     }
   }
@@ -238,6 +232,7 @@ const char* digest_of_version(int version) { return version >= 2 ? kDigestXxh3 :
 std::string step_dir_name(std::int64_t step) { return "step-" + pad(step, 9); }
 std::string tmp_dir_name(std::int64_t step) { return ".tmp-" + step_dir_name(step); }
 std::string rank_file_name(int rank) { return "rank-" + pad(rank, 5) + ".h5"; }
+std::string extra_piece_dataset(int k) { return ".pieces/" + std::to_string(k); }
 
 std::int64_t parse_step_dir_name(const std::string& name) {
   if (name.size() <= 5 || name.compare(0, 5, "step-") != 0 || name.size() > 5 + 18) return -1;
@@ -267,6 +262,7 @@ std::string serialize(const FileRecord& record) {
   json pieces = json::array();
   for (const PieceRecord& p : record.pieces) {
     pieces.push_back({{"name", p.name},
+                      {"dataset", p.dataset},
                       {"dtype", dtype_name(p.dtype)},
                       {"global_shape", to_json(p.global_shape)},
                       {"offset", to_json(p.offset)},
@@ -294,6 +290,7 @@ FileRecord parse_file_record(const std::string& text) {
   for (const auto& p : j.at("pieces")) {
     PieceRecord piece;
     piece.name = p.at("name").get<std::string>();
+    piece.dataset = p.at("dataset").get<std::string>();
     piece.dtype = parse_dtype(p.at("dtype").get<std::string>(), "file record");
     piece.global_shape = p.at("global_shape").get<std::vector<std::int64_t>>();
     piece.offset = p.at("offset").get<std::vector<std::int64_t>>();
@@ -304,10 +301,13 @@ FileRecord parse_file_record(const std::string& text) {
 }
 
 Manifest make_manifest(std::int64_t step, const std::map<std::string, std::string>& metadata,
-                       const std::vector<FileRecord>& records) {
+                       const std::vector<FileRecord>& records, const collectives::GridShape& grid) {
   Manifest m;
   m.step = step;
   m.world_size = static_cast<int>(records.size());
+  m.grid = grid;
+  DTRAIN_CHECK_T(CheckpointError, grid.world_size() == m.world_size, "a grid of ",
+                 grid.world_size(), " ranks wrote ", m.world_size, " files");
   m.created_unix =
       std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   m.metadata = metadata;
@@ -333,7 +333,7 @@ Manifest make_manifest(std::int64_t step, const std::map<std::string, std::strin
         DTRAIN_CHECK_T(CheckpointError, !overlap, "tensor '", p.name, "': rank ", r.info.rank,
                        " wrote a piece that overlaps one in ", other.file);
       }
-      t.pieces.push_back({r.info.file, p.offset, p.shape});
+      t.pieces.push_back({r.info.file, p.dataset.empty() ? p.name : p.dataset, p.offset, p.shape});
     }
   }
   return m;
@@ -352,8 +352,9 @@ std::string serialize(const Manifest& m) {
   for (const auto& [name, t] : m.tensors) {
     json pieces = json::array();
     for (const PieceInfo& p : t.pieces) {
-      pieces.push_back(
-          {{"file", p.file}, {"offset", to_json(p.offset)}, {"shape", to_json(p.shape)}});
+      json piece = {{"file", p.file}, {"offset", to_json(p.offset)}, {"shape", to_json(p.shape)}};
+      if (p.dataset != name) piece["dataset"] = p.dataset;  // absent: the tensor's name
+      pieces.push_back(std::move(piece));
     }
     tensors[name] = {{"dtype", dtype_name(t.dtype)},
                      {"global_shape", to_json(t.global_shape)},
@@ -363,6 +364,7 @@ std::string serialize(const Manifest& m) {
               {"version", kFormatVersion},
               {"step", m.step},
               {"world_size", m.world_size},
+              {"grid", {{"dp", m.grid.dp}, {"pp", m.grid.pp}, {"tp", m.grid.tp}}},
               {"created_unix", m.created_unix},
               {"metadata", m.metadata},
               {"files", files},
@@ -391,6 +393,16 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
     const char* digest_key = digest_of_version(m.version);
     m.step = j.at("step").get<std::int64_t>();
     m.world_size = j.at("world_size").get<int>();
+    m.grid = {m.world_size, 1, 1};
+    if (j.contains("grid")) {
+      const json& g = j.at("grid");
+      m.grid = {g.at("dp").get<int>(), g.at("pp").get<int>(), g.at("tp").get<int>()};
+      DTRAIN_CHECK_T(
+          CheckpointError,
+          m.grid.dp >= 1 && m.grid.pp >= 1 && m.grid.tp >= 1 && m.grid.world_size() == m.world_size,
+          source, ": the grid dp ", m.grid.dp, " x pp ", m.grid.pp, " x tp ", m.grid.tp,
+          " does not have world_size ", m.world_size, " ranks");
+    }
     m.created_unix = j.value("created_unix", 0.0);
     m.metadata = j.at("metadata").get<std::map<std::string, std::string>>();
     std::set<std::string> file_names;
@@ -415,8 +427,10 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
       info.dtype = parse_dtype(t.at("dtype").get<std::string>(), where);
       info.global_shape = shape_of(t, "global_shape", where);
       for (const auto& p : t.at("pieces")) {
-        PieceInfo piece{p.at("file").get<std::string>(), shape_of(p, "offset", where),
-                        shape_of(p, "shape", where)};
+        PieceInfo piece{p.at("file").get<std::string>(), p.value("dataset", name),
+                        shape_of(p, "offset", where), shape_of(p, "shape", where)};
+        DTRAIN_CHECK_T(CheckpointError, !piece.dataset.empty(), where,
+                       ": a piece names an empty dataset");
         DTRAIN_CHECK_T(CheckpointError, file_names.count(piece.file) == 1, where,
                        ": a piece is in '", piece.file, "', which the manifest does not list");
         DTRAIN_CHECK_T(CheckpointError,
@@ -446,66 +460,71 @@ namespace {
 std::size_t build_image(FileImage& image, ImageFileWriter& writer, const std::string& path,
                         std::int64_t step, int rank, int world_size,
                         const std::vector<PieceToWrite>& pieces) {
-  data::detail::ErrorScope quiet;
+  io::ErrorScope quiet;
   std::size_t payload = 0;
   for (const auto& p : pieces) payload += p.data.nbytes();
   // Room for the data, padded edge chunks and metadata: rarely grown.
   image.reserve(payload + payload / 64 + (std::size_t{4} << 20));
-  Handle fapl(ck(H5Pcreate(H5P_FILE_ACCESS), "H5Pcreate", path), H5Pclose);
+  Handle fapl(check(H5Pcreate(H5P_FILE_ACCESS), "H5Pcreate", path), H5Pclose);
   // The core driver zeroes each increment as the file grows into it: small
   // steps keep that next to the writes that follow, in cache.
-  ck(H5Pset_fapl_core(fapl.get(), std::size_t{1} << 20, /*backing_store=*/0), "H5Pset_fapl_core",
-     path);
+  check(H5Pset_fapl_core(fapl.get(), std::size_t{1} << 20, /*backing_store=*/0), "H5Pset_fapl_core",
+        path);
   image.attach(fapl.get(), path);
   Handle file(
-      ck(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), "H5Fcreate", path),
+      check(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), "H5Fcreate", path),
       H5Fclose);
   write_string_attribute(file.get(), "format", kFormatName, path);
   write_int_attribute(file.get(), "version", {kFormatVersion}, path);
   write_int_attribute(file.get(), "step", {step}, path);
   write_int_attribute(file.get(), "rank", {rank}, path);
   write_int_attribute(file.get(), "world_size", {world_size}, path);
-  Handle lcpl(ck(H5Pcreate(H5P_LINK_CREATE), "H5Pcreate", path), H5Pclose);
-  ck(H5Pset_create_intermediate_group(lcpl.get(), 1), "H5Pset_create_intermediate_group", path);
+  Handle lcpl(check(H5Pcreate(H5P_LINK_CREATE), "H5Pcreate", path), H5Pclose);
+  check(H5Pset_create_intermediate_group(lcpl.get(), 1), "H5Pset_create_intermediate_group", path);
 
   for (const PieceToWrite& piece : pieces) {
     const PieceRecord& r = piece.record;
     DTRAIN_CHECK_T(CheckpointError, piece.data.is_contiguous() && piece.data.is_cpu(), path,
                    " tensor '", r.name, "': the data to write is not a contiguous CPU tensor");
-    std::vector<hsize_t> dims(r.shape.begin(), r.shape.end());
-    if (dims.empty()) dims.push_back(1);  // a 0-d tensor is stored as [1]
-    Handle space(ck(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
-                    "H5Screate_simple", path, r.name),
+    // A 0-d tensor is stored as [1]. (Made in one step: GCC 14 reports a
+    // false -Wfree-nonheap-object for a push_back after the range copy.)
+    const std::vector<hsize_t> dims = r.shape.empty()
+                                          ? std::vector<hsize_t>{1}
+                                          : std::vector<hsize_t>(r.shape.begin(), r.shape.end());
+    Handle space(check(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+                       "H5Screate_simple", path, r.name),
                  H5Sclose);
-    Handle dcpl(ck(H5Pcreate(H5P_DATASET_CREATE), "H5Pcreate", path, r.name), H5Pclose);
+    Handle dcpl(check(H5Pcreate(H5P_DATASET_CREATE), "H5Pcreate", path, r.name), H5Pclose);
     // No object timestamps: the same state gives the same bytes (and digest).
-    ck(H5Pset_obj_track_times(dcpl.get(), 0), "H5Pset_obj_track_times", path, r.name);
+    check(H5Pset_obj_track_times(dcpl.get(), 0), "H5Pset_obj_track_times", path, r.name);
     const std::int64_t numel = piece.data.numel();
     ChunkLayout layout;
     if (numel > 0) {
       layout = chunk_layout(dims, piece.data.element_size());
-      ck(H5Pset_chunk(dcpl.get(), static_cast<int>(layout.chunk.size()), layout.chunk.data()),
-         "H5Pset_chunk", path, r.name);
+      check(H5Pset_chunk(dcpl.get(), static_cast<int>(layout.chunk.size()), layout.chunk.data()),
+            "H5Pset_chunk", path, r.name);
       // Readers (this library, h5py) check every chunk they read against it.
-      ck(H5Pset_fletcher32(dcpl.get()), "H5Pset_fletcher32", path, r.name);
+      check(H5Pset_fletcher32(dcpl.get()), "H5Pset_fletcher32", path, r.name);
     }
-    Handle dset(ck(H5Dcreate2(file.get(), r.name.c_str(), file_type(r.dtype), space.get(),
-                              lcpl.get(), dcpl.get(), H5P_DEFAULT),
-                   "H5Dcreate2", path, r.name),
+    const std::string& dataset = r.dataset.empty() ? r.name : r.dataset;
+    Handle dset(check(H5Dcreate2(file.get(), dataset.c_str(), file_type(r.dtype), space.get(),
+                                 lcpl.get(), dcpl.get(), H5P_DEFAULT),
+                      "H5Dcreate2", path, r.name),
                 H5Dclose);
     if (numel > 0) {
       write_chunks(dset.get(), dims, layout, static_cast<const char*>(piece.data.data_ptr()),
                    piece.data.element_size(), image.chunk_buffer(), writer, path, r.name);
     }
     write_string_attribute(dset.get(), "dtype", dtype_name(r.dtype), path);
+    if (dataset != r.name) write_string_attribute(dset.get(), "tensor", r.name, path);
     if (!r.global_shape.empty()) {
       write_int_attribute(dset.get(), "global_shape", r.global_shape, path, true);
       write_int_attribute(dset.get(), "offset", r.offset, path, true);
     }
   }
-  ck(H5Fflush(file.get(), H5F_SCOPE_LOCAL), "H5Fflush", path);
+  check(H5Fflush(file.get(), H5F_SCOPE_LOCAL), "H5Fflush", path);
   // The size of the file (its end of allocated space); nothing is copied.
-  const ssize_t size = ck(H5Fget_file_image(file.get(), nullptr, 0), "H5Fget_file_image", path);
+  const ssize_t size = check(H5Fget_file_image(file.get(), nullptr, 0), "H5Fget_file_image", path);
   file.reset();  // the image stays in `image`
   return static_cast<std::size_t>(size);
 }
@@ -536,25 +555,23 @@ FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, 
   return info;
 }
 
-std::int64_t open_piece_file(const std::string& path) {
-  data::detail::ErrorScope quiet;
+io::Handle open_piece_file(const std::string& path) {
+  io::ErrorScope quiet;
   DTRAIN_CHECK_T(CheckpointError, fs::is_regular_file(path), "checkpoint file ", path,
                  " is missing");
-  return ck(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "H5Fopen", path);
+  return io::file_handle(
+      check(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "H5Fopen", path));
 }
 
-void close_piece_file(std::int64_t file_id) { H5Fclose(static_cast<hid_t>(file_id)); }
-
-void read_piece(std::int64_t file_id, const std::string& path, const std::string& name,
-                const std::vector<std::int64_t>& start, const std::vector<std::int64_t>& count,
-                at::Tensor& out) {
-  data::detail::ErrorScope quiet;
-  Handle dset(
-      ck(H5Dopen2(static_cast<hid_t>(file_id), name.c_str(), H5P_DEFAULT), "H5Dopen2", path, name),
-      H5Dclose);
-  Handle space(ck(H5Dget_space(dset.get()), "H5Dget_space", path, name), H5Sclose);
+void read_piece(hid_t file, const std::string& path, const std::string& name,
+                const std::string& dataset, const std::vector<std::int64_t>& start,
+                const std::vector<std::int64_t>& count, at::Tensor& out) {
+  io::ErrorScope quiet;
+  Handle dset(check(H5Dopen2(file, dataset.c_str(), H5P_DEFAULT), "H5Dopen2", path, name),
+              H5Dclose);
+  Handle space(check(H5Dget_space(dset.get()), "H5Dget_space", path, name), H5Sclose);
   const int ndims =
-      ck(H5Sget_simple_extent_ndims(space.get()), "H5Sget_simple_extent_ndims", path, name);
+      check(H5Sget_simple_extent_ndims(space.get()), "H5Sget_simple_extent_ndims", path, name);
   const int expected = start.empty() ? 1 : static_cast<int>(start.size());
   DTRAIN_CHECK_T(CheckpointError, ndims == expected, path, " tensor '", name, "' has ", ndims,
                  " dimensions in the file but the manifest says ", expected);
@@ -567,18 +584,18 @@ void read_piece(std::int64_t file_id, const std::string& path, const std::string
       DTRAIN_CHECK_T(CheckpointError, s[d] + c[d] <= dims[d], path, " tensor '", name,
                      "' is smaller in the file than the manifest says");
     }
-    ck(H5Sselect_hyperslab(space.get(), H5S_SELECT_SET, s.data(), nullptr, c.data(), nullptr),
-       "H5Sselect_hyperslab", path, name);
-    Handle mem(ck(H5Screate_simple(static_cast<int>(c.size()), c.data(), nullptr),
-                  "H5Screate_simple", path, name),
+    check(H5Sselect_hyperslab(space.get(), H5S_SELECT_SET, s.data(), nullptr, c.data(), nullptr),
+          "H5Sselect_hyperslab", path, name);
+    Handle mem(check(H5Screate_simple(static_cast<int>(c.size()), c.data(), nullptr),
+                     "H5Screate_simple", path, name),
                H5Sclose);
-    ck(H5Dread(dset.get(), memory_type(out.scalar_type()), mem.get(), space.get(), H5P_DEFAULT,
-               out.data_ptr()),
-       "H5Dread (corrupt chunk or I/O error)", path, name);
+    check(H5Dread(dset.get(), memory_type(out.scalar_type()), mem.get(), space.get(), H5P_DEFAULT,
+                  out.data_ptr()),
+          "H5Dread (corrupt chunk or I/O error)", path, name);
   } else {
-    ck(H5Dread(dset.get(), memory_type(out.scalar_type()), H5S_ALL, H5S_ALL, H5P_DEFAULT,
-               out.data_ptr()),
-       "H5Dread (corrupt chunk or I/O error)", path, name);
+    check(H5Dread(dset.get(), memory_type(out.scalar_type()), H5S_ALL, H5S_ALL, H5P_DEFAULT,
+                  out.data_ptr()),
+          "H5Dread (corrupt chunk or I/O error)", path, name);
   }
 }
 

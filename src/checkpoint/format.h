@@ -10,15 +10,23 @@
 #include <vector>
 
 #include "dtrain/checkpoint/checkpoint.h"
+#include "dtrain/collectives/process_grid.h"
 #include "src/checkpoint/file_image.h"
+#include "src/io/hdf5.h"
 
 namespace dtrain::checkpoint::detail {
 
 constexpr const char* kFormatName = "dtrain-checkpoint";
-/// The version written. 2: the manifest records each file's XXH3-128
-/// ("xxh3_128"); 1: its SHA-256 ("sha256"). The HDF5 files are the same in
-/// both. Versions kOldestFormatVersion..kFormatVersion are read.
-constexpr int kFormatVersion = 2;
+/// The version written. 3: a piece may name the HDF5 dataset that holds it
+/// (a file can hold several pieces of one tensor: ZeRO's share of a
+/// parameter), the manifest records the grid that wrote it, optimizer state
+/// is stored per parameter ("optim/<param>/<field>", also under ZeRO) and
+/// RNG streams by grid coordinates ("rng/<stream>/<device>"). 2: the
+/// manifest records each file's XXH3-128 ("xxh3_128"); 1: its SHA-256
+/// ("sha256"). Versions kOldestFormatVersion..kFormatVersion are read; a
+/// dtrain older than version 3 refuses a version-3 checkpoint, whose ZeRO
+/// and RNG state it would not find.
+constexpr int kFormatVersion = 3;
 constexpr int kOldestFormatVersion = 1;
 constexpr const char* kManifestName = "manifest.json";
 
@@ -35,9 +43,14 @@ const char* dtype_name(at::ScalarType dtype);
 /// CheckpointError for names not from dtype_name().
 at::ScalarType parse_dtype(const std::string& name, const std::string& where);
 
+/// The dataset of a tensor's k-th further piece in one file (k >= 1): names
+/// of tensors never start with '.', so these never collide with them.
+std::string extra_piece_dataset(int k);
+
 /// One piece as written by a rank.
 struct PieceRecord {
   std::string name;
+  std::string dataset;  ///< the HDF5 dataset holding it; empty: `name`
   at::ScalarType dtype = at::kFloat;
   std::vector<std::int64_t> global_shape;
   std::vector<std::int64_t> offset;
@@ -58,6 +71,8 @@ struct Manifest {
   int version = kFormatVersion;
   std::int64_t step = 0;
   int world_size = 0;
+  /// The layout that wrote it (version < 3: dp = world_size).
+  collectives::GridShape grid;
   double created_unix = 0;
   std::map<std::string, std::string> metadata;
   std::vector<FileInfo> files;
@@ -67,7 +82,7 @@ struct Manifest {
 /// Builds the manifest from every rank's record; CheckpointError when two
 /// ranks disagree on a tensor's dtype or global shape.
 Manifest make_manifest(std::int64_t step, const std::map<std::string, std::string>& metadata,
-                       const std::vector<FileRecord>& records);
+                       const std::vector<FileRecord>& records, const collectives::GridShape& grid);
 std::string serialize(const Manifest& manifest);
 /// CheckpointError naming `source` when the text is not a valid manifest.
 Manifest parse_manifest(const std::string& text, const std::string& source);
@@ -98,15 +113,15 @@ FileInfo write_piece_file(const std::string& path, std::int64_t step, int rank, 
                           const std::vector<PieceToWrite>& pieces, const ImageWriteOptions& options,
                           FileImage& image, FileWriteTimes* times = nullptr);
 
-/// Reads [start, start + count) of the piece `name` from an open file into
-/// `out` (contiguous, count's shape, the piece's dtype).
-void read_piece(std::int64_t file_id, const std::string& path, const std::string& name,
-                const std::vector<std::int64_t>& start, const std::vector<std::int64_t>& count,
-                at::Tensor& out);
+/// Reads [start, start + count) of a piece of tensor `name`, stored as
+/// `dataset`, from an open file into `out` (contiguous, count's shape, the
+/// piece's dtype).
+void read_piece(hid_t file, const std::string& path, const std::string& name,
+                const std::string& dataset, const std::vector<std::int64_t>& start,
+                const std::vector<std::int64_t>& count, at::Tensor& out);
 
-/// Opens an HDF5 file read-only (CheckpointError naming it); returns the id.
-std::int64_t open_piece_file(const std::string& path);
-void close_piece_file(std::int64_t file_id);
+/// Opens an HDF5 file read-only (CheckpointError naming it).
+io::Handle open_piece_file(const std::string& path);
 
 /// Durability helpers: fsync a file or a directory (CheckpointError on failure).
 void fsync_path(const std::string& path, bool directory);

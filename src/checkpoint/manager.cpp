@@ -1,24 +1,22 @@
 // CheckpointManager: staged, (a)synchronous, atomically committed saves and
 // resume from the newest checkpoint that verifies.
 
-#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <future>
 #include <iostream>
 #include <mutex>
-#include <thread>
 
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/collectives/communicator.h"
-#include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
 #include "src/checkpoint/format.h"
+#include "src/parallel/flat_range.h"
+#include "src/parallel/gather.h"
 
 #include <hdf5.h>
 
@@ -33,34 +31,76 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// Fault injection for the crash tests: DTRAIN_FAULT_CHECKPOINT=<phase>:<step>:<rank>
-// kills this process with SIGKILL when it reaches <phase> ("after_write":
-// its file is written and synced, nothing is committed; "before_rename":
-// rank 0 has written the manifest into the temporary directory) while saving
-// <step>. A real kill, at the worst moment, for tests. With ":stall"
-// appended, the process instead says so and waits there until it is killed
-// from outside (a test then kills its whole host). Only on a job's first
-// attempt (DTRAIN_RESTART_COUNT unset or 0, as dtrain-launch sets it).
-void maybe_crash(const char* phase, std::int64_t step, int rank) {
-  const char* spec = std::getenv("DTRAIN_FAULT_CHECKPOINT");
-  if (spec == nullptr) return;
-  const char* restart = std::getenv("DTRAIN_RESTART_COUNT");
-  if (restart != nullptr && std::string(restart) != "0") return;
-  const std::string expected =
-      std::string(phase) + ":" + std::to_string(step) + ":" + std::to_string(rank);
-  if (expected + ":stall" == spec) {
-    std::cerr << "[dtrain rank " << rank << "] fault injection: stalled while saving step " << step
-              << " (" << phase << ")" << std::endl;
-    while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+}  // namespace
+
+const char* to_string(SavePhase phase) {
+  switch (phase) {
+    case SavePhase::kAfterWrite:
+      return "after_write";
+    case SavePhase::kBeforeRename:
+      return "before_rename";
   }
-  if (expected == spec) {
-    std::cerr << "[dtrain rank " << rank << "] fault injection: killed while saving step " << step
-              << " (" << phase << ")" << std::endl;
-    ::kill(::getpid(), SIGKILL);
+  return "?";
+}
+
+namespace {
+
+std::string region_text(const std::vector<std::int64_t>& values) {
+  std::string s;
+  for (std::size_t i = 0; i < values.size(); ++i) s += (i ? "," : "") + std::to_string(values[i]);
+  return s;
+}
+
+// One block of a global tensor that this rank holds: a StateDict entry, or
+// one of the blocks that an entry's flat range covers.
+struct HeldPiece {
+  const StateDict::Entry* entry = nullptr;
+  at::Tensor data;  // the block's shape
+  std::vector<std::int64_t> offset;
+  std::vector<std::int64_t> shape;
+  std::string key;  // name and region: equal on the ranks that hold copies
+};
+
+std::vector<HeldPiece> held_pieces(const StateDict& state) {
+  std::vector<HeldPiece> out;
+  for (const StateDict::Entry& e : state.entries()) {
+    const parallel::Placement& p = e.placement;
+    auto add = [&](at::Tensor data, std::vector<std::int64_t> offset,
+                   std::vector<std::int64_t> shape) {
+      HeldPiece h;
+      h.entry = &e;
+      h.key = e.name + "@" + region_text(offset) + "+" + region_text(shape);
+      h.data = std::move(data);
+      h.offset = std::move(offset);
+      h.shape = std::move(shape);
+      out.push_back(std::move(h));
+    };
+    if (!p.is_flat()) {
+      add(e.tensor, p.offset, p.shape);
+      continue;
+    }
+    for (const auto& b : parallel::detail::flat_range_blocks(p.shape, p.flat_begin, p.flat_end)) {
+      std::int64_t count = 1;
+      std::vector<std::int64_t> offset = p.offset;
+      for (std::size_t d = 0; d < b.shape.size(); ++d) {
+        count *= b.shape[d];
+        offset[d] += b.offset[d];
+      }
+      add(e.tensor.narrow(0, b.flat_offset, count).reshape(b.shape), std::move(offset), b.shape);
+    }
   }
+  return out;
 }
 
 }  // namespace
+
+SavePhase parse_save_phase(const std::string& name) {
+  for (SavePhase phase : {SavePhase::kAfterWrite, SavePhase::kBeforeRename}) {
+    if (name == to_string(phase)) return phase;
+  }
+  DTRAIN_THROW(InvalidArgument, "unknown checkpoint save phase '", name,
+               "'; expected after_write or before_rename");
+}
 
 void CheckpointOptions::validate() const {
   DTRAIN_CHECK_ARG(!directory.empty(), "the checkpoint directory is empty");
@@ -70,10 +110,15 @@ void CheckpointOptions::validate() const {
 struct CheckpointManager::Impl {
   CheckpointOptions options;
   std::shared_ptr<collectives::Communicator> comm;
+  collectives::GridShape grid;  // ranks of `comm` are the grid's ranks
   int rank = 0;
   int size = 1;
-  std::map<std::string, at::Tensor> staging;  // reused host buffers, by tensor name
-  detail::FileImage image;                    // reused buffer of this rank's file
+  std::map<std::string, at::Tensor> staging;  // reused host buffers, by piece key
+  // Which of this rank's pieces it writes, for the declarations in
+  // `plan_signature` (every rank's, as of the last gathering).
+  std::string plan_signature;
+  std::vector<bool> plan;
+  detail::FileImage image;  // reused buffer of this rank's file
   std::future<void> pending;
   mutable std::mutex mutex;
   WriteStats last;
@@ -95,22 +140,31 @@ struct CheckpointManager::Impl {
 
   // Every rank's string, in rank order.
   std::vector<std::string> all_gather_strings(const std::string& mine) {
-    at::Tensor length = at::full({1}, static_cast<std::int64_t>(mine.size()), at::kLong);
-    at::Tensor lengths = at::empty({size}, at::kLong);
-    comm->all_gather(lengths, length, with_timeout<collectives::AllGatherOptions>())->wait();
-    std::int64_t longest = 1;
-    for (int r = 0; r < size; ++r) longest = std::max(longest, lengths[r].item<std::int64_t>());
-    at::Tensor buffer = at::zeros({longest}, at::kByte);
-    std::copy(mine.begin(), mine.end(), buffer.data_ptr<std::uint8_t>());
-    at::Tensor all = at::empty({size * longest}, at::kByte);
-    comm->all_gather(all, buffer, with_timeout<collectives::AllGatherOptions>())->wait();
-    std::vector<std::string> out;
-    const auto* bytes = reinterpret_cast<const char*>(all.data_ptr<std::uint8_t>());
-    for (int r = 0; r < size; ++r) {
-      out.emplace_back(bytes + r * longest,
-                       static_cast<std::size_t>(lengths[r].item<std::int64_t>()));
+    return parallel::detail::all_gather_strings(*comm, mine, options.timeout);
+  }
+
+  // Collective: for each of `pieces`, whether this rank writes it. Gathers
+  // every rank's declarations only when some rank's differ from the last
+  // save's (one small all-reduce otherwise).
+  std::vector<bool> writers(const std::vector<HeldPiece>& pieces) {
+    std::vector<parallel::ReplicaDeclaration> declarations;
+    std::string signature;
+    for (const HeldPiece& p : pieces) {
+      parallel::ReplicaDeclaration d;
+      d.key = p.key;
+      d.bytes = p.data.nbytes();
+      d.replicated_over = p.entry->placement.replicated_over;
+      signature += d.key + " " + std::to_string(d.bytes) + " " +
+                   std::to_string(d.replicated_over.bits()) + " " +
+                   detail::dtype_name(p.data.scalar_type()) + "\n";
+      declarations.push_back(std::move(d));
     }
-    return out;
+    if (all_reduce_max(signature == plan_signature && !plan_signature.empty() ? 0 : 1) != 0) {
+      plan_signature.clear();  // stays clear if the choice throws
+      plan = parallel::detail::choose_writers(*comm, grid, declarations, options.timeout);
+      plan_signature = signature;
+    }
+    return plan;
   }
 
   std::int64_t broadcast_int(std::int64_t value) {
@@ -184,7 +238,7 @@ struct CheckpointManager::Impl {
       record.info = detail::write_piece_file(path.string(), step, rank, size, pieces, write_options,
                                              image, &times);
       for (const auto& p : pieces) record.pieces.push_back(p.record);
-      maybe_crash("after_write", step, rank);
+      if (options.fault_hook) options.fault_hook(SavePhase::kAfterWrite, step);
     } catch (const std::exception& e) {
       record.error = e.what();
     }
@@ -211,11 +265,11 @@ struct CheckpointManager::Impl {
     if (rank == 0) {
       bool committed = false;
       try {
-        const detail::Manifest manifest = detail::make_manifest(step, metadata, records);
+        const detail::Manifest manifest = detail::make_manifest(step, metadata, records, grid);
         detail::write_file_atomically((tmp / detail::kManifestName).string(),
                                       detail::serialize(manifest), options.fsync);
         if (options.fsync) detail::fsync_path(tmp.string(), true);
-        maybe_crash("before_rename", step, rank);
+        if (options.fault_hook) options.fault_hook(SavePhase::kBeforeRename, step);
         // An older save of the same step is moved aside first and deleted only
         // once the new one is in place; a crash in between leaves the new one
         // complete in .tmp-step-N, which the next manager puts in place.
@@ -264,11 +318,24 @@ struct CheckpointManager::Impl {
 };
 
 CheckpointManager::CheckpointManager(CheckpointOptions options,
+                                     const parallel::ParallelContext& context)
+    : CheckpointManager(std::move(options), context.world(), context.shape()) {}
+
+CheckpointManager::CheckpointManager(CheckpointOptions options,
                                      const std::shared_ptr<collectives::Communicator>& comm)
+    : CheckpointManager(std::move(options), comm,
+                        collectives::GridShape{comm != nullptr ? comm->size() : 1, 1, 1}) {}
+
+CheckpointManager::CheckpointManager(CheckpointOptions options,
+                                     const std::shared_ptr<collectives::Communicator>& comm,
+                                     const collectives::GridShape& grid)
     : impl_(std::make_unique<Impl>()) {
   options.validate();
   DTRAIN_CHECK_ARG(comm != nullptr, "CheckpointManager needs a communicator");
+  DTRAIN_CHECK_ARG(grid.world_size() == comm->size(), "CheckpointManager: a grid of ",
+                   grid.world_size(), " ranks over a communicator of ", comm->size());
   impl_->options = std::move(options);
+  impl_->grid = grid;
   if (!impl_->options.timeout) {
     // The commit waits for the slowest rank's whole write: allow far more
     // than an ordinary collective.
@@ -363,37 +430,38 @@ SaveStats CheckpointManager::save(std::int64_t step, const StateDict& state,
   impl_->wait_pending();
   stats.wait_seconds = seconds_since(start);
 
-  // Replicated tensors: each written by one rank, spread by size (the same
-  // greedy choice on every rank, since every rank lists the same tensors).
-  std::vector<std::uint64_t> load(static_cast<std::size_t>(impl_->size), 0);
+  // Each piece is written by exactly one of the ranks that hold it.
+  const std::vector<HeldPiece> held = held_pieces(state);
+  const std::vector<bool> writes = impl_->writers(held);
   std::vector<detail::PieceToWrite> pieces;
-  for (const StateDict::Entry& e : state.entries()) {
-    bool mine = e.kind == StateDict::Kind::kShard;
-    if (e.kind == StateDict::Kind::kReplicated) {
-      const auto owner =
-          static_cast<std::size_t>(std::min_element(load.begin(), load.end()) - load.begin());
-      load[owner] += e.tensor.nbytes() + 1;
-      mine = static_cast<int>(owner) == impl_->rank;
-    }
-    if (!mine) continue;
+  std::map<std::string, int> pieces_of_tensor;  // in this rank's file
+  int extra_pieces = 0;
+  for (std::size_t i = 0; i < held.size(); ++i) {
+    if (!writes[i]) continue;
+    const HeldPiece& h = held[i];
+    const std::string& name = h.entry->name;
     // A synchronous save writes before returning, so a contiguous CPU tensor
     // is written as it is; an asynchronous one snapshots it first.
-    at::Tensor buffer = e.tensor.detach();
+    at::Tensor buffer = h.data.detach();
     if (impl_->options.async || !buffer.is_cpu() || !buffer.is_contiguous()) {
-      at::Tensor& staged = impl_->staging[e.name];
-      if (!staged.defined() || staged.sizes() != e.tensor.sizes() ||
-          staged.scalar_type() != e.tensor.scalar_type()) {
-        staged = at::empty(e.tensor.sizes(), at::TensorOptions().dtype(e.tensor.scalar_type()));
+      at::Tensor& staged = impl_->staging[h.key];
+      if (!staged.defined() || staged.sizes() != buffer.sizes() ||
+          staged.scalar_type() != buffer.scalar_type()) {
+        staged = at::empty(buffer.sizes(), at::TensorOptions().dtype(buffer.scalar_type()));
       }
       staged.copy_(buffer);
       buffer = staged;
     }
     detail::PieceToWrite piece;
-    piece.record.name = e.name;
-    piece.record.dtype = e.tensor.scalar_type();
-    piece.record.global_shape = e.global_shape;
-    piece.record.offset = e.offset;
-    piece.record.shape = e.tensor.sizes().vec();
+    piece.record.name = name;
+    // The first piece of a tensor in this file is the dataset of its name
+    // (what h5py users look for); further ones (ZeRO's blocks) go aside.
+    if (pieces_of_tensor[name]++ > 0)
+      piece.record.dataset = detail::extra_piece_dataset(++extra_pieces);
+    piece.record.dtype = buffer.scalar_type();
+    piece.record.global_shape = h.entry->placement.global_shape;
+    piece.record.offset = h.offset;
+    piece.record.shape = h.shape;
     piece.data = buffer;
     stats.bytes += buffer.nbytes();
     pieces.push_back(std::move(piece));

@@ -33,4 +33,23 @@ Key optimizer_state_key(const at::Tensor& param) {
   }
 }
 
+// `F::apply(args...)` for a custom autograd function `F`. GCC 14 at -O2 and
+// above reports -Warray-bounds and -Wstringop-overflow inside libstdc++'s
+// std::vector<bool>::reserve on an empty vector, which LibTorch 2.x's
+// Function<F>::apply calls on a node it has just made
+// (`is_variable_input_.reserve(n)`). Nothing is copied there, so the reports
+// are false; they are silenced for this call only.
+template <typename F, typename... Args>
+auto apply_autograd_function(Args&&... args) {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Warray-bounds"
+#pragma GCC diagnostic ignored "-Wstringop-overflow"
+#endif
+  return F::apply(std::forward<Args>(args)...);
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+}
+
 }  // namespace dtrain::detail

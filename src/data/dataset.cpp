@@ -19,13 +19,13 @@
 
 #include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
-#include "src/data/hdf5_handle.h"
+#include "src/io/hdf5.h"
 
 namespace dtrain::data {
 
 namespace fs = std::filesystem;
-using detail::check;
-using detail::Handle;
+constexpr io::Check<DataError> check;
+using io::Handle;
 
 namespace {
 
@@ -146,10 +146,10 @@ struct DatasetWriter::Impl {
   bool finished = false;
 
   void open_shard() {
-    detail::ErrorScope quiet;
+    io::ErrorScope quiet;
     const std::string name = shard_file_name(static_cast<int>(shards.size()));
     shard_path = dir + "/" + name;
-    file = detail::file_handle(
+    file = io::file_handle(
         check(H5Fcreate(shard_path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), "H5Fcreate",
               shard_path));
     datasets.clear();
@@ -162,19 +162,19 @@ struct DatasetWriter::Impl {
         maxdims.push_back(static_cast<hsize_t>(d));
         chunk.push_back(static_cast<hsize_t>(d));
       }
-      Handle space = detail::space_handle(
+      Handle space = io::space_handle(
           check(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), maxdims.data()),
                 "H5Screate_simple", shard_path, f.name));
-      Handle dcpl = detail::plist_handle(
-          check(H5Pcreate(H5P_DATASET_CREATE), "H5Pcreate", shard_path, f.name));
+      Handle dcpl =
+          io::plist_handle(check(H5Pcreate(H5P_DATASET_CREATE), "H5Pcreate", shard_path, f.name));
       check(H5Pset_chunk(dcpl.get(), static_cast<int>(chunk.size()), chunk.data()), "H5Pset_chunk",
             shard_path, f.name);
       check(H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_NEVER), "H5Pset_fill_time", shard_path,
             f.name);
-      datasets.push_back(detail::dataset_handle(
-          check(H5Dcreate2(file.get(), f.name.c_str(), file_type(f.dtype), space.get(), H5P_DEFAULT,
-                           dcpl.get(), H5P_DEFAULT),
-                "H5Dcreate2", shard_path, f.name)));
+      datasets.push_back(
+          io::dataset_handle(check(H5Dcreate2(file.get(), f.name.c_str(), file_type(f.dtype),
+                                              space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
+                                   "H5Dcreate2", shard_path, f.name)));
     }
     in_shard = 0;
   }
@@ -182,7 +182,7 @@ struct DatasetWriter::Impl {
   void close_shard() {
     if (!file.valid()) return;
     {
-      detail::ErrorScope quiet;
+      io::ErrorScope quiet;
       datasets.clear();
       const herr_t rc = H5Fclose(file.get());
       // Released either way; a failed close means the shard may be incomplete.
@@ -227,7 +227,7 @@ void DatasetWriter::add(const std::vector<const void*>& fields, std::int64_t cou
   while (done < count) {
     if (!s.file.valid()) s.open_shard();
     const std::int64_t n = std::min(count - done, s.spec.samples_per_shard - s.in_shard);
-    detail::ErrorScope quiet;
+    io::ErrorScope quiet;
     for (std::size_t i = 0; i < fields.size(); ++i) {
       const FieldSpec& f = s.spec.fields[i];
       const hid_t dset = s.datasets[i].get();
@@ -240,11 +240,11 @@ void DatasetWriter::add(const std::vector<const void*>& fields, std::int64_t cou
       }
       check(H5Dset_extent(dset, extent.data()), "H5Dset_extent", s.shard_path, f.name);
       Handle space =
-          detail::space_handle(check(H5Dget_space(dset), "H5Dget_space", s.shard_path, f.name));
+          io::space_handle(check(H5Dget_space(dset), "H5Dget_space", s.shard_path, f.name));
       check(H5Sselect_hyperslab(space.get(), H5S_SELECT_SET, start.data(), nullptr, block.data(),
                                 nullptr),
             "H5Sselect_hyperslab", s.shard_path, f.name);
-      Handle mem = detail::space_handle(
+      Handle mem = io::space_handle(
           check(H5Screate_simple(static_cast<int>(block.size()), block.data(), nullptr),
                 "H5Screate_simple", s.shard_path, f.name));
       const auto* src = static_cast<const unsigned char*>(fields[i]) +
@@ -320,7 +320,7 @@ struct Dataset::Impl {
     const FieldSpec& f = manifest.fields[field_index];
     const std::string& path = paths[shard];
     const hid_t dset = datasets[shard][field_index].get();
-    Handle type = detail::type_handle(check(H5Dget_type(dset), "H5Dget_type", path, f.name));
+    Handle type = io::type_handle(check(H5Dget_type(dset), "H5Dget_type", path, f.name));
     const H5T_class_t cls = H5Tget_class(type.get());
     const bool is_float = f.dtype == DType::kFloat32 || f.dtype == DType::kFloat64;
     const bool is_unsigned = f.dtype == DType::kUInt8;
@@ -342,7 +342,7 @@ struct Dataset::Impl {
                    " (samples, per-sample shape)");
     // Chunk length along the sample axis (contiguous layout: the whole shard).
     Handle dcpl =
-        detail::plist_handle(check(H5Dget_create_plist(dset), "H5Dget_create_plist", path, f.name));
+        io::plist_handle(check(H5Dget_create_plist(dset), "H5Dget_create_plist", path, f.name));
     std::int64_t chunk = want[0];
     if (H5Pget_layout(dcpl.get()) == H5D_CHUNKED) {
       std::vector<hsize_t> chunk_dims(dims.size());
@@ -357,7 +357,7 @@ struct Dataset::Impl {
 Dataset::Dataset(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Dataset::~Dataset() {
   if (!impl_) return;
-  detail::ErrorScope quiet;
+  io::ErrorScope quiet;
   impl_->spaces.clear();
   impl_->datasets.clear();
   impl_->files.clear();
@@ -376,8 +376,8 @@ std::shared_ptr<Dataset> Dataset::open(const std::string& dir, OpenOptions optio
   impl->manifest = Manifest::from_json(text.str(), manifest_path);
   const Manifest& m = impl->manifest;
 
-  detail::ErrorScope quiet;
-  Handle dapl = detail::plist_handle(check(H5Pcreate(H5P_DATASET_ACCESS), "H5Pcreate", dir));
+  io::ErrorScope quiet;
+  Handle dapl = io::plist_handle(check(H5Pcreate(H5P_DATASET_ACCESS), "H5Pcreate", dir));
   // No chunk cache: an uncompressed chunk is then read straight from the file
   // for exactly the selected bytes, instead of whole 256 KiB chunks being
   // copied through the cache for a random 1-sample read.
@@ -402,7 +402,7 @@ std::shared_ptr<Dataset> Dataset::open(const std::string& dir, OpenOptions optio
                      " is corrupt: its SHA-256 is ", digest, " but the manifest records ",
                      shard.sha256);
     }
-    impl->files.push_back(detail::file_handle(
+    impl->files.push_back(io::file_handle(
         check(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "H5Fopen", path)));
     impl->datasets.emplace_back();
     impl->spaces.emplace_back();
@@ -411,11 +411,11 @@ std::shared_ptr<Dataset> Dataset::open(const std::string& dir, OpenOptions optio
       const std::string& field = m.fields[f].name;
       const hid_t id = H5Dopen2(impl->files.back().get(), field.c_str(), dapl.get());
       if (id < 0) {
-        detail::throw_error("H5Dopen2 (the shard has no dataset for this field?)", path, field);
+        io::fail<DataError>("H5Dopen2 (the shard has no dataset for this field?)", path, field);
       }
-      impl->datasets.back().push_back(detail::dataset_handle(id));
+      impl->datasets.back().push_back(io::dataset_handle(id));
       impl->spaces.back().push_back(
-          detail::space_handle(check(H5Dget_space(id), "H5Dget_space", path, field)));
+          io::space_handle(check(H5Dget_space(id), "H5Dget_space", path, field)));
       impl->check_dataset(static_cast<int>(s), static_cast<int>(f));
     }
   }
@@ -509,7 +509,7 @@ void Dataset::read(int field, std::int64_t start, std::int64_t count, void* dst)
                    start + count, ") crosses the end of shard ", s.paths[shard]);
   const FieldSpec& f = s.manifest.fields[field];
   std::lock_guard<std::mutex> lock(s.read_mutex);
-  detail::ErrorScope quiet;
+  io::ErrorScope quiet;
   const hid_t space = s.spaces[shard][field].get();
   std::vector<hsize_t> offset{static_cast<hsize_t>(start - s.offsets[shard])};
   std::vector<hsize_t> block{static_cast<hsize_t>(count)};
@@ -521,7 +521,7 @@ void Dataset::read(int field, std::int64_t start, std::int64_t count, void* dst)
         "H5Sselect_hyperslab", s.paths[shard], f.name);
   // The memory space has the selection's shape: with a flat one HDF5 falls
   // back to element-by-element iteration (~50x slower).
-  Handle mem = detail::space_handle(
+  Handle mem = io::space_handle(
       check(H5Screate_simple(static_cast<int>(block.size()), block.data(), nullptr),
             "H5Screate_simple", s.paths[shard], f.name));
   check(H5Dread(s.datasets[shard][field].get(), memory_type(f.dtype), mem.get(), space, H5P_DEFAULT,

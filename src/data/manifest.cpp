@@ -1,7 +1,5 @@
 // Manifest (de)serialization, dtypes, specs and file digests.
 
-#include <openssl/evp.h>
-
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -13,6 +11,7 @@
 
 #include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
+#include "src/io/digest.h"
 
 namespace dtrain::data {
 
@@ -160,42 +159,12 @@ Manifest Manifest::from_json(const std::string& text, const std::string& source)
   return m;
 }
 
-namespace {
-std::string hex(const unsigned char* digest, unsigned int length) {
-  static const char* kHex = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < length; ++i) {
-    out += kHex[digest[i] >> 4];
-    out += kHex[digest[i] & 15];
-  }
-  return out;
-}
-}  // namespace
-
 std::string sha256_file(const std::string& path) {
-  std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path.c_str(), "rb"), std::fclose);
-  DTRAIN_CHECK_T(DataError, file != nullptr, "cannot open ", path, " to compute its digest");
-  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-  DTRAIN_CHECK_T(DataError, ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1,
-                 "OpenSSL SHA-256 initialisation failed");
-  std::vector<unsigned char> buffer(std::size_t{1} << 20);
-  std::size_t n = 0;
-  while ((n = std::fread(buffer.data(), 1, buffer.size(), file.get())) > 0) {
-    EVP_DigestUpdate(ctx.get(), buffer.data(), n);
-  }
-  DTRAIN_CHECK_T(DataError, !std::ferror(file.get()), "read error while digesting ", path);
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  EVP_DigestFinal_ex(ctx.get(), digest, &length);
-  return hex(digest, length);
+  return io::digest_file<DataError>(io::Digest::kSha256, path);
 }
 
 std::string sha256_bytes(const void* data, std::size_t size) {
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  DTRAIN_CHECK_T(DataError, EVP_Digest(data, size, digest, &length, EVP_sha256(), nullptr) == 1,
-                 "OpenSSL SHA-256 failed");
-  return hex(digest, length);
+  return io::digest_bytes(io::Digest::kSha256, data, size);
 }
 
 }  // namespace dtrain::data

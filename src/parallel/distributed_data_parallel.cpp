@@ -75,7 +75,11 @@ struct DistributedDataParallel::State {
       AllReduceOptions options;
       if (b.wire.defined()) {
         // Pre-divide, then sum: float16 sums of N full gradients could overflow.
-        at::div_out(b.wire, b.flat, static_cast<double>(dp->size()));
+        // Divided in float32 and rounded once by the copy. In place, because
+        // `flat` is overwritten by the result anyway, and LibTorch 2.x's
+        // div_out with a scalar rejects an output of another dtype.
+        b.flat.div_(static_cast<double>(dp->size()));
+        b.wire.copy_(b.flat);
         options.op = ReduceOp::kSum;
         b.work = dp->all_reduce(b.wire, options);
       } else {

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "dtrain/error.h"
+#include "src/common/torch_compat.h"
 
 namespace dtrain::parallel {
 namespace {
@@ -312,8 +313,9 @@ torch::Tensor SyncBatchNormImpl::forward(const torch::Tensor& input) {
     torch::NoGradGuard no_grad;
     num_batches_tracked.add_(1);
   }
-  return SyncBatchNormFunction::apply(input, weight, bias, running_mean, running_var, options.eps,
-                                      options.momentum, reinterpret_cast<int64_t>(comm.get()))[0];
+  return dtrain::detail::apply_autograd_function<SyncBatchNormFunction>(
+      input, weight, bias, running_mean, running_var, options.eps, options.momentum,
+      reinterpret_cast<int64_t>(comm.get()))[0];
 }
 
 }  // namespace dtrain::parallel

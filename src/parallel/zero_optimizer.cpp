@@ -17,8 +17,11 @@ ZeroRedundancyOptimizer::ZeroRedundancyOptimizer(std::shared_ptr<torch::nn::Modu
   DTRAIN_CHECK_ARG(module_ != nullptr && dp_ != nullptr,
                    "ZeroRedundancyOptimizer needs a module and a communicator");
   std::vector<torch::Tensor> params;
-  for (const auto& p : module_->parameters(true)) {
-    if (p.requires_grad()) params.push_back(p);
+  for (const auto& item : module_->named_parameters(true)) {
+    if (!item.value().requires_grad()) continue;
+    params.push_back(item.value());
+    flat_parameters_.push_back({item.key(), total_numel_, item.value()});
+    total_numel_ += item.value().numel();
   }
   DTRAIN_CHECK_ARG(!params.empty(),
                    "ZeroRedundancyOptimizer: the module has no trainable parameters");
@@ -28,7 +31,6 @@ ZeroRedundancyOptimizer::ZeroRedundancyOptimizer(std::shared_ptr<torch::nn::Modu
                      "ZeroRedundancyOptimizer: all trainable parameters must share one floating "
                      "dtype; found ",
                      dtype, " and ", p.scalar_type());
-    total_numel_ += p.numel();
   }
   const std::int64_t n = dp_->size();
   const std::int64_t shard = (total_numel_ + n - 1) / n;
@@ -51,6 +53,11 @@ ZeroRedundancyOptimizer::ZeroRedundancyOptimizer(std::shared_ptr<torch::nn::Modu
   optimizer_ = make_optimizer({shard_});
   DTRAIN_CHECK_ARG(optimizer_ != nullptr, "ZeroRedundancyOptimizer: the factory returned null");
 }
+
+ZeroRedundancyOptimizer::ZeroRedundancyOptimizer(std::shared_ptr<torch::nn::Module> module,
+                                                 const ParallelContext& context,
+                                                 const OptimizerFactory& make_optimizer)
+    : ZeroRedundancyOptimizer(std::move(module), context.dp(), make_optimizer) {}
 
 void ZeroRedundancyOptimizer::zero_grad() { flat_grads_.zero_(); }
 

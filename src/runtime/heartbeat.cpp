@@ -201,14 +201,14 @@ struct Heartbeat::State {
   }
 };
 
-Heartbeat::Heartbeat(MPI_Comm world, const HeartbeatOptions& options)
+Heartbeat::Heartbeat(int rank, int size, const HeartbeatOptions& options)
     : health_(std::make_shared<collectives::detail::PeerHealth>()),
       state_(std::make_unique<State>()) {
   options.validate();
   State& s = *state_;
   s.options = options;
-  MPI_Comm_rank(world, &s.rank);
-  MPI_Comm_size(world, &s.size);
+  s.rank = rank;
+  s.size = size;
   if (s.size == 1 || options.interval.count() == 0) return;
 
   Record mine{};
@@ -230,10 +230,8 @@ Heartbeat::Heartbeat(MPI_Comm world, const HeartbeatOptions& options)
   mine.ok = ok ? 1 : 0;
 
   std::vector<Record> all(static_cast<std::size_t>(s.size));
-  DTRAIN_CHECK_T(CommError,
-                 MPI_Allgather(&mine, sizeof(Record), MPI_BYTE, all.data(), sizeof(Record),
-                               MPI_BYTE, world) == MPI_SUCCESS,
-                 "the heartbeat could not exchange its addresses (MPI_Allgather failed)");
+  collectives::detail::world_all_gather(&mine, sizeof(Record), all.data(),
+                                        "the heartbeat's exchange of addresses");
   int failed = 0;
   for (std::size_t r = 0; r < all.size(); ++r) failed += all[r].ok ? 0 : 1;
   if (failed > 0) {

@@ -35,22 +35,20 @@
 // rank sends to that host's first address on a subnet of its own interfaces,
 // else to its first address. Nothing compares clocks across hosts.
 
-#include <mpi.h>
-
 #include <memory>
 
 #include "dtrain/runtime.h"
-#include "src/collectives/peer_health.h"
+#include "src/collectives/mpi/mpi_backend.h"  // PeerHealth, world_all_gather
 
 namespace dtrain::detail {
 
 class Heartbeat {
  public:
-  /// Collective over `world` (an all-gather of addresses). Off (the health
-  /// never fails) when `options.interval` is 0 or `world` has one rank, and,
-  /// on every rank alike, when a rank cannot open its UDP socket (rank 0
-  /// warns).
-  Heartbeat(MPI_Comm world, const HeartbeatOptions& options);
+  /// Collective over the whole job, where this process is `rank` of `size`
+  /// (an all-gather of addresses). Off (the health never fails) when
+  /// `options.interval` is 0 or the job has one rank, and, on every rank
+  /// alike, when a rank cannot open its UDP socket (rank 0 warns).
+  Heartbeat(int rank, int size, const HeartbeatOptions& options);
   /// Says goodbye to the neighbours and stops the thread. Never throws.
   ~Heartbeat();
   Heartbeat(const Heartbeat&) = delete;

@@ -1,8 +1,7 @@
 // The allocator setup Runtime applies before anything else (MallocPolicy).
 
-#include <cstdlib>
-#include <cstring>
-#include <initializer_list>
+#include <optional>
+#include <string>
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -21,19 +20,6 @@ constexpr std::size_t kMmapThreshold = std::size_t{32} << 20;
 // that fits under it is reused by the next step instead of faulted in again.
 constexpr std::size_t kTrimThreshold = std::size_t{1} << 30;
 
-// The variable the user set to steer glibc's malloc themselves, or nullptr.
-const char* user_malloc_setting() {
-  for (const char* name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                           "MALLOC_MMAP_MAX_"}) {
-    if (std::getenv(name) != nullptr) return name;
-  }
-  const char* tunables = std::getenv("GLIBC_TUNABLES");
-  if (tunables != nullptr && std::strstr(tunables, "glibc.malloc.") != nullptr) {
-    return "GLIBC_TUNABLES";
-  }
-  return nullptr;
-}
-
 }  // namespace
 
 MallocPolicy plan_malloc_policy() {
@@ -42,8 +28,8 @@ MallocPolicy plan_malloc_policy() {
     policy.reason = "DTRAIN_MALLOC_TUNING=0";
     return policy;
   }
-  if (const char* name = user_malloc_setting()) {
-    policy.reason = std::string(name) + " is set: glibc malloc left as configured";
+  if (const std::optional<std::string> name = read_user_malloc_setting()) {
+    policy.reason = *name + " is set: glibc malloc left as configured";
     return policy;
   }
 #if defined(__GLIBC__)

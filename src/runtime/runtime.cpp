@@ -1,12 +1,13 @@
-#include "dtrain/runtime.h"
+// Runtime: the allocator policy, then MPI's lifetime and the world
+// communicators, through the MPI backend's entry points (mpi_backend.h).
+// The runtime sits on top of collectives: nothing below includes it.
 
-#include <mpi.h>
+#include "dtrain/runtime.h"
 
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -14,8 +15,7 @@
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/env.h"
 #include "dtrain/error.h"
-#include "src/collectives/mpi/mpi_communicator.h"
-#include "src/collectives/mpi/mpi_error.h"
+#include "src/collectives/mpi/mpi_backend.h"
 #include "src/runtime/heartbeat.h"
 
 namespace dtrain {
@@ -24,43 +24,7 @@ namespace {
 // Guards the one-Runtime-per-process rule (MPI can be initialized once).
 std::atomic<bool> g_runtime_alive{false};
 
-int env_int(const char* name, int fallback) {
-  const char* raw = std::getenv(name);
-  if (raw == nullptr || *raw == '\0') return fallback;
-  char* end = nullptr;
-  const long value = std::strtol(raw, &end, 10);
-  return (end != raw && *end == '\0' && value >= 0) ? static_cast<int>(value) : fallback;
-}
-
-bool has_env(const char* name) { return std::getenv(name) != nullptr; }
-
 }  // namespace
-
-LaunchInfo detect_launch() {
-  LaunchInfo info;
-  if (has_env("OMPI_COMM_WORLD_RANK")) {
-    info.launcher = "openmpi";
-    info.rank = env_int("OMPI_COMM_WORLD_RANK", 0);
-    info.size = env_int("OMPI_COMM_WORLD_SIZE", 1);
-    info.local_rank = env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0);
-    info.local_size = env_int("OMPI_COMM_WORLD_LOCAL_SIZE", 1);
-  } else if (has_env("PMIX_RANK") || has_env("PMI_RANK")) {
-    info.launcher = "pmi";
-    info.rank = env_int("PMIX_RANK", env_int("PMI_RANK", 0));
-    info.size = env_int("PMI_SIZE", env_int("SLURM_NTASKS", 1));
-    info.local_rank = env_int("MPI_LOCALRANKID", env_int("SLURM_LOCALID", 0));
-    info.local_size = env_int("MPI_LOCALNRANKS", env_int("SLURM_NTASKS_PER_NODE", 1));
-  } else if (has_env("SLURM_PROCID")) {
-    info.launcher = "slurm";
-    info.rank = env_int("SLURM_PROCID", 0);
-    info.size = env_int("SLURM_NTASKS", 1);
-    info.local_rank = env_int("SLURM_LOCALID", 0);
-    info.local_size = env_int("SLURM_NTASKS_PER_NODE", 1);
-  }
-  if (info.size < 1) info.size = 1;
-  if (info.local_size < 1) info.local_size = 1;
-  return info;
-}
 
 void HeartbeatOptions::validate() const {
   DTRAIN_CHECK_ARG(interval.count() >= 0, "HeartbeatOptions::interval must be >= 0, got ",
@@ -89,33 +53,14 @@ Runtime::Runtime(int* argc, char*** argv, HeartbeatOptions heartbeat)
       malloc_policy_.tune = false;
       malloc_policy_.reason = "mallopt refused";
     }
-    int initialized = 0;
-    DTRAIN_MPI_CHECK(MPI_Initialized(&initialized));
-    int provided = MPI_THREAD_SINGLE;
-    if (initialized) {
-      DTRAIN_MPI_CHECK(MPI_Query_thread(&provided));
-    } else {
-      // Open MPI 4.1's shared-memory single-copy (CMA) path writes a longer
-      // message past a shorter receive buffer instead of truncating it (seen
-      // as heap corruption when ranks passed tensors of different sizes);
-      // its copy-in/copy-out path truncates and reports MPI_ERR_TRUNCATE.
-      // Use the latter unless the user chose otherwise.
-      setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", /*overwrite=*/0);
-      DTRAIN_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
-      owns_mpi_ = true;
-    }
-    DTRAIN_CHECK_T(
-        CommError, provided >= MPI_THREAD_MULTIPLE, "the MPI library provides thread level ",
-        provided, " but dtrain needs MPI_THREAD_MULTIPLE (", MPI_THREAD_MULTIPLE,
-        "): each communicator runs its ops on a thread of its own. Use an MPI built "
-        "with thread support (Open MPI: check `ompi_info | grep 'Thread support'`)",
-        initialized ? ", and initialize it with MPI_Init_thread(MPI_THREAD_MULTIPLE)" : "");
-    DTRAIN_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
-    DTRAIN_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
-    heartbeat_ = std::make_unique<detail::Heartbeat>(MPI_COMM_WORLD, heartbeat_options_);
+    const collectives::detail::MpiProcess mpi = collectives::detail::initialize_mpi(argc, argv);
+    owns_mpi_ = mpi.initialized_here;
+    rank_ = mpi.rank;
+    size_ = mpi.size;
+    heartbeat_ = std::make_unique<detail::Heartbeat>(rank_, size_, heartbeat_options_);
   } catch (...) {
     heartbeat_.reset();
-    if (owns_mpi_) MPI_Finalize();
+    if (owns_mpi_) collectives::detail::finalize_mpi();
     g_runtime_alive.store(false);
     throw;
   }
@@ -123,24 +68,15 @@ Runtime::Runtime(int* argc, char*** argv, HeartbeatOptions heartbeat)
 
 Runtime::~Runtime() {
   heartbeat_.reset();  // says goodbye: the neighbours stop watching this rank
-  if (owns_mpi_) {
-    int finalized = 0;
-    MPI_Finalized(&finalized);
-    if (!finalized) MPI_Finalize();
-  }
+  if (owns_mpi_) collectives::detail::finalize_mpi();
   g_runtime_alive.store(false);
 }
 
 std::shared_ptr<collectives::Communicator> Runtime::world(
     collectives::CommunicatorOptions options) {
   read_env_overrides().apply(options);
-  options.validate();
-  // MPI_Comm_dup blocks without a timeout: first make sure everyone is here.
-  collectives::detail::rendezvous(MPI_COMM_WORLD, options.timeout, "Runtime::world");
-  MPI_Comm comm = MPI_COMM_NULL;
-  DTRAIN_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm));
-  return collectives::detail::make_mpi_communicator(comm, std::move(options),
-                                                    heartbeat_ ? heartbeat_->health() : nullptr);
+  return collectives::detail::make_world_communicator(std::move(options),
+                                                      heartbeat_ ? heartbeat_->health() : nullptr);
 }
 
 void Runtime::abort_job(int exit_code, std::string_view reason) noexcept {
@@ -162,16 +98,11 @@ void Runtime::abort_job(int exit_code, std::string_view reason) noexcept {
     }).detach();
   } catch (...) {  // no thread: MPI_Abort alone then
   }
-  int rank = -1;
-  int initialized = 0;
-  int finalized = 0;
-  MPI_Initialized(&initialized);
-  MPI_Finalized(&finalized);
-  if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  const int rank = collectives::detail::world_rank_if_running();
   std::fprintf(stderr, "[dtrain rank %d] aborting the job: %.*s\n", rank,
                static_cast<int>(reason.size()), reason.data());
   std::fflush(stderr);
-  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, code);
+  collectives::detail::abort_world(code);
   std::_Exit(code);
 }
 

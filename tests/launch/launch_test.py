@@ -10,6 +10,8 @@ mpirun on PATH). Assertions are on exit codes, files written by the fake job
 and the supervisor's log, never on elapsed times; timeouts only break hangs.
 """
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -475,6 +477,86 @@ def case_live_output(c, real):
     check("fake_job rank 1 done" in out, "stdout of the other rank missing", out)
 
 
+# What Open MPI 4.1's mpirun and Open MPI 5.0's prterun print when rank 1 is
+# killed, exits 3, or calls MPI_Abort(7) (copied from real runs, PIDs and job
+# ids as they were), with the failure dtrain-launch must read from it.
+MPIRUN_REPORTS = [
+    ("4.1 signal", """\
+--------------------------------------------------------------------------
+Primary job  terminated normally, but 1 process returned
+a non-zero exit code. Per user-direction, the job has been aborted.
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+mpiexec noticed that process rank 1 with PID 0 on node vm exited on signal 9 (Killed).
+--------------------------------------------------------------------------
+""", dict(rank=1, host="vm", signal=9, code=None)),
+    ("5.0 signal", """\
+--------------------------------------------------------------------------
+prterun noticed that process rank 1 with PID 50 on node vm exited on
+signal 9 (Killed).
+--------------------------------------------------------------------------
+""", dict(rank=1, host="vm", signal=9, code=None)),
+    ("4.1 exit", """\
+--------------------------------------------------------------------------
+mpiexec detected that one or more processes exited with non-zero status, thus causing
+the job to be terminated. The first process to do so was:
+
+  Process name: [[14614,1],1]
+  Exit code:    3
+--------------------------------------------------------------------------
+""", dict(rank=1, host=None, signal=None, code=3)),
+    ("5.0 exit", """\
+--------------------------------------------------------------------------
+prterun detected that one or more processes exited with non-zero status,
+thus causing the job to be terminated. The first process to do so was:
+
+   Process name: [prterun-vm-55@1,1]
+   Exit code:    3
+--------------------------------------------------------------------------
+""", dict(rank=1, host=None, signal=None, code=3)),
+    ("4.1 abort", """\
+--------------------------------------------------------------------------
+MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD
+with errorcode 7.
+
+NOTE: invoking MPI_ABORT causes Open MPI to kill all MPI processes.
+You may or may not see output from other processes, depending on
+exactly when Open MPI kills them.
+--------------------------------------------------------------------------
+""", dict(rank=1, host=None, signal=None, code=7)),
+    ("5.0 abort", """\
+--------------------------------------------------------------------------
+MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD
+  Proc: [[51362,1],1]
+  Errorcode: 7
+
+NOTE: invoking MPI_ABORT causes Open MPI to kill all MPI processes.
+You may or may not see output from other processes, depending on
+exactly when Open MPI kills them.
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+prterun has exited due to process rank 1 with PID 0 on node vm calling
+"abort". This may have caused other processes in the application to be
+terminated by signals sent by prterun (as reported here).
+--------------------------------------------------------------------------
+""", dict(rank=1, host=None, signal=None, code=7)),
+]
+
+
+def case_parse_mpirun_output(c, real):
+    loader = importlib.machinery.SourceFileLoader("dtrain_launch", LAUNCH)
+    spec = importlib.util.spec_from_file_location("dtrain_launch", LAUNCH, loader=loader)
+    launch = importlib.util.module_from_spec(spec)
+    loader.exec_module(launch)
+    for name, text, want in MPIRUN_REPORTS:
+        parser = launch.FailureParser()
+        for line in text.splitlines(keepends=True):
+            parser.feed(line)
+        got = parser.first and {k: parser.first[k] for k in want}
+        check(got == want, "Open MPI %s report read as %s, expected %s" % (name, got, want),
+              text)
+
+
 CASES = {
     "fake_usage": case_usage,
     "fake_success": case_success,
@@ -495,6 +577,7 @@ CASES = {
     "fake_sigterm": case_sigterm,
     "fake_sigint": case_sigint,
     "fake_live_output": case_live_output,
+    "fake_parse_mpirun_output": case_parse_mpirun_output,
     "real_restart_kill": case_restart_kill,
     "real_exit2": case_exit2,
     "real_shrink": case_shrink,

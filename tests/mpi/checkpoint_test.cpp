@@ -9,12 +9,18 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <memory>
 #include <set>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -169,7 +175,14 @@ TEST(CheckpointTest, AsyncSaveSnapshotsTheStateAndKeepsTheLastK) {
     StateDict state;
     state.add_replicated("model/w", w);
     const SaveStats stats = manager.save(step, state);
-    EXPECT_GE(stats.stall_seconds, 0.0);
+    // The stall is measured, and the wait for the previous save is part of it.
+    EXPECT_GT(stats.stall_seconds, 0.0);
+    EXPECT_LE(stats.wait_seconds, stats.stall_seconds);
+    // One rank stages the replicated tensor: over the ranks, its bytes once.
+    // (Over the test's world communicator: `comm` is busy with the save.)
+    at::Tensor staged = at::full({1}, static_cast<std::int64_t>(stats.bytes), at::kLong);
+    dtrain::testing::world().all_reduce(staged)->wait();
+    EXPECT_EQ(staged.item<std::int64_t>(), 256 * 256 * 4) << "step " << step;
     w.fill_(-1.0f);  // changed while the save runs in the background
   }
   manager.wait();
@@ -181,6 +194,100 @@ TEST(CheckpointTest, AsyncSaveSnapshotsTheStateAndKeepsTheLastK) {
   const Checkpoint ckpt = Checkpoint::open(entries[1].directory);
   EXPECT_TRUE(torch::equal(ckpt.read("model/w"), torch::full({256, 256}, 4.0f)));
   comm->barrier()->wait();
+}
+
+// An async save() returns while its file is still being written: the
+// fault hook holds the write at kAfterWrite until the caller, back from
+// save(), lets it go. A save() that wrote on the caller's thread would sit
+// in the hook until the hook gave up.
+TEST(CheckpointTest, AsyncSaveReturnsBeforeItsFileIsWritten) {
+  auto comm = comm_named("ckpt-async-hold");
+  const std::string dir = shared_dir(*comm, "async-hold");
+  struct Gate {
+    std::promise<void> release;
+    std::shared_future<void> released = release.get_future().share();
+    std::atomic<bool> gave_up{false};
+  };
+  auto gate = std::make_shared<Gate>();
+  CheckpointOptions options = sync_options(dir);
+  options.async = true;
+  options.fault_hook = [gate](SavePhase phase, std::int64_t) {
+    if (phase != SavePhase::kAfterWrite) return;
+    if (gate->released.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+      gate->gave_up = true;
+    }
+  };
+  CheckpointManager manager(options, comm);
+  StateDict state;
+  state.add_replicated("model/w", torch::full({64}, 1.0f));
+  manager.save(1, state);
+  gate->release.set_value();
+  manager.wait();
+  EXPECT_FALSE(gate->gave_up.load()) << "save() waited for its own write";
+  EXPECT_EQ(manager.last_write().step, 1);
+  comm->barrier()->wait();
+}
+
+// CheckpointOptions::fault_hook sees the phases of a save in order, and an
+// exception from it at either phase fails that save on every rank, leaving
+// the previous checkpoint the newest.
+TEST(CheckpointTest, AFaultAtEitherPhaseFailsTheSaveEverywhereAndKeepsThePrevious) {
+  auto comm = comm_named("ckpt-fault-hook");
+  const int rank = comm->rank();
+  for (const SavePhase fail_at : {SavePhase::kAfterWrite, SavePhase::kBeforeRename}) {
+    for (const bool async : {false, true}) {
+      const std::string dir = shared_dir(*comm, "fault-hook");
+      auto seen = std::make_shared<std::vector<std::pair<SavePhase, std::int64_t>>>();
+      CheckpointOptions options = sync_options(dir);
+      options.async = async;
+      // kAfterWrite: the last rank fails (its peers' files are fine);
+      // kBeforeRename happens on rank 0 only.
+      const int failing_rank = fail_at == SavePhase::kAfterWrite ? comm->size() - 1 : 0;
+      options.fault_hook = [seen, fail_at, failing_rank, rank](SavePhase phase, std::int64_t step) {
+        seen->emplace_back(phase, step);
+        if (step == 2 && phase == fail_at && rank == failing_rank) {
+          throw std::runtime_error(std::string("injected fault at ") + to_string(phase));
+        }
+      };
+      CheckpointManager manager(options, comm);
+      StateDict state;
+      state.add_replicated("model/w", torch::full({64}, 1.0f));
+      manager.save(1, state);
+      manager.wait();
+      std::vector<std::pair<SavePhase, std::int64_t>> want = {{SavePhase::kAfterWrite, 1}};
+      if (rank == 0) want.emplace_back(SavePhase::kBeforeRename, 1);
+      EXPECT_EQ(*seen, want) << "async " << async;
+
+      std::string message;
+      try {
+        manager.save(2, state);
+        manager.wait();
+        ADD_FAILURE() << "the save of step 2 succeeded despite the fault at " << to_string(fail_at);
+      } catch (const CheckpointError& e) {
+        message = e.what();
+      }
+      EXPECT_NE(message.find("step 2"), std::string::npos) << message;
+      if (rank == failing_rank) {
+        EXPECT_NE(message.find("injected fault at " + std::string(to_string(fail_at))),
+                  std::string::npos)
+            << message;
+      }
+      std::vector<std::int64_t> steps;
+      for (const auto& e : manager.list()) steps.push_back(e.step);
+      EXPECT_EQ(steps, (std::vector<std::int64_t>{1})) << to_string(fail_at) << " async " << async;
+      const auto latest = manager.latest_valid();
+      ASSERT_TRUE(latest.has_value());
+      EXPECT_EQ(latest->step, 1);
+      comm->barrier()->wait();
+    }
+  }
+}
+
+TEST(CheckpointTest, SavePhasesHaveNamesForTheEnvironment) {
+  for (const SavePhase phase : {SavePhase::kAfterWrite, SavePhase::kBeforeRename}) {
+    EXPECT_EQ(parse_save_phase(to_string(phase)), phase);
+  }
+  EXPECT_THROW(parse_save_phase("after_commit"), InvalidArgument);
 }
 
 TEST(CheckpointTest, PruningNeverDeletesTheCheckpointJustSaved) {

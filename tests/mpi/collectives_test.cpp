@@ -1,6 +1,6 @@
 // Every collective of the MPI backend on real processes, parameterised over
 // algorithm x dtype x op x count (0, 1, 7, not divisible by the world size,
-// 16 MiB), plus non-contiguous tensors and argument errors.
+// 16 MiB), plus non-contiguous and overlapping tensors and argument errors.
 
 #include <gtest/gtest.h>
 
@@ -201,39 +201,62 @@ INSTANTIATE_TEST_SUITE_P(Matrix, BroadcastTest,
                                                               CountKind::kNotDivisible,
                                                               CountKind::kSixteenMiB)));
 
-class AllGatherTest : public ::testing::TestWithParam<std::tuple<at::ScalarType, CountKind>> {};
+// Elements per rank of reduce_scatter and all_gather: 0, 1, 7, n*100+1 (not
+// divisible by the world size), and 16 MiB in all.
+std::int64_t block_of(CountKind kind, int world_size, at::ScalarType dtype) {
+  const std::int64_t count = count_of(kind, world_size, dtype);
+  return kind == CountKind::kSixteenMiB ? count / world_size : count;
+}
+
+// reduce_scatter and all_gather run ring and shm (auto picks one of them).
+const Algorithm kScatterGatherAlgorithms[] = {Algorithm::kRing, Algorithm::kShm, Algorithm::kAuto};
+
+const auto kAllCounts = ::testing::Values(CountKind::kZero, CountKind::kOne, CountKind::kSeven,
+                                          CountKind::kNotDivisible, CountKind::kSixteenMiB);
+
+using AllGatherCase = std::tuple<Algorithm, at::ScalarType, CountKind>;
+
+class AllGatherTest : public ::testing::TestWithParam<AllGatherCase> {};
 
 TEST_P(AllGatherTest, OutputIsRankMajor) {
-  const auto [dtype, kind] = GetParam();
+  const auto [algorithm, dtype, kind] = GetParam();
   Communicator& comm = world();
-  const std::int64_t count = count_of(kind, comm.size(), dtype) / comm.size();
+  const std::int64_t count = block_of(kind, comm.size(), dtype);
   at::Tensor input = pattern(ReduceOp::kSum, comm.rank(), count, dtype);
   at::Tensor output = at::full({comm.size() * count}, 99, dtype);
-  comm.all_gather(output, input)->wait();
+  AllGatherOptions options;
+  options.algorithm = algorithm;
+  comm.all_gather(output, input, options)->wait();
   for (int r = 0; r < comm.size(); ++r) {
     expect_equal(output.narrow(0, r * count, count), pattern(ReduceOp::kSum, r, count, dtype));
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Matrix, AllGatherTest,
-                         ::testing::Combine(::testing::ValuesIn(kDtypes),
-                                            ::testing::Values(CountKind::kZero, CountKind::kSeven,
-                                                              CountKind::kNotDivisible,
-                                                              CountKind::kSixteenMiB)));
+std::string all_gather_name(const ::testing::TestParamInfo<AllGatherCase>& info) {
+  const auto [algorithm, dtype, kind] = info.param;
+  return std::string(to_string(algorithm)) + "_" + c10::toString(dtype) + "_" + count_name(kind);
+}
 
-class ReduceScatterTest
-    : public ::testing::TestWithParam<std::tuple<at::ScalarType, ReduceOp, CountKind>> {};
+INSTANTIATE_TEST_SUITE_P(Matrix, AllGatherTest,
+                         ::testing::Combine(::testing::ValuesIn(kScatterGatherAlgorithms),
+                                            ::testing::ValuesIn(kDtypes), kAllCounts),
+                         all_gather_name);
+
+using ReduceScatterCase = std::tuple<Algorithm, at::ScalarType, ReduceOp, CountKind>;
+
+class ReduceScatterTest : public ::testing::TestWithParam<ReduceScatterCase> {};
 
 TEST_P(ReduceScatterTest, EachRankGetsItsBlock) {
-  const auto [dtype, op, kind] = GetParam();
+  const auto [algorithm, dtype, op, kind] = GetParam();
   Communicator& comm = world();
-  const std::int64_t block = count_of(kind, comm.size(), dtype) / comm.size();
+  const std::int64_t block = block_of(kind, comm.size(), dtype);
   const std::int64_t total = block * comm.size();
   at::Tensor input = pattern(op, comm.rank(), total, dtype);
   at::Tensor input_copy = input.clone();
   at::Tensor output = at::zeros({block}, dtype);
   ReduceScatterOptions options;
   options.op = op;
+  options.algorithm = algorithm;
   if (op == ReduceOp::kAvg && !at::isFloatingType(dtype)) {
     EXPECT_THROW(comm.reduce_scatter(output, input, options), InvalidArgument);
     return;
@@ -244,13 +267,77 @@ TEST_P(ReduceScatterTest, EachRankGetsItsBlock) {
   EXPECT_TRUE(at::equal(input, input_copy)) << "reduce_scatter changed its input";
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Matrix, ReduceScatterTest,
-    ::testing::Combine(::testing::ValuesIn(kDtypes),
-                       ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin,
-                                         ReduceOp::kMax, ReduceOp::kProduct),
-                       ::testing::Values(CountKind::kZero, CountKind::kSeven,
-                                         CountKind::kNotDivisible, CountKind::kSixteenMiB)));
+std::string reduce_scatter_name(const ::testing::TestParamInfo<ReduceScatterCase>& info) {
+  const auto [algorithm, dtype, op, kind] = info.param;
+  return std::string(to_string(algorithm)) + "_" + c10::toString(dtype) + "_" + to_string(op) +
+         "_" + count_name(kind);
+}
+
+INSTANTIATE_TEST_SUITE_P(Matrix, ReduceScatterTest,
+                         ::testing::Combine(::testing::ValuesIn(kScatterGatherAlgorithms),
+                                            ::testing::ValuesIn(kDtypes),
+                                            ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg,
+                                                              ReduceOp::kMin, ReduceOp::kMax,
+                                                              ReduceOp::kProduct),
+                                            kAllCounts),
+                         reduce_scatter_name);
+
+class ScatterGatherLayoutTest : public ::testing::TestWithParam<Algorithm> {};
+
+TEST_P(ScatterGatherLayoutTest, NonContiguousAndOverlappingTensors) {
+  Communicator& comm = world();
+  const int n = comm.size();
+  const std::int64_t block = 37 * 11;
+  const at::Tensor want = expected(ReduceOp::kSum, n, block * n, at::kFloat);
+  const at::Tensor mine = want.narrow(0, comm.rank() * block, block);
+  ReduceScatterOptions scatter;
+  scatter.algorithm = GetParam();
+  AllGatherOptions gather;
+  gather.algorithm = GetParam();
+
+  // Non-contiguous input and output of reduce_scatter.
+  at::Tensor input_base = pattern(ReduceOp::kSum, comm.rank(), block * n, at::kFloat);
+  at::Tensor input = input_base.reshape({11, 37 * n}).t();  // a view, not contiguous
+  ASSERT_FALSE(input.is_contiguous());
+  at::Tensor output_base = at::zeros({11, 37});
+  at::Tensor output = output_base.t();
+  comm.reduce_scatter(output, input, scatter)->wait();
+  // Block r of the input is the r-th slice of its flattened (transposed) view.
+  const at::Tensor want_t = expected(ReduceOp::kSum, n, block * n, at::kFloat)
+                                .reshape({11, 37 * n})
+                                .t()
+                                .flatten()
+                                .narrow(0, comm.rank() * block, block);
+  expect_equal(output.flatten(), want_t);
+
+  // The output is this rank's block of the input itself (in place).
+  at::Tensor flat = pattern(ReduceOp::kSum, comm.rank(), block * n, at::kFloat);
+  at::Tensor own_block = flat.narrow(0, comm.rank() * block, block);
+  comm.reduce_scatter(own_block, flat, scatter)->wait();
+  expect_equal(own_block, mine);
+
+  // all_gather into a non-contiguous output from a non-contiguous input.
+  at::Tensor gathered_base = at::zeros({block, n});
+  at::Tensor gathered = gathered_base.t();  // rank-major rows of a transposed buffer
+  at::Tensor piece_base = pattern(ReduceOp::kSum, comm.rank(), block, at::kFloat).reshape({11, 37});
+  comm.all_gather(gathered, piece_base.t(), gather)->wait();
+  for (int r = 0; r < n; ++r) {
+    expect_equal(gathered[r],
+                 pattern(ReduceOp::kSum, r, block, at::kFloat).reshape({11, 37}).t().flatten());
+  }
+
+  // In place: the input is this rank's block of the output.
+  at::Tensor all = at::full({block * n}, -1.0f);
+  all.narrow(0, comm.rank() * block, block)
+      .copy_(pattern(ReduceOp::kSum, comm.rank(), block, at::kFloat));
+  comm.all_gather(all, all.narrow(0, comm.rank() * block, block), gather)->wait();
+  for (int r = 0; r < n; ++r) {
+    expect_equal(all.narrow(0, r * block, block), pattern(ReduceOp::kSum, r, block, at::kFloat));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Algorithms, ScatterGatherLayoutTest,
+                         ::testing::ValuesIn(kScatterGatherAlgorithms));
 
 TEST(ArgumentTest, WrongShapesDtypesAndRanksAreRejectedBeforeAnythingRuns) {
   Communicator& comm = world();
@@ -259,6 +346,23 @@ TEST(ArgumentTest, WrongShapesDtypesAndRanksAreRejectedBeforeAnythingRuns) {
                InvalidArgument);
   EXPECT_THROW(comm.all_gather(at::zeros({10 * comm.size()}, at::kDouble), input), InvalidArgument);
   EXPECT_THROW(comm.reduce_scatter(at::zeros({3}, at::kFloat), input), InvalidArgument);
+  // reduce_scatter and all_gather run auto, ring and shm only.
+  for (Algorithm algorithm : {Algorithm::kTree, Algorithm::kRhd, Algorithm::kNative}) {
+    ReduceScatterOptions scatter;
+    scatter.algorithm = algorithm;
+    EXPECT_THROW(comm.reduce_scatter(at::zeros({10}), at::zeros({10 * comm.size()}), scatter),
+                 InvalidArgument)
+        << to_string(algorithm);
+    AllGatherOptions gather;
+    gather.algorithm = algorithm;
+    try {
+      comm.all_gather(at::zeros({10 * comm.size()}), input, gather);
+      ADD_FAILURE() << "expected InvalidArgument for " << to_string(algorithm);
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("runs auto, ring or shm"), std::string::npos)
+          << e.what();
+    }
+  }
   EXPECT_THROW(comm.all_reduce(at::ones({4}, at::kBool)), InvalidArgument);
   EXPECT_THROW(comm.all_reduce(at::Tensor()), InvalidArgument);
   BroadcastOptions bad_root;

@@ -1,21 +1,27 @@
 // Communicator semantics on real processes: issue order with many ops in
 // flight, concurrent split communicators, point-to-point, timeouts naming
-// the missing rank, mismatched sizes, failed communicators, ProcessGrid.
+// the missing rank, mismatched sizes, failed communicators, the
+// shared-memory path and its fallbacks, ProcessGrid.
 
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
 
+#include <mpi.h>
 #include <sys/resource.h>
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <csignal>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/collectives/process_grid.h"
 #include "dtrain/error.h"
+#include "src/collectives/mpi/mpi_error.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace dtrain::collectives {
@@ -57,6 +63,71 @@ TEST(OrderingTest, ManyAsyncOpsInFlightCompleteInIssueOrder) {
   for (int i = 0; i < kOps; ++i) {
     const float want = static_cast<float>(n * i + n * (n - 1) / 2);
     ASSERT_TRUE(at::equal(tensors[i], at::full_like(tensors[i], want))) << "op " << i;
+  }
+}
+
+TEST(OrderingTest, ReduceScattersAndAllGathersInterleavedWithAllReducesCompleteInIssueOrder) {
+  // Shared-memory and ring variants of all three collectives, in flight
+  // together: they share the shm rounds and the op sequence.
+  Communicator& comm = world();
+  const int n = comm.size();
+  constexpr int kOps = 150;
+  struct Op {
+    at::Tensor input, output;
+    std::shared_ptr<Work> work;
+  };
+  std::vector<Op> ops;
+  const Algorithm algorithms[] = {Algorithm::kShm, Algorithm::kRing, Algorithm::kAuto};
+  for (int i = 0; i < kOps; ++i) {
+    const std::int64_t block = 1 + (i % 5) * 20000;  // up to 320 KB per rank
+    const Algorithm algorithm = algorithms[(i / 3) % 3];
+    Op op;
+    switch (i % 3) {
+      case 0: {
+        op.input = at::full({block}, static_cast<float>(comm.rank() + i));
+        AllReduceOptions options;
+        options.algorithm = algorithm;
+        op.work = comm.all_reduce(op.input, options);
+        break;
+      }
+      case 1: {
+        op.input = at::full({block * n}, static_cast<float>(comm.rank() + i));
+        op.output = at::zeros({block});
+        ReduceScatterOptions options;
+        options.algorithm = algorithm;
+        op.work = comm.reduce_scatter(op.output, op.input, options);
+        break;
+      }
+      case 2: {
+        op.input = at::full({block}, static_cast<float>(comm.rank() + i));
+        op.output = at::zeros({block * n});
+        AllGatherOptions options;
+        options.algorithm = algorithm;
+        op.work = comm.all_gather(op.output, op.input, options);
+        break;
+      }
+    }
+    ops.push_back(std::move(op));
+  }
+  for (int i = kOps - 1; i >= 0; --i) {
+    ops[i].work->wait();
+    for (int j = 0; j < i; ++j) ASSERT_TRUE(ops[j].work->is_completed()) << j << " before " << i;
+  }
+  for (int i = 0; i < kOps; ++i) {
+    const float sum = static_cast<float>(n * i + n * (n - 1) / 2);
+    const Op& op = ops[i];
+    if (i % 3 == 0) {
+      ASSERT_TRUE(at::equal(op.input, at::full_like(op.input, sum))) << "all_reduce " << i;
+    } else if (i % 3 == 1) {
+      ASSERT_TRUE(at::equal(op.output, at::full_like(op.output, sum))) << "reduce_scatter " << i;
+    } else {
+      const std::int64_t block = op.input.numel();
+      for (int r = 0; r < n; ++r) {
+        ASSERT_TRUE(at::equal(op.output.narrow(0, r * block, block),
+                              at::full({block}, static_cast<float>(r + i))))
+            << "all_gather " << i << " block " << r;
+      }
+    }
   }
 }
 
@@ -139,6 +210,68 @@ TEST(ShmTest, WithoutSharedMemoryShmRunsAsRingAndSmallSlotsTakeManyRounds) {
   }
 }
 
+// Runs a reduce_scatter and an all_gather with `algorithm` on `comm`, checks
+// their results, and returns the two ops' descriptions.
+std::vector<std::string> scatter_and_gather(Communicator& comm, Algorithm algorithm,
+                                            std::int64_t block) {
+  const int n = comm.size();
+  at::Tensor input = at::arange(block * n, at::kDouble) + comm.rank();
+  at::Tensor output = at::zeros({block}, at::kDouble);
+  ReduceScatterOptions scatter;
+  scatter.algorithm = algorithm;
+  auto scattered = comm.reduce_scatter(output, input, scatter);
+  scattered->wait();
+  const at::Tensor want = (at::arange(block * n, at::kDouble) * n + n * (n - 1) / 2)
+                              .narrow(0, comm.rank() * block, block);
+  EXPECT_TRUE(at::equal(output, want)) << scattered->description();
+  at::Tensor mine = at::full({block}, static_cast<double>(comm.rank()), at::kDouble);
+  at::Tensor all = at::zeros({block * n}, at::kDouble);
+  AllGatherOptions gather;
+  gather.algorithm = algorithm;
+  auto gathered = comm.all_gather(all, mine, gather);
+  gathered->wait();
+  for (int r = 0; r < n; ++r) {
+    EXPECT_TRUE(at::equal(all.narrow(0, r * block, block),
+                          at::full({block}, static_cast<double>(r), at::kDouble)))
+        << gathered->description() << " block " << r;
+  }
+  return {scattered->description(), gathered->description()};
+}
+
+TEST(ShmTest, ReduceScatterAndAllGatherRunAsRingWithoutSharedMemory) {
+  // Slot 0 turns shared memory off: shm and auto run the ring. 4 KiB slots
+  // take many rounds (100,000 doubles per rank).
+  for (std::size_t slot : {std::size_t{0}, std::size_t{4096}}) {
+    CommunicatorOptions options;
+    options.name = "shm-scatter-slot-" + std::to_string(slot);
+    options.shm_slot_bytes = slot;
+    auto comm = runtime().world(options);
+    for (Algorithm algorithm : {Algorithm::kShm, Algorithm::kAuto}) {
+      for (const std::string& description : scatter_and_gather(*comm, algorithm, 100000)) {
+        const bool shm = description.find("(shm,") != std::string::npos;
+        EXPECT_EQ(shm, slot != 0) << description;
+        EXPECT_NE(description.find(slot != 0 ? "(shm," : "(ring,"), std::string::npos)
+            << description;
+      }
+    }
+  }
+}
+
+TEST(ShmTest, AutoPicksSharedMemoryForScatterAndGatherWhereAllReduceDoes) {
+  // 2 ranks: shm at every size; more: above 128 KiB in all (the input of a
+  // reduce_scatter, the output of an all_gather), the ring below.
+  Communicator& comm = world();
+  if (comm.size() == 1) GTEST_SKIP() << "1 rank: no shared memory";
+  const std::int64_t small = 16;                           // 128 B per rank
+  const std::int64_t large = (std::int64_t{1} << 20) / 8;  // 1 MiB per rank
+  for (std::int64_t block : {small, large}) {
+    const bool want_shm = comm.size() == 2 || block == large;
+    for (const std::string& description : scatter_and_gather(comm, Algorithm::kAuto, block)) {
+      EXPECT_NE(description.find(want_shm ? "(shm," : "(ring,"), std::string::npos) << description;
+    }
+  }
+}
+
 TEST(ShmTest, NoRoomInDevShmFallsBackToTheRing) {
   // A file-size limit makes reserving the shared-memory object fail, as a
   // full /dev/shm would: the communicator must still work, through the ring.
@@ -172,6 +305,26 @@ TEST(ShmTest, NoRoomInDevShmFallsBackToTheRing) {
   auto work2 = roomy->all_reduce(t, shm);
   work2->wait();
   EXPECT_NE(work2->description().find("all_reduce(shm"), std::string::npos) << work2->description();
+  // Reduce-scatter and all-gather fall back the same way.
+  for (const std::string& description : scatter_and_gather(*comm, Algorithm::kShm, 1000)) {
+    EXPECT_NE(description.find("(ring,"), std::string::npos) << description;
+  }
+  for (const std::string& description : scatter_and_gather(*roomy, Algorithm::kShm, 1000)) {
+    EXPECT_NE(description.find("(shm,"), std::string::npos) << description;
+  }
+}
+
+TEST(ShmTest, TheSmallestSlotRunsReduceScatterAndAllGatherInManyRounds) {
+  // A 64-byte slot holds a reduce-scatter piece of one 8-byte element for
+  // each of up to 8 peers (2 doubles per peer on 4 ranks, 333 rounds).
+  CommunicatorOptions options;
+  options.name = "shm-tiny-slot";
+  options.shm_slot_bytes = 64;
+  auto comm = runtime().world(options);
+  const std::string shm = comm->size() > 1 ? "(shm," : "(ring,";
+  for (const std::string& description : scatter_and_gather(*comm, Algorithm::kShm, 333)) {
+    EXPECT_NE(description.find(shm), std::string::npos) << description;
+  }
 }
 
 TEST(PointToPointTest, RingExchangeWithTags) {
@@ -204,8 +357,36 @@ TEST(PointToPointTest, RingExchangeWithTags) {
   EXPECT_TRUE(at::equal(in_b, at::full({5}, left * 10, at::kDouble)));
 }
 
-TEST(BarrierTest, CompletesOnEveryRank) {
-  for (int i = 0; i < 10; ++i) world().barrier()->wait();
+// No rank leaves a barrier before the last one has entered it. Each round
+// one rank arrives late (it sleeps first); every rank notes when it entered
+// and when it left, on the steady clock (CLOCK_MONOTONIC, one clock for
+// every process of a machine), and the latest entry must precede the
+// earliest exit. A barrier that returned at once would let the punctual
+// ranks leave while the late one is still asleep.
+TEST(BarrierTest, NoRankLeavesBeforeTheLastOneArrives) {
+  Communicator& comm = world();
+  const auto now_ns = [] {
+    return static_cast<std::int64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+            .count());
+  };
+  for (int late = 0; late < comm.size(); ++late) {
+    comm.barrier()->wait();  // a common start
+    if (comm.rank() == late) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    at::Tensor mine = at::empty({2}, at::kLong);
+    mine[0] = now_ns();
+    comm.barrier()->wait();
+    mine[1] = now_ns();
+    at::Tensor all = at::empty({comm.size(), 2}, at::kLong);
+    comm.all_gather(all, mine)->wait();
+    const std::int64_t last_entry = all.select(1, 0).max().item<std::int64_t>();
+    const std::int64_t first_exit = all.select(1, 1).min().item<std::int64_t>();
+    EXPECT_LE(last_entry, first_exit)
+        << "rank " << all.select(1, 1).argmin().item<std::int64_t>() << " left the barrier "
+        << (last_entry - first_exit) / 1000 << " us before rank "
+        << all.select(1, 0).argmax().item<std::int64_t>() << " entered it (late rank: " << late
+        << ")";
+  }
 }
 
 TEST(TimeoutTest, SkippedCollectiveGivesTimeoutErrorNamingTheMissingRank) {
@@ -238,6 +419,58 @@ TEST(TimeoutTest, SkippedCollectiveGivesTimeoutErrorNamingTheMissingRank) {
   }
   world().barrier()->wait();
 }
+
+class ScatterGatherTimeoutTest : public ::testing::TestWithParam<std::tuple<Algorithm, bool>> {};
+
+TEST_P(ScatterGatherTimeoutTest, SkippedOpGivesTimeoutErrorNamingTheMissingRank) {
+  const auto [algorithm, gather] = GetParam();
+  const Timeout timeout(2000);
+  auto comm = fresh_world("scatter-gather-timeout", timeout);
+  const int skipper = comm->size() - 1;
+  if (comm->rank() != skipper) {
+    const int n = comm->size();
+    at::Tensor small = at::ones({8});
+    at::Tensor large = at::ones({8 * n});
+    const auto start = Clock::now();
+    std::string message;
+    try {
+      if (gather) {
+        AllGatherOptions options;
+        options.algorithm = algorithm;
+        comm->all_gather(large, small, options)->wait();
+      } else {
+        ReduceScatterOptions options;
+        options.algorithm = algorithm;
+        comm->reduce_scatter(small, large, options)->wait();
+      }
+      ADD_FAILURE() << "a collective with a missing rank succeeded";
+    } catch (const TimeoutError& e) {
+      message = e.what();
+    }
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    EXPECT_GE(seconds, 1.5) << message;
+    EXPECT_LE(seconds, 5.0) << message;
+    EXPECT_NE(message.find(gather ? "all_gather(" : "reduce_scatter("), std::string::npos)
+        << message;
+    EXPECT_NE(message.find(std::string("(") + to_string(algorithm)), std::string::npos) << message;
+    EXPECT_NE(message.find("8 x float32"), std::string::npos) << message;
+    EXPECT_NE(message.find("not heard from: [" + std::to_string(skipper) + "]"), std::string::npos)
+        << message;
+    EXPECT_TRUE(comm->failed());
+  }
+  world().barrier()->wait();
+}
+
+std::string scatter_gather_timeout_name(
+    const ::testing::TestParamInfo<std::tuple<Algorithm, bool>>& info) {
+  return std::string(to_string(std::get<0>(info.param))) +
+         (std::get<1>(info.param) ? "_all_gather" : "_reduce_scatter");
+}
+
+INSTANTIATE_TEST_SUITE_P(ShmAndRing, ScatterGatherTimeoutTest,
+                         ::testing::Combine(::testing::Values(Algorithm::kShm, Algorithm::kRing),
+                                            ::testing::Bool()),
+                         scatter_gather_timeout_name);
 
 TEST(TimeoutTest, PerCallTimeoutOverridesTheDefault) {
   auto comm = fresh_world("per-call-timeout", std::chrono::minutes(5));
@@ -273,6 +506,73 @@ TEST(MismatchTest, DifferentSizesAcrossRanksAreACommErrorNotCorruption) {
       world().barrier()->wait();
     }
   }
+}
+
+TEST(MismatchTest, ScatterAndGatherOfDifferentSizesAreACommErrorNotCorruption) {
+  for (Algorithm algorithm : {Algorithm::kRing, Algorithm::kShm}) {
+    for (bool gather : {false, true}) {
+      for (std::int64_t base : {1000, 100000}) {
+        auto comm = fresh_world(std::string("mismatch-scatter-gather-") + to_string(algorithm),
+                                Timeout(3000));
+        const int n = comm->size();
+        const std::int64_t block = comm->rank() == 0 ? base : base + base / 5;
+        // Guard elements around the output must stay untouched.
+        const std::int64_t out_count = gather ? block * n : block;
+        at::Tensor buffer = at::full({out_count + 2}, -7.0f);
+        at::Tensor output = buffer.narrow(0, 1, out_count);
+        at::Tensor input = at::ones({gather ? block : block * n});
+        try {
+          if (gather) {
+            AllGatherOptions options;
+            options.algorithm = algorithm;
+            comm->all_gather(output, input, options)->wait();
+          } else {
+            ReduceScatterOptions options;
+            options.algorithm = algorithm;
+            comm->reduce_scatter(output, input, options)->wait();
+          }
+          if (n > 1) ADD_FAILURE() << "no error: " << to_string(algorithm) << " gather " << gather;
+        } catch (const CommError& e) {
+          // Over shared memory every rank sees the other side's stamp; over
+          // the ring the rank that received a wrong size tells the others
+          // (who end with a TimeoutError saying so).
+          if (algorithm == Algorithm::kShm) {
+            EXPECT_EQ(dynamic_cast<const TimeoutError*>(&e), nullptr) << e.what();
+            EXPECT_NE(std::string(e.what()).find("different sizes or dtypes"), std::string::npos)
+                << e.what();
+          }
+        }
+        EXPECT_EQ(buffer[0].item<float>(), -7.0f);
+        EXPECT_EQ(buffer[out_count + 1].item<float>(), -7.0f);
+        world().barrier()->wait();
+      }
+    }
+  }
+}
+
+// MPI_COMM_WORLD runs under MPI_ERRORS_RETURN once the Runtime has started
+// MPI, so a failed call on it (as in Runtime::world's rendezvous and
+// MPI_Comm_dup) comes back to dtrain's check as a CommError with MPI's own
+// message, instead of MPI's default handler aborting the job.
+TEST(MpiErrorTest, AFailedCallOnTheWorldIsACommErrorWithMpisMessage) {
+  int size = 0;
+  ASSERT_EQ(MPI_Comm_size(MPI_COMM_WORLD, &size), MPI_SUCCESS);
+  int value = 0;
+  std::string message;
+  try {
+    // Rank `size + 1` does not exist: MPI_ERR_RANK.
+    DTRAIN_MPI_CHECK(MPI_Send(&value, 1, MPI_INT, size + 1, 0, MPI_COMM_WORLD));
+    ADD_FAILURE() << "MPI_Send to a rank that does not exist succeeded";
+  } catch (const CommError& e) {
+    message = e.what();
+  }
+  EXPECT_NE(message.find("MPI_Send("), std::string::npos) << message;
+  std::string lower = message;
+  std::transform(lower.begin(), lower.end(), lower.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  EXPECT_NE(lower.find("invalid rank"), std::string::npos) << "not MPI's message: " << message;
+  // The world is still usable.
+  world().barrier()->wait();
 }
 
 TEST(ProcessGridTest, GroupsFollowTheRankMath) {

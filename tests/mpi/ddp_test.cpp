@@ -85,8 +85,28 @@ void expect_same_parameters(torch::nn::Module& a, torch::nn::Module& b, double r
   }
 }
 
+// Inside no_sync() backward must leave each rank's own gradients alone:
+// `model`'s (DDP's bucket views) must equal those of `local`, a copy of the
+// model without DDP that saw the same micro-batches. Averaged over the ranks
+// instead, they would differ, since every rank has different samples.
+void expect_local_gradients(torch::nn::Module& model, torch::nn::Module& local, int micro) {
+  auto pm = model.named_parameters();
+  auto pl = local.named_parameters();
+  ASSERT_EQ(pm.size(), pl.size());
+  for (const auto& item : pm) {
+    const torch::Tensor g = item.value().grad();
+    const torch::Tensor want = pl[item.key()].grad();
+    ASSERT_TRUE(g.defined() && want.defined()) << item.key();
+    EXPECT_TRUE(torch::allclose(g, want, 1e-5, 1e-7))
+        << item.key() << " after no_sync micro-batch " << micro
+        << ": not this rank's own gradient (max difference "
+        << (g - want).abs().max().item<double>() << "); was it all-reduced?";
+  }
+}
+
 // Trains `model` with DDP on this rank's share and `reference` on the whole
-// batch, `accumulate` micro-batches per step.
+// batch, `accumulate` micro-batches per step (checking, in between, that
+// no_sync() kept the gradients local).
 void train_both(torch::nn::Sequential model, torch::nn::Sequential reference,
                 const std::vector<Batch>& batches, DdpOptions options, int accumulate = 1) {
   auto comm = dp_comm("ddp");
@@ -97,15 +117,28 @@ void train_both(torch::nn::Sequential model, torch::nn::Sequential reference,
   torch::optim::SGD ref_opt(reference->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
   for (std::size_t step = 0; step + accumulate <= batches.size(); step += accumulate) {
     ddp.zero_grad();
+    // This step's starting point, without DDP, for the no_sync() check.
+    std::shared_ptr<torch::nn::SequentialImpl> local;
+    if (accumulate > 1) {
+      local = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+      ASSERT_NE(local, nullptr);
+    }
     for (int micro = 0; micro < accumulate; ++micro) {
       const Batch& batch = batches[step + micro];
-      auto loss =
-          torch::nn::functional::cross_entropy(model->forward(local_part(batch.x, rank, world)),
-                                               local_part(batch.y, rank, world)) /
-          accumulate;
+      const auto micro_loss = [&](torch::nn::Sequential& m) {
+        return torch::nn::functional::cross_entropy(m->forward(local_part(batch.x, rank, world)),
+                                                    local_part(batch.y, rank, world)) /
+               accumulate;
+      };
+      auto loss = micro_loss(model);
       if (micro + 1 < accumulate) {
-        auto guard = ddp.no_sync();
-        loss.backward();
+        {
+          auto guard = ddp.no_sync();
+          loss.backward();
+        }
+        torch::nn::Sequential local_model(local);
+        micro_loss(local_model).backward();
+        expect_local_gradients(*model, *local, micro);
       } else {
         loss.backward();
       }
@@ -136,9 +169,6 @@ void check_matches_single_process(Make make, std::vector<std::int64_t> sample_sh
   ASSERT_NE(reference, nullptr);
   const int per_rank = 4;
   auto batches = make_batches(6, world * per_rank, sample_shape);
-  if (accumulate > 1) {
-    // Micro-batches of the same per-rank size; the reference sees them joined.
-  }
   train_both(model, torch::nn::Sequential(reference), batches, options, accumulate);
   expect_same_parameters(*model, *reference, 1e-5);
 }
@@ -392,6 +422,19 @@ void check_zero_matches(MakeOptimizer make_optimizer, const char* what) {
   }
   expect_same_parameters(*model, *reference, 1e-5);
   EXPECT_EQ(zero.shard_numel(), (zero.total_numel() + comm->size() - 1) / comm->size());
+  // Every replica holds the same bits: each shard is updated by one rank and
+  // gathered by copies (reduce_scatter and all_gather run shm on one node).
+  for (const auto& item : model->named_parameters()) {
+    at::Tensor mine = item.value().detach().reshape({-1}).clone();
+    at::Tensor all = torch::empty({comm->size() * mine.numel()}, mine.options());
+    collectives::AllGatherOptions ring;  // checked by the other algorithm
+    ring.algorithm = collectives::Algorithm::kRing;
+    comm->all_gather(all, mine, ring)->wait();
+    for (int r = 0; r < comm->size(); ++r) {
+      EXPECT_TRUE(torch::equal(all.narrow(0, r * mine.numel(), mine.numel()), mine))
+          << item.key() << " differs bitwise between rank " << r << " and rank " << comm->rank();
+    }
+  }
 }
 
 TEST(ZeroTest, EachRankKeepsAboutOneNthOfTheOptimizerState) {

@@ -180,6 +180,20 @@ TEST_F(NcclOpsTest, ShapesRootsPeersTagsAndAlgorithmsAreChecked) {
   AllReduceOptions automatic;
   automatic.algorithm = Algorithm::kAuto;
   EXPECT_NO_THROW(comm_->all_reduce_buffer(in, automatic));
+  // NCCL chooses how to run reduce-scatter and all-gather: shm and ring are
+  // MPI-backend algorithms.
+  AllGatherOptions gather_shm;
+  gather_shm.algorithm = Algorithm::kShm;
+  try {
+    comm_->all_gather_buffer(fake_buffer(kData, 12), in, gather_shm);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_MESSAGE_HAS(e.what(), "all_gather: algorithm 'shm'");
+  }
+  ReduceScatterOptions scatter_ring;
+  scatter_ring.algorithm = Algorithm::kRing;
+  EXPECT_THROW(comm_->reduce_scatter_buffer(in, fake_buffer(kData, 12), scatter_ring),
+               InvalidArgument);
 }
 
 // --- stream ordering and waiting ------------------------------------------------
@@ -309,6 +323,105 @@ TEST_F(NcclOpsTest, SendAndRecvAreGroupedNcclCalls) {
   }
   comm_->send_buffer(fake_buffer(kData, 5, at::kDouble), 3, {});
   comm_->recv_buffer(fake_buffer(kData, 5, at::kDouble), 1, {});
+}
+
+TEST_F(NcclOpsTest, ABatchIsOneGroupOfItsOpsInListOrderWithOneCompletionEvent) {
+  // Rank 0 of 4: both directions with rank 1, a send to rank 3, and a
+  // message to itself (NCCL allows self sends inside a group).
+  const std::vector<detail::P2PBufferOp> ops = {
+      {false, fake_buffer(0xD000, 8), 1, 0},
+      {true, fake_buffer(0xD100, 8), 1, 0},
+      {false, fake_buffer(0xD200, 2, at::kHalf), 3, 0},
+      {true, fake_buffer(0xD300, 6, at::kInt), 0, 0},
+      {false, fake_buffer(0xD400, 6, at::kInt), 0, 0},
+  };
+  {
+    InSequence order;
+    EXPECT_CALL(*api_, event_record(_, kCallerStream));
+    EXPECT_CALL(*api_, stream_wait_event(kCommStream, _));
+    EXPECT_CALL(*api_, group_start());
+    EXPECT_CALL(*api_,
+                send(fake_handle<void*>(0xD000), 8, NcclDataType::kFloat32, 1, kComm, kCommStream));
+    EXPECT_CALL(*api_,
+                recv(fake_handle<void*>(0xD100), 8, NcclDataType::kFloat32, 1, kComm, kCommStream));
+    EXPECT_CALL(*api_,
+                send(fake_handle<void*>(0xD200), 2, NcclDataType::kFloat16, 3, kComm, kCommStream));
+    EXPECT_CALL(*api_,
+                recv(fake_handle<void*>(0xD300), 6, NcclDataType::kInt32, 0, kComm, kCommStream));
+    EXPECT_CALL(*api_,
+                send(fake_handle<void*>(0xD400), 6, NcclDataType::kInt32, 0, kComm, kCommStream));
+    EXPECT_CALL(*api_, group_end());
+    EXPECT_CALL(*api_, event_record(_, kCommStream));  // the batch's one completion event
+  }
+  auto work = comm_->batch_send_recv_buffers(ops, {});
+  EXPECT_MESSAGE_HAS(work->description(), "batch_send_recv(3 sends, 2 recvs) on communicator");
+  wait_until_completed(*work);
+  work->wait();
+}
+
+TEST_F(NcclOpsTest, ABatchKeepsItsTensorsAliveAndTakesTheTensorApi) {
+  at::Tensor out = fake_cuda_tensor(fake_handle<void*>(0xD000), {4, 2});
+  at::Tensor in = fake_cuda_tensor(fake_handle<void*>(0xD100), {2, 4});
+  EXPECT_CALL(*api_, send(fake_handle<void*>(0xD000), 8, NcclDataType::kFloat32, 2, _, _));
+  EXPECT_CALL(*api_, recv(fake_handle<void*>(0xD100), 8, NcclDataType::kFloat32, 2, _, _));
+  api_->gpu_done = false;
+  const auto uses = out.use_count();
+  auto work = base().batch_send_recv({P2POp::send(out, 2), P2POp::recv(in, 2)});
+  EXPECT_GT(out.use_count(), uses);
+  api_->gpu_done = true;
+  wait_until_completed(*work);
+  EXPECT_EQ(out.use_count(), uses);
+}
+
+TEST_F(NcclOpsTest, BadBatchesAreRejectedBeforeAnyNcclCall) {
+  EXPECT_CALL(*api_, group_start()).Times(0);
+  EXPECT_CALL(*api_, send(_, _, _, _, _, _)).Times(0);
+  EXPECT_CALL(*api_, recv(_, _, _, _, _, _)).Times(0);
+  auto expect_invalid = [&](const std::vector<detail::P2PBufferOp>& ops, const char* needle) {
+    try {
+      comm_->batch_send_recv_buffers(ops, {});
+      ADD_FAILURE() << "expected InvalidArgument mentioning " << needle;
+    } catch (const InvalidArgument& e) {
+      EXPECT_MESSAGE_HAS(e.what(), needle);
+    }
+  };
+  expect_invalid({}, "list of ops is empty");
+  expect_invalid({{false, fake_buffer(kData, 4), 4, 0}}, "is not a rank");
+  expect_invalid({{true, fake_buffer(kData, 4), -1, 0}}, "is not a rank");
+  // No tags in NCCL: the ordering rule replaces them.
+  expect_invalid({{false, fake_buffer(kData, 4), 1, 3}}, "issue order");
+  // The same memory received into twice, or received into and sent from.
+  expect_invalid({{true, fake_buffer(kData, 4), 1, 0}, {true, fake_buffer(kData + 8, 4), 2, 0}},
+                 "also receives into");
+  expect_invalid({{false, fake_buffer(kData, 4), 1, 0}, {true, fake_buffer(kData, 1), 2, 0}},
+                 "sends from");
+  expect_invalid({{false, fake_buffer(kData, 4), 0, 0}}, "to itself");
+  auto cpu = fake_buffer(kData, 4);
+  cpu.device = c10::Device(c10::kCPU);
+  expect_invalid({{false, cpu, 1, 0}}, "CUDA tensors");
+  EXPECT_FALSE(comm_->failed());
+}
+
+TEST_F(NcclOpsTest, AnNcclErrorInsideABatchStillEndsTheGroupAndFailsTheWork) {
+  {
+    InSequence order;
+    EXPECT_CALL(*api_, group_start());
+    EXPECT_CALL(*api_, send(_, _, _, 1, _, _));
+    EXPECT_CALL(*api_, recv(_, _, _, 1, _, _))
+        .WillOnce(Throw(detail::nccl_error(2, "ncclRecv", "no peer")));
+    EXPECT_CALL(*api_, group_end());
+  }
+  EXPECT_CALL(*api_, comm_abort(kComm));
+  auto work = comm_->batch_send_recv_buffers(
+      {{false, fake_buffer(0xD000, 4), 1, 0}, {true, fake_buffer(0xD100, 4), 1, 0}}, {});
+  try {
+    work->wait();
+    FAIL() << "expected CommError";
+  } catch (const CommError& e) {
+    EXPECT_MESSAGE_HAS(e.what(), "batch_send_recv(1 sends, 1 recvs)");
+    EXPECT_MESSAGE_HAS(e.what(), "ncclRecv failed");
+  }
+  EXPECT_TRUE(comm_->failed());
 }
 
 // --- split and lifecycle ------------------------------------------------------

@@ -25,9 +25,9 @@ using detail::CudaEvent;
 using detail::CudaStream;
 using detail::NcclComm;
 using detail::NcclCommConfig;
-using detail::NcclSplit;
 using detail::NcclDataType;
 using detail::NcclRedOp;
+using detail::NcclSplit;
 using detail::NcclUniqueId;
 
 template <typename T>
@@ -184,6 +184,10 @@ class FakeBootstrap : public Communicator {
     return unused();
   }
   std::shared_ptr<Work> recv(const at::Tensor&, int, const PointToPointOptions&) override {
+    return unused();
+  }
+  std::shared_ptr<Work> batch_send_recv(const std::vector<P2POp>&,
+                                        const BatchSendRecvOptions&) override {
     return unused();
   }
   std::shared_ptr<Work> barrier(const BarrierOptions&) override { return unused(); }

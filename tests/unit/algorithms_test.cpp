@@ -11,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -310,23 +311,64 @@ TEST(AlgorithmTest, ScratchIsReusedAcrossCalls) {
   });
 }
 
+// kAuto as a communicator's default, asked for by no call.
+Algorithm auto_choice(std::size_t bytes, int world, bool shm) {
+  return choose_all_reduce_algorithm(std::nullopt, Algorithm::kAuto, bytes, world, shm);
+}
+
 TEST(AlgorithmTest, AutoNeverReturnsAutoOrNative) {
   for (int world : {1, 2, 3, 4, 64}) {
     for (std::size_t bytes = 0; bytes < (std::size_t{1} << 31); bytes = bytes * 2 + 1) {
       for (bool shm : {false, true}) {
-        const Algorithm a = choose_all_reduce_algorithm(bytes, world, shm);
+        const Algorithm a = auto_choice(bytes, world, shm);
         EXPECT_NE(a, Algorithm::kAuto);
         EXPECT_NE(a, Algorithm::kNative);
         if (!shm) {
           EXPECT_NE(a, Algorithm::kShm) << "shm chosen without shared memory";
         }
+        // A call that asks for auto gets what the default auto gets.
+        EXPECT_EQ(
+            choose_all_reduce_algorithm(Algorithm::kAuto, Algorithm::kTree, bytes, world, shm), a);
       }
     }
   }
-  // Shared memory where it was measured to lead.
-  EXPECT_EQ(choose_all_reduce_algorithm(8, 2, true), Algorithm::kShm);
-  EXPECT_EQ(choose_all_reduce_algorithm(std::size_t{64} << 20, 4, true), Algorithm::kShm);
-  EXPECT_EQ(choose_all_reduce_algorithm(1024, 4, true), Algorithm::kRhd);
+  // Reduce-scatter and all-gather: shm exactly where all-reduce picks it,
+  // else the ring (their only other algorithm).
+  for (int world : {1, 2, 3, 4, 64}) {
+    for (std::size_t bytes = 0; bytes < (std::size_t{1} << 31); bytes = bytes * 2 + 1) {
+      for (bool shm : {false, true}) {
+        const bool all_reduce_shm = auto_choice(bytes, world, shm) == Algorithm::kShm;
+        EXPECT_EQ(choose_scatter_gather_algorithm(bytes, world, shm),
+                  all_reduce_shm ? Algorithm::kShm : Algorithm::kRing)
+            << bytes << " bytes, " << world << " ranks, shm " << shm;
+      }
+    }
+  }
+  // The crossovers of docs/collectives.md.
+  EXPECT_EQ(auto_choice(8, 2, true), Algorithm::kShm);
+  EXPECT_EQ(auto_choice(std::size_t{64} << 20, 4, true), Algorithm::kShm);
+  EXPECT_EQ(auto_choice(1024, 4, true), Algorithm::kRhd);
+  EXPECT_EQ(auto_choice(std::size_t{1} << 20, 2, false), Algorithm::kRhd);
+  EXPECT_EQ(auto_choice((std::size_t{1} << 20) + 4, 2, false), Algorithm::kRing);
+  EXPECT_EQ(auto_choice(std::size_t{8} << 20, 4, false), Algorithm::kRhd);
+  EXPECT_EQ(auto_choice((std::size_t{8} << 20) + 4, 4, false), Algorithm::kRing);
+  EXPECT_EQ(auto_choice(std::size_t{64} << 20, 1, true), Algorithm::kRing);
+}
+
+// The call's request wins over the communicator's default; shm without
+// shared memory runs as ring; the others run as asked.
+TEST(AlgorithmTest, TheCallsRequestWinsAndShmNeedsSharedMemory) {
+  const std::size_t bytes = 4096;
+  for (Algorithm a : {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd, Algorithm::kNative}) {
+    EXPECT_EQ(choose_all_reduce_algorithm(a, Algorithm::kShm, bytes, 4, true), a) << to_string(a);
+    EXPECT_EQ(choose_all_reduce_algorithm(std::nullopt, a, bytes, 4, false), a) << to_string(a);
+  }
+  EXPECT_EQ(choose_all_reduce_algorithm(Algorithm::kShm, Algorithm::kRhd, bytes, 4, true),
+            Algorithm::kShm);
+  EXPECT_EQ(choose_all_reduce_algorithm(Algorithm::kShm, Algorithm::kRhd, bytes, 4, false),
+            Algorithm::kRing);
+  EXPECT_EQ(choose_all_reduce_algorithm(std::nullopt, Algorithm::kShm, bytes, 2, false),
+            Algorithm::kRing);
 }
 
 TEST(AlgorithmTest, AutoAcrossHostsNeverPicksShmAndPicksHierWhenHostsHoldSeveralRanks) {
@@ -334,19 +376,37 @@ TEST(AlgorithmTest, AutoAcrossHostsNeverPicksShmAndPicksHierWhenHostsHoldSeveral
     for (int hosts : {2, 3, 16}) {
       const int world = per_host == 0 ? hosts : hosts * per_host;
       for (std::size_t bytes = 0; bytes < (std::size_t{1} << 31); bytes = bytes * 2 + 1) {
-        const Algorithm a = choose_all_reduce_algorithm(bytes, world, false, per_host);
-        EXPECT_NE(a, Algorithm::kShm) << bytes << " bytes on " << hosts << " hosts";
-        EXPECT_NE(a, Algorithm::kAuto);
-        EXPECT_NE(a, Algorithm::kNative);
-        if (per_host == 0) {
-          EXPECT_NE(a, Algorithm::kHier) << "hier without a hierarchy";
-        }
-        if (per_host >= 2 && bytes > kAutoHierMinBytes) {
-          EXPECT_EQ(a, Algorithm::kHier);
+        // `shm` is never true across hosts; a caller that said so anyway
+        // still gets no kShm once the hosts are known.
+        for (bool shm : {false, true}) {
+          if (shm && per_host == 0) continue;  // one host: the single-host rules
+          const Algorithm a = choose_all_reduce_algorithm(std::nullopt, Algorithm::kAuto, bytes,
+                                                          world, shm, per_host);
+          EXPECT_NE(a, Algorithm::kShm) << bytes << " bytes on " << hosts << " hosts";
+          EXPECT_NE(a, Algorithm::kAuto);
+          EXPECT_NE(a, Algorithm::kNative);
+          if (per_host == 0) {
+            EXPECT_NE(a, Algorithm::kHier) << "hier without a hierarchy";
+          }
+          if (per_host >= 2 && bytes > 0) {
+            EXPECT_EQ(a, Algorithm::kHier) << bytes << " bytes, " << per_host << " per host";
+          }
         }
       }
     }
   }
+  // Asked for by the call or as the default: hier where it can run, else
+  // the ring (like shm without shared memory).
+  EXPECT_EQ(choose_all_reduce_algorithm(Algorithm::kHier, Algorithm::kRhd, 4096, 8, false, 4),
+            Algorithm::kHier);
+  EXPECT_EQ(choose_all_reduce_algorithm(std::nullopt, Algorithm::kHier, 4096, 8, false, 4),
+            Algorithm::kHier);
+  EXPECT_EQ(choose_all_reduce_algorithm(Algorithm::kHier, Algorithm::kRhd, 4096, 4, true),
+            Algorithm::kRing);
+  EXPECT_EQ(choose_all_reduce_algorithm(std::nullopt, Algorithm::kHier, 4096, 4, false, 0),
+            Algorithm::kRing);
+  // Reduce-scatter and all-gather have no hier: across hosts (no shm), the ring.
+  EXPECT_EQ(choose_scatter_gather_algorithm(std::size_t{64} << 20, 8, false), Algorithm::kRing);
 }
 
 // --- shared-memory all-reduce: ranks are threads over one allocation --------
@@ -563,6 +623,226 @@ INSTANTIATE_TEST_SUITE_P(DtypesOpsAndShapes, HierAllReduceTest,
                                                               std::make_pair(3, 2),
                                                               std::make_pair(2, 3))),
                          hier_case_name);
+// Reduce-scatter and all-gather through the same slots. Worlds 1-5, counts
+// per rank 0, 1, 7 and 1001 (with 256-byte slots: many rounds through both
+// slots), three ops in a row so that rounds carry on across ops.
+using ShmBlockCase = std::tuple<ElementType, ReduceOp, std::size_t, int>;
+
+class ShmReduceScatterTest : public ::testing::TestWithParam<ShmBlockCase> {};
+
+TEST_P(ShmReduceScatterTest, EachRankGetsItsBlockReducedAndTheInputIsUnchanged) {
+  const auto [type, op, block, world] = GetParam();
+  if (op == ReduceOp::kAvg && !is_floating(type)) return;  // rejected by make_reducer
+  const Reducer reducer = make_reducer(type, op);
+  const std::size_t es = element_size(type);
+  const std::size_t total = block * world;
+  run_shm_ranks(world, 256, [&](ShmGroup& group, int rank) {
+    DeadlineWaiter waiter(std::chrono::seconds(20));
+    std::vector<char> input(total * es + 1);
+    for (std::size_t i = 0; i < total; ++i) store(type, input.data(), i, pattern(op, rank, i));
+    const std::vector<char> input_before = input;
+    // One element past the block: must stay untouched.
+    std::vector<char> output((block + 1) * es);
+    for (int repeat = 0; repeat < 3; ++repeat) {
+      store(type, output.data(), block, 99);
+      shm_reduce_scatter(group, input.data(), output.data(), block, reducer, waiter);
+    }
+    if (op == ReduceOp::kAvg) divide_in_place(output.data(), block, type, world);
+    const double tolerance = es == 2 ? 1e-2 : 1e-6;
+    for (std::size_t i = 0; i < block; ++i) {
+      const double want = expected_value(op, world, rank * block + i);
+      ASSERT_NEAR(load(type, output.data(), i), want, tolerance * std::max(1.0, std::abs(want)))
+          << "rank " << rank << " element " << i << " of " << block;
+    }
+    EXPECT_EQ(load(type, output.data(), block), 99) << "wrote past the output";
+    EXPECT_EQ(input, input_before) << "the input changed";
+  });
+}
+
+class ShmAllGatherTest : public ::testing::TestWithParam<ShmBlockCase> {};
+
+TEST_P(ShmAllGatherTest, EveryRankGetsEveryBlock) {
+  const auto [type, op, block, world] = GetParam();
+  const std::size_t es = element_size(type);
+  std::vector<std::vector<char>> results(world);
+  run_shm_ranks(world, 256, [&](ShmGroup& group, int rank) {
+    DeadlineWaiter waiter(std::chrono::seconds(20));
+    std::vector<char> data(block * world * es + 1);
+    for (int repeat = 0; repeat < 3; ++repeat) {
+      std::fill(data.begin(), data.end(), static_cast<char>(0x5A));
+      for (std::size_t i = 0; i < block; ++i) {
+        store(type, data.data(), rank * block + i, pattern(op, rank, i));
+      }
+      shm_all_gather(group, data.data(), block, type, waiter);
+    }
+    for (int r = 0; r < world; ++r) {
+      for (std::size_t i = 0; i < block; ++i) {
+        ASSERT_EQ(load(type, data.data(), r * block + i), pattern(op, r, i))
+            << "rank " << rank << " block " << r << " element " << i;
+      }
+    }
+    EXPECT_EQ(data.back(), static_cast<char>(0x5A)) << "wrote past the output";
+    results[rank] = std::move(data);
+  });
+  for (int r = 1; r < world; ++r) EXPECT_EQ(results[r], results[0]) << "rank " << r;
+}
+
+INSTANTIATE_TEST_SUITE_P(DtypesOpsAndWorlds, ShmReduceScatterTest,
+                         ::testing::Combine(kAllTypes, kAllOps,
+                                            ::testing::Values(std::size_t{0}, std::size_t{1},
+                                                              std::size_t{7}, std::size_t{1001}),
+                                            ::testing::Values(1, 2, 3, 5)),
+                         shm_case_name);
+
+INSTANTIATE_TEST_SUITE_P(DtypesAndWorlds, ShmAllGatherTest,
+                         ::testing::Combine(kAllTypes, ::testing::Values(ReduceOp::kSum),
+                                            ::testing::Values(std::size_t{0}, std::size_t{1},
+                                                              std::size_t{7}, std::size_t{1001}),
+                                            ::testing::Values(1, 2, 3, 5)),
+                         shm_case_name);
+
+TEST(ShmTest, InterleavedCollectivesOfChangingSizesStayInStep) {
+  // All-reduces, reduce-scatters and all-gathers share the rounds, the two
+  // slots and the two stamps; reduce-scatter and all-gather never wait for
+  // their peers to finish reading, so a fast rank runs a round ahead of a
+  // slow one. 4 ranks on fewer cores, random sizes, 512-byte slots.
+  constexpr int kWorld = 4;
+  run_shm_ranks(kWorld, 512, [&](ShmGroup& group, int rank) {
+    DeadlineWaiter waiter(std::chrono::seconds(60));
+    const Reducer sum = make_reducer(ElementType::kInt64, ReduceOp::kSum);
+    std::vector<std::int64_t> input;
+    std::vector<std::int64_t> output;
+    for (int op = 0; op < 600; ++op) {
+      const std::size_t block = static_cast<std::size_t>((op * 7919) % 131);
+      const std::size_t total = block * kWorld;
+      auto value = [&](int r, std::size_t i) {
+        return static_cast<std::int64_t>(r * 1000 + op + static_cast<int>(i));
+      };
+      switch (op % 3) {
+        case 0: {
+          input.assign(total, 0);
+          for (std::size_t i = 0; i < total; ++i) input[i] = value(rank, i);
+          shm_all_reduce(group, input.data(), total, sum, waiter);
+          for (std::size_t i = 0; i < total; ++i) {
+            const std::int64_t want =
+                1000 * (kWorld * (kWorld - 1) / 2) + kWorld * (op + static_cast<std::int64_t>(i));
+            ASSERT_EQ(input[i], want) << "all_reduce op " << op << " element " << i;
+          }
+          break;
+        }
+        case 1: {
+          input.assign(total, 0);
+          for (std::size_t i = 0; i < total; ++i) input[i] = value(rank, i);
+          output.assign(block, -1);
+          shm_reduce_scatter(group, input.data(), output.data(), block, sum, waiter);
+          for (std::size_t i = 0; i < block; ++i) {
+            const std::size_t g = rank * block + i;
+            const std::int64_t want =
+                1000 * (kWorld * (kWorld - 1) / 2) + kWorld * (op + static_cast<std::int64_t>(g));
+            ASSERT_EQ(output[i], want) << "reduce_scatter op " << op << " element " << i;
+          }
+          break;
+        }
+        case 2: {
+          output.assign(total, -1);
+          for (std::size_t i = 0; i < block; ++i) output[rank * block + i] = value(rank, i);
+          shm_all_gather(group, output.data(), block, ElementType::kInt64, waiter);
+          for (int r = 0; r < kWorld; ++r) {
+            for (std::size_t i = 0; i < block; ++i) {
+              ASSERT_EQ(output[r * block + i], value(r, i))
+                  << "all_gather op " << op << " block " << r << " element " << i;
+            }
+          }
+          break;
+        }
+      }
+    }
+  });
+}
+
+// Runs a 2-rank op whose ranks disagree (`body(group, rank, waiter)` runs
+// each rank's op) and returns the error's text.
+std::string shm_disagreement_error(const std::function<void(ShmGroup&, int, ShmWaiter&)>& body) {
+  try {
+    run_shm_ranks(2, 4096, [&](ShmGroup& group, int rank) {
+      DeadlineWaiter waiter(std::chrono::seconds(5));
+      body(group, rank, waiter);
+    });
+  } catch (const TimeoutError& e) {
+    return std::string("timed out instead: ") + e.what();
+  } catch (const CommError& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST(ShmTest, DifferentCollectivesOrBlockSizesAreACommErrorNamingBothSides) {
+  const Reducer sum = make_reducer(ElementType::kFloat32, ReduceOp::kSum);
+  // Rank 0 all-reduces 8 elements while rank 1 reduce-scatters 4 per rank:
+  // the same bytes, a different op.
+  const std::string ops = shm_disagreement_error([&](ShmGroup& g, int rank, ShmWaiter& waiter) {
+    std::vector<float> data(8, 1.0f);
+    std::vector<float> out(4);
+    if (rank == 0) {
+      shm_all_reduce(g, data.data(), 8, sum, waiter);
+    } else {
+      shm_reduce_scatter(g, data.data(), out.data(), 4, sum, waiter);
+    }
+  });
+  EXPECT_NE(ops.find("an all_reduce of 8 x float32 (sum)"), std::string::npos) << ops;
+  EXPECT_NE(ops.find("a reduce_scatter of 4 x float32 (sum)"), std::string::npos) << ops;
+  const std::string gather = shm_disagreement_error([&](ShmGroup& g, int rank, ShmWaiter& waiter) {
+    std::vector<float> data(rank == 0 ? 20 : 24, 1.0f);
+    shm_all_gather(g, data.data(), data.size() / 2, ElementType::kFloat32, waiter);
+  });
+  EXPECT_NE(gather.find("an all_gather of 10 x float32"), std::string::npos) << gather;
+  EXPECT_NE(gather.find("an all_gather of 12 x float32"), std::string::npos) << gather;
+  EXPECT_NE(gather.find("different sizes or dtypes"), std::string::npos) << gather;
+  const std::string scatter = shm_disagreement_error([&](ShmGroup& g, int rank, ShmWaiter& waiter) {
+    const std::size_t block = rank == 0 ? 0 : 3;
+    std::vector<float> data(2 * block, 1.0f);
+    std::vector<float> out(block);
+    shm_reduce_scatter(
+        g, data.data(), out.data(), block,
+        make_reducer(ElementType::kFloat32, rank == 0 ? ReduceOp::kSum : ReduceOp::kMax), waiter);
+  });
+  EXPECT_NE(scatter.find("a reduce_scatter of 0 x float32 (sum)"), std::string::npos) << scatter;
+  EXPECT_NE(scatter.find("a reduce_scatter of 3 x float32 (max)"), std::string::npos) << scatter;
+}
+
+TEST(ShmTest, MissingPeerOfAReduceScatterOrAllGatherTimesOutNamingIt) {
+  for (ShmCollective collective : {ShmCollective::kReduceScatter, ShmCollective::kAllGather}) {
+    try {
+      run_shm_ranks(3, 4096, [&](ShmGroup& group, int rank) {
+        if (rank == 2) return;  // never joins
+        DeadlineWaiter waiter(std::chrono::milliseconds(200));
+        std::vector<float> data(30, 1.0f);
+        std::vector<float> out(10);
+        if (collective == ShmCollective::kReduceScatter) {
+          shm_reduce_scatter(group, data.data(), out.data(), 10,
+                             make_reducer(ElementType::kFloat32, ReduceOp::kSum), waiter);
+        } else {
+          shm_all_gather(group, data.data(), 10, ElementType::kFloat32, waiter);
+        }
+      });
+      FAIL() << "no error";
+    } catch (const TimeoutError& e) {
+      EXPECT_NE(std::string(e.what()).find("rank 2"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(ShmTest, SlotsTooSmallForEveryPeerAreRejected) {
+  EXPECT_EQ(shm_min_slot_bytes(2), 64u);
+  EXPECT_EQ(shm_min_slot_bytes(9), 64u);
+  EXPECT_EQ(shm_min_slot_bytes(10), 128u);
+  std::vector<std::uint64_t> memory(shm_region_bytes(64) * 10 / sizeof(std::uint64_t), 0);
+  std::vector<void*> regions;
+  for (int r = 0; r < 10; ++r) {
+    regions.push_back(reinterpret_cast<char*>(memory.data()) + shm_region_bytes(64) * r);
+  }
+  EXPECT_THROW(ShmGroup(0, regions, 64), Error);
+}
 
 TEST(SegmentsTest, PartitionIsBalancedAndCoversTheRange) {
   for (std::size_t count : {0, 1, 5, 7, 100, 1001}) {

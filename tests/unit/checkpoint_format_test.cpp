@@ -1,7 +1,8 @@
 // The checkpoint file format, one process: our Fletcher32 against HDF5's own,
 // the XXH3-128 file digest, piece files written with and without O_DIRECT
 // (byte-identical, every chunk checked by HDF5 on read, a flipped byte
-// caught), and manifests of format versions 1 (SHA-256) and 2 (XXH3-128).
+// caught), several pieces of one tensor in one file, and manifests of format
+// versions 1 (SHA-256), 2 (XXH3-128) and 3 (datasets per piece, the grid).
 
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -146,10 +147,12 @@ std::vector<PieceToWrite> sample_pieces() {
   return pieces;
 }
 
-at::Tensor read_whole(std::int64_t file, const std::string& path, const PieceToWrite& piece) {
+at::Tensor read_whole(hid_t file, const std::string& path, const PieceToWrite& piece) {
   at::Tensor out = at::empty(piece.record.shape, at::TensorOptions().dtype(piece.record.dtype));
   std::vector<std::int64_t> start(piece.record.shape.size(), 0);
-  read_piece(file, path, piece.record.name, start, piece.record.shape, out);
+  const std::string& dataset =
+      piece.record.dataset.empty() ? piece.record.name : piece.record.dataset;
+  read_piece(file, path, piece.record.name, dataset, start, piece.record.shape, out);
   return out;
 }
 
@@ -175,12 +178,42 @@ TEST(CheckpointFile, DirectAndBufferedWritesGiveTheSameCheckedFile) {
   EXPECT_EQ(read_bytes(paths[0]), read_bytes(paths[1]));
 
   // HDF5 checks every chunk's Fletcher32 as it reads it back.
-  const std::int64_t file = open_piece_file(paths[0]);
+  const io::Handle file = open_piece_file(paths[0]);
   for (const PieceToWrite& piece : pieces) {
-    const at::Tensor back = read_whole(file, paths[0], piece);
+    const at::Tensor back = read_whole(file.get(), paths[0], piece);
     EXPECT_TRUE(torch::equal(back, piece.data)) << piece.record.name;
   }
-  close_piece_file(file);
+}
+
+// ZeRO's share of a parameter is several blocks of one tensor in one file:
+// the first under the tensor's name, the others aside, each readable.
+TEST(CheckpointFile, SeveralPiecesOfOneTensorInOneFile) {
+  ScratchDir dir;
+  const at::Tensor w = torch::arange(24, torch::kFloat).reshape({4, 6});
+  std::vector<PieceToWrite> pieces;
+  const std::vector<std::pair<std::int64_t, std::int64_t>> rows = {{0, 1}, {1, 2}, {3, 1}};
+  int k = 0;
+  for (const auto& [row, count] : rows) {
+    PieceToWrite p;
+    p.record.name = "optim/w/exp_avg";
+    if (k > 0) p.record.dataset = extra_piece_dataset(k);
+    ++k;
+    p.record.dtype = at::kFloat;
+    p.record.global_shape = {4, 6};
+    p.record.offset = {row, 0};
+    p.record.shape = {count, 6};
+    p.data = w.narrow(0, row, count).contiguous();
+    pieces.push_back(std::move(p));
+  }
+  FileImage image;
+  const std::string path = dir / "f.h5";
+  write_piece_file(path, 1, 0, 1, pieces, {}, image);
+  const io::Handle file = open_piece_file(path);
+  for (const PieceToWrite& piece : pieces) {
+    EXPECT_TRUE(torch::equal(read_whole(file.get(), path, piece), piece.data))
+        << piece.record.dataset;
+  }
+  EXPECT_EQ(extra_piece_dataset(2), ".pieces/2");
 }
 
 TEST(CheckpointFile, AFlippedByteInAChunkFailsTheRead) {
@@ -201,17 +234,16 @@ TEST(CheckpointFile, AFlippedByteInAChunkFailsTheRead) {
     f.write(&c, 1);
   }
   EXPECT_NE(digest_file(path, kDigestXxh3), info.digest);
-  const std::int64_t file = open_piece_file(path);
+  const io::Handle file = open_piece_file(path);
   int failed = 0;
   for (const PieceToWrite& piece : pieces) {
     try {
-      read_whole(file, path, piece);
+      read_whole(file.get(), path, piece);
     } catch (const CheckpointError& e) {
       ++failed;
       EXPECT_NE(std::string(e.what()).find("f.h5"), std::string::npos) << e.what();
     }
   }
-  close_piece_file(file);
   EXPECT_EQ(failed, 1);  // b/long, and only it
 }
 
@@ -257,18 +289,41 @@ Manifest one_file_manifest() {
   piece.offset = {0};
   piece.shape = {4};
   record.pieces.push_back(piece);
-  return make_manifest(7, {{"k", "v"}}, {record});
+  piece.dataset = extra_piece_dataset(1);  // a second piece of "w" in the same file
+  piece.name = "v";
+  record.pieces.push_back(piece);
+  return make_manifest(7, {{"k", "v"}}, {record}, {1, 1, 1});
 }
 
-TEST(CheckpointManifest, Version2RecordsXxh3AndVersion1Sha256IsStillRead) {
+TEST(CheckpointManifest, Version3RecordsDatasetsAndTheGridAndOlderVersionsAreStillRead) {
   const std::string text = serialize(one_file_manifest());
   const auto j = nlohmann::json::parse(text);
-  EXPECT_EQ(j.at("version").get<int>(), 2);
+  EXPECT_EQ(j.at("version").get<int>(), 3);
   EXPECT_EQ(j.at("files")[0].at("xxh3_128").get<std::string>(), std::string(32, 'a'));
   EXPECT_FALSE(j.at("files")[0].contains("sha256"));
+  EXPECT_EQ(j.at("grid").at("dp").get<int>(), 1);
+  // A piece stored under its tensor's name records no dataset.
+  EXPECT_FALSE(j.at("tensors").at("w").at("pieces")[0].contains("dataset"));
+  EXPECT_EQ(j.at("tensors").at("v").at("pieces")[0].at("dataset").get<std::string>(), ".pieces/1");
   const Manifest m = parse_manifest(text, "m.json");
-  EXPECT_EQ(m.version, 2);
+  EXPECT_EQ(m.version, 3);
   EXPECT_EQ(m.files[0].digest_algorithm, kDigestXxh3);
+  EXPECT_EQ(m.tensors.at("w").pieces[0].dataset, "w");
+  EXPECT_EQ(m.tensors.at("v").pieces[0].dataset, ".pieces/1");
+
+  // A version-2 manifest, as earlier builds wrote it: no grid, no datasets.
+  auto v2 = j;
+  v2["version"] = 2;
+  v2.erase("grid");
+  v2["tensors"]["v"]["pieces"][0].erase("dataset");
+  const Manifest m2 = parse_manifest(v2.dump(), "v2.json");
+  EXPECT_EQ(m2.version, 2);
+  EXPECT_EQ(m2.grid.dp, 1);
+  EXPECT_EQ(m2.tensors.at("v").pieces[0].dataset, "v");
+  // A grid that does not hold world_size ranks is malformed.
+  auto bad_grid = j;
+  bad_grid["grid"]["tp"] = 2;
+  EXPECT_THROW(parse_manifest(bad_grid.dump(), "bad.json"), CheckpointError);
 
   // A version-1 manifest, as earlier builds wrote it.
   auto old = j;
@@ -284,13 +339,13 @@ TEST(CheckpointManifest, Version2RecordsXxh3AndVersion1Sha256IsStillRead) {
   EXPECT_THROW(parse_manifest(old.dump(), "old.json"), CheckpointError);
 
   auto newer = j;
-  newer["version"] = 3;
+  newer["version"] = 4;
   try {
     parse_manifest(newer.dump(), "new.json");
-    ADD_FAILURE() << "a version-3 manifest was accepted";
+    ADD_FAILURE() << "a version-4 manifest was accepted";
   } catch (const CheckpointError& e) {
     const std::string what = e.what();
-    EXPECT_NE(what.find("format version 3 is not supported"), std::string::npos) << what;
+    EXPECT_NE(what.find("format version 4 is not supported"), std::string::npos) << what;
     EXPECT_NE(what.find("newer dtrain"), std::string::npos) << what;
   }
 }

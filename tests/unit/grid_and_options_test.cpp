@@ -177,6 +177,87 @@ TEST_F(EnvTest, HeartbeatVariablesAndTheirLimits) {
   EXPECT_NO_THROW(options.validate());
 }
 
+// The trainer's variables: the attempt number and the faults a test asks for.
+class RunEnvTest : public ::testing::Test {
+ protected:
+  void SetUp() override { clear(); }
+  void TearDown() override { clear(); }
+  static void clear() {
+    for (const char* v : {"DTRAIN_RESTART_COUNT", "DTRAIN_FAULT_CHECKPOINT", "DTRAIN_FAULT_KILL",
+                          "DTRAIN_FAULT_FILE_LIMIT_KIB"}) {
+      unsetenv(v);
+    }
+  }
+};
+
+TEST_F(RunEnvTest, RestartCountIsZeroUnlessTheLauncherSaysOtherwise) {
+  EXPECT_EQ(read_restart_count(), 0);
+  setenv("DTRAIN_RESTART_COUNT", "2", 1);
+  EXPECT_EQ(read_restart_count(), 2);
+  setenv("DTRAIN_RESTART_COUNT", "again", 1);
+  EXPECT_NE(invalid_argument_message(read_restart_count).find("DTRAIN_RESTART_COUNT='again'"),
+            std::string::npos);
+}
+
+TEST_F(RunEnvTest, FaultVariablesParseOrNameTheirForm) {
+  FaultInjectionEnv none = read_fault_injection_env();
+  EXPECT_FALSE(none.checkpoint || none.kill || none.file_limit_kib);
+
+  setenv("DTRAIN_FAULT_CHECKPOINT", "before_rename:8:1", 1);
+  setenv("DTRAIN_FAULT_KILL", "3:6:always", 1);
+  setenv("DTRAIN_FAULT_FILE_LIMIT_KIB", "256", 1);
+  FaultInjectionEnv env = read_fault_injection_env();
+  ASSERT_TRUE(env.checkpoint && env.kill && env.file_limit_kib);
+  EXPECT_EQ(env.checkpoint->phase, "before_rename");
+  EXPECT_EQ(env.checkpoint->step, 8);
+  EXPECT_EQ(env.checkpoint->rank, 1);
+  EXPECT_EQ(env.kill->rank, 3);
+  EXPECT_EQ(env.kill->step, 6);
+  EXPECT_TRUE(env.kill->every_attempt);
+  EXPECT_EQ(*env.file_limit_kib, 256u);
+  EXPECT_FALSE(env.checkpoint->stall);
+  setenv("DTRAIN_FAULT_KILL", "1:6", 1);
+  EXPECT_FALSE(read_fault_injection_env().kill->every_attempt);
+  setenv("DTRAIN_FAULT_CHECKPOINT", "after_write:8:1:stall", 1);
+  EXPECT_TRUE(read_fault_injection_env().checkpoint->stall);
+
+  for (const auto& [name, value] : std::vector<std::pair<const char*, const char*>>{
+           {"DTRAIN_FAULT_KILL", "1"},
+           {"DTRAIN_FAULT_KILL", "1:6:sometimes"},
+           {"DTRAIN_FAULT_KILL", "one:6"},
+           {"DTRAIN_FAULT_CHECKPOINT", "after_write:8"},
+           {"DTRAIN_FAULT_CHECKPOINT", "after_write:eight:0"},
+           {"DTRAIN_FAULT_CHECKPOINT", "after_write:8:0:wait"},
+           {"DTRAIN_FAULT_FILE_LIMIT_KIB", "0"}}) {
+    clear();
+    setenv(name, value, 1);
+    const std::string message = invalid_argument_message(read_fault_injection_env);
+    EXPECT_NE(message.find(std::string(name) + "='" + value + "'"), std::string::npos)
+        << name << "=" << value << ": " << message;
+  }
+}
+
+TEST(ScopedEnvSettingTest, RestoresThePreviousValueOrUnsets) {
+  unsetenv("DTRAIN_TEST_SCOPED");
+  {
+    ScopedEnvSetting setting("DTRAIN_TEST_SCOPED", "inner");
+    EXPECT_STREQ(std::getenv("DTRAIN_TEST_SCOPED"), "inner");
+  }
+  EXPECT_EQ(std::getenv("DTRAIN_TEST_SCOPED"), nullptr);
+  setenv("DTRAIN_TEST_SCOPED", "outer", 1);
+  {
+    ScopedEnvSetting setting("DTRAIN_TEST_SCOPED", "inner");
+    EXPECT_STREQ(std::getenv("DTRAIN_TEST_SCOPED"), "inner");
+  }
+  EXPECT_STREQ(std::getenv("DTRAIN_TEST_SCOPED"), "outer");
+  EXPECT_FALSE(set_env_default("DTRAIN_TEST_SCOPED", "default"));
+  EXPECT_STREQ(std::getenv("DTRAIN_TEST_SCOPED"), "outer");
+  unsetenv("DTRAIN_TEST_SCOPED");
+  EXPECT_TRUE(set_env_default("DTRAIN_TEST_SCOPED", "default"));
+  EXPECT_STREQ(std::getenv("DTRAIN_TEST_SCOPED"), "default");
+  unsetenv("DTRAIN_TEST_SCOPED");
+}
+
 class MallocPolicyTest : public ::testing::Test {
  protected:
   // The user's own malloc settings would make the policy step aside.

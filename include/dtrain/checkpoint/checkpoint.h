@@ -6,20 +6,23 @@
 //   <directory>/step-000001200/      one committed checkpoint
 //       rank-00000.h5                what rank 0 wrote (HDF5, opens in h5py)
 //       rank-00001.h5                ...
-//       manifest.json                written last: step, world size, user
-//                                    metadata, every file's size and digest
-//                                    (XXH3-128; SHA-256 in format version 1),
-//                                    and for every tensor its dtype, global
-//                                    shape and pieces (file, offset, shape)
+//       manifest.json                written last: step, world size and
+//                                    grid (dp x pp x tp), user metadata,
+//                                    every file's size and digest (XXH3-128;
+//                                    SHA-256 in format version 1), and for
+//                                    every tensor its dtype, global shape and
+//                                    pieces (file, dataset, offset, shape)
 //   <directory>/.tmp-step-000001300/ a save in progress (never loaded)
 //
-// Every tensor is stored as one or more pieces of a global tensor: a piece
-// has the global shape and its offset in it, so a checkpoint written by N
-// ranks can be read back by any number of ranks, each reading the region it
-// owns (Checkpoint::read(name, offset, shape)). Replicated tensors (model
-// weights under data parallelism) are written once, spread over the ranks by
-// size; sharded tensors (ZeRO-1 optimizer state, later tensor-/pipeline-
-// parallel weights) are written by their owner.
+// Every tensor is stored by its global name as one or more pieces of the
+// global tensor: a piece has the global shape and its offset in it, so a
+// checkpoint written by one layout (N ranks, any dp x pp x tp) can be read
+// back by any other, each rank reading the region its placement asks for
+// (Checkpoint::read(name, offset, shape)). Each rank declares what it holds
+// with a placement (parallel/placement.h); each piece is written exactly
+// once: a piece several ranks hold (a weight replicated over dp) by one of
+// them, chosen from what every rank declared and spread by size, a piece
+// only one rank holds (a tensor-parallel block, a ZeRO share) by that rank.
 //
 // Saving (CheckpointManager::save, collective over the manager's ranks):
 //   1. asynchronous: copy this rank's pieces into host staging buffers
@@ -60,52 +63,57 @@
 #include <string>
 #include <vector>
 
-namespace dtrain::collectives {
-class Communicator;
-}
+#include "dtrain/collectives/process_grid.h"
+#include "dtrain/parallel/placement.h"
 
 namespace dtrain::checkpoint {
 
-/// What one rank contributes to a checkpoint. Names are paths made of
-/// [A-Za-z0-9_.-] segments separated by '/', for example "model/fc.weight";
-/// each becomes an HDF5 dataset of that path.
+/// What one rank contributes to a checkpoint: tensors by global name, each
+/// with its placement. Names are paths made of [A-Za-z0-9_.-] segments
+/// separated by '/', for example "model/fc.weight", not starting with '.';
+/// they must not depend on the rank's pipeline stage.
 class StateDict {
  public:
-  enum class Kind {
-    kReplicated,  ///< identical on every rank; written once, by one rank
-    kShard,       ///< this rank's piece of a global tensor
-  };
   struct Entry {
     std::string name;
     at::Tensor tensor;
-    Kind kind = Kind::kReplicated;
-    std::vector<std::int64_t> global_shape;  ///< kShard only
-    std::vector<std::int64_t> offset;        ///< kShard only
+    parallel::Placement placement;
   };
 
-  /// A tensor every rank holds identically (same name, shape and dtype on all
-  /// ranks, added in the same order). One rank writes it.
+  /// `tensor` is the part of the global tensor `name` that `placement`
+  /// describes (its local_shape()). Ranks may hold the same part only along
+  /// the placement's replicated_over axes (they must then hold identical
+  /// values); parts held by different ranks must not otherwise overlap. A
+  /// rank may add no part of a tensor. InvalidArgument (naming the tensor)
+  /// for a bad name, an unsupported dtype, a name added twice or a
+  /// placement that does not fit the tensor.
+  void add(const std::string& name, const at::Tensor& tensor, parallel::Placement placement);
+
+  /// Shorthands:
+  /// the whole tensor, identical on every rank that adds it
+  /// (Placement::replicated); one of them writes it;
   void add_replicated(const std::string& name, const at::Tensor& tensor);
-  /// This rank's piece of the global tensor `name` of `global_shape`,
-  /// starting at `offset` (one entry per dimension). Pieces of all ranks
-  /// must not overlap. A rank may add no piece of a tensor.
+  /// this rank's block of the global tensor `name` of `global_shape`,
+  /// starting at `offset` (one entry per dimension), held by no other rank
+  /// (Placement::block);
   void add_shard(const std::string& name, const at::Tensor& piece,
                  std::vector<std::int64_t> global_shape, std::vector<std::int64_t> offset);
-  /// A per-rank tensor (e.g. RNG state): the piece [rank] of a global tensor
-  /// of shape [world_size, tensor.sizes()...].
+  /// a per-rank tensor: row [rank] of a global tensor of shape
+  /// [world_size, tensor.sizes()...].
   void add_per_rank(const std::string& name, const at::Tensor& tensor, int rank, int world_size);
 
   const std::vector<Entry>& entries() const { return entries_; }
   bool empty() const { return entries_.empty(); }
 
  private:
-  void add(Entry entry);
   std::vector<Entry> entries_;
 };
 
 /// One stored piece of a tensor.
 struct PieceInfo {
-  std::string file;  ///< file name inside the checkpoint directory
+  std::string file;     ///< file name inside the checkpoint directory
+  std::string dataset;  ///< the HDF5 dataset in `file`: the tensor's name, or
+                        ///< ".pieces/<k>" for its further pieces in one file
   std::vector<std::int64_t> offset;
   std::vector<std::int64_t> shape;
 };
@@ -138,8 +146,10 @@ class Checkpoint {
 
   const std::string& directory() const;
   std::int64_t step() const;
-  /// Number of ranks that wrote it.
+  /// Number of ranks that wrote it, and their layout (format version < 3:
+  /// dp = world_size()).
   int world_size() const;
+  const collectives::GridShape& grid() const;
   const std::map<std::string, std::string>& metadata() const;
   /// The metadata value of `key`; CheckpointError naming the key if absent.
   const std::string& metadata(const std::string& key) const;
@@ -169,6 +179,20 @@ class Checkpoint {
   std::shared_ptr<Impl> impl_;
 };
 
+/// Points of a save at which CheckpointOptions::fault_hook is called.
+enum class SavePhase {
+  /// Every rank: its file is written (and synced); nothing is committed.
+  kAfterWrite,
+  /// Rank 0: the manifest is written in the temporary directory, which is
+  /// not yet renamed to step-<N>.
+  kBeforeRename,
+};
+
+/// "after_write", "before_rename".
+const char* to_string(SavePhase phase);
+/// The inverse of to_string(); InvalidArgument naming the phases otherwise.
+SavePhase parse_save_phase(const std::string& name);
+
 struct CheckpointOptions {
   std::string directory;  ///< created if missing; must be writable by every rank
   /// Committed checkpoints to keep (the newest); older ones are deleted
@@ -194,6 +218,16 @@ struct CheckpointOptions {
   /// Receives warnings (a checkpoint skipped on resume, a leftover removed).
   /// Unset: written to stderr with the rank.
   std::function<void(const std::string&)> on_warning;
+  /// Fault injection, for tests (the idea of LevelDB's Env): called at each
+  /// SavePhase of every save with the step being saved, on the thread that
+  /// writes (the background thread of an async save). An exception it throws
+  /// fails that save the way a write error would (CheckpointError on every
+  /// rank; the previous checkpoints stay as they were); it may also end the
+  /// process, to test a crash at that point, or block, to hold a save
+  /// there. Unset (the default): nothing is called. Test programs run from
+  /// outside set it from DTRAIN_FAULT_CHECKPOINT (dtrain/env.h); the
+  /// library never reads that variable.
+  std::function<void(SavePhase phase, std::int64_t step)> fault_hook;
 
   void validate() const;
 };
@@ -226,15 +260,20 @@ struct CheckpointEntry {
   std::string directory;
 };
 
-/// Writes checkpoints of one job. All ranks of `comm` construct it together
-/// and call save()/latest_valid() together, in the same order.
+/// Writes checkpoints of one job. All ranks of the context's world construct
+/// it together and call save()/latest_valid() together, in the same order.
 class CheckpointManager {
  public:
   /// Collective. Creates the directory, checks that every rank can write to
   /// it (CheckpointError naming the directory and the reason, on every rank,
   /// if any rank cannot) and removes leftovers of interrupted saves. Uses a
-  /// communicator of its own (split from `comm`), so background saves never
-  /// interleave with the caller's collectives.
+  /// communicator of its own (split from the context's world), so background
+  /// saves never interleave with the caller's collectives. The context's
+  /// grid decides which ranks may hold copies of a piece (the placements'
+  /// replicated_over axes) and is recorded in the manifest.
+  CheckpointManager(CheckpointOptions options, const parallel::ParallelContext& context);
+  /// The same for a plain data-parallel job over `comm` (dp = comm->size(),
+  /// pp = tp = 1), without building a grid.
   CheckpointManager(CheckpointOptions options,
                     const std::shared_ptr<collectives::Communicator>& comm);
   /// Waits for a pending save; its error is reported as a warning.
@@ -244,6 +283,11 @@ class CheckpointManager {
 
   /// Collective. Saves `state` as checkpoint `step` with `metadata` (rank 0's
   /// is stored). Waits for the previous save first and rethrows its error.
+  /// Which rank writes each piece is decided from every rank's declarations,
+  /// gathered when they change (the first save, or a save whose tensors,
+  /// shapes or placements differ from the previous one on any rank): then
+  /// InvalidArgument, on every rank and before anything is written, if two
+  /// ranks hold the same piece along an axis it is not replicated over.
   /// Synchronous mode: returns once the checkpoint is committed.
   SaveStats save(std::int64_t step, const StateDict& state,
                  const std::map<std::string, std::string>& metadata = {});
@@ -265,6 +309,9 @@ class CheckpointManager {
   struct Impl;
 
  private:
+  CheckpointManager(CheckpointOptions options,
+                    const std::shared_ptr<collectives::Communicator>& comm,
+                    const collectives::GridShape& grid);
   std::unique_ptr<Impl> impl_;
 };
 

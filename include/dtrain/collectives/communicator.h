@@ -32,7 +32,9 @@
 // two threads' ops are queued is the order of the calls; collective order
 // must still agree across ranks.
 
+#include <cstdint>
 #include <memory>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -40,6 +42,26 @@
 #include "dtrain/collectives/work.h"
 
 namespace dtrain::collectives {
+
+/// One send or receive of Communicator::batch_send_recv (PyTorch's P2POp).
+struct P2POp {
+  enum class Kind : std::uint8_t { kSend, kRecv };
+  Kind kind = Kind::kSend;
+  /// Sent from, or received into. Kept alive by the batch's Work.
+  at::Tensor tensor;
+  /// Rank in the communicator; may be this rank (a message to itself, which
+  /// the same batch must also receive).
+  int peer = -1;
+  /// In [0, 1'000'000). MPI: messages match by (peer, tag). NCCL: must be 0.
+  int tag = 0;
+
+  static P2POp send(at::Tensor tensor, int dst, int tag = 0) {
+    return P2POp{Kind::kSend, std::move(tensor), dst, tag};
+  }
+  static P2POp recv(at::Tensor tensor, int src, int tag = 0) {
+    return P2POp{Kind::kRecv, std::move(tensor), src, tag};
+  }
+};
 
 class Communicator {
  public:
@@ -76,14 +98,45 @@ class Communicator {
   virtual std::shared_ptr<Work> reduce_scatter(const at::Tensor& output, const at::Tensor& input,
                                                const ReduceScatterOptions& options = {}) = 0;
 
-  /// Sends `tensor` to rank `dst`; matched by a recv on `dst` with the same tag.
+  /// Sends `tensor` to rank `dst`; matched by a recv on `dst` with the same
+  /// tag. A batch of one (see batch_send_recv, including the shape check);
+  /// `dst` must be another rank.
   virtual std::shared_ptr<Work> send(const at::Tensor& tensor, int dst,
                                      const PointToPointOptions& options = {}) = 0;
 
-  /// Receives into `tensor` from rank `src`. The message must have exactly
-  /// tensor's byte size, or the Work fails with CommError.
+  /// Receives into `tensor` from rank `src`: a batch of one, like send.
   virtual std::shared_ptr<Work> recv(const at::Tensor& tensor, int src,
                                      const PointToPointOptions& options = {}) = 0;
+
+  /// Starts every send and receive of `ops` at once and returns one Work
+  /// that completes when all of them have (PyTorch's batch_isend_irecv).
+  /// Nothing in a batch waits for anything else in it, so a batch never
+  /// deadlocks on its own, at any message size: two ranks that send to each
+  /// other put the send and the receive into one batch each.
+  ///
+  /// Matching: between a pair of ranks, sends and receives with the same
+  /// tag match in issue order (across batches, and with plain send/recv).
+  /// The MPI backend keeps tags apart; the NCCL backend has no tags (tag
+  /// must be 0) and matches every op between a pair in issue order.
+  ///
+  /// Shapes (MPI backend): the messages of one direction of one (peer, tag)
+  /// pair form a channel that carries one dtype and shape. The first message
+  /// of a channel is preceded by a two-way exchange of both ends' dtype and
+  /// shape; if they differ, the batch fails with CommError naming both, on
+  /// both ranks, and nothing of the batch is sent. That first message costs
+  /// one extra small round trip and completes only once the receiver has
+  /// posted its receive. Later messages of the channel must have the
+  /// channel's dtype and shape (InvalidArgument otherwise: use another tag
+  /// for another shape) and carry no header.
+  ///
+  /// Throws InvalidArgument before anything is queued for: an empty list,
+  /// a peer outside [0, size()), a tag outside [0, 1'000'000), a tensor
+  /// backend checks reject (device, dtype, layout), a tensor received into
+  /// twice or received into and sent from in one batch (overlapping memory),
+  /// and a message to this rank without its matching receive in the batch.
+  /// Like every op, the batch is queued in issue order with the others.
+  virtual std::shared_ptr<Work> batch_send_recv(const std::vector<P2POp>& ops,
+                                                const BatchSendRecvOptions& options = {}) = 0;
 
   /// Completes once every rank has issued its barrier.
   virtual std::shared_ptr<Work> barrier(const BarrierOptions& options = {}) = 0;

@@ -23,9 +23,14 @@
 //    backend, conversely, rejects CUDA tensors.)
 //  * dtypes float32, float16, bfloat16, float64, int32, int64, uint8; every
 //    ReduceOp; ReduceOp::kAvg on floating dtypes only (NCCL's ncclAvg).
-//  * send/recv: messages between a pair of ranks match in issue order only
-//    (NCCL has no tags), so PointToPointOptions::tag must be 0; a size
-//    mismatch between send and recv is not detected (NCCL's contract).
+//  * send/recv/batch_send_recv: messages between a pair of ranks match in
+//    issue order only (NCCL has no tags): the k-th send from rank a to rank
+//    b matches the k-th recv on b from a, over all of the communicator's
+//    point-to-point ops. Tags must be 0. A batch is one NCCL group
+//    (ncclGroupStart, a ncclSend/ncclRecv per op in list order,
+//    ncclGroupEnd). No header is exchanged: a dtype, shape or size mismatch
+//    between send and recv is not detected (NCCL's contract). Batches have
+//    been tested against mocks only, not on a GPU.
 //
 // Stream contract (the point of this backend: the host never waits)
 //  * Each communicator owns one CUDA stream on its device (the "comm

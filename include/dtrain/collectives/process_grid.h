@@ -77,6 +77,7 @@ class ProcessGrid {
   /// Ranks with the same (dp, pp): one tensor-parallel group.
   Communicator& tp() const noexcept { return *tp_; }
 
+  std::shared_ptr<Communicator> world_ptr() const noexcept { return world_; }
   std::shared_ptr<Communicator> dp_ptr() const noexcept { return dp_; }
   std::shared_ptr<Communicator> pp_ptr() const noexcept { return pp_; }
   std::shared_ptr<Communicator> tp_ptr() const noexcept { return tp_; }

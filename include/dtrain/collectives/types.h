@@ -25,7 +25,8 @@ enum class ReduceOp : std::uint8_t {
   kProduct,
 };
 
-/// How all_reduce moves and reduces data (CPU/MPI backend).
+/// How a collective moves and reduces data (CPU/MPI backend). all_reduce
+/// runs every one; reduce_scatter and all_gather run kAuto, kRing and kShm.
 enum class Algorithm : std::uint8_t {
   /// Picks one of the others from the message size and world size, using
   /// crossover points measured with benchmarks/allreduce_perf (see
@@ -45,8 +46,9 @@ enum class Algorithm : std::uint8_t {
   /// The MPI library's own MPI_Iallreduce.
   kNative,
   /// Through memory shared by the ranks of one node: each rank reduces its
-  /// segment straight out of its peers' shared buffers (no messages). Needs
-  /// every rank of the communicator on one node and
+  /// segment straight out of its peers' shared buffers (no messages);
+  /// reduce-scatter and all-gather likewise read their peers' pieces out of
+  /// shared buffers. Needs every rank of the communicator on one node and
   /// CommunicatorOptions::shm_slot_bytes > 0; elsewhere it runs as kRing.
   kShm,
   /// Hierarchical, for ranks on several hosts with the same number (at least
@@ -82,12 +84,19 @@ struct BroadcastOptions {
 
 /// Options of Communicator::all_gather.
 struct AllGatherOptions {
+  /// kAuto, kRing or kShm (MPI backend; others are an InvalidArgument).
+  /// Unset: kAuto, which runs kShm where all_reduce's kAuto would for a
+  /// message of the output's size, else kRing. The NCCL backend takes only
+  /// unset or kAuto (NCCL chooses).
+  std::optional<Algorithm> algorithm;
   std::optional<Timeout> timeout;
 };
 
 /// Options of Communicator::reduce_scatter.
 struct ReduceScatterOptions {
   ReduceOp op = ReduceOp::kSum;
+  /// As AllGatherOptions::algorithm, for a message of the input's size.
+  std::optional<Algorithm> algorithm;
   std::optional<Timeout> timeout;
 };
 
@@ -96,6 +105,13 @@ struct PointToPointOptions {
   /// Messages between one pair of ranks match by tag, in issue order.
   /// Must be in [0, 1'000'000).
   int tag = 0;
+  std::optional<Timeout> timeout;
+};
+
+/// Options of Communicator::batch_send_recv.
+struct BatchSendRecvOptions {
+  /// Unset: the communicator's default timeout. One deadline for the whole
+  /// batch (header exchange included).
   std::optional<Timeout> timeout;
 };
 

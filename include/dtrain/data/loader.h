@@ -6,7 +6,7 @@
 //   dtrain::data::LoaderOptions opt;
 //   opt.sampler.global_batch_size = 256;      // over all dp ranks
 //   opt.mean = {0.286}; opt.std = {0.353};
-//   dtrain::data::DataLoader loader(ds, opt, grid.dp_rank(), grid.dp_size());
+//   dtrain::data::DataLoader loader(ds, opt, grid.coord().dp, grid.shape().dp);
 //   for (int step = 0; step < steps; ++step) {
 //     dtrain::data::Batch b = loader.next();   // images [b,C,H,W] f32, labels [b] i64
 //     ...

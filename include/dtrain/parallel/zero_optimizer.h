@@ -30,9 +30,11 @@
 
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "dtrain/collectives/communicator.h"
+#include "dtrain/parallel/parallel_context.h"
 
 namespace dtrain::parallel {
 
@@ -48,6 +50,9 @@ class ZeroRedundancyOptimizer {
 
   ZeroRedundancyOptimizer(std::shared_ptr<torch::nn::Module> module,
                           std::shared_ptr<collectives::Communicator> dp,
+                          const OptimizerFactory& make_optimizer);
+  /// The same over the context's dp communicator.
+  ZeroRedundancyOptimizer(std::shared_ptr<torch::nn::Module> module, const ParallelContext& context,
                           const OptimizerFactory& make_optimizer);
 
   /// Zeroes the flat gradient buffer (use instead of the optimizer's).
@@ -73,10 +78,22 @@ class ZeroRedundancyOptimizer {
   /// parameters into the module).
   void reload_shard_from_parameters();
 
+  /// A trainable parameter's place in the flat buffers: elements
+  /// [offset, offset + parameter.numel()), under its name in the module.
+  struct FlatParameter {
+    std::string name;
+    std::int64_t offset = 0;
+    torch::Tensor parameter;
+  };
+  /// The trainable parameters in flat order (the module's
+  /// named_parameters() order), for checkpoints by parameter.
+  const std::vector<FlatParameter>& flat_parameters() const { return flat_parameters_; }
+
  private:
   std::shared_ptr<torch::nn::Module> module_;
   std::shared_ptr<collectives::Communicator> dp_;
   std::int64_t total_numel_ = 0;
+  std::vector<FlatParameter> flat_parameters_;
   torch::Tensor flat_params_;  // model parameters are views into it
   torch::Tensor flat_grads_;   // model gradients are views into it
   torch::Tensor shard_;        // this rank's slice of the parameters (what the optimizer sees)

@@ -120,8 +120,9 @@ int inspect(const std::string& path) {
     return 1;
   }
   const Checkpoint c = Checkpoint::open(targets.front());
-  std::printf("checkpoint  %s\nstep        %lld\nwritten by  %d rank(s)\n", c.directory().c_str(),
-              static_cast<long long>(c.step()), c.world_size());
+  std::printf("checkpoint  %s\nstep        %lld\nwritten by  %d rank(s) (dp %d x pp %d x tp %d)\n",
+              c.directory().c_str(), static_cast<long long>(c.step()), c.world_size(), c.grid().dp,
+              c.grid().pp, c.grid().tp);
   std::printf("metadata\n");
   for (const auto& [k, v] : c.metadata()) std::printf("  %-24s %s\n", k.c_str(), v.c_str());
   std::printf("files\n");

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 #include "dtrain/collectives/types.h"
 #include "src/collectives/algorithms/element_type.h"
@@ -79,25 +80,33 @@ void rhd_all_reduce(Transport& transport, void* data, std::size_t count, const R
 void tree_broadcast(Transport& transport, void* data, std::size_t bytes, int root,
                     std::size_t chunk_bytes);
 
-/// Under Algorithm::kAuto, messages above this size go to the ring (two
-/// ranks, and more than two).
-inline constexpr std::size_t kAutoRingMinBytesTwoRanks = std::size_t{1} << 20;
-inline constexpr std::size_t kAutoRingMinBytesManyRanks = std::size_t{8} << 20;
-/// With shared memory, kAuto runs kShm on 2 ranks and, on more, above this.
-inline constexpr std::size_t kAutoShmMinBytesManyRanks = std::size_t{128} << 10;
-
-/// With ranks on several hosts, kAuto runs kHier above this size.
-inline constexpr std::size_t kAutoHierMinBytes = 0;
-
-/// What Algorithm::kAuto runs for a message of `bytes` bytes on `world_size`
-/// ranks. `shm`: every rank is on one host and the communicator has shared
-/// memory (then kShm may be chosen). `hier_ranks_per_host`: 0, or the
-/// communicator spans hosts that each hold this many ranks (>= 2) and has
-/// the shared memory kHier needs (then kHier may be chosen). kShm is never
-/// chosen across hosts. Never returns kAuto or kNative. Same answer on every
-/// rank.
-Algorithm choose_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm = false,
+/// The algorithm one all-reduce runs: the only place that decides it.
+///  - `requested` (AllReduceOptions::algorithm) wins; without it the
+///    communicator's `configured` default (CommunicatorOptions::
+///    allreduce_algorithm, which DTRAIN_ALLREDUCE_ALGO may have set).
+///  - kAuto picks from the message's `bytes`, the `world_size` and whether
+///    the communicator has shared memory (`shm`), with the crossovers
+///    measured by benchmarks/allreduce_perf (algorithms.cpp,
+///    docs/collectives.md).
+///  - `shm`: every rank is on this host and the communicator has shared
+///    memory. `hier_ranks_per_host`: 0, or the communicator spans several
+///    hosts that each hold this many ranks (>= 2) and has the shared memory
+///    kHier needs. kAuto picks kHier where it can run, and never kShm across
+///    hosts.
+///  - kShm on a communicator without shared memory, and kHier where it
+///    cannot run, run as kRing.
+/// Never returns kAuto; returns kNative only when it was asked for, kShm
+/// only when `shm`, and kHier only when `hier_ranks_per_host` >= 2. Depends
+/// only on values that are the same on every rank, so every rank runs the
+/// same algorithm.
+Algorithm choose_all_reduce_algorithm(std::optional<Algorithm> requested, Algorithm configured,
+                                      std::size_t bytes, int world_size, bool shm,
                                       int hier_ranks_per_host = 0);
+
+/// What Algorithm::kAuto runs for a reduce-scatter or all-gather of `bytes`
+/// bytes in all (the larger of its two buffers): kShm wherever
+/// an all-reduce of that size picks kShm under kAuto, else kRing.
+Algorithm choose_scatter_gather_algorithm(std::size_t bytes, int world_size, bool shm);
 
 /// Runs `algorithm` (not kAuto, not kNative).
 void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::size_t count,

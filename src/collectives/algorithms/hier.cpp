@@ -19,8 +19,8 @@ void hier_all_reduce(const HierLinks& links, void* data, std::size_t count, cons
   const std::size_t es = reducer.element_size;
   char* slice = static_cast<char*>(data) + slices.begin(local_rank) * es;
   const std::size_t slice_count = slices.length(local_rank);
-  const Algorithm between =
-      choose_all_reduce_algorithm(slice_count * es, links.hosts.size(), /*shm=*/false);
+  const Algorithm between = choose_all_reduce_algorithm(
+      std::nullopt, Algorithm::kAuto, slice_count * es, links.hosts.size(), /*shm=*/false);
   run_all_reduce(between, links.hosts, slice, slice_count, reducer, scratch, chunk_bytes);
   // 3. Inside the host: every local rank gets every slice (ring_all_gather's
   // segments are Segments{count, local_size}, the slices above).

@@ -1,33 +1,45 @@
 #pragma once
-// All-reduce through memory shared by the ranks of one node (Algorithm::kShm).
+// All-reduce, reduce-scatter and all-gather through memory shared by the
+// ranks of one node (Algorithm::kShm).
 //
 // Each rank owns a region of a shared mapping: a control block and two
-// slots of `slot_bytes`. A message is cut into pieces of at most one slot,
-// one "round" each; rounds are numbered across ops, and round k uses slot
-// k % 2. With Segments{len, n} over the piece, round k on rank r is:
+// slots of `slot_bytes`. A message is cut into pieces that fit a slot, one
+// "round" each; rounds are numbered across ops (of all three kinds), and
+// round k uses slot k % 2 and stamp k % 2. Every round begins alike: rank r
+// copies into its slot what its peers will read, writes a stamp describing
+// the op (collective, element count, dtype, reduction) and publishes
+// `posted = k`; then it waits until every rank posted k and checks their
+// stamps. What follows depends on the collective:
 //
-//   1. copy every segment s != r of its data into its slot; publish
-//      `posted = k` with a stamp describing the op (checked by the peers);
-//   2. wait until every rank posted k; reduce segment r: data[r] OP= the
-//      peers' slot segment r, in rank order; copy the result into its own
-//      slot's segment r; publish `reduced = k`;
-//   3. wait until every rank reduced k; copy each peer p's slot segment p
-//      into data[p].
+//   all-reduce (Segments{len, n} over the piece): rank r posted every
+//   segment s != r; it reduces segment r: data[r] OP= the peers' slot
+//   segment r, in rank order; copies the result into its own slot's segment
+//   r and publishes `reduced = k`; once every rank reduced k, it copies each
+//   peer p's slot segment p into data[p].
 //
-// No rank waits for its peers to finish reading: a rank starts round k+1
-// only after every peer reduced round k, which a peer does only after it
-// finished round k-1, the last round that read the slot round k+1 writes.
-// (Two slots are needed because consecutive rounds may split the slot into
-// different segments.) Likewise the stamp of round k is read by the peers
-// in their step 2, before they publish `reduced = k`.
+//   reduce-scatter (a piece of each of the n blocks): rank r posted the
+//   piece of every block p != r, at position p (p < r) or p - 1 (p > r) of
+//   its slot; it writes out = its own piece of block r, OP= each peer's
+//   piece for r, in rank order.
+//
+//   all-gather (a piece of this rank's block): rank r posted its piece; it
+//   copies each peer's piece into block p of the output.
+//
+// No rank waits for its peers to finish reading: rank r writes slot k % 2
+// again in round k+2 only after every peer posted round k+1, which a peer
+// does only after it finished round k, the last round that read that slot.
+// A stamp is read by the peers in the round it describes, so it follows the
+// same rule (two stamps for two slots: a peer may still be checking stamp k
+// when rank r writes stamp k+1).
 //
 // Every element is reduced once, by one rank, in a fixed order, then
 // copied: the result is bitwise identical on every rank and from run to
-// run. Each rank moves about 4.5x the piece through memory for 2 ranks (the
-// ring over MPI's copy-in/copy-out shared memory: about 5.5x, in 32 KiB
-// fragments), and with slots that fit in the caches the slot traffic stays
-// out of DRAM. The counters are C++ atomics in the shared mapping
-// (release on publish, acquire on wait); no system call is made per op.
+// run. Each rank moves about 4.5x an all-reduce's piece through memory for
+// 2 ranks (the ring over MPI's copy-in/copy-out shared memory: about 5.5x,
+// in 32 KiB fragments), and with slots that fit in the caches the slot
+// traffic stays out of DRAM. The counters are C++ atomics in the shared
+// mapping (release on publish, acquire on wait); no system call is made per
+// op.
 //
 // A rank waiting for a peer spins for a few microseconds (peers in the same
 // op arrive within them), then sleeps on the peer's futex word, which every
@@ -35,8 +47,9 @@
 // backward pass) takes no CPU from the processes sharing its cores. Between
 // sleeps (at most 2 ms each) it calls a ShmWaiter, which the MPI backend
 // implements with the op's deadline and its roll call, so a dead or absent
-// peer gives a TimeoutError, not a hang. Ranks that pass different counts, dtypes or
-// reductions get a CommError naming both sides, never a wrong result.
+// peer gives a TimeoutError, not a hang. Ranks that pass different counts,
+// dtypes or reductions, or that are in different collectives, get a
+// CommError naming both sides, never a wrong result.
 
 #include <atomic>
 #include <cstddef>
@@ -56,6 +69,9 @@ class ShmWaiter {
   virtual void idle(const char* phase, int peer) = 0;
 };
 
+/// Which collective a round belongs to (in stamps and errors).
+enum class ShmCollective : std::uint32_t { kAllReduce, kReduceScatter, kAllGather };
+
 /// The start of each rank's region; counters on their own cache lines.
 struct alignas(64) ShmControl {
   struct alignas(64) Counter {
@@ -64,10 +80,12 @@ struct alignas(64) ShmControl {
   /// What the op of a round is (written before `posted`).
   struct alignas(64) OpStamp {
     std::uint64_t round = 0;
-    std::uint64_t count = 0;
+    std::uint64_t count = 0;  ///< all-reduce: elements; the others: elements per rank
+    std::uint32_t collective = 0;
     std::uint32_t type = 0;
-    std::uint32_t op = 0;
+    std::uint32_t op = 0;  ///< kNoReduction for all-gather
   };
+  static constexpr std::uint32_t kNoReduction = ~std::uint32_t{0};
   /// Bumped on every publish; peers that wait longer than a short spin
   /// sleep on it (a futex in the shared mapping) instead of polling.
   struct alignas(64) Wake {
@@ -76,7 +94,7 @@ struct alignas(64) ShmControl {
   };
   Counter posted, reduced;
   Wake wake;
-  OpStamp stamp;
+  OpStamp stamps[2];  ///< stamps[round % 2]
 };
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
                   std::atomic<std::uint32_t>::is_always_lock_free,
@@ -85,6 +103,10 @@ static_assert(sizeof(std::atomic<std::uint32_t>) == 4, "a futex word is 32 bits"
 
 /// Bytes of one rank's region: the control block, then two slots.
 std::size_t shm_region_bytes(std::size_t slot_bytes);
+
+/// The smallest slot a group of `size` ranks can use: a reduce-scatter
+/// round puts a piece for each peer into it, at least one 8-byte element.
+std::size_t shm_min_slot_bytes(int size);
 
 /// One rank's view of the ranks' regions (laid out by the caller, which owns
 /// the mapping). Zero-filled memory is a valid initial state.
@@ -114,6 +136,19 @@ class ShmGroup {
 /// reduces as a sum; the caller divides. Every op takes at least one round,
 /// so even a 0-element op checks that the ranks agree.
 void shm_all_reduce(ShmGroup& group, void* data, std::size_t count, const Reducer& reducer,
+                    ShmWaiter& waiter);
+
+/// Reduce-scatter: `input` holds size() blocks of `block_count` elements,
+/// rank-major; `output` (block_count elements, not overlapping `input`)
+/// receives block rank() reduced over the ranks. kAvg reduces as a sum; the
+/// caller divides. At least one round, as above.
+void shm_reduce_scatter(ShmGroup& group, const void* input, void* output, std::size_t block_count,
+                        const Reducer& reducer, ShmWaiter& waiter);
+
+/// In-place all-gather: `data` holds size() blocks of `block_count` elements
+/// of `type`, rank-major; on entry block rank() is this rank's, on return
+/// every block is its rank's. At least one round, as above.
+void shm_all_gather(ShmGroup& group, void* data, std::size_t block_count, ElementType type,
                     ShmWaiter& waiter);
 
 }  // namespace dtrain::collectives::detail

@@ -13,15 +13,18 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "dtrain/error.h"
 #include "src/collectives/algorithms/algorithms.h"
 #include "src/collectives/algorithms/hier.h"
+#include "src/collectives/mpi/batched_p2p.h"
 #include "src/collectives/mpi/mpi_error.h"
 #include "src/collectives/mpi/mpi_transport.h"
 #include "src/collectives/mpi/progress_engine.h"
 #include "src/collectives/mpi/shm_segment.h"
+#include "src/collectives/p2p_checks.h"
 #include "src/collectives/shape_checks.h"
 
 namespace dtrain::collectives::detail {
@@ -31,7 +34,6 @@ using Clock = std::chrono::steady_clock;
 
 // Point-to-point ops are not numbered in the collective order.
 constexpr std::uint64_t kPointToPointSeq = ~std::uint64_t{0};
-constexpr int kMaxUserTag = 1'000'000;
 // Payload size that never qualifies for running on the caller's thread.
 constexpr std::size_t kNeverInline = ~std::size_t{0};
 
@@ -254,6 +256,7 @@ class MpiCommunicator final : public Communicator {
     create_half_ops<ElementType::kFloat16>(half_ops_[1]);
     shm_ = ShmSegment::create(comm_, options_.shm_slot_bytes);
     if (!shm_) hier_ = Hierarchy::create(comm_, options_, health_);
+    p2p_ = std::make_unique<BatchedPointToPoint>(p2p_comm_, options_.name, rank_, size_);
     engine_ = std::make_unique<ProgressEngine>();
   }
 
@@ -268,6 +271,7 @@ class MpiCommunicator final : public Communicator {
       slots_.leak();
       workspace_.leak();
       (void)hier_.release();
+      p2p_->leak();
       return;
     }
     for (auto& ops : half_ops_) {
@@ -291,13 +295,9 @@ class MpiCommunicator final : public Communicator {
     const ElementType type = element_type_of(tensor, kOp);
     const Reducer reducer = make_reducer(type, opts.op);
     const std::size_t count = static_cast<std::size_t>(tensor.numel());
-    Algorithm algorithm = opts.algorithm.value_or(options_.allreduce_algorithm);
-    if (algorithm == Algorithm::kAuto) {
-      algorithm = choose_all_reduce_algorithm(count * reducer.element_size, size_, shm_ != nullptr,
-                                              hier_ ? hier_->local_size : 0);
-    }
-    if (algorithm == Algorithm::kShm && !shm_) algorithm = Algorithm::kRing;
-    if (algorithm == Algorithm::kHier && !hier_) algorithm = Algorithm::kRing;
+    const Algorithm algorithm = choose_all_reduce_algorithm(
+        opts.algorithm, options_.allreduce_algorithm, count * reducer.element_size, size_,
+        shm_ != nullptr, hier_ ? hier_->local_size : 0);
     DTRAIN_CHECK_ARG(algorithm != Algorithm::kNative || count <= static_cast<std::size_t>(INT_MAX),
                      "all_reduce: ", count,
                      " elements exceed MPI's int count limit of the native algorithm; use ring");
@@ -357,12 +357,19 @@ class MpiCommunicator final : public Communicator {
     check_rank_major_counts(kOp, "output", static_cast<std::size_t>(output.numel()), "input", count,
                             size_);
     const std::size_t es = element_size(type);
-    return submit(describe(kOp, count, type), opts.timeout, true, count * size_ * es, output, input,
+    const Algorithm algorithm = scatter_gather_algorithm(kOp, opts.algorithm, count * size_ * es);
+    OpDescriptor what = describe(kOp, count, type);
+    what.algorithm = to_string(algorithm);
+    return submit(what, opts.timeout, true, count * size_ * es, output, input,
                   [=](MpiTransport& transport) {
                     Staged staged = stage(output, workspace_, /*copy_in=*/false);
                     char* out = static_cast<char*>(staged.tensor.data_ptr());
                     copy_into(out + rank_ * count * es, input);
-                    ring_all_gather(transport, out, count * size_, es, options_.chunk_bytes);
+                    if (algorithm == Algorithm::kShm) {
+                      shm_all_gather(shm_->group(), out, count, type, transport);
+                    } else {
+                      ring_all_gather(transport, out, count * size_, es, options_.chunk_bytes);
+                    }
                     unstage(staged, output);
                   });
   }
@@ -380,20 +387,42 @@ class MpiCommunicator final : public Communicator {
     check_rank_major_counts(kOp, "input", static_cast<std::size_t>(input.numel()), "output", count,
                             size_);
     const std::size_t es = element_size(type);
+    const std::size_t input_bytes = count * size_ * es;
+    const Algorithm algorithm = scatter_gather_algorithm(kOp, opts.algorithm, input_bytes);
     const ReduceOp op = opts.op;
     OpDescriptor what = describe(kOp, count, type);
+    what.algorithm = to_string(algorithm);
     what.reduce = to_string(op);
-    return submit(what, opts.timeout, true, count * size_ * es, output, input,
-                  [=](MpiTransport& transport) {
-                    // Reduce in a reused workspace: the input must stay unchanged.
-                    char* work = static_cast<char*>(workspace_.get(count * size_ * es));
-                    copy_into(work, input);
-                    ring_reduce_scatter(transport, work, count * size_, reducer, slots_,
-                                        options_.chunk_bytes);
-                    char* mine = work + rank_ * count * es;
-                    if (op == ReduceOp::kAvg) divide_in_place(mine, count, type, size_);
-                    copy_out(output, mine);
-                  });
+    return submit(
+        what, opts.timeout, true, input_bytes, output, input, [=](MpiTransport& transport) {
+          if (algorithm == Algorithm::kShm) {
+            // Reduced straight into the output. A non-contiguous tensor, or
+            // an output that overlaps the input (which later rounds still
+            // read), goes through the workspace.
+            const bool stage_in = !input.is_contiguous();
+            const bool stage_out = !output.is_contiguous() || overlaps(output, input);
+            const std::size_t staged_bytes =
+                (stage_in ? input_bytes : 0) + (stage_out ? count * es : 0);
+            char* staging =
+                staged_bytes > 0 ? static_cast<char*>(workspace_.get(staged_bytes)) : nullptr;
+            const void* in = stage_in ? staging : input.data_ptr();
+            if (stage_in) copy_into(staging, input);
+            char* out = stage_out ? staging + (stage_in ? input_bytes : 0)
+                                  : static_cast<char*>(output.data_ptr());
+            shm_reduce_scatter(shm_->group(), in, out, count, reducer, transport);
+            if (op == ReduceOp::kAvg) divide_in_place(out, count, type, size_);
+            if (stage_out) copy_out(output, out);
+            return;
+          }
+          // Reduce in a reused workspace: the input must stay unchanged.
+          char* work = static_cast<char*>(workspace_.get(input_bytes));
+          copy_into(work, input);
+          ring_reduce_scatter(transport, work, count * size_, reducer, slots_,
+                              options_.chunk_bytes);
+          char* mine = work + rank_ * count * es;
+          if (op == ReduceOp::kAvg) divide_in_place(mine, count, type, size_);
+          copy_out(output, mine);
+        });
   }
 
   std::shared_ptr<Work> send(const at::Tensor& tensor, int dst,
@@ -404,6 +433,17 @@ class MpiCommunicator final : public Communicator {
   std::shared_ptr<Work> recv(const at::Tensor& tensor, int src,
                              const PointToPointOptions& opts) override {
     return point_to_point("recv", tensor, src, opts, /*is_recv=*/true);
+  }
+
+  std::shared_ptr<Work> batch_send_recv(const std::vector<P2POp>& ops,
+                                        const BatchSendRecvOptions& opts) override {
+    OpDescriptor what;
+    what.op = "batch_send_recv";
+    what.has_tensor = false;
+    what.sends = 0;
+    what.recvs = 0;
+    for (const P2POp& op : ops) ++(op.kind == P2POp::Kind::kRecv ? what.recvs : what.sends);
+    return submit_batch(what, ops, opts.timeout);
   }
 
   std::shared_ptr<Work> barrier(const BarrierOptions& opts) override {
@@ -498,6 +538,23 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
+  // Whether two tensors' memory spans share a byte (for a non-contiguous
+  // tensor its whole span counts; LibTorch strides are never negative).
+  static bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+    if (a.numel() == 0 || b.numel() == 0) return false;
+    auto span = [](const at::Tensor& t) {
+      const char* begin = static_cast<const char*>(t.data_ptr());
+      std::size_t extent = 1;
+      for (std::int64_t d = 0; d < t.dim(); ++d) {
+        extent += static_cast<std::size_t>((t.size(d) - 1) * t.stride(d));
+      }
+      return std::make_pair(begin, begin + extent * t.element_size());
+    };
+    const auto [a_begin, a_end] = span(a);
+    const auto [b_begin, b_end] = span(b);
+    return a_begin < b_end && b_begin < a_end;
+  }
+
   static void copy_out(const at::Tensor& dst, const void* src) {
     if (dst.numel() == 0) return;
     if (dst.is_contiguous()) {
@@ -505,6 +562,21 @@ class MpiCommunicator final : public Communicator {
     } else {
       dst.copy_(at::from_blob(const_cast<void*>(src), dst.sizes(), dst.options()));
     }
+  }
+
+  // What a reduce_scatter or all_gather of `bytes` (all ranks' data) runs:
+  // kShm or kRing; kShm without shared memory runs as kRing.
+  Algorithm scatter_gather_algorithm(const char* op, std::optional<Algorithm> requested,
+                                     std::size_t bytes) const {
+    const Algorithm algorithm = requested.value_or(Algorithm::kAuto);
+    DTRAIN_CHECK_ARG(algorithm == Algorithm::kAuto || algorithm == Algorithm::kRing ||
+                         algorithm == Algorithm::kShm,
+                     op, ": algorithm '", to_string(algorithm), "' runs all_reduce only; ", op,
+                     " runs auto, ring or shm");
+    if (algorithm == Algorithm::kAuto) {
+      return choose_scatter_gather_algorithm(bytes, size_, shm_ != nullptr);
+    }
+    return algorithm == Algorithm::kShm && !shm_ ? Algorithm::kRing : algorithm;
   }
 
   void native_all_reduce(MpiTransport& transport, void* data, std::size_t count, ElementType type,
@@ -542,22 +614,32 @@ class MpiCommunicator final : public Communicator {
                      ", this rank ", rank_, ")");
     DTRAIN_CHECK_ARG(opts.tag >= 0 && opts.tag < kMaxUserTag, op, ": tag ", opts.tag,
                      " is outside [0, ", kMaxUserTag, ")");
-    const std::size_t count = static_cast<std::size_t>(tensor.numel());
-    const std::size_t bytes = count * element_size(type);
-    const int tag = opts.tag;
-    OpDescriptor what = describe(op, count, type);
+    OpDescriptor what = describe(op, static_cast<std::size_t>(tensor.numel()), type);
     what.peer = peer;
-    what.tag = tag;
-    return submit(what, opts.timeout, /*collective=*/false, kNeverInline, tensor, at::Tensor(),
-                  [=](MpiTransport& transport) {
-                    Staged staged = stage(tensor, workspace_, /*copy_in=*/!is_recv);
-                    void* data = staged.tensor.data_ptr();
-                    auto request = is_recv ? transport.irecv_tagged(data, bytes, peer, tag)
-                                           : transport.isend_tagged(data, bytes, peer, tag);
-                    transport.wait(request);
-                    transport.wait_all();
-                    if (is_recv) unstage(staged, tensor);
-                  });
+    what.tag = opts.tag;
+    return submit_batch(
+        what, {is_recv ? P2POp::recv(tensor, peer, opts.tag) : P2POp::send(tensor, peer, opts.tag)},
+        opts.timeout);
+  }
+
+  // Queues a point-to-point batch (batched_p2p.h) as one op.
+  std::shared_ptr<Work> submit_batch(const OpDescriptor& what, const std::vector<P2POp>& ops,
+                                     std::optional<Timeout> timeout) {
+    std::vector<ElementType> types;
+    types.reserve(ops.size());
+    for (const P2POp& op : ops) {
+      check_cpu_tensor(op.tensor, what.op, op.kind == P2POp::Kind::kRecv ? "a received" : "a sent");
+      types.push_back(element_type_of(op.tensor, what.op));
+    }
+    const Timeout op_timeout = timeout.value_or(options_.timeout);
+    DTRAIN_CHECK_ARG(op_timeout.count() > 0, what.str(), ": timeout must be positive, got ",
+                     op_timeout.count(), " ms");
+    // Channels are declared in issue order: hold the lock until queued.
+    std::lock_guard<std::mutex> lock(p2p_->issue_mutex());
+    auto batch = std::make_shared<std::vector<P2PBatchOp>>(p2p_->prepare(what.op, ops, types));
+    return submit(
+        what, op_timeout, /*collective=*/false, kNeverInline, at::Tensor(), at::Tensor(),
+        [this, batch, what](MpiTransport& transport) { p2p_->run(transport, what, *batch); });
   }
 
   // Runs `body` as one op: checks that the communicator is healthy, sets the
@@ -652,6 +734,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<MpiTransport> p2p_transport_;
   std::unique_ptr<ShmSegment> shm_;  // null unless every rank is on this node
   std::unique_ptr<Hierarchy> hier_;  // null unless Algorithm::kHier can run
+  std::unique_ptr<BatchedPointToPoint> p2p_;
 
   // Touched only by the progress thread.
   Scratch slots_;      // the algorithms' pipelining slots

@@ -38,6 +38,7 @@ std::string OpDescriptor::str() const {
   if (tag >= 0) item("tag " + std::to_string(tag));
   if (std::string(op) == "split")
     item("color " + std::to_string(color) + ", key " + std::to_string(key));
+  if (sends >= 0) item(std::to_string(sends) + " sends, " + std::to_string(recvs) + " recvs");
   if (has_tensor) item(std::to_string(count) + " x " + to_string(type));
   return out + ")";
 }
@@ -195,6 +196,35 @@ void MpiTransport::wait(Request request) {
           if (q.done || !q.is_recv) continue;
           waiting << (first ? "" : ", ") << "receive from rank " << name_of(q.peer);
           first = false;
+        }
+        fail_timeout(waiting.str());
+      }
+    }
+    backoff.pause();
+  }
+}
+
+std::vector<Transport::Request> MpiTransport::wait_some(std::vector<Request>& requests) {
+  std::vector<Request> done;
+  Backoff backoff;
+  while (true) {
+    for (std::size_t i = 0; i < requests.size();) {
+      if (test(pending_.at(requests[i]))) {
+        done.push_back(requests[i]);
+        requests.erase(requests.begin() + static_cast<std::ptrdiff_t>(i));
+      } else {
+        ++i;
+      }
+    }
+    if (!done.empty() || requests.empty()) return done;
+    if (++polls_since_diag_ % 256 == 0) {
+      service_diag();
+      if (should_give_up()) {
+        std::ostringstream waiting;
+        for (Request r : requests) {
+          const Pending& q = pending_.at(r);
+          waiting << (waiting.tellp() > 0 ? ", " : "") << (q.is_recv ? "receive from" : "send to")
+                  << " rank " << q.peer;
         }
         fail_timeout(waiting.str());
       }

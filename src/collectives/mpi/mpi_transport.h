@@ -28,7 +28,7 @@ namespace dtrain::collectives::detail {
 /// a log needs the text (formatting costs more than a small op takes).
 struct OpDescriptor {
   const char* op = "";
-  const char* algorithm = nullptr;  ///< all_reduce only
+  const char* algorithm = nullptr;  ///< all_reduce, reduce_scatter, all_gather
   const char* reduce = nullptr;     ///< reducing ops only
   std::size_t count = 0;
   ElementType type = ElementType::kUInt8;
@@ -38,6 +38,10 @@ struct OpDescriptor {
   int tag = -1;   ///< send/recv
   int color = 0;  ///< split
   int key = 0;    ///< split
+
+  /// batch_send_recv: how many sends and receives the batch has.
+  int sends = -1;
+  int recvs = -1;
 
   /// e.g. "all_reduce(ring, sum, 1024 x float32)".
   std::string str() const;
@@ -68,6 +72,10 @@ class MpiTransport final : public Transport, public ShmWaiter {
   Request irecv(void* data, std::size_t bytes, int peer) override;
   void wait(Request request) override;
   void wait_all() override;
+  /// Blocks until at least one of `requests` has completed (under the op's
+  /// deadline, like wait); removes the completed ones from `requests` and
+  /// returns them.
+  std::vector<Request> wait_some(std::vector<Request>& requests);
 
   /// Starts an op: sets its tag (from seq), deadline and description.
   void begin_op(OpInfo info);
@@ -84,7 +92,7 @@ class MpiTransport final : public Transport, public ShmWaiter {
   /// under the op's deadline. On timeout the request is left pending.
   void wait_native(MPI_Request* request);
 
-  /// While the shm all-reduce waits for `peer`: answers roll calls and ends
+  /// While a shm collective waits for `peer`: answers roll calls and ends
   /// the op (TimeoutError) when its deadline passed or a peer gave up.
   void idle(const char* phase, int peer) override;
 

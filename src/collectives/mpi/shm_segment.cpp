@@ -32,6 +32,15 @@ std::unique_ptr<ShmSegment> ShmSegment::create(MPI_Comm comm, std::size_t slot_b
   DTRAIN_MPI_CHECK(MPI_Comm_rank(comm, &rank));
   DTRAIN_MPI_CHECK(MPI_Comm_size(comm, &size));
   if (size == 1 || slot_bytes == 0) return nullptr;
+  if (slot_bytes < shm_min_slot_bytes(size)) {
+    if (rank == 0) {
+      std::fprintf(stderr,
+                   "[dtrain] warning: shm_slot_bytes %zu is too small for %d ranks (at least %zu); "
+                   "this communicator uses the ring instead of shared memory\n",
+                   slot_bytes, size, shm_min_slot_bytes(size));
+    }
+    return nullptr;
+  }
 
   MPI_Comm node = MPI_COMM_NULL;
   DTRAIN_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node));
@@ -60,7 +69,7 @@ std::unique_ptr<ShmSegment> ShmSegment::create(MPI_Comm comm, std::size_t slot_b
     ok = error == 0;
     if (!ok) {
       std::fprintf(stderr,
-                   "[dtrain] warning: no shared memory for the shm all-reduce (%zu bytes in "
+                   "[dtrain] warning: no shared memory for the shm collectives (%zu bytes in "
                    "/dev/shm: %s); this communicator uses the ring instead\n",
                    bytes, std::strerror(error));
       if (fd >= 0) shm_unlink(name);

@@ -16,7 +16,8 @@ namespace dtrain::collectives::detail {
 class ShmSegment {
  public:
   /// Collective over `comm`. Returns nullptr, on every rank alike, when the
-  /// communicator has one rank, spans nodes, `slot_bytes` is 0, or the
+  /// communicator has one rank, spans nodes, `slot_bytes` is 0 or below
+  /// shm_min_slot_bytes (rank 0 warns on stderr), or the
   /// object could not be created, reserved (a full /dev/shm: rank 0 warns on
   /// stderr) or mapped by every rank (kShm then runs as kRing).
   static std::unique_ptr<ShmSegment> create(MPI_Comm comm, std::size_t slot_bytes);

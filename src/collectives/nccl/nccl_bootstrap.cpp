@@ -13,8 +13,9 @@
 
 #include <ATen/ops/empty.h>
 
-#include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <string>
 
 #include "dtrain/collectives/nccl.h"
 #include "dtrain/env.h"
@@ -86,9 +87,9 @@ int choose_device(CudaNcclApi& api, const NcclOptions& options, const LaunchInfo
 
 void check_algorithm_setting(CudaNcclApi& api, const NcclOptions& options) {
   if (options.algorithm == Algorithm::kAuto) return;
-  const char* env = std::getenv("NCCL_ALGO");
-  DTRAIN_CHECK_ARG(env == nullptr, "make_nccl_communicator: NcclOptions::algorithm is '",
-                   to_string(options.algorithm), "' but NCCL_ALGO='", env == nullptr ? "" : env,
+  const std::optional<std::string> env = read_nccl_algo();
+  DTRAIN_CHECK_ARG(!env, "make_nccl_communicator: NcclOptions::algorithm is '",
+                   to_string(options.algorithm), "' but NCCL_ALGO='", env.value_or(""),
                    "' is set in the environment; choose one (unset NCCL_ALGO, or use "
                    "algorithm auto to let NCCL_ALGO decide)");
   const int version = api.nccl_version();
@@ -158,17 +159,7 @@ ScopedNcclAlgo::ScopedNcclAlgo(Algorithm algorithm) {
   if (setting == nullptr) return;
   // At creation check_algorithm_setting() made sure NCCL_ALGO was unset; a
   // split restores whatever the program may have set since.
-  if (const char* previous = std::getenv("NCCL_ALGO")) previous_ = previous;
-  active_ = setenv("NCCL_ALGO", setting, 1) == 0;
-}
-
-ScopedNcclAlgo::~ScopedNcclAlgo() {
-  if (!active_) return;
-  if (previous_) {
-    setenv("NCCL_ALGO", previous_->c_str(), 1);
-  } else {
-    unsetenv("NCCL_ALGO");
-  }
+  setting_.emplace("NCCL_ALGO", setting);
 }
 
 std::shared_ptr<Communicator> create_nccl_communicator(Communicator& bootstrap, NcclOptions options,

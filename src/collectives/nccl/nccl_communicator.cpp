@@ -4,6 +4,7 @@
 // nccl_queue.cpp.
 
 #include "src/collectives/nccl/nccl_communicator.h"
+#include "src/collectives/p2p_checks.h"
 #include "src/collectives/shape_checks.h"
 
 #include <sstream>
@@ -14,8 +15,6 @@ namespace dtrain::collectives::detail {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-constexpr int kMaxUserTag = 1'000'000;
 
 const char* dtype_name(at::ScalarType dtype) {
   switch (dtype) {
@@ -140,6 +139,20 @@ std::shared_ptr<Work> NcclCommunicator::recv(const at::Tensor& tensor, int src,
   return recv_buffer(describe_tensor(tensor), src, options, {tensor});
 }
 
+std::shared_ptr<Work> NcclCommunicator::batch_send_recv(const std::vector<P2POp>& ops,
+                                                        const BatchSendRecvOptions& options) {
+  std::vector<P2PBufferOp> buffers;
+  KeepAlive keep;
+  buffers.reserve(ops.size());
+  keep.reserve(ops.size());
+  for (const P2POp& op : ops) {
+    buffers.push_back(
+        P2PBufferOp{op.kind == P2POp::Kind::kRecv, describe_tensor(op.tensor), op.peer, op.tag});
+    keep.push_back(op.tensor);
+  }
+  return batch_send_recv_buffers(buffers, options, std::move(keep));
+}
+
 // --- validation -------------------------------------------------------------
 
 void NcclCommunicator::check_buffer(const DeviceBuffer& buffer, const char* op,
@@ -167,6 +180,14 @@ void NcclCommunicator::check_algorithm(const std::optional<Algorithm>& requested
                "created (communicator '",
                options_.name, "' uses '", to_string(nccl_options_.algorithm),
                "'); set NcclOptions::algorithm instead");
+}
+
+void NcclCommunicator::check_no_algorithm(const char* op,
+                                          const std::optional<Algorithm>& requested) {
+  DTRAIN_CHECK_ARG(!requested || *requested == Algorithm::kAuto, op, ": algorithm '",
+                   to_string(requested.value_or(Algorithm::kAuto)),
+                   "' was requested, but the NCCL backend lets NCCL choose how to run ", op,
+                   "; leave the algorithm unset or pass auto");
 }
 
 WaitMode NcclCommunicator::default_wait_mode() const noexcept {
@@ -218,6 +239,7 @@ std::shared_ptr<Work> NcclCommunicator::all_gather_buffer(const DeviceBuffer& ou
                    " differs from input dtype ", dtype_name(input.dtype));
   const std::size_t count = input.count;
   check_rank_major_counts(kOp, "output", output.count, "input", count, size_);
+  check_no_algorithm(kOp, options.algorithm);
   return enqueue(describe(kOp, "", count, input.dtype), options.timeout, default_wait_mode(),
                  std::move(keep), [&](CudaStream stream) {
                    api_->all_gather(input.data, output.data, count, type, comm_, stream);
@@ -237,6 +259,7 @@ std::shared_ptr<Work> NcclCommunicator::reduce_scatter_buffer(const DeviceBuffer
   const NcclRedOp op = nccl_red_op(options.op, input.dtype, kOp);
   const std::size_t count = output.count;
   check_rank_major_counts(kOp, "input", input.count, "output", count, size_);
+  check_no_algorithm(kOp, options.algorithm);
   return enqueue(describe(kOp, to_string(options.op), count, output.dtype), options.timeout,
                  default_wait_mode(), std::move(keep), [&](CudaStream stream) {
                    api_->reduce_scatter(input.data, output.data, count, type, op, comm_, stream);
@@ -271,27 +294,75 @@ std::shared_ptr<Work> NcclCommunicator::point_to_point(const char* op, const Dev
                    "order on both ranks");
   const std::string detail = std::string(is_recv ? "from" : "to") + " rank " +
                              std::to_string(peer) + ", tag " + std::to_string(options.tag);
-  return enqueue(describe(op, detail, buffer.count, buffer.dtype), options.timeout,
-                 default_wait_mode(), std::move(keep), [&](CudaStream stream) {
-                   // A group even for one call: NCCL's idiom for point-to-point,
-                   // and where batching would go.
-                   api_->group_start();
-                   try {
-                     if (is_recv) {
-                       api_->recv(buffer.data, buffer.count, type, peer, comm_, stream);
-                     } else {
-                       api_->send(buffer.data, buffer.count, type, peer, comm_, stream);
-                     }
-                   } catch (...) {
-                     try {
-                       api_->group_end();
-                     } catch (...) {
-                       // The first error is the one to report.
-                     }
-                     throw;
-                   }
-                   api_->group_end();
-                 });
+  return enqueue_p2p_group(describe(op, detail, buffer.count, buffer.dtype),
+                           {P2PBufferOp{is_recv, buffer, peer, options.tag}}, {type},
+                           options.timeout, std::move(keep));
+}
+
+std::shared_ptr<Work> NcclCommunicator::batch_send_recv_buffers(const std::vector<P2PBufferOp>& ops,
+                                                                const BatchSendRecvOptions& options,
+                                                                KeepAlive keep) {
+  constexpr const char* kOp = "batch_send_recv";
+  std::vector<NcclDataType> types;
+  std::vector<P2PCheckItem> items;
+  types.reserve(ops.size());
+  items.reserve(ops.size());
+  int sends = 0;
+  for (const P2PBufferOp& op : ops) {
+    check_buffer(op.buffer, kOp, op.is_recv ? "a received" : "a sent");
+    types.push_back(nccl_data_type(op.buffer.dtype, kOp));
+    P2PCheckItem item;
+    item.is_recv = op.is_recv;
+    item.peer = op.peer;
+    item.tag = op.tag;
+    if (op.buffer.count > 0) {
+      item.begin = reinterpret_cast<std::uintptr_t>(op.buffer.data);
+      item.end = item.begin + op.buffer.count * c10::elementSize(op.buffer.dtype);
+    }
+    items.push_back(item);
+    sends += op.is_recv ? 0 : 1;
+  }
+  check_p2p_batch(kOp, items, rank_, size_, options_.name);
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    DTRAIN_CHECK_ARG(items[i].tag == 0, kOp, ": ", describe_p2p_item(items[i], i),
+                     ": the NCCL backend has no tags; it matches the sends and recvs between two "
+                     "ranks in issue order. Use tag 0 and issue them in the same order on both "
+                     "ranks");
+  }
+  const std::string what = ::dtrain::detail::str_cat(
+      kOp, "(", sends, " sends, ", ops.size() - static_cast<std::size_t>(sends), " recvs)");
+  return enqueue_p2p_group(what, ops, types, options.timeout, std::move(keep));
+}
+
+std::shared_ptr<Work> NcclCommunicator::enqueue_p2p_group(const std::string& what,
+                                                          const std::vector<P2PBufferOp>& ops,
+                                                          const std::vector<NcclDataType>& types,
+                                                          std::optional<Timeout> timeout,
+                                                          KeepAlive keep) {
+  return enqueue(what, timeout, default_wait_mode(), std::move(keep), [&](CudaStream stream) {
+    // One group, even for one op: NCCL's idiom for point-to-point. Inside
+    // a group NCCL starts every send and receive together, so ranks that
+    // send to each other in one group never deadlock.
+    api_->group_start();
+    try {
+      for (std::size_t i = 0; i < ops.size(); ++i) {
+        const P2PBufferOp& op = ops[i];
+        if (op.is_recv) {
+          api_->recv(op.buffer.data, op.buffer.count, types[i], op.peer, comm_, stream);
+        } else {
+          api_->send(op.buffer.data, op.buffer.count, types[i], op.peer, comm_, stream);
+        }
+      }
+    } catch (...) {
+      try {
+        api_->group_end();
+      } catch (...) {
+        // The first error is the one to report.
+      }
+      throw;
+    }
+    api_->group_end();
+  });
 }
 
 std::shared_ptr<Work> NcclCommunicator::barrier(const BarrierOptions& options) {

@@ -28,7 +28,7 @@
 
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/collectives/nccl.h"
-#include "dtrain/runtime.h"
+#include "dtrain/env.h"  // LaunchInfo, ScopedEnvSetting
 #include "src/collectives/nccl/current_stream.h"
 #include "src/collectives/nccl/nccl_api.h"
 #include "src/collectives/nccl/nccl_work.h"
@@ -45,6 +45,14 @@ struct DeviceBuffer {
   c10::Device device{c10::kCPU};
   bool strided = true;  ///< dense layout (not sparse, not mkldnn)
   bool contiguous = true;
+};
+
+/// One send or receive of NcclCommunicator::batch_send_recv_buffers.
+struct P2PBufferOp {
+  bool is_recv = false;
+  DeviceBuffer buffer;
+  int peer = -1;
+  int tag = 0;
 };
 
 /// Reads a DeviceBuffer off `tensor` (metadata only: no kernel, no copy).
@@ -84,7 +92,6 @@ bool wait_for_child(CudaNcclApi& api, NcclSplit split,
 class ScopedNcclAlgo {
  public:
   explicit ScopedNcclAlgo(Algorithm algorithm);
-  ~ScopedNcclAlgo();
   ScopedNcclAlgo(const ScopedNcclAlgo&) = delete;
   ScopedNcclAlgo& operator=(const ScopedNcclAlgo&) = delete;
 
@@ -92,8 +99,7 @@ class ScopedNcclAlgo {
   static const char* value(Algorithm algorithm);
 
  private:
-  bool active_ = false;
-  std::optional<std::string> previous_;
+  std::optional<ScopedEnvSetting> setting_;  ///< dtrain/env.h
 };
 
 class NcclCommunicator final : public Communicator,
@@ -124,6 +130,8 @@ class NcclCommunicator final : public Communicator,
                              const PointToPointOptions& options) override;
   std::shared_ptr<Work> recv(const at::Tensor& tensor, int src,
                              const PointToPointOptions& options) override;
+  std::shared_ptr<Work> batch_send_recv(const std::vector<P2POp>& ops,
+                                        const BatchSendRecvOptions& options) override;
   std::shared_ptr<Work> barrier(const BarrierOptions& options) override;
   std::shared_ptr<Communicator> split(int color, int key, const SplitOptions& options) override;
 
@@ -141,6 +149,9 @@ class NcclCommunicator final : public Communicator,
                                     const PointToPointOptions& options, KeepAlive keep = {});
   std::shared_ptr<Work> recv_buffer(const DeviceBuffer& buffer, int src,
                                     const PointToPointOptions& options, KeepAlive keep = {});
+  std::shared_ptr<Work> batch_send_recv_buffers(const std::vector<P2PBufferOp>& ops,
+                                                const BatchSendRecvOptions& options,
+                                                KeepAlive keep = {});
 
   int device() const noexcept { return device_; }
   /// The comm stream (for tests and diagnostics).
@@ -162,9 +173,18 @@ class NcclCommunicator final : public Communicator,
 
   void check_buffer(const DeviceBuffer& buffer, const char* op, const char* which) const;
   void check_algorithm(const std::optional<Algorithm>& requested) const;
+  /// reduce_scatter and all_gather: NCCL picks their algorithm; only unset
+  /// or kAuto is accepted.
+  static void check_no_algorithm(const char* op, const std::optional<Algorithm>& requested);
   std::shared_ptr<Work> point_to_point(const char* op, const DeviceBuffer& buffer, int peer,
                                        const PointToPointOptions& options, bool is_recv,
                                        KeepAlive keep);
+  // Queues `ops` as one NCCL group (ncclGroupStart, a ncclSend/ncclRecv per
+  // op in list order, ncclGroupEnd); `types` are the ops' NCCL dtypes.
+  std::shared_ptr<Work> enqueue_p2p_group(const std::string& what,
+                                          const std::vector<P2PBufferOp>& ops,
+                                          const std::vector<NcclDataType>& types,
+                                          std::optional<Timeout> timeout, KeepAlive keep);
   WaitMode default_wait_mode() const noexcept;
   std::shared_ptr<NcclWork> make_work(std::string description, CudaEvent done, WaitMode mode);
   // Queues an op: comm stream waits for the caller's stream, `launch` queues

@@ -1,11 +1,17 @@
 #pragma once
-// Small RAII wrappers over HDF5 C identifiers, and the one place where HDF5
-// failures become dtrain::DataError. Private to src/data.
+// The one HDF5 error boundary of dtrain, and RAII for HDF5 identifiers.
+// Private to dtrain (data sets and checkpoints).
 //
 // HDF5 prints its error stack to stderr by default; ErrorScope switches that
 // off for the calling thread (the thread-safe build keeps error state per
-// thread) and check() turns a negative return into a DataError carrying the
-// call, the file, the field and HDF5's own innermost messages.
+// thread) and a Check turns a negative return into the caller's error type
+// (DataError for data sets, CheckpointError for checkpoints) carrying the
+// call, the file, the object and HDF5's own innermost messages:
+//
+//   constexpr io::Check<CheckpointError> check;
+//   io::ErrorScope quiet;
+//   io::Handle file(check(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), "H5Fopen", path),
+//                   H5Fclose);
 
 #include <hdf5.h>
 
@@ -14,7 +20,7 @@
 
 #include "dtrain/error.h"
 
-namespace dtrain::data::detail {
+namespace dtrain::io {
 
 /// Silences HDF5's automatic error printing on this thread while alive.
 class ErrorScope {
@@ -29,25 +35,35 @@ class ErrorScope {
   void* old_data_ = nullptr;
 };
 
-/// The messages on this thread's HDF5 error stack, "; "-separated.
+/// The innermost messages on this thread's HDF5 error stack, "; "-separated
+/// (clears the stack).
 std::string error_stack_text();
 
-/// "<what> failed for <file>[ field '<field>']: <hdf5 msg>" (clears the stack).
+/// "<what> failed for <file>[ field '<object>']: <HDF5's messages>" (clears
+/// the stack).
 std::string error_message(const std::string& what, const std::string& file,
-                          const std::string& field = {});
+                          const std::string& object = {});
 
-/// Throws DataError(error_message(what, file, field)).
-[[noreturn]] void throw_error(const std::string& what, const std::string& file,
-                              const std::string& field = {});
-
-/// Returns `status` or throws when it is negative.
-template <typename T>
-T check(T status, const char* what, const std::string& file, const std::string& field = {}) {
-  if (status < 0) throw_error(what, file, field);
-  return status;
+/// Throws Exception(error_message(what, file, object)).
+template <typename Exception>
+[[noreturn]] void fail(const std::string& what, const std::string& file,
+                       const std::string& object = {}) {
+  throw Exception(error_message(what, file, object));
 }
 
-/// Owns one hid_t; closes it with the matching H5?close.
+/// check(status, what, file[, object]): `status`, or Exception when it is
+/// negative (HDF5's failure convention for ids, herr_t and sizes).
+template <typename Exception>
+struct Check {
+  template <typename T>
+  T operator()(T status, const char* what, const std::string& file,
+               const std::string& object = {}) const {
+    if (status < 0) fail<Exception>(what, file, object);
+    return status;
+  }
+};
+
+/// Owns one hid_t; closes it with the matching H5?close. Never throws.
 class Handle {
  public:
   using Closer = herr_t (*)(hid_t);
@@ -70,7 +86,7 @@ class Handle {
   hid_t get() const noexcept { return id_; }
   bool valid() const noexcept { return id_ >= 0; }
   void reset() noexcept {
-    if (id_ >= 0 && closer_ != nullptr) closer_(id_);  // never throws
+    if (id_ >= 0 && closer_ != nullptr) closer_(id_);
     id_ = H5I_INVALID_HID;
   }
 
@@ -84,5 +100,6 @@ inline Handle dataset_handle(hid_t id) { return Handle(id, H5Dclose); }
 inline Handle space_handle(hid_t id) { return Handle(id, H5Sclose); }
 inline Handle plist_handle(hid_t id) { return Handle(id, H5Pclose); }
 inline Handle type_handle(hid_t id) { return Handle(id, H5Tclose); }
+inline Handle attribute_handle(hid_t id) { return Handle(id, H5Aclose); }
 
-}  // namespace dtrain::data::detail
+}  // namespace dtrain::io

@@ -1,9 +1,9 @@
-#include "src/data/hdf5_handle.h"
+#include "src/io/hdf5.h"
 
 #include <string>
 #include <vector>
 
-namespace dtrain::data::detail {
+namespace dtrain::io {
 
 ErrorScope::ErrorScope() {
   H5Eget_auto2(H5E_DEFAULT, &old_func_, &old_data_);
@@ -13,7 +13,7 @@ ErrorScope::ErrorScope() {
 ErrorScope::~ErrorScope() { H5Eset_auto2(H5E_DEFAULT, old_func_, old_data_); }
 
 namespace {
-herr_t collect(unsigned n, const H5E_error2_t* err, void* data) {
+herr_t collect(unsigned, const H5E_error2_t* err, void* data) {
   auto* out = static_cast<std::vector<std::string>*>(data);
   if (err != nullptr && err->desc != nullptr && err->desc[0] != '\0') {
     out->push_back(std::string(err->func_name ? err->func_name : "?") + ": " + err->desc);
@@ -37,14 +37,10 @@ std::string error_stack_text() {
 }
 
 std::string error_message(const std::string& what, const std::string& file,
-                          const std::string& field) {
+                          const std::string& object) {
   std::string msg = what + " failed for " + file;
-  if (!field.empty()) msg += " field '" + field + "'";
+  if (!object.empty()) msg += " field '" + object + "'";
   return msg + ": " + error_stack_text();
 }
 
-void throw_error(const std::string& what, const std::string& file, const std::string& field) {
-  throw DataError(error_message(what, file, field));
-}
-
-}  // namespace dtrain::data::detail
+}  // namespace dtrain::io
