@@ -12,8 +12,9 @@
 //
 // Fault injection for the restart tests (never set in normal use):
 //   DTRAIN_FAULT_KILL=<rank>:<step>[:always]  SIGKILL rank <rank> after step
-//       <step> (only on the first attempt, DTRAIN_RESTART_COUNT unset or 0,
-//       unless ":always").
+//       <step>, once the checkpoint saves begun before it have committed
+//       (only on the first attempt, DTRAIN_RESTART_COUNT unset or 0, unless
+//       ":always").
 //   DTRAIN_FAULT_FILE_LIMIT_KIB=<n>  once MPI is up (its shared-memory files
 //       are larger), limit this process's files to n KiB (RLIMIT_FSIZE): a
 //       checkpoint write then fails for real with EFBIG, as on a full disk.
@@ -371,10 +372,8 @@ std::function<void(dtrain::checkpoint::SavePhase, std::int64_t)> checkpoint_faul
   };
 }
 
-void maybe_fault_kill(const std::optional<dtrain::KillFaultSpec>& kill, int rank,
-                      std::int64_t step) {
-  if (!kill || kill->rank != rank || kill->step != step) return;
-  kill_self(rank, "SIGKILL after step " + std::to_string(step));
+bool fault_kill_due(const std::optional<dtrain::KillFaultSpec>& kill, int rank, std::int64_t step) {
+  return kill && kill->rank == rank && kill->step == step;
 }
 
 // --- the run ---------------------------------------------------------------
@@ -900,7 +899,13 @@ int Trainer::run() {
                            batch.indices.data_ptr<std::int64_t>() + batch.indices.numel())}});
     }
     progress_->update(step_, batch.epoch, global_loss, images_per_s);
-    maybe_fault_kill(env_.kill, rank_, step_);
+    if (fault_kill_due(env_.kill, rank_, step_)) {
+      // The rank dies after the saves begun before this step have committed,
+      // so the restart's checkpoint is known however long an async save
+      // takes on a loaded machine (DTRAIN_FAULT_CHECKPOINT kills in a save).
+      if (checkpoints_) checkpoints_->wait();
+      kill_self(rank_, "SIGKILL after step " + std::to_string(step_));
+    }
 
     if (agree[3].item<double>() > 0 || agree[4].item<double>() > 0) {
       stopped = true;

@@ -156,13 +156,7 @@ def case_corrupt_newest():
     out = fresh("corrupt")
     if launch(2, trainer_args(out, 12)).returncode != 0:
         fail("the first run failed")
-    bad = os.path.join(out, "checkpoints", "step-000000012", "rank-00000.h5")
-    size = os.path.getsize(bad)
-    with open(bad, "r+b") as f:
-        f.seek(size // 2)
-        chunk = f.read(64)
-        f.seek(size // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+    damage_flip(os.path.join(out, "checkpoints", "step-000000012"))
     p = launch(2, trainer_args(out, 16))
     if p.returncode != 0:
         fail("the run after the corruption failed")

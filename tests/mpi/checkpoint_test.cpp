@@ -39,24 +39,8 @@ namespace {
 namespace fs = std::filesystem;
 using dtrain::testing::runtime;
 
-std::shared_ptr<collectives::Communicator> comm_named(const std::string& name) {
-  collectives::CommunicatorOptions options;
-  options.name = name;
-  options.timeout = std::chrono::seconds(60);
-  return runtime().world(options);
-}
-
-// A fresh directory with the same path on every rank (rank 0 picks it).
 std::string shared_dir(collectives::Communicator& comm, const std::string& name) {
-  at::Tensor text = at::zeros({512}, at::kByte);
-  if (comm.rank() == 0) {
-    std::string pattern =
-        (fs::temp_directory_path() / ("dtrain-ckpt-" + name + "-XXXXXX")).string();
-    if (::mkdtemp(pattern.data()) == nullptr) std::abort();
-    std::copy(pattern.begin(), pattern.end(), text.data_ptr<std::uint8_t>());
-  }
-  comm.broadcast(text)->wait();
-  return std::string(reinterpret_cast<const char*>(text.data_ptr<std::uint8_t>()));
+  return dtrain::testing::shared_temp_dir(comm, "dtrain-ckpt-" + name);
 }
 
 CheckpointOptions sync_options(const std::string& dir) {
@@ -81,7 +65,7 @@ void flip_bytes(const std::string& path, std::int64_t at, int count) {
 }
 
 TEST(CheckpointTest, RoundTripOfReplicatedShardedAndPerRankTensors) {
-  auto comm = comm_named("ckpt-roundtrip");
+  auto comm = dtrain::testing::fresh_world("ckpt-roundtrip");
   const int rank = comm->rank();
   const int world = comm->size();
   const std::string dir = shared_dir(*comm, "roundtrip");
@@ -162,7 +146,7 @@ TEST(CheckpointTest, RoundTripOfReplicatedShardedAndPerRankTensors) {
 }
 
 TEST(CheckpointTest, AsyncSaveSnapshotsTheStateAndKeepsTheLastK) {
-  auto comm = comm_named("ckpt-async");
+  auto comm = dtrain::testing::fresh_world("ckpt-async");
   const std::string dir = shared_dir(*comm, "async");
   CheckpointOptions options;
   options.directory = dir;
@@ -201,7 +185,7 @@ TEST(CheckpointTest, AsyncSaveSnapshotsTheStateAndKeepsTheLastK) {
 // save(), lets it go. A save() that wrote on the caller's thread would sit
 // in the hook until the hook gave up.
 TEST(CheckpointTest, AsyncSaveReturnsBeforeItsFileIsWritten) {
-  auto comm = comm_named("ckpt-async-hold");
+  auto comm = dtrain::testing::fresh_world("ckpt-async-hold");
   const std::string dir = shared_dir(*comm, "async-hold");
   struct Gate {
     std::promise<void> release;
@@ -232,7 +216,7 @@ TEST(CheckpointTest, AsyncSaveReturnsBeforeItsFileIsWritten) {
 // exception from it at either phase fails that save on every rank, leaving
 // the previous checkpoint the newest.
 TEST(CheckpointTest, AFaultAtEitherPhaseFailsTheSaveEverywhereAndKeepsThePrevious) {
-  auto comm = comm_named("ckpt-fault-hook");
+  auto comm = dtrain::testing::fresh_world("ckpt-fault-hook");
   const int rank = comm->rank();
   for (const SavePhase fail_at : {SavePhase::kAfterWrite, SavePhase::kBeforeRename}) {
     for (const bool async : {false, true}) {
@@ -291,7 +275,7 @@ TEST(CheckpointTest, SavePhasesHaveNamesForTheEnvironment) {
 }
 
 TEST(CheckpointTest, PruningNeverDeletesTheCheckpointJustSaved) {
-  auto comm = comm_named("ckpt-prune");
+  auto comm = dtrain::testing::fresh_world("ckpt-prune");
   const std::string dir = shared_dir(*comm, "prune");
   CheckpointOptions options = sync_options(dir);
   options.keep_last = 2;
@@ -308,7 +292,7 @@ TEST(CheckpointTest, PruningNeverDeletesTheCheckpointJustSaved) {
 }
 
 TEST(CheckpointTest, CorruptOrPartialNewestCheckpointIsSkippedWithAWarning) {
-  auto comm = comm_named("ckpt-corrupt");
+  auto comm = dtrain::testing::fresh_world("ckpt-corrupt");
   const std::string dir = shared_dir(*comm, "corrupt");
   std::vector<std::string> warnings;
   CheckpointOptions options = sync_options(dir);
@@ -365,7 +349,7 @@ TEST(CheckpointTest, CorruptOrPartialNewestCheckpointIsSkippedWithAWarning) {
 }
 
 TEST(CheckpointTest, AFailedWriteLeavesThePreviousCheckpointsUntouched) {
-  auto comm = comm_named("ckpt-diskfull");
+  auto comm = dtrain::testing::fresh_world("ckpt-diskfull");
   const int last = comm->size() - 1;
   const std::string dir = shared_dir(*comm, "diskfull");
   CheckpointManager manager(sync_options(dir), comm);
@@ -406,7 +390,7 @@ TEST(CheckpointTest, AFailedWriteLeavesThePreviousCheckpointsUntouched) {
 }
 
 TEST(CheckpointTest, UnwritableDirectoryIsAClearErrorOnEveryRank) {
-  auto comm = comm_named("ckpt-unwritable");
+  auto comm = dtrain::testing::fresh_world("ckpt-unwritable");
   const std::string dir = shared_dir(*comm, "unwritable");
   if (comm->rank() == 0) std::ofstream(dir + "/a-file") << "x";
   comm->barrier()->wait();
@@ -435,7 +419,7 @@ StateDict damage_test_state(const collectives::Communicator& comm, float scale) 
 // gone.
 // verify() names the file and resume falls back to the checkpoint before.
 TEST(CheckpointTest, EveryDamagedFileIsFoundByVerifyAndResume) {
-  auto comm = comm_named("ckpt-damage");
+  auto comm = dtrain::testing::fresh_world("ckpt-damage");
   const std::string dir = shared_dir(*comm, "damage");
   std::vector<std::string> warnings;
   CheckpointOptions options = sync_options(dir);
@@ -476,7 +460,7 @@ TEST(CheckpointTest, EveryDamagedFileIsFoundByVerifyAndResume) {
 // Checkpoints of format version 1 (a SHA-256 of every file) are still
 // verified and read; damage to them is still found.
 TEST(CheckpointTest, AVersion1CheckpointIsStillVerifiedAndRead) {
-  auto comm = comm_named("ckpt-version1");
+  auto comm = dtrain::testing::fresh_world("ckpt-version1");
   const std::string dir = shared_dir(*comm, "version1");
   std::vector<std::string> warnings;
   CheckpointOptions options = sync_options(dir);
@@ -516,7 +500,7 @@ TEST(CheckpointTest, AVersion1CheckpointIsStillVerifiedAndRead) {
 }
 
 TEST(CheckpointTest, ModuleOptimizerAndRngRoundTrip) {
-  auto comm = comm_named("ckpt-module");
+  auto comm = dtrain::testing::fresh_world("ckpt-module");
   const std::string dir = shared_dir(*comm, "module");
   CheckpointManager manager(sync_options(dir), comm);
   torch::manual_seed(11);
@@ -575,7 +559,8 @@ TEST(CheckpointTest, ModuleOptimizerAndRngRoundTrip) {
 // resumed on `readers` ranks for 2 more steps with the same global batch,
 // equals 5 steps of one process with the global batch.
 void check_zero_reshard(int writers, int readers) {
-  auto world = comm_named("ckpt-zero-" + std::to_string(writers) + "-" + std::to_string(readers));
+  auto world = dtrain::testing::fresh_world("ckpt-zero-" + std::to_string(writers) + "-" +
+                                            std::to_string(readers));
   const int rank = world->rank();
   const std::string dir = shared_dir(*world, "zero");
   const int global_batch = 12;

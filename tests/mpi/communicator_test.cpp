@@ -27,16 +27,10 @@
 namespace dtrain::collectives {
 namespace {
 
+using dtrain::testing::fresh_world;
 using dtrain::testing::runtime;
 using dtrain::testing::world;
 using Clock = std::chrono::steady_clock;
-
-std::shared_ptr<Communicator> fresh_world(const std::string& name, Timeout timeout) {
-  CommunicatorOptions options;
-  options.name = name;
-  options.timeout = timeout;
-  return runtime().world(options);
-}
 
 TEST(OrderingTest, ManyAsyncOpsInFlightCompleteInIssueOrder) {
   Communicator& comm = world();

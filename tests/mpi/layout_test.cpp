@@ -38,23 +38,8 @@ using parallel::ModuleLayout;
 using parallel::ParallelContext;
 using parallel::Placement;
 
-std::shared_ptr<collectives::Communicator> comm_named(const std::string& name) {
-  collectives::CommunicatorOptions options;
-  options.name = name;
-  options.timeout = std::chrono::seconds(60);
-  return runtime().world(options);
-}
-
 std::string shared_dir(collectives::Communicator& comm, const std::string& name) {
-  at::Tensor text = at::zeros({512}, at::kByte);
-  if (comm.rank() == 0) {
-    std::string pattern =
-        (fs::temp_directory_path() / ("dtrain-layout-" + name + "-XXXXXX")).string();
-    if (::mkdtemp(pattern.data()) == nullptr) std::abort();
-    std::copy(pattern.begin(), pattern.end(), text.data_ptr<std::uint8_t>());
-  }
-  comm.broadcast(text)->wait();
-  return std::string(reinterpret_cast<const char*>(text.data_ptr<std::uint8_t>()));
+  return dtrain::testing::shared_temp_dir(comm, "dtrain-layout-" + name);
 }
 
 CheckpointOptions sync_options(const std::string& dir) {
@@ -291,7 +276,7 @@ void expect_loads(const Checkpoint& ckpt, const ParallelContext& ctx, bool zero_
 // dp2 x tp2 read at dp4 x tp1 and dp1 x tp4, and two pipeline stages read
 // by one.
 TEST(LayoutCheckpointTest, AnyLayoutReadsWhatAnyLayoutWrote) {
-  auto world = comm_named("layout-any");
+  auto world = dtrain::testing::fresh_world("layout-any");
   const std::string dir = shared_dir(*world, "any");
   std::vector<ParallelContext> contexts;
   for (const auto& [tp, pp] : layouts(world->size())) contexts.emplace_back(world, tp, pp);
@@ -333,7 +318,7 @@ TEST(LayoutCheckpointTest, AnyLayoutReadsWhatAnyLayoutWrote) {
 // A rank that holds a piece it was meant to share with no one (a tensor
 // "split" over tp without an offset) is refused before anything is written.
 TEST(LayoutCheckpointTest, CopiesAlongANonReplicatedAxisAreRefused) {
-  auto world = comm_named("layout-refuse");
+  auto world = dtrain::testing::fresh_world("layout-refuse");
   if (world->size() < 2) GTEST_SKIP() << "needs two ranks";
   const ParallelContext ctx(world, world->size(), 1);
   const std::string dir = shared_dir(*world, "refuse");
@@ -368,7 +353,7 @@ at::Tensor draw(parallel::RngStreams& rng, parallel::RngStream stream) {
 // what a job with more dp ranks draws after loading (coordinates beyond the
 // writer's grid take dp mod its dp size).
 TEST(LayoutCheckpointTest, RngStreamsRestoreBitwiseAcrossADpChange) {
-  auto world = comm_named("layout-rng");
+  auto world = dtrain::testing::fresh_world("layout-rng");
   const int n = world->size();
   const int tp = n == 4 ? 2 : 1;
   const std::string dir = shared_dir(*world, "rng");
@@ -421,7 +406,7 @@ TEST(LayoutCheckpointTest, RngStreamsRestoreBitwiseAcrossADpChange) {
 }
 
 TEST(LayoutCheckpointTest, ForksSwapStreamsAndLeaveTheRankStreamAlone) {
-  auto world = comm_named("layout-fork");
+  auto world = dtrain::testing::fresh_world("layout-fork");
   const ParallelContext ctx = ParallelContext::data_parallel(world);
   parallel::RngStreams rng(ctx, 3);
   torch::manual_seed(42);
@@ -457,7 +442,7 @@ TEST(LayoutCheckpointTest, ForksSwapStreamsAndLeaveTheRankStreamAlone) {
 // tensors, flat "zero/<field>" shards of the unpadded length, "rng/cpu" rows
 // by world rank. Written on the first k ranks, read by all.
 TEST(LayoutCheckpointTest, AVersion2CheckpointLoadsIntoADataParallelLayout) {
-  auto world = comm_named("layout-v2");
+  auto world = dtrain::testing::fresh_world("layout-v2");
   const std::string dir = shared_dir(*world, "v2");
   const int writers_count = std::max(1, world->size() / 2);
   auto make_model = [] {

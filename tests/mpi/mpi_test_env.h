@@ -1,8 +1,10 @@
 #pragma once
 // Shared by the mpi-labelled test binaries (see mpi_test_main.cpp).
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
+#include <string>
 
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/runtime.h"
@@ -20,5 +22,14 @@ collectives::Communicator& world();
 /// `--large-bytes=N` on the command line (the namespace cluster's run uses
 /// 1 MiB: past the TCP eager limit, in a fraction of the time).
 std::size_t large_message_bytes();
+
+/// A new world communicator of its own name and timeout, for tests that need
+/// their own (one that may fail, or other options).
+std::shared_ptr<collectives::Communicator> fresh_world(
+    const std::string& name, collectives::Timeout timeout = std::chrono::seconds(60));
+
+/// A new, empty temporary directory with the same path on every rank of
+/// `comm` (rank 0 makes it), named `<prefix>-XXXXXX`.
+std::string shared_temp_dir(collectives::Communicator& comm, const std::string& prefix);
 
 }  // namespace dtrain::testing

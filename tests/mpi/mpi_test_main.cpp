@@ -4,10 +4,14 @@
 // At the end the ranks agree on the verdict: any rank's failure fails the
 // run on every rank.
 
+#include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -45,6 +49,25 @@ class FailurePrinter : public ::testing::EmptyTestEventListener {
 Runtime& runtime() { return *g_runtime; }
 collectives::Communicator& world() { return *g_world; }
 std::size_t large_message_bytes() { return g_large_message_bytes; }
+
+std::shared_ptr<collectives::Communicator> fresh_world(const std::string& name,
+                                                       collectives::Timeout timeout) {
+  collectives::CommunicatorOptions options;
+  options.name = name;
+  options.timeout = timeout;
+  return runtime().world(options);
+}
+
+std::string shared_temp_dir(collectives::Communicator& comm, const std::string& prefix) {
+  at::Tensor text = at::zeros({512}, at::kByte);
+  if (comm.rank() == 0) {
+    std::string pattern = (std::filesystem::temp_directory_path() / (prefix + "-XXXXXX")).string();
+    if (pattern.size() >= 512 || ::mkdtemp(pattern.data()) == nullptr) std::abort();
+    std::copy(pattern.begin(), pattern.end(), text.data_ptr<std::uint8_t>());
+  }
+  comm.broadcast(text)->wait();
+  return std::string(reinterpret_cast<const char*>(text.data_ptr<std::uint8_t>()));
+}
 
 }  // namespace dtrain::testing
 

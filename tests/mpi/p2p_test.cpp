@@ -18,16 +18,10 @@
 namespace dtrain::collectives {
 namespace {
 
+using dtrain::testing::fresh_world;
 using dtrain::testing::runtime;
 using dtrain::testing::world;
 using Clock = std::chrono::steady_clock;
-
-std::shared_ptr<Communicator> fresh_world(const std::string& name, Timeout timeout) {
-  CommunicatorOptions options;
-  options.name = name;
-  options.timeout = timeout;
-  return runtime().world(options);
-}
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();

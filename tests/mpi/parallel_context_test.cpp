@@ -19,13 +19,6 @@ namespace {
 using collectives::GridCoord;
 using dtrain::testing::runtime;
 
-std::shared_ptr<collectives::Communicator> comm_named(const std::string& name) {
-  collectives::CommunicatorOptions options;
-  options.name = name;
-  options.timeout = std::chrono::seconds(60);
-  return runtime().world(options);
-}
-
 // (tp, pp) pairs whose product divides `world`.
 std::vector<std::pair<int, int>> layouts(int world) {
   std::vector<std::pair<int, int>> out;
@@ -44,7 +37,7 @@ std::int64_t sum_over(collectives::Communicator& comm, std::int64_t value) {
 }
 
 TEST(ParallelContextTest, AxesCommunicatorsAndDataRanksFollowTheGrid) {
-  auto world = comm_named("ctx-axes");
+  auto world = dtrain::testing::fresh_world("ctx-axes");
   for (const auto& [tp, pp] : layouts(world->size())) {
     const ParallelContext ctx(world, tp, pp);
     const GridCoord c = ctx.coord();
@@ -79,7 +72,7 @@ TEST(ParallelContextTest, AxesCommunicatorsAndDataRanksFollowTheGrid) {
 }
 
 TEST(ParallelContextTest, EveryPieceHasExactlyOneWriter) {
-  auto world = comm_named("ctx-writers");
+  auto world = dtrain::testing::fresh_world("ctx-writers");
   for (const auto& [tp, pp] : layouts(world->size())) {
     const ParallelContext ctx(world, tp, pp);
     const GridCoord c = ctx.coord();
@@ -112,7 +105,7 @@ TEST(ParallelContextTest, EveryPieceHasExactlyOneWriter) {
 }
 
 TEST(ParallelContextTest, CopiesThatDifferAlongANonReplicatedAxisAreRefusedOnEveryRank) {
-  auto world = comm_named("ctx-refuse");
+  auto world = dtrain::testing::fresh_world("ctx-refuse");
   if (world->size() < 2) GTEST_SKIP() << "needs two ranks";
   const ParallelContext ctx(world, world->size(), 1);  // every rank in one tp group
   // Every tp rank declares the same piece, meant to be split over tp.
@@ -133,7 +126,7 @@ TEST(ParallelContextTest, CopiesThatDifferAlongANonReplicatedAxisAreRefusedOnEve
 }
 
 TEST(ParallelContextTest, CopiesAreSpreadOverTheirHolders) {
-  auto world = comm_named("ctx-spread");
+  auto world = dtrain::testing::fresh_world("ctx-spread");
   const ParallelContext ctx = ParallelContext::data_parallel(world);
   std::vector<ReplicaDeclaration> mine;
   for (int i = 0; i < 8 * world->size(); ++i) {

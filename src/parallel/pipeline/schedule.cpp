@@ -51,6 +51,23 @@ bool Action::is_recv() const noexcept {
   return kind == ActionKind::kRecvActivation || kind == ActionKind::kRecvGradient;
 }
 
+int Action::neighbour_stage(int num_stages) const noexcept {
+  int other = -1;
+  switch (kind) {
+    case ActionKind::kSendActivation:
+    case ActionKind::kRecvGradient:
+      other = stage + 1;
+      break;
+    case ActionKind::kRecvActivation:
+    case ActionKind::kSendGradient:
+      other = stage - 1;
+      break;
+    default:
+      return -1;
+  }
+  return other >= 0 && other < num_stages ? other : -1;
+}
+
 std::string Action::to_string() const {
   const auto sm = [this] { return detail::str_cat(stage, '.', microbatch); };
   switch (kind) {

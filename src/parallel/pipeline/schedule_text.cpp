@@ -218,20 +218,8 @@ void check_ranges(const Action& a, const Schedule& s, std::size_t column) {
 // The rank of the stage at the other end of a send/recv, for tokens that
 // leave the peer out.
 std::optional<int> default_peer(const Action& a, const Schedule& s) {
-  int other = -1;
-  switch (a.kind) {
-    case ActionKind::kSendActivation:
-    case ActionKind::kRecvGradient:
-      other = a.stage + 1;
-      break;
-    case ActionKind::kRecvActivation:
-    case ActionKind::kSendGradient:
-      other = a.stage - 1;
-      break;
-    default:
-      return std::nullopt;
-  }
-  if (other < 0 || other >= s.num_stages()) return std::nullopt;
+  const int other = a.neighbour_stage(s.num_stages());
+  if (other < 0) return std::nullopt;
   return s.stage_ranks[static_cast<std::size_t>(other)];
 }
 

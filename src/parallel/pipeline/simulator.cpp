@@ -82,24 +82,6 @@ std::string describe(const Schedule& s, Loc loc) {
   return str_cat("rank ", loc.rank, "'s ", a.to_string(), " (#", loc.index, ")");
 }
 
-// The stage at the other end of a send/recv; -1 if there is none.
-int neighbour_stage(const Action& a, int num_stages) {
-  int other = -1;
-  switch (a.kind) {
-    case ActionKind::kSendActivation:
-    case ActionKind::kRecvGradient:
-      other = a.stage + 1;
-      break;
-    case ActionKind::kRecvActivation:
-    case ActionKind::kSendGradient:
-      other = a.stage - 1;
-      break;
-    default:
-      return -1;
-  }
-  return other >= 0 && other < num_stages ? other : -1;
-}
-
 // The action at the other end of a message: sendF(s) <-> recvF(s+1),
 // sendB(s) <-> recvB(s-1).
 Action matching_action(const Action& a, int my_rank) {
@@ -203,7 +185,7 @@ class Checker {
           continue;
         }
         if (a.is_communication()) {
-          const int other = neighbour_stage(a, stages);
+          const int other = a.neighbour_stage(stages);
           if (other < 0) {
             add(str_cat(where, ": stage ", a.stage, " is the ",
                         a.kind == ActionKind::kSendActivation || a.kind == ActionKind::kRecvGradient

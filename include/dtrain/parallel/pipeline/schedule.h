@@ -130,6 +130,10 @@ struct Action {
   bool is_recv() const noexcept;
   /// A send or a recv.
   bool is_communication() const noexcept { return is_send() || is_recv(); }
+  /// For a send or recv: the stage at the other end (stage + 1 for
+  /// activations sent and gradients received, stage - 1 for the others), or
+  /// -1 when there is none among `num_stages`; -1 for every other action.
+  int neighbour_stage(int num_stages) const noexcept;
 
   /// The text form, e.g. "F3.12", "sendB2.0>1", "reduce3".
   std::string to_string() const;
