@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <thread>
 
 #include "dtrain/config.h"
 #include "dtrain/error.h"
@@ -36,16 +37,25 @@ void kill_self(int rank, const std::string& what) {
 }
 
 // The CheckpointOptions::fault_hook of DTRAIN_FAULT_CHECKPOINT: a real
-// SIGKILL of this rank at that point of that save.
+// SIGKILL of this rank at that point of that save or, with `stall`, this
+// rank says so and waits there until it is killed from outside.
 std::function<void(checkpoint::SavePhase, std::int64_t)> checkpoint_fault_hook(
     const std::optional<CheckpointFaultSpec>& fault, int rank) {
   if (!fault || fault->rank != rank) return {};
   const checkpoint::SavePhase phase = checkpoint::parse_save_phase(fault->phase);
   const std::int64_t step = fault->step;
-  return [phase, step, rank](checkpoint::SavePhase now, std::int64_t saving) {
+  const bool stall = fault->stall;
+  return [phase, step, rank, stall](checkpoint::SavePhase now, std::int64_t saving) {
     if (now != phase || saving != step) return;
-    kill_self(rank, "killed while saving step " + std::to_string(step) + " (" +
-                        checkpoint::to_string(phase) + ")");
+    const std::string where =
+        "saving step " + std::to_string(step) + " (" + checkpoint::to_string(phase) + ")";
+    if (stall) {
+      std::fprintf(stderr, "[dtrain rank %d] fault injection: stalled while %s\n", rank,
+                   where.c_str());
+      std::fflush(stderr);
+      while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    kill_self(rank, "killed while " + where);
   };
 }
 
