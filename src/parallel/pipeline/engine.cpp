@@ -465,7 +465,9 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
         const std::vector<torch::Tensor> roots{slot.output};
         std::vector<torch::Tensor> root_grads{slot.output_grad};
         const bool input_needs_grad = slot.input.defined() && slot.input.requires_grad();
-        if (a.kind == ActionKind::kBackward) {
+        if (!slot.output.requires_grad()) {
+          // Nothing to differentiate: a first stage without parameters.
+        } else if (a.kind == ActionKind::kBackward) {
           torch::autograd::backward(roots, root_grads);
           if (input_needs_grad) slot.input_grad = slot.input.grad();
         } else if (a.kind == ActionKind::kBackwardInput) {
