@@ -129,6 +129,7 @@ struct PipelineEngine::Impl {
   // Per step.
   std::vector<std::vector<Slot>> slots;  // [stage][microbatch]
   std::vector<Batch> batches;
+  int first_open = 0;  // batches before it are complete and released
   std::vector<P2POp> pending_ops;
   std::string pending_text;
   std::vector<int> pending_ddp;  // stages whose DDP waits for the tied sum
@@ -170,6 +171,17 @@ struct PipelineEngine::Impl {
                    "]: ", e.what());
     }
     batch.waited = true;
+    batch.work.reset();  // the Work holds the batch's tensors: sent outputs are freed now
+  }
+
+  // Lets go of the batches that have completed, so that the memory of what
+  // they sent returns without waiting for the end of the step.
+  void release_completed(int pp_rank) {
+    for (; first_open < static_cast<int>(batches.size()); ++first_open) {
+      Batch& batch = batches[static_cast<std::size_t>(first_open)];
+      if (!batch.waited && !batch.work->is_completed()) break;
+      wait_batch(first_open, pp_rank);
+    }
   }
 };
 
@@ -374,6 +386,7 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
   im.slots.assign(static_cast<std::size_t>(num_stages), {});
   for (int s : stage_ids_) im.slots[s].resize(static_cast<std::size_t>(m));
   im.batches.clear();
+  im.first_open = 0;
   im.pending_ops.clear();
   im.pending_text.clear();
   im.pending_ddp.clear();
@@ -414,6 +427,7 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
     ActionRecord record;
     record.action = a;
     if (!a.is_communication()) im.flush(pp);
+    im.release_completed(me);
     const int s = a.stage;
     const int mb = a.microbatch;
     switch (a.kind) {
@@ -469,7 +483,9 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
           // Nothing to differentiate: a first stage without parameters.
         } else if (a.kind == ActionKind::kBackward) {
           torch::autograd::backward(roots, root_grads);
-          if (input_needs_grad) slot.input_grad = slot.input.grad();
+          // Stage 0's input is the caller's data: its gradient (if it asked
+          // for one) stays where autograd put it.
+          if (input_needs_grad && s > 0) slot.input_grad = slot.input.grad();
         } else if (a.kind == ActionKind::kBackwardInput) {
           if (input_needs_grad) {
             slot.input_grad = torch::autograd::grad(roots, {slot.input}, root_grads,
