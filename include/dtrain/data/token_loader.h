@@ -47,7 +47,7 @@ struct TokenLoaderOptions {
   /// `context`: every token is an input once per epoch.
   std::int64_t window_stride = 0;
   /// As LoaderOptions::cache_bytes: sized at least the (per-rank) stream,
-  /// every chunk is read once per job (the fortunes are 2.3 MiB at char level).
+  /// every chunk is read once per job (the fortunes: 2.2 MiB of uint8 tokens).
   std::size_t cache_bytes = std::size_t{512} << 20;
   int workers = 1;          ///< Decode threads (>= 1); a window is a copy and a widening.
   int prefetch_depth = 4;   ///< Batches read ahead (>= 1).
