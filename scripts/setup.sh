@@ -34,6 +34,7 @@ packages=(
   python3 python3-h5py    # tests open checkpoints in h5py; the scripts below
   python3-matplotlib      # scripts/plot_metrics.py
   slurmctld slurmd slurm-client munge   # the Slurm tests run a local single-node Slurm
+  iproute2                # `ip`: the namespace hosts of tests/cluster
 )
 if [ "$with_peers" = 1 ]; then
   packages+=(python3-torch)   # PyTorch DDP, the peer of the comparison benchmarks
