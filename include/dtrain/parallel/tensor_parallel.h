@@ -217,8 +217,7 @@ struct SequenceParallelLayerNormOptions {
 
 /// LayerNorm with weight and bias (named as torch::nn::LayerNorm's), whole
 /// on every tp rank.
-class SequenceParallelLayerNormImpl
-    : public torch::nn::Cloneable<SequenceParallelLayerNormImpl> {
+class SequenceParallelLayerNormImpl : public torch::nn::Cloneable<SequenceParallelLayerNormImpl> {
  public:
   SequenceParallelLayerNormImpl(SequenceParallelLayerNormOptions options,
                                 std::shared_ptr<collectives::Communicator> tp);

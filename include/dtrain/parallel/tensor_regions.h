@@ -68,8 +68,7 @@ at::Tensor gather_from_sequence_region(const at::Tensor& input, collectives::Com
 /// this rank's sequence shard of the sum; all-gathers the gradient. Leaves a
 /// row-parallel layer in place of reduce_from_tp_region.
 at::Tensor reduce_scatter_to_sequence_region(const at::Tensor& input,
-                                             collectives::Communicator& comm,
-                                             std::int64_t dim = 0);
+                                             collectives::Communicator& comm, std::int64_t dim = 0);
 
 /// Sequence parallelism: keeps this rank's sequence shard of a tensor every
 /// rank holds whole; all-gathers the gradient.

@@ -64,9 +64,8 @@ void check_positive(const char* layer, const char* what, std::int64_t value) {
 }
 
 void check_divides(const char* layer, const char* what, std::int64_t value, int tp) {
-  DTRAIN_CHECK_ARG(value % tp == 0, layer, ": the tensor-parallel size ", tp,
-                   " does not divide ", what, " ", value,
-                   "; choose a tp size that divides it, or change the size");
+  DTRAIN_CHECK_ARG(value % tp == 0, layer, ": the tensor-parallel size ", tp, " does not divide ",
+                   what, " ", value, "; choose a tp size that divides it, or change the size");
 }
 
 void check_last_dim(const char* layer, const at::Tensor& input, std::int64_t expected,
@@ -97,10 +96,10 @@ ModuleLayout tensor_parallel_layout(const torch::nn::Module& model) {
 }
 
 VocabRange vocab_range(std::int64_t vocab_size, int index, int parts) {
-  DTRAIN_CHECK_ARG(parts >= 1 && index >= 0 && index < parts, "vocab_range: part ", index,
-                   " of ", parts, " does not exist");
-  DTRAIN_CHECK_ARG(vocab_size >= parts, "a vocabulary of ", vocab_size,
-                   " cannot be split over ", parts,
+  DTRAIN_CHECK_ARG(parts >= 1 && index >= 0 && index < parts, "vocab_range: part ", index, " of ",
+                   parts, " does not exist");
+  DTRAIN_CHECK_ARG(vocab_size >= parts, "a vocabulary of ", vocab_size, " cannot be split over ",
+                   parts,
                    " tensor-parallel ranks (each needs at least one row); use a tp size of at "
                    "most ",
                    vocab_size);
@@ -146,8 +145,8 @@ at::Tensor ColumnParallelLinearImpl::forward(const at::Tensor& input) {
 
 std::map<std::string, Placement> ColumnParallelLinearImpl::placements() const {
   std::map<std::string, Placement> out;
-  out.emplace("weight", Placement::split({options.out_features, options.in_features}, 0,
-                                         tp->rank(), tp->size()));
+  out.emplace("weight", Placement::split({options.out_features, options.in_features}, 0, tp->rank(),
+                                         tp->size()));
   if (options.bias) {
     out.emplace("bias", Placement::split({options.out_features}, 0, tp->rank(), tp->size()));
   }
@@ -198,8 +197,8 @@ at::Tensor RowParallelLinearImpl::forward(const at::Tensor& input) {
 
 std::map<std::string, Placement> RowParallelLinearImpl::placements() const {
   std::map<std::string, Placement> out;
-  out.emplace("weight", Placement::split({options.out_features, options.in_features}, 1,
-                                         tp->rank(), tp->size()));
+  out.emplace("weight", Placement::split({options.out_features, options.in_features}, 1, tp->rank(),
+                                         tp->size()));
   return out;
 }
 
@@ -250,8 +249,7 @@ at::Tensor VocabParallelEmbeddingImpl::forward(const at::Tensor& ids) {
 }
 
 at::Tensor VocabParallelEmbeddingImpl::logits(const at::Tensor& hidden) {
-  check_last_dim("VocabParallelEmbedding::logits", hidden, options.embedding_dim,
-                 "embedding_dim");
+  check_last_dim("VocabParallelEmbedding::logits", hidden, options.embedding_dim, "embedding_dim");
   const at::Tensor x = options.sequence_parallel
                            ? gather_from_sequence_region(hidden, *tp, options.sequence_dim)
                            : copy_to_tp_region(hidden, *tp);

@@ -79,9 +79,9 @@ at::Tensor vocab_parallel_cross_entropy(const at::Tensor& local_logits, const at
                                         std::int64_t vocab_size, collectives::Communicator& comm) {
   constexpr const char* kWhat = "vocab_parallel_cross_entropy";
   const VocabRange r = vocab_range(vocab_size, comm.rank(), comm.size());
-  DTRAIN_CHECK_ARG(local_logits.defined() && local_logits.dim() >= 1 &&
-                       local_logits.is_floating_point(),
-                   kWhat, ": expected floating-point logits [..., vocabulary block]");
+  DTRAIN_CHECK_ARG(
+      local_logits.defined() && local_logits.dim() >= 1 && local_logits.is_floating_point(), kWhat,
+      ": expected floating-point logits [..., vocabulary block]");
   const std::int64_t width = local_logits.size(-1);
   DTRAIN_CHECK_ARG(width == r.size || width == r.padded, kWhat, ": rank ", comm.rank(), " of ",
                    comm.size(), " holds ", r.size, " of the ", vocab_size,

@@ -159,15 +159,14 @@ at::Tensor gather_from_sequence_region(const at::Tensor& input, collectives::Com
 
 at::Tensor reduce_scatter_to_sequence_region(const at::Tensor& input,
                                              collectives::Communicator& comm, std::int64_t dim) {
-  dim = detail::checked_dim("reduce_scatter_to_sequence_region (sequence length)", input, dim,
-                            comm, true);
+  dim = detail::checked_dim("reduce_scatter_to_sequence_region (sequence length)", input, dim, comm,
+                            true);
   return apply<Op::kReduceScatter, Op::kAllGather>(input, comm, dim);
 }
 
 at::Tensor scatter_to_sequence_region(const at::Tensor& input, collectives::Communicator& comm,
                                       std::int64_t dim) {
-  dim = detail::checked_dim("scatter_to_sequence_region (sequence length)", input, dim, comm,
-                            true);
+  dim = detail::checked_dim("scatter_to_sequence_region (sequence length)", input, dim, comm, true);
   return apply<Op::kSlice, Op::kAllGather>(input, comm, dim);
 }
 
