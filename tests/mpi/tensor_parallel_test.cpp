@@ -2,9 +2,8 @@
 // against their dense equivalents: outputs, input gradients and weight
 // gradients within 1e-12 relative in float64 and within PyTorch's default
 // float32 tolerances (torch.testing) in float32; initialization bitwise
-// equal to tp = 1;
-// and the exact collectives each one issues, forward and backward, with and
-// without sequence parallelism (through a CountingCommunicator).
+// equal to tp = 1; and the exact collectives each one issues, forward and
+// backward, with and without sequence parallelism (CountingCommunicator).
 
 #include <gtest/gtest.h>
 
