@@ -12,11 +12,14 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "dtrain/checkpoint/checkpoint.h"
+#include "dtrain/checkpoint/state.h"
 #include "dtrain/collectives/counting_communicator.h"
 #include "dtrain/error.h"
 #include "dtrain/parallel/parallel_context.h"
@@ -546,29 +549,34 @@ TEST(TensorParallelTest, DropoutMasksAreTheTp1MaskSliced) {
   }
 }
 
+// Column, row and (uneven) vocabulary blocks in one model.
+struct Model : torch::nn::Module {
+  explicit Model(const std::shared_ptr<collectives::Communicator>& comm, std::uint64_t seed = 0) {
+    ColumnParallelLinearOptions c;
+    c.in_features = 4;
+    c.out_features = 8;
+    c.init_seed = seed;
+    fc1 = register_module("fc1", ColumnParallelLinear(c, comm));
+    RowParallelLinearOptions w;
+    w.in_features = 8;
+    w.out_features = 4;
+    w.init_seed = seed + 1;
+    fc2 = register_module("fc2", RowParallelLinear(w, comm));
+    VocabParallelEmbeddingOptions e;
+    e.num_embeddings = 11;
+    e.embedding_dim = 4;
+    e.init_seed = seed + 2;
+    embed = register_module("embed", VocabParallelEmbedding(e, comm));
+  }
+  ColumnParallelLinear fc1{nullptr};
+  RowParallelLinear fc2{nullptr};
+  VocabParallelEmbedding embed{nullptr};
+};
+
 TEST(TensorParallelTest, LayoutPlacementsTileTheGlobalTensors) {
   Fixture f("tp-layout");
   for (int tp : tp_sizes(f.world->size())) {
     ParallelContext ctx(f.world, tp);
-    struct Model : torch::nn::Module {
-      Model(const std::shared_ptr<collectives::Communicator>& comm) {
-        ColumnParallelLinearOptions c;
-        c.in_features = 4;
-        c.out_features = 8;
-        fc1 = register_module("fc1", ColumnParallelLinear(c, comm));
-        RowParallelLinearOptions w;
-        w.in_features = 8;
-        w.out_features = 4;
-        fc2 = register_module("fc2", RowParallelLinear(w, comm));
-        VocabParallelEmbeddingOptions e;
-        e.num_embeddings = 11;
-        e.embedding_dim = 4;
-        embed = register_module("embed", VocabParallelEmbedding(e, comm));
-      }
-      ColumnParallelLinear fc1{nullptr};
-      RowParallelLinear fc2{nullptr};
-      VocabParallelEmbedding embed{nullptr};
-    };
     Model model(ctx.tp());
     const ModuleLayout layout = tensor_parallel_layout(model);
     std::vector<std::string> keys;
@@ -590,6 +598,62 @@ TEST(TensorParallelTest, LayoutPlacementsTileTheGlobalTensors) {
       }
       if (p.split_dim >= 0) {
         EXPECT_EQ(p.replicated_over, AxisSet({Axis::kData})) << item.key();
+      }
+    }
+  }
+}
+
+// A model saved at one tp size loads at every other: each parameter gets
+// its block of the global tensor, whichever ranks wrote it (the vocabulary
+// of 11 rows is split unevenly at every tp size but 1).
+TEST(TensorParallelTest, CheckpointsOfTpLayersLoadAtAnyTpSize) {
+  Fixture f("tp-checkpoint");
+  std::vector<int> sizes = {1};
+  for (int tp : tp_sizes(f.world->size())) sizes.push_back(tp);
+  const std::string dir = dtrain::testing::shared_temp_dir(*f.world, "dtrain-tp-ckpt");
+  // The global value of each parameter: a function of its name only.
+  auto global = [](const std::string& name, const std::vector<std::int64_t>& shape) {
+    return randn(shape, at::kFloat, std::hash<std::string>{}(name) % 1000);
+  };
+  auto block = [](const at::Tensor& whole, const Placement& p) {
+    at::Tensor b = whole;
+    for (std::size_t d = 0; d < p.shape.size(); ++d) {
+      b = b.narrow(static_cast<std::int64_t>(d), p.offset[d], p.shape[d]);
+    }
+    return b;
+  };
+  std::int64_t step = 0;
+  for (int writer_tp : sizes) {
+    ParallelContext writer(f.world, writer_tp);
+    Model saved(writer.tp(), /*seed=*/100);
+    const ModuleLayout layout = tensor_parallel_layout(saved);
+    {
+      torch::NoGradGuard no_grad;
+      for (const auto& item : saved.named_parameters()) {
+        const Placement p = layout.placement(item.key(), item.value());
+        item.value().copy_(block(global(item.key(), p.global_shape), p));
+      }
+    }
+    checkpoint::StateDict state;
+    checkpoint::add_module(state, saved, layout);
+    checkpoint::CheckpointOptions options;
+    options.directory = dir;
+    options.async = false;
+    options.fsync = false;  // a throwaway directory
+    options.keep_last = 100;
+    checkpoint::CheckpointManager manager(options, writer);
+    manager.save(++step, state);
+    const checkpoint::Checkpoint ckpt =
+        checkpoint::Checkpoint::open(manager.list().back().directory);
+    for (int reader_tp : sizes) {
+      ParallelContext reader(f.world, reader_tp);
+      Model loaded(reader.tp(), /*seed=*/200);  // other initial values
+      const ModuleLayout reader_layout = tensor_parallel_layout(loaded);
+      checkpoint::load_module(ckpt, loaded, reader_layout);
+      for (const auto& item : loaded.named_parameters()) {
+        const Placement p = reader_layout.placement(item.key(), item.value());
+        EXPECT_TRUE(item.value().equal(block(global(item.key(), p.global_shape), p)))
+            << item.key() << " written at tp " << writer_tp << ", read at tp " << reader_tp;
       }
     }
   }
