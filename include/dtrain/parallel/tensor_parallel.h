@@ -25,7 +25,9 @@
 // RowParallelLinear (input_is_parallel): one all-reduce forward, one
 // backward. With sequence parallelism the same MLP takes and returns
 // sequence shards: all-gather + reduce-scatter forward, all-gather +
-// reduce-scatter backward, the same bytes as the two all-reduces.
+// reduce-scatter backward (as many bytes as the two all-reduces), plus a
+// small all-reduce in backward for each replicated parameter that sees
+// only a shard (the row-parallel bias, the LayerNorm's weight and bias).
 //
 // Initialization: each layer draws one full master weight (and bias) of the
 // global shape from its own generator, seeded with options.init_seed, in
