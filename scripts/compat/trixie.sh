@@ -276,15 +276,30 @@ if [ "$mode" = shell ]; then
   exit $?
 fi
 
+# cpu_seconds VAR: VAR = the processor time (user + system, in s) of what
+# this script has run so far. With the wall time it tells how much the
+# machine's load stretched a step: on an idle machine a step takes about its
+# processor time / cores.
+cpu_seconds() {
+  times >"$run_dir/times" # here, not in $(...): a subshell's `times` would not see them
+  printf -v "$1" '%s' "$(awk 'NR == 2 { for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); n += t[1] * 60 + t[2] }
+                              printf "%d\n", n }' "$run_dir/times")"
+}
+load() { cut -d' ' -f1 /proc/loadavg; }
+
 started=$SECONDS
+cpu_seconds started_cpu
+say "building (load average $(load), $(nproc) cores)"
 in_root "$rootfs" /src/scripts/setup.sh # no-op unless the package list changed
 in_root "$rootfs" CCACHE_DIR=/ccache CCACHE_MAXSIZE=3G DTRAIN_BUILD_DIR=/build \
   /src/scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
 built=$SECONDS
-say "built in $((built - started)) s"
+cpu_seconds built_cpu
+say "built in $((built - started)) s, $((built_cpu - started_cpu)) s of processor time (load average $(load))"
 [ $# -gt 0 ] || set -- -L 'unit|mpi'
 rc=0
 in_root "$rootfs" bash -c 'cd /build && ctest --output-on-failure --parallel "$(nproc)" --timeout 900 "$@"' \
   ctest "$@" || rc=$?
-say "tests ran in $((SECONDS - built)) s (exit $rc)"
+cpu_seconds tested_cpu
+say "tests ran in $((SECONDS - built)) s, $((tested_cpu - built_cpu)) s of processor time (load average $(load); exit $rc)"
 exit "$rc"
