@@ -262,16 +262,22 @@ if [ -f "$build/CMakeCache.txt" ] && [ "$(cat "$build/.compat-root" 2>/dev/null)
 fi
 echo "$key" >"$build/.compat-root"
 
+# The compiler cache. ccache keeps nothing that makes or uses a precompiled
+# header (CMake's target_precompile_headers) unless its sloppiness allows
+# pch_defines and time_macros. Both are safe here: the precompiled headers
+# are LibTorch's and GoogleTest's, and nothing uses __DATE__ or __TIME__.
+ccache_env=(CCACHE_DIR=/ccache CCACHE_MAXSIZE=3G CCACHE_SLOPPINESS=pch_defines,time_macros)
+
 enter_mounts "$rootfs"
 mount_at "$rootfs/build" --bind "$build"
 mount_at "$rootfs/ccache" --bind "$cache/ccache"
 
 if [ "$mode" = shell ]; then
   if [ $# -gt 0 ]; then
-    in_root "$rootfs" CCACHE_DIR=/ccache DTRAIN_BUILD_DIR=/build bash -c 'cd /src && eval "$*"' bash "$@"
+    in_root "$rootfs" "${ccache_env[@]}" DTRAIN_BUILD_DIR=/build bash -c 'cd /src && eval "$*"' bash "$@"
   else
     say "shell in $rootfs (source at /src, build at /build); exit to leave"
-    in_root "$rootfs" CCACHE_DIR=/ccache DTRAIN_BUILD_DIR=/build bash -i
+    in_root "$rootfs" "${ccache_env[@]}" DTRAIN_BUILD_DIR=/build bash -i
   fi
   exit $?
 fi
@@ -291,7 +297,7 @@ started=$SECONDS
 cpu_seconds started_cpu
 say "building (load average $(load), $(nproc) cores)"
 in_root "$rootfs" /src/scripts/setup.sh # no-op unless the package list changed
-in_root "$rootfs" CCACHE_DIR=/ccache CCACHE_MAXSIZE=3G DTRAIN_BUILD_DIR=/build \
+in_root "$rootfs" "${ccache_env[@]}" DTRAIN_BUILD_DIR=/build \
   /src/scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
 built=$SECONDS
 cpu_seconds built_cpu
