@@ -53,6 +53,7 @@ struct Row {
   double algbw = 0;
   double busbw = 0;
   long wrong = 0;
+  std::string ran;  // for auto: the algorithm it picked (from the op's description)
 };
 
 at::ScalarType parse_dtype(const std::string& name) {
@@ -75,6 +76,42 @@ std::vector<std::string> split_list(const std::string& text) {
     if (!item.empty()) out.push_back(item);
   }
   return out;
+}
+
+// "all_reduce(ring, sum, ...)" -> "ring".
+std::string algorithm_of(const std::string& description) {
+  const auto open = description.find('(');
+  const auto comma = description.find(',', open);
+  if (open == std::string::npos || comma == std::string::npos) return "?";
+  return description.substr(open + 1, comma - open - 1);
+}
+
+// "4 ranks on 2 hosts (h1: 2, h2: 2)": where the ranks run, in rank order.
+std::string placement(int size) {
+  char name[MPI_MAX_PROCESSOR_NAME] = {};
+  int len = 0;
+  MPI_Get_processor_name(name, &len);
+  std::vector<char> all(static_cast<std::size_t>(size) * MPI_MAX_PROCESSOR_NAME);
+  MPI_Allgather(name, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, all.data(), MPI_MAX_PROCESSOR_NAME,
+                MPI_CHAR, MPI_COMM_WORLD);
+  std::vector<std::pair<std::string, int>> hosts;
+  for (int r = 0; r < size; ++r) {
+    const std::string host(&all[static_cast<std::size_t>(r) * MPI_MAX_PROCESSOR_NAME]);
+    auto it =
+        std::find_if(hosts.begin(), hosts.end(), [&](const auto& h) { return h.first == host; });
+    if (it == hosts.end()) {
+      hosts.emplace_back(host, 1);
+    } else {
+      ++it->second;
+    }
+  }
+  std::ostringstream out;
+  out << size << " ranks on " << hosts.size() << (hosts.size() == 1 ? " host (" : " hosts (");
+  for (std::size_t i = 0; i < hosts.size(); ++i) {
+    out << (i ? ", " : "") << hosts[i].first << ": " << hosts[i].second;
+  }
+  out << ")";
+  return out.str();
 }
 
 double max_over_ranks(double value) {
@@ -121,11 +158,13 @@ class Runner {
 
   void add(const std::string& algo, Communicator& comm) { comms_[algo] = &comm; }
 
-  // Issues `iters` ops back to back and waits for all of them.
-  void run(const std::string& algo, const Buffers& buffers, int iters) {
+  // Issues `iters` ops back to back and waits for all of them. Returns the
+  // last op's description, e.g. "all_reduce(ring, sum, 8 x float32) on
+  // communicator 'bench'" ("" for mpi).
+  std::string run(const std::string& algo, const Buffers& buffers, int iters) {
     if (algo == "mpi") {
       for (int i = 0; i < iters; ++i) run_mpi(buffers);
-      return;
+      return "";
     }
     const auto algorithm = dtrain::collectives::parse_algorithm(algo);
     std::shared_ptr<dtrain::collectives::Work> last;
@@ -152,7 +191,9 @@ class Runner {
         }
       }
     }
-    if (last) last->wait();  // ops complete in issue order
+    if (!last) return "";
+    last->wait();  // ops complete in issue order
+    return last->description();
   }
 
  private:
@@ -356,6 +397,7 @@ int main(int argc, char** argv) {
   const Buffers buffer = make_buffers();
   const Buffers check_buffer = make_buffers();
 
+  const std::string where = placement(n);
   std::vector<Row> rows;
   for (std::size_t bytes : sweep.sizes()) {
     const std::size_t block = block_of(bytes);
@@ -404,7 +446,8 @@ int main(int argc, char** argv) {
       runner.run(algo, buffers, sweep.warmup_iters);
       MPI_Barrier(MPI_COMM_WORLD);
       const auto start = Clock::now();
-      runner.run(algo, buffers, sweep.iters);
+      const std::string description = runner.run(algo, buffers, sweep.iters);
+      if (algo == "auto" && !description.empty()) row.ran = algorithm_of(description);
       const double seconds =
           max_over_ranks(std::chrono::duration<double>(Clock::now() - start).count()) / sweep.iters;
       row.time_us = seconds * 1e6;
@@ -420,9 +463,9 @@ int main(int argc, char** argv) {
                               : op == Op::kReduceScatter ? "reduce_scatter"
                                                          : "all_gather";
   if (runtime.rank() == 0) {
-    std::printf("# dtrain allreduce_perf: %s, %d ranks, %s%s, warm-up %d, iterations %d\n",
-                op_name.c_str(), n, c10::toString(dtype), op == Op::kAllGather ? "" : " sum",
-                sweep.warmup_iters, sweep.iters);
+    std::printf("# dtrain allreduce_perf: %s, %s, %s%s, warm-up %d, iterations %d\n",
+                op_name.c_str(), where.c_str(), c10::toString(dtype),
+                op == Op::kAllGather ? "" : " sum", sweep.warmup_iters, sweep.iters);
     std::printf("# mpi = %s called directly%s; size = %s; busbw = algbw * %s\n#\n", mpi_call(op),
                 op == Op::kAllReduce ? "; native = MPI_Iallreduce through dtrain" : "",
                 op == Op::kAllReduce ? "the message" : "all ranks' data (n blocks)",
@@ -463,6 +506,14 @@ int main(int argc, char** argv) {
       }
       std::printf("\n");
     }
+    bool any_auto = false;
+    for (const Row& r : rows) {
+      if (r.ran.empty()) continue;
+      std::printf(any_auto ? ", %s %s" : "# auto ran: %s %s",
+                  dtrain::bench::format_bytes(r.bytes).c_str(), r.ran.c_str());
+      any_auto = true;
+    }
+    if (any_auto) std::printf("\n");
     long total_wrong = 0;
     for (const Row& r : rows) total_wrong += r.wrong;
     std::printf("# out of bounds values: %ld %s\n", total_wrong, total_wrong ? "FAILED" : "OK");
@@ -471,6 +522,7 @@ int main(int argc, char** argv) {
     doc["benchmark"] = "allreduce_perf";
     doc["op"] = op_name;
     doc["ranks"] = n;
+    doc["placement"] = where;
     doc["dtype"] = c10::toString(dtype);
     doc["warmup_iters"] = sweep.warmup_iters;
     doc["iters"] = sweep.iters;
@@ -481,7 +533,8 @@ int main(int argc, char** argv) {
                                 {"time_us", r.time_us},
                                 {"algbw_gbs", r.algbw},
                                 {"busbw_gbs", r.busbw},
-                                {"wrong", r.wrong}});
+                                {"wrong", r.wrong},
+                                {"ran", r.ran}});
     }
     dtrain::bench::write_json(sweep.json_path, doc);
   }

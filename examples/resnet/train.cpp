@@ -37,6 +37,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <cxxopts.hpp>
@@ -349,16 +350,25 @@ void kill_self(int rank, const std::string& what) {
 }
 
 // The CheckpointOptions::fault_hook of DTRAIN_FAULT_CHECKPOINT: a real
-// SIGKILL of this rank at that point of that save.
+// SIGKILL of this rank at that point of that save or, with `stall`, this
+// rank says so and waits there until it is killed from outside.
 std::function<void(dtrain::checkpoint::SavePhase, std::int64_t)> checkpoint_fault_hook(
     const std::optional<dtrain::CheckpointFaultSpec>& fault, int rank) {
   if (!fault || fault->rank != rank) return {};
   const dtrain::checkpoint::SavePhase phase = dtrain::checkpoint::parse_save_phase(fault->phase);
   const std::int64_t step = fault->step;
-  return [phase, step, rank](dtrain::checkpoint::SavePhase now, std::int64_t saving) {
+  const bool stall = fault->stall;
+  return [phase, step, rank, stall](dtrain::checkpoint::SavePhase now, std::int64_t saving) {
     if (now != phase || saving != step) return;
-    kill_self(rank, "killed while saving step " + std::to_string(step) + " (" +
-                        dtrain::checkpoint::to_string(phase) + ")");
+    const std::string where =
+        "saving step " + std::to_string(step) + " (" + dtrain::checkpoint::to_string(phase) + ")";
+    if (stall) {
+      std::fprintf(stderr, "[dtrain rank %d] fault injection: stalled while %s\n", rank,
+                   where.c_str());
+      std::fflush(stderr);
+      while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    kill_self(rank, "killed while " + where);
   };
 }
 

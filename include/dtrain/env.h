@@ -14,9 +14,11 @@
 // | DTRAIN_SHM_SLOT_BYTES   | shared-memory slot of the shm all-reduce (0: no shared memory) |
 // | DTRAIN_MALLOC_TUNING    | 1 (default): Runtime tunes glibc malloc; 0: leaves it as it is |
 // | DTRAIN_RESTART_COUNT    | which attempt of a supervised job this is (dtrain-launch sets it) |
-// | DTRAIN_FAULT_CHECKPOINT | tests: <phase>:<step>:<rank> dies during a checkpoint save |
-// | DTRAIN_FAULT_KILL       | tests: <rank>:<step>[:always] dies after a training step |
-// | DTRAIN_FAULT_FILE_LIMIT_KIB | tests: the trainer's file-size limit, in KiB |
+// | DTRAIN_HEARTBEAT_MS     | interval of the heartbeat between ranks, in ms (0: off) |
+// | DTRAIN_HEARTBEAT_TIMEOUT_MS | silence after which the heartbeat declares a rank lost |
+// | DTRAIN_FAULT_CHECKPOINT | tests: <phase>:<step>:<rank>[:stall] dies (or stalls) during a
+// checkpoint save | | DTRAIN_FAULT_KILL       | tests: <rank>:<step>[:always] dies after a training
+// step | | DTRAIN_FAULT_FILE_LIMIT_KIB | tests: the trainer's file-size limit, in KiB |
 //
 // Other programs' variables read here: the launchers' (detect_launch),
 // glibc malloc's (read_user_malloc_setting), NCCL_ALGO (read_nccl_algo).
@@ -28,6 +30,7 @@
 // DTRAIN_* values that do not parse throw InvalidArgument naming the
 // variable.
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -56,6 +59,14 @@ EnvOverrides read_env_overrides();
 /// on any other value.
 std::optional<bool> read_malloc_tuning_env();
 
+struct HeartbeatEnv {
+  std::optional<std::chrono::milliseconds> interval;  ///< DTRAIN_HEARTBEAT_MS
+  std::optional<std::chrono::milliseconds> timeout;   ///< DTRAIN_HEARTBEAT_TIMEOUT_MS
+};
+
+/// Reads DTRAIN_HEARTBEAT_MS and DTRAIN_HEARTBEAT_TIMEOUT_MS (integers >= 0
+/// and >= 1). Throws InvalidArgument on a malformed value.
+HeartbeatEnv read_heartbeat_env();
 /// The first of glibc malloc's own settings the user made, by variable name
 /// (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_,
 /// MALLOC_MMAP_MAX_, or GLIBC_TUNABLES when it holds a glibc.malloc.*
@@ -67,13 +78,16 @@ std::optional<std::string> read_user_malloc_setting();
 /// integer >= 0.
 int read_restart_count();
 
-/// DTRAIN_FAULT_CHECKPOINT=<phase>:<step>:<rank>: rank <rank> dies at
-/// <phase> (a checkpoint::SavePhase name, checked by the program that
-/// applies it) of the save of checkpoint <step>.
+/// DTRAIN_FAULT_CHECKPOINT=<phase>:<step>:<rank>[:stall]: rank <rank> dies
+/// at <phase> (a checkpoint::SavePhase name, checked by the program that
+/// applies it) of the save of checkpoint <step>; with `stall`, it stops
+/// there instead until it is killed from outside (a test then kills its
+/// whole host).
 struct CheckpointFaultSpec {
   std::string phase;
   std::int64_t step = 0;
   int rank = 0;
+  bool stall = false;
 };
 
 /// DTRAIN_FAULT_KILL=<rank>:<step>[:always]: rank <rank> SIGKILLs itself

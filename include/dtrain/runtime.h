@@ -14,6 +14,7 @@
 // The same binary runs with or without mpirun/srun: started on its own it is
 // a world of one rank.
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -26,6 +27,9 @@ namespace dtrain {
 
 namespace collectives {
 class Communicator;
+}
+namespace detail {
+class Heartbeat;
 }
 
 /// How the process's allocator is set up for training (docs/configuration.md).
@@ -58,6 +62,24 @@ MallocPolicy plan_malloc_policy();
 /// false if the C library refused (or is not glibc). Process-wide.
 bool apply_malloc_policy(const MallocPolicy& policy);
 
+/// The heartbeat between the ranks of a job: how fast a dead or cut-off
+/// host ends the job, whatever the collectives' timeouts (a slow rank never
+/// trips it: it beats from a thread of its own). Every rank sends a UDP
+/// datagram every `interval` to its two neighbours among the world ranks;
+/// a neighbour silent for `timeout` is lost, every rank is told, and every
+/// op then ends with a CommError naming the lost ranks and their hosts.
+/// Details: docs/configuration.md, src/runtime/heartbeat.h.
+struct HeartbeatOptions {
+  /// Between two datagrams to each neighbour (DTRAIN_HEARTBEAT_MS). 0 turns
+  /// the heartbeat off.
+  std::chrono::milliseconds interval{500};
+  /// A neighbour silent this long is lost (DTRAIN_HEARTBEAT_TIMEOUT_MS); at
+  /// least 2 x interval.
+  std::chrono::milliseconds timeout{4000};
+
+  void validate() const;
+};
+
 class Runtime {
  public:
   /// Applies plan_malloc_policy() (see MallocPolicy), then initializes MPI
@@ -68,9 +90,11 @@ class Runtime {
   /// message, never an abort. If MPI is already initialized (by the
   /// application), checks its thread level and leaves MPI_COMM_WORLD's error
   /// handler and finalization to the application (dtrain's own
-  /// communicators still return errors). At most one Runtime may exist in a
-  /// process.
-  Runtime(int* argc, char*** argv);
+  /// communicators still return errors). Then starts the heartbeat
+  /// (`heartbeat`, with the DTRAIN_HEARTBEAT_* overrides): collective, every
+  /// process of the job must create its Runtime. At most one Runtime may
+  /// exist in a process.
+  Runtime(int* argc, char*** argv, HeartbeatOptions heartbeat = {});
   Runtime() : Runtime(nullptr, nullptr) {}
   ~Runtime();
   Runtime(const Runtime&) = delete;
@@ -89,9 +113,16 @@ class Runtime {
   /// overrides (see docs/configuration.md) are applied on top of `options`.
   std::shared_ptr<collectives::Communicator> world(collectives::CommunicatorOptions options = {});
 
+  /// The heartbeat's settings after the environment's overrides.
+  const HeartbeatOptions& heartbeat() const noexcept { return heartbeat_options_; }
+
   /// Ends the whole job now (MPI_Abort) after writing `reason` to stderr with
-  /// this process's rank. For use after a CommError/TimeoutError, so that the
-  /// launcher sees the failure promptly instead of ranks hanging.
+  /// this process's rank, as "[dtrain rank R] aborting the job: REASON" (the
+  /// line dtrain-launch reads). For use after a CommError/TimeoutError, so
+  /// that the launcher sees the failure promptly instead of ranks hanging.
+  /// The first caller in a process proceeds, later ones (other threads) wait
+  /// for it. If MPI_Abort has not ended the process after 10 s (a launcher
+  /// that cannot reach a lost host), the process exits by itself.
   [[noreturn]] static void abort_job(int exit_code, std::string_view reason) noexcept;
 
  private:
@@ -100,6 +131,8 @@ class Runtime {
   int size_ = 1;
   LaunchInfo launch_;
   MallocPolicy malloc_policy_;
+  HeartbeatOptions heartbeat_options_;
+  std::unique_ptr<detail::Heartbeat> heartbeat_;  // before MPI_Finalize: stopped first
 };
 
 }  // namespace dtrain

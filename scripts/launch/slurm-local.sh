@@ -25,11 +25,29 @@
 #
 # Environment: DTRAIN_SLURM_DIR, DTRAIN_SLURM_CPUS (minimum node CPUs, 4),
 # DTRAIN_SLURM_PORT (slurmctld port, default 6817; slurmd uses PORT+1).
+#
+# Several nodes (the namespace hosts of tests/cluster/cluster.sh, say):
+#   DTRAIN_SLURM_NODES="h1=10.0.0.1 h2=10.0.0.2"   node names and addresses
+#   DTRAIN_SLURM_CONTROL_ADDR=10.0.0.254           where the nodes reach slurmctld
+#   DTRAIN_SLURM_NODE_EXEC="tests/cluster/cluster.sh exec"
+#                                    runs slurmd on node NAME as `$EXEC NAME slurmd ...`
+# Then each node's slurmd has its own pid file, log and spool directory
+# (slurmd-NAME.pid, slurmd-NAME.log, spool/NAME), and a node killed with its
+# slurmd is noticed by slurmctld after SlurmdTimeout (10 s here).
 set -euo pipefail
 
 dir=${DTRAIN_SLURM_DIR:-/tmp/dtrain-slurm}
 port=${DTRAIN_SLURM_PORT:-6817}
 conf=$dir/slurm.conf
+control_addr=${DTRAIN_SLURM_CONTROL_ADDR:-127.0.0.1}
+node_exec=${DTRAIN_SLURM_NODE_EXEC:-}
+if [ -n "${DTRAIN_SLURM_NODES:-}" ]; then
+  read -r -a nodes <<< "$DTRAIN_SLURM_NODES"
+  multi=1
+else
+  nodes=("$(hostname -s)=127.0.0.1")
+  multi=0
+fi
 export SLURM_CONF=$conf
 PATH=$PATH:/usr/sbin:/sbin
 
@@ -60,6 +78,10 @@ need_commands() {
     die "not installed: ${missing[*]} (install the Debian packages slurmctld slurmd slurm-client munge, e.g. by running scripts/setup.sh)"
   fi
 }
+
+node_names() { local n; for n in "${nodes[@]}"; do echo "${n%%=*}"; done; }
+# One node: slurmd.pid, slurmd.log; several: slurmd-NAME.pid, slurmd-NAME.log.
+slurmd_file() { if [ "$multi" = 1 ]; then echo "$dir/slurmd-$1.$2"; else echo "$dir/slurmd.$2"; fi; }
 
 pid_alive() {
   local pid
@@ -116,10 +138,20 @@ write_conf() {
   min=${DTRAIN_SLURM_CPUS:-4}
   [ "$cpus" -lt "$min" ] && cpus=$min
   mkdir -p "$dir/state" "$dir/spool"
+  local slurmd_files="slurmd" spool="$dir/spool" timeout=60 node_lines="" n
+  if [ "$multi" = 1 ]; then
+    slurmd_files="slurmd-%n"
+    spool="$dir/spool/%n"
+    timeout=10
+  fi
+  for n in "${nodes[@]}"; do
+    [ "$multi" = 1 ] && mkdir -p "$dir/spool/${n%%=*}"
+    node_lines+="NodeName=${n%%=*} NodeAddr=${n#*=} CPUs=$cpus RealMemory=1000 State=UNKNOWN"$'\n'
+  done
   cat > "$conf.new" << EOF
-# Single-node Slurm written by scripts/launch/slurm-local.sh
+# Slurm of ${#nodes[@]} node(s) written by scripts/launch/slurm-local.sh
 ClusterName=dtrain-local
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($control_addr)
 SlurmctldPort=$port
 SlurmdPort=$((port + 1))
 SlurmUser=root
@@ -127,11 +159,11 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$spool
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/$slurmd_files.pid
 SlurmctldLogFile=$dir/slurmctld.log
-SlurmdLogFile=$dir/slurmd.log
+SlurmdLogFile=$dir/$slurmd_files.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -148,17 +180,31 @@ JobCompType=jobcomp/none
 KillWait=30
 MinJobAge=300
 InactiveLimit=0
-SlurmdTimeout=60
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=1000 State=UNKNOWN
-PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
+SlurmdTimeout=$timeout
+${node_lines}PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
 EOF
   mv "$conf.new" "$conf"
 }
 
-node_state() { sinfo -h -N -o %T 2> /dev/null | head -n1; }
+# The state of every node, one word each ("idle idle down*").
+node_states() { sinfo -h -N -o %T 2> /dev/null | tr '\n' ' '; }
+# The worst of them: the first that is not usable, else the first.
+node_state() {
+  local s first=""
+  for s in $(node_states); do
+    [ -z "$first" ] && first=$s
+    case $s in idle*|mixed*|allocated*|completing*) ;; *) echo "$s"; return ;; esac
+  done
+  echo "$first"
+}
+
+slurmds_alive() {
+  local n
+  for n in $(node_names); do pid_alive "$(slurmd_file "$n" pid)" || return 1; done
+}
 
 is_up() {
-  pid_alive "$dir/slurmctld.pid" && pid_alive "$dir/slurmd.pid" || return 1
+  pid_alive "$dir/slurmctld.pid" && slurmds_alive || return 1
   scontrol ping 2> /dev/null | grep -q UP || return 1
   case "$(node_state)" in idle*|mixed*|allocated*|completing*) return 0 ;; esac
   return 1
@@ -196,35 +242,43 @@ start() {
     show_log "$dir/slurmctld.log"
     die "slurmctld does not answer"
   fi
-  if ! pid_alive "$dir/slurmd.pid"; then
-    log "starting slurmd (log $dir/slurmd.log)"
-    slurmd -f "$conf" -N "$(hostname -s)" || rc=$?
-    started+=(slurmd)
-    if [ "$rc" -ne 0 ]; then
-      show_log "$dir/slurmd.log"
-      die "slurmd exited with status $rc"
+  local n
+  for n in $(node_names); do
+    if ! pid_alive "$(slurmd_file "$n" pid)"; then
+      log "starting slurmd of $n (log $(slurmd_file "$n" log))"
+      # shellcheck disable=SC2086
+      $node_exec ${node_exec:+"$n"} slurmd -f "$conf" -N "$n" || rc=$?
+      started+=("$(basename "$(slurmd_file "$n" pid)" .pid)")
+      if [ "$rc" -ne 0 ]; then
+        show_log "$(slurmd_file "$n" log)"
+        die "slurmd of $n exited with status $rc"
+      fi
     fi
-  fi
+  done
   local i
   for ((i = 0; i < 150; i++)); do
     case "$(node_state)" in idle*|mixed*|allocated*) break ;; esac
     # A slurmd that died after going to the background: no need to wait.
-    if [ "$i" -ge 10 ] && ! pid_alive "$dir/slurmd.pid"; then break; fi
+    if [ "$i" -ge 10 ] && ! slurmds_alive; then break; fi
     sleep 0.2
   done
-  if ! pid_alive "$dir/slurmd.pid"; then
-    show_log "$dir/slurmd.log"
-    die "slurmd is not running"
-  fi
+  for n in $(node_names); do
+    if ! pid_alive "$(slurmd_file "$n" pid)"; then
+      show_log "$(slurmd_file "$n" log)"
+      die "slurmd of $n is not running"
+    fi
+  done
   case "$(node_state)" in
     idle*|mixed*|allocated*) ;;
     down*|drain*)
-      scontrol update NodeName="$(hostname -s)" State=RESUME 2> /dev/null || true
+      for n in $(node_names); do
+        scontrol update NodeName="$n" State=RESUME 2> /dev/null || true
+      done
       sleep 1 ;;
   esac
   if ! is_up; then
-    show_log "$dir/slurmd.log"
-    die "node not usable: state '$(node_state)' (see also $dir/slurmctld.log)"
+    for n in $(node_names); do show_log "$(slurmd_file "$n" log)"; done
+    die "nodes not usable: states '$(node_states)' (see also $dir/slurmctld.log)"
   fi
   trap - EXIT
   log "running: $(sinfo -h -o '%P %D %c %T' | head -n1) (SLURM_CONF=$conf)"
@@ -244,7 +298,8 @@ stop_pidfile() {
 }
 
 stop() {
-  stop_pidfile "$dir/slurmd.pid" slurmd
+  local n
+  for n in $(node_names); do stop_pidfile "$(slurmd_file "$n" pid)" "slurmd of $n"; done
   stop_pidfile "$dir/slurmctld.pid" slurmctld
   stop_pidfile "$dir/munged.pid" munged
 }

@@ -34,17 +34,19 @@ const char* to_string(Algorithm algorithm) {
       return "native";
     case Algorithm::kShm:
       return "shm";
+    case Algorithm::kHier:
+      return "hier";
   }
   return "unknown";
 }
 
 Algorithm parse_algorithm(std::string_view name) {
   for (Algorithm a : {Algorithm::kAuto, Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
-                      Algorithm::kNative, Algorithm::kShm}) {
+                      Algorithm::kNative, Algorithm::kShm, Algorithm::kHier}) {
     if (name == to_string(a)) return a;
   }
   DTRAIN_THROW(InvalidArgument, "unknown all-reduce algorithm '", name,
-               "'; choose one of auto, ring, tree, rhd, native, shm");
+               "'; choose one of auto, ring, tree, rhd, native, shm, hier");
 }
 
 void CommunicatorOptions::validate() const {

@@ -109,6 +109,17 @@ std::optional<bool> read_malloc_tuning_env() {
   return value == "1";
 }
 
+HeartbeatEnv read_heartbeat_env() {
+  HeartbeatEnv env;
+  if (auto ms = read_integer("DTRAIN_HEARTBEAT_MS", 0)) {
+    env.interval = std::chrono::milliseconds(*ms);
+  }
+  if (auto ms = read_integer("DTRAIN_HEARTBEAT_TIMEOUT_MS", 1)) {
+    env.timeout = std::chrono::milliseconds(*ms);
+  }
+  return env;
+}
+
 std::optional<std::string> read_user_malloc_setting() {
   // Set at all (even empty) counts: glibc reads them as they are.
   for (const char* name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
@@ -133,12 +144,15 @@ FaultInjectionEnv read_fault_injection_env() {
   FaultInjectionEnv env;
   if (const char* raw = value_of("DTRAIN_FAULT_CHECKPOINT")) {
     const std::vector<std::string> f = split_fields(raw);
-    const auto step = f.size() == 3 ? parse_count(f[1]) : std::nullopt;
-    const auto rank = f.size() == 3 ? parse_count(f[2]) : std::nullopt;
-    DTRAIN_CHECK_ARG(step && rank && *rank <= INT_MAX && !f[0].empty(),
+    const bool sized = f.size() == 3 || f.size() == 4;
+    const auto step = sized ? parse_count(f[1]) : std::nullopt;
+    const auto rank = sized ? parse_count(f[2]) : std::nullopt;
+    const bool stall = f.size() == 4 && f[3] == "stall";
+    DTRAIN_CHECK_ARG(step && rank && *rank <= INT_MAX && !f[0].empty() && (f.size() == 3 || stall),
                      "environment variable DTRAIN_FAULT_CHECKPOINT='", raw,
-                     "' is not <phase>:<step>:<rank> (e.g. after_write:8:1)");
-    env.checkpoint = CheckpointFaultSpec{f[0], *step, static_cast<int>(*rank)};
+                     "' is not <phase>:<step>:<rank> or <phase>:<step>:<rank>:stall (e.g. "
+                     "after_write:8:1)");
+    env.checkpoint = CheckpointFaultSpec{f[0], *step, static_cast<int>(*rank), stall};
   }
   if (const char* raw = value_of("DTRAIN_FAULT_KILL")) {
     const std::vector<std::string> f = split_fields(raw);

@@ -53,14 +53,15 @@ def data_dir():
     return root
 
 
-def trainer_args(out, steps, extra=()):
+def trainer_args(out, steps, extra=(), global_batch=GLOBAL_BATCH, eval_batch=64,
+                 comm_timeout=60):
     d = data_dir()
     return [RESNET, "--model", "resnet20", "--train-data", d + "/train", "--test-data",
-            d + "/test", "--global-batch", str(GLOBAL_BATCH), "--eval-batch", "64",
+            d + "/test", "--global-batch", str(global_batch), "--eval-batch", str(eval_batch),
             "--steps", str(steps), "--checkpoint-every", "4", "--keep", "10",
             "--schedule", "constant", "--warmup-epochs", "0", "--lr", "0.05", "--seed", "7",
             "--threads", "1", "--loader-workers", "1", "--progress", "lines", "--log-every",
-            "4", "--comm-timeout", "60", "--out", out] + list(extra)
+            "4", "--comm-timeout", str(comm_timeout), "--out", out] + list(extra)
 
 
 def run(cmd, env_extra=None, timeout=300):
@@ -252,14 +253,23 @@ def case_fewer_ranks():
                env_extra={"DTRAIN_FAULT_KILL": "3:6:always"})
     if p.returncode != 0:
         fail("the job did not finish on fewer ranks")
+    audit_epoch(out, steps, GLOBAL_BATCH, final_world=2)
+    print(f"ok: one epoch on 4 then 2 ranks, all {SAMPLES} samples exactly once")
+
+
+def audit_epoch(out, steps, global_batch, final_world):
+    """From the --sample-log files in `out`: the last attempt ran on
+    `final_world` ranks, and the steps that count (for each step, the last
+    attempt that ran it) used each of the SAMPLES samples exactly once, in
+    global batches of `global_batch`."""
     records = []
     for name in sorted(os.listdir(out)):
         if name.startswith("samples-rank"):
             with open(os.path.join(out, name)) as f:
                 records += [json.loads(line) for line in f]
-    final_world = max(records, key=lambda r: (r["restart"], r["step"]))["world_size"]
-    if final_world != 2:
-        fail(f"the last attempt ran on {final_world} ranks, expected 2")
+    world = max(records, key=lambda r: (r["restart"], r["step"]))["world_size"]
+    if world != final_world:
+        fail(f"the last attempt ran on {world} ranks, expected {final_world}")
     # For each step, the records of the last attempt that ran it.
     last = {}
     for r in records:
@@ -273,13 +283,12 @@ def case_fewer_ranks():
     seen = []
     for step, (_, recs) in sorted(last.items()):
         batch = [i for r in sorted(recs, key=lambda r: r["rank"]) for i in r["indices"]]
-        if len(batch) != GLOBAL_BATCH:
-            fail(f"step {step} used {len(batch)} samples, not the global batch {GLOBAL_BATCH}")
+        if len(batch) != global_batch:
+            fail(f"step {step} used {len(batch)} samples, not the global batch {global_batch}")
         seen += batch
     if sorted(seen) != list(range(SAMPLES)):
         dup = len(seen) - len(set(seen))
         fail(f"the epoch repeated {dup} and skipped {SAMPLES - len(set(seen))} samples")
-    print(f"ok: one epoch on 4 then 2 ranks, all {SAMPLES} samples exactly once")
 
 
 def case_disk_full():

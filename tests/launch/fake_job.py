@@ -33,7 +33,16 @@ def main():
     p.add_argument("--fail-rank", type=int, default=-1)
     p.add_argument("--fail-attempts", type=int, default=0,
                    help="fail on --fail-rank during its first K starts")
-    p.add_argument("--fail-mode", default="kill", help="kill (SIGKILL itself) or exit:N")
+    p.add_argument("--fail-host", default=None,
+                   help="fail on every rank that runs on this host (FAKE_MPI_HOST) during "
+                        "its first --fail-attempts starts")
+    p.add_argument("--fail-mode", default="kill",
+                   help="kill (SIGKILL itself), exit:N, or hang (print --report, then keep "
+                        "running --run seconds, ignoring SIGTERM, as a rank stuck in a "
+                        "launcher that cannot end the job)")
+    p.add_argument("--report", default=None,
+                   help="file whose text the failing rank prints on stderr before it fails "
+                        "(a launcher's or trainer's failure report)")
     p.add_argument("--exit", type=int, default=0, help="exit code of every rank at the end")
     p.add_argument("--wait-stop", action="store_true",
                    help="run until SIGTERM/SIGINT (at most --run seconds)")
@@ -73,11 +82,20 @@ def main():
               flush=True)
         sys.exit(75)
 
-    if rank == a.fail_rank and attempt < a.fail_attempts:
+    failing = rank == a.fail_rank or (a.fail_host is not None and host == a.fail_host)
+    if failing and attempt < a.fail_attempts:
         time.sleep(0.2)
         print("fake_job rank %d: failing on purpose (%s)" % (rank, a.fail_mode), flush=True)
+        if a.report:
+            with open(a.report) as f:
+                sys.stderr.write(f.read())
+            sys.stderr.flush()
         if a.fail_mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if a.fail_mode == "hang":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(a.run)
+            sys.exit(1)
         sys.exit(int(a.fail_mode.split(":", 1)[1]))
 
     if a.handshake and rank == 0:

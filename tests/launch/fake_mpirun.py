@@ -38,8 +38,10 @@ def main(argv):
         elif a in ("--host", "-H"):
             hosts = argv[i + 1]
             i += 2
-        elif a in ("--bind-to", "--map-by", "--hostfile"):
+        elif a in ("--bind-to", "--map-by", "--hostfile", "-x"):
             i += 2
+        elif a in ("--mca", "-mca"):
+            i += 3
         elif a.startswith("-"):
             i += 1
         else:

@@ -290,6 +290,125 @@ def case_exclude_host_srun(c, real):
           "failures should be attributed to rank 3 on nb", out)
 
 
+def case_exclude_keep_ranks(c, real):
+    # 2 ranks on hosts a, b, c of 1 slot: whatever runs on b fails; b is left
+    # out after its first failure and the job goes on with 2 ranks on a and c
+    # (--min-ranks is 2: no shrinking, only a host swap).
+    rc, out = c.run(["-n", 2, "--hosts", "a:1,b:1,c:1", "--shrink-after", 1] + QUICK,
+                    c.job("--fail-host", "b", "--fail-attempts", 100), expect=0)
+    by_attempt = {}
+    for r in c.runs():
+        by_attempt.setdefault(int(r["restart_count"]), []).append(r["host"])
+    check({k: sorted(v) for k, v in by_attempt.items()} == {0: ["a", "b"], 1: ["a", "c"]},
+          "hosts per attempt %s" % by_attempt, out)
+    check(re.search(r"host b failed once \(--shrink-after 1\): next attempt without it, "
+                    r"keeping 2 ranks on a,c", out), "log should say b is left out", out)
+    starts = c.events("start")
+    check(starts[1]["command"][3:5] == ["--host", "a:1,c:1"] and
+          starts[1]["command"][5:9] == ["-x", "DTRAIN_RESTART_COUNT", "-x",
+                                        "DTRAIN_LAUNCH_RANKS"],
+          "second attempt's mpirun command %s" % starts[1]["command"], out)
+
+
+# Failure reports of real launchers and of dtrain, each naming a lost host
+# (b) that is not the host of the rank whose failure comes first (rank 0 on
+# a, here the one printing the report). Open MPI 4.1 and the ssh line are
+# copied from runs on the namespace cluster (tests/cluster); Open MPI 5 is
+# PRRTE's help text "node-died" filled in the same way; the dtrain lines
+# are what Runtime::abort_job prints after the heartbeat or a timeout.
+LOST_HOST_REPORTS = {
+    "openmpi4_lost_daemon": """\
+--------------------------------------------------------------------------
+ORTE has lost communication with a remote daemon.
+
+  HNP daemon   : [[16337,0],0] on node vm
+  Remote daemon: [[16337,0],2] on node b
+
+This is usually due to either a failure of the TCP network
+connection to the node, or possibly an internal failure of
+the daemon itself. We cannot recover from this failure, and
+therefore will terminate the job.
+--------------------------------------------------------------------------
+""",
+    "openmpi5_lost_daemon": """\
+--------------------------------------------------------------------------
+PRTE has lost communication with a remote daemon.
+
+  HNP daemon   : [prterun-vm-2211@0,0] on node vm
+  Remote daemon: [prterun-vm-2211@0,2] on node b
+
+This is usually due to either a failure of the TCP network
+connection to the node, or possibly an internal failure of
+the daemon itself. We cannot recover from this failure, and
+therefore will terminate the job.
+--------------------------------------------------------------------------
+""",
+    "ssh_unreachable": "ssh: connect to host b port 22: No route to host\n",
+    "dtrain_heartbeat": (
+        "[dtrain rank 0] aborting the job: all_reduce(ring, sum, 1024 x float32) #57 on "
+        "communicator 'world' (rank 0 of 3) was ended: lost contact with ranks [1] on host b "
+        "(no heartbeat for more than 4.0 s; noticed by ranks [0, 2])\n"),
+    "dtrain_timeout": (
+        "[dtrain rank 0] aborting the job: all_reduce(ring, sum, 1024 x float32) #57 on "
+        "communicator 'world' (rank 0 of 3) did not finish within 30000 ms; ranks not heard "
+        "from: [1]; ranks also waiting in this op: [2]\n"),
+}
+
+
+def case_lost_host_reports(c, real):
+    # Each report makes the supervisor attribute the failure to b (not to a,
+    # the host of the rank that failed first) and leave b out.
+    report = os.path.join(c.tmp, "report.txt")
+    for name, text in LOST_HOST_REPORTS.items():
+        with open(report, "w") as f:
+            f.write(text)
+        os.remove(c.log) if os.path.exists(c.log) else None
+        for f in os.listdir(c.state) if os.path.exists(c.state) else []:
+            os.remove(os.path.join(c.state, f))
+        rc, out = c.run(["-n", 2, "--hosts", "a:1,b:1,c:1", "--shrink-after", 1,
+                         "--max-restarts", 1] + QUICK,
+                        c.job("--fail-rank", 0, "--fail-attempts", 1, "--fail-mode", "exit:1",
+                              "--report", report), expect=0)
+        failures = c.events("failure")
+        check(len(failures) == 1 and failures[0].get("host") == "b",
+              "%s: failure attributed to %s, expected b" % (
+                  name, [f.get("host") for f in failures]), out)
+        starts = c.events("start")
+        check(starts[-1]["hosts"] == ["a", "c"], "%s: next attempt on %s, expected a,c"
+              % (name, starts[-1]["hosts"]), out)
+
+
+def case_abort_ends_launcher(c, real):
+    # A rank aborts the job but the launcher does not end (mpirun waiting for a
+    # cut-off host): after --abort-grace the supervisor ends it and restarts.
+    report = os.path.join(c.tmp, "report.txt")
+    with open(report, "w") as f:
+        f.write(LOST_HOST_REPORTS["dtrain_heartbeat"])
+    rc, out = c.run(["-n", 2, "--hosts", "a:1,b:1,c:1", "--shrink-after", 1, "--abort-grace", 1]
+                    + QUICK, c.job("--fail-rank", 0, "--fail-attempts", 1, "--fail-mode", "hang",
+                                   "--report", report, "--run", 5), expect=0)
+    ends = c.events("end")
+    check(len(ends) == 1, "the supervisor should end the launcher once: %s" % ends, out)
+    check(c.events("failure")[0].get("host") == "b", "failure attributed to b", out)
+    check(c.events("start")[-1]["hosts"] == ["a", "c"], "restart without b", out)
+
+
+def case_launcher_args(c, real):
+    # mpirun flags as separate words after --launcher-arg, and a clear error
+    # for more ranks than slots.
+    rc, out = c.run(["-n", 2, "--launcher-arg", "--mca", "--launcher-arg", "btl",
+                     "--launcher-arg", "self,tcp", "--dry-run"], c.job(), expect=0)
+    check("--mca btl self,tcp " + FAKE_JOB in out, "launcher args in the command", out)
+    rc, out = c.run(["-n", 5, "--hosts", "a:2,b:2"], c.job(), expect=2)
+    check("5 ranks do not fit the 4 slots of --hosts (a:2,b:2)" in out, "slots error", out)
+    hostfile = os.path.join(c.tmp, "hosts")
+    with open(hostfile, "w") as f:
+        f.write("a slots=1\nb slots=1\n")
+    rc, out = c.run(["-n", 3, "--hostfile", hostfile], c.job(), expect=2)
+    check("3 ranks do not fit the 2 slots of %s" % hostfile in out, "hostfile slots error", out)
+    check(c.starts(0) == 0, "nothing may start after a usage error", out)
+
+
 def wait_files(paths, proc, what):
     deadline = time.monotonic() + HANG
     while not all(os.path.exists(p) for p in paths):
@@ -451,6 +570,10 @@ CASES = {
     "fake_shrink_no_divisor": case_shrink_no_divisor,
     "fake_exclude_host": case_exclude_host,
     "fake_exclude_host_srun": case_exclude_host_srun,
+    "fake_exclude_keep_ranks": case_exclude_keep_ranks,
+    "fake_lost_host_reports": case_lost_host_reports,
+    "fake_abort_ends_launcher": case_abort_ends_launcher,
+    "fake_launcher_args": case_launcher_args,
     "fake_sigterm": case_sigterm,
     "fake_sigint": case_sigint,
     "fake_live_output": case_live_output,

@@ -16,6 +16,7 @@
 namespace dtrain::collectives {
 namespace {
 
+using dtrain::testing::large_message_bytes;
 using dtrain::testing::world;
 
 // Small integers, exact in every dtype; sums over <= 4 ranks stay exact.
@@ -83,9 +84,10 @@ const at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kBFloat16, at::kH
 
 std::int64_t not_divisible(int world_size) { return world_size * 100 + 1; }
 
-// 16 MiB of the dtype.
+// A large message of the dtype: 16 MiB, or --large-bytes.
 std::int64_t sixteen_mib(at::ScalarType dtype) {
-  return (std::int64_t{16} << 20) / static_cast<std::int64_t>(c10::elementSize(dtype));
+  return static_cast<std::int64_t>(large_message_bytes()) /
+         static_cast<std::int64_t>(c10::elementSize(dtype));
 }
 
 enum class CountKind { kZero, kOne, kSeven, kNotDivisible, kSixteenMiB };
@@ -117,7 +119,7 @@ const char* count_name(CountKind kind) {
     case CountKind::kNotDivisible:
       return "ndiv";
     case CountKind::kSixteenMiB:
-      return "16MiB";
+      return "large";
   }
   return "?";
 }
@@ -151,7 +153,8 @@ std::string all_reduce_name(const ::testing::TestParamInfo<AllReduceCase>& info)
 INSTANTIATE_TEST_SUITE_P(
     Matrix, AllReduceTest,
     ::testing::Combine(::testing::Values(Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
-                                         Algorithm::kNative, Algorithm::kShm, Algorithm::kAuto),
+                                         Algorithm::kNative, Algorithm::kShm, Algorithm::kHier,
+                                         Algorithm::kAuto),
                        ::testing::ValuesIn(kDtypes),
                        ::testing::Values(ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin,
                                          ReduceOp::kMax, ReduceOp::kProduct),
@@ -174,7 +177,7 @@ TEST_P(AllReduceLayoutTest, NonContiguousTensorsAreReducedInPlace) {
 
 INSTANTIATE_TEST_SUITE_P(Algorithms, AllReduceLayoutTest,
                          ::testing::Values(Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
-                                           Algorithm::kNative, Algorithm::kShm));
+                                           Algorithm::kNative, Algorithm::kShm, Algorithm::kHier));
 
 class BroadcastTest : public ::testing::TestWithParam<std::tuple<at::ScalarType, CountKind>> {};
 

@@ -39,12 +39,14 @@ TEST(OrderingTest, ManyAsyncOpsInFlightCompleteInIssueOrder) {
   std::vector<at::Tensor> tensors;
   std::vector<std::shared_ptr<Work>> works;
   const Algorithm algorithms[] = {Algorithm::kRing,   Algorithm::kTree, Algorithm::kRhd,
-                                  Algorithm::kNative, Algorithm::kShm,  Algorithm::kAuto};
+                                  Algorithm::kNative, Algorithm::kShm,  Algorithm::kHier,
+                                  Algorithm::kAuto};
+  constexpr int kAlgorithms = sizeof(algorithms) / sizeof(algorithms[0]);
   for (int i = 0; i < kOps; ++i) {
     // Sizes vary so that ops of different lengths overlap.
     tensors.push_back(at::full({1 + (i % 7) * 1000}, static_cast<float>(comm.rank() + i)));
     AllReduceOptions options;
-    options.algorithm = algorithms[i % 6];
+    options.algorithm = algorithms[i % kAlgorithms];
     works.push_back(comm.all_reduce(tensors.back(), options));
   }
   // Completion order: when op i is complete, every op before it is too.
@@ -481,8 +483,8 @@ TEST(MismatchTest, DifferentSizesAcrossRanksAreACommErrorNotCorruption) {
   // Sizes on both sides of Open MPI's 4 KiB eager limit: past it the
   // single-copy path would write a longer message past a shorter buffer if
   // receives were not size-checked before MPI touches them.
-  for (Algorithm algorithm :
-       {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd, Algorithm::kNative, Algorithm::kShm}) {
+  for (Algorithm algorithm : {Algorithm::kRing, Algorithm::kTree, Algorithm::kRhd,
+                              Algorithm::kNative, Algorithm::kShm, Algorithm::kHier}) {
     for (std::int64_t base : {1000, 100000}) {
       auto comm = fresh_world(std::string("mismatch-") + to_string(algorithm), Timeout(3000));
       // Guard elements around the data must stay untouched.

@@ -2,6 +2,7 @@
 // Shared by the mpi-labelled test binaries (see mpi_test_main.cpp).
 
 #include <chrono>
+#include <cstddef>
 #include <memory>
 #include <string>
 
@@ -16,6 +17,11 @@ Runtime& runtime();
 /// A world communicator shared by the tests of this binary (60 s timeout).
 /// Tests that break a communicator on purpose create their own.
 collectives::Communicator& world();
+
+/// Size of the "large" messages of the collective tests: 16 MiB, or
+/// `--large-bytes=N` on the command line (the namespace cluster's run uses
+/// 1 MiB: past the TCP eager limit, in a fraction of the time).
+std::size_t large_message_bytes();
 
 /// A new world communicator of its own name and timeout, for tests that need
 /// their own (one that may fail, or other options).

@@ -22,6 +22,7 @@ namespace {
 
 Runtime* g_runtime = nullptr;
 std::shared_ptr<collectives::Communicator> g_world;
+std::size_t g_large_message_bytes = std::size_t{16} << 20;
 
 // Prints failed assertions only, tagged with the rank.
 class FailurePrinter : public ::testing::EmptyTestEventListener {
@@ -47,6 +48,7 @@ class FailurePrinter : public ::testing::EmptyTestEventListener {
 
 Runtime& runtime() { return *g_runtime; }
 collectives::Communicator& world() { return *g_world; }
+std::size_t large_message_bytes() { return g_large_message_bytes; }
 
 std::shared_ptr<collectives::Communicator> fresh_world(const std::string& name,
                                                        collectives::Timeout timeout) {
@@ -72,6 +74,15 @@ std::string shared_temp_dir(collectives::Communicator& comm, const std::string& 
 int main(int argc, char** argv) {
   dtrain::Runtime runtime(&argc, &argv);
   ::testing::InitGoogleTest(&argc, argv);
+  for (int i = 1; i < argc; ++i) {  // what gtest left: our own flags
+    const std::string arg = argv[i];
+    if (arg.rfind("--large-bytes=", 0) == 0) {
+      dtrain::testing::g_large_message_bytes = std::stoull(arg.substr(14));
+    } else {
+      std::fprintf(stderr, "unknown argument '%s' (gtest flags, or --large-bytes=N)\n", argv[i]);
+      return 2;
+    }
+  }
   dtrain::testing::g_runtime = &runtime;
   dtrain::collectives::CommunicatorOptions options;
   options.name = "test-world";

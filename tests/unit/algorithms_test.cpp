@@ -10,12 +10,14 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <thread>
 #include <tuple>
 #include <vector>
 
 #include "src/collectives/algorithms/algorithms.h"
+#include "src/collectives/algorithms/hier.h"
 #include "src/collectives/algorithms/shm.h"
 #include "tests/support/thread_transport.h"
 
@@ -369,6 +371,44 @@ TEST(AlgorithmTest, TheCallsRequestWinsAndShmNeedsSharedMemory) {
             Algorithm::kRing);
 }
 
+TEST(AlgorithmTest, AutoAcrossHostsNeverPicksShmAndPicksHierWhenHostsHoldSeveralRanks) {
+  for (int per_host : {0, 2, 3, 8}) {
+    for (int hosts : {2, 3, 16}) {
+      const int world = per_host == 0 ? hosts : hosts * per_host;
+      for (std::size_t bytes = 0; bytes < (std::size_t{1} << 31); bytes = bytes * 2 + 1) {
+        // `shm` is never true across hosts; a caller that said so anyway
+        // still gets no kShm once the hosts are known.
+        for (bool shm : {false, true}) {
+          if (shm && per_host == 0) continue;  // one host: the single-host rules
+          const Algorithm a = choose_all_reduce_algorithm(std::nullopt, Algorithm::kAuto, bytes,
+                                                          world, shm, per_host);
+          EXPECT_NE(a, Algorithm::kShm) << bytes << " bytes on " << hosts << " hosts";
+          EXPECT_NE(a, Algorithm::kAuto);
+          EXPECT_NE(a, Algorithm::kNative);
+          if (per_host == 0) {
+            EXPECT_NE(a, Algorithm::kHier) << "hier without a hierarchy";
+          }
+          if (per_host >= 2 && bytes > 0) {
+            EXPECT_EQ(a, Algorithm::kHier) << bytes << " bytes, " << per_host << " per host";
+          }
+        }
+      }
+    }
+  }
+  // Asked for by the call or as the default: hier where it can run, else
+  // the ring (like shm without shared memory).
+  EXPECT_EQ(choose_all_reduce_algorithm(Algorithm::kHier, Algorithm::kRhd, 4096, 8, false, 4),
+            Algorithm::kHier);
+  EXPECT_EQ(choose_all_reduce_algorithm(std::nullopt, Algorithm::kHier, 4096, 8, false, 4),
+            Algorithm::kHier);
+  EXPECT_EQ(choose_all_reduce_algorithm(Algorithm::kHier, Algorithm::kRhd, 4096, 4, true),
+            Algorithm::kRing);
+  EXPECT_EQ(choose_all_reduce_algorithm(std::nullopt, Algorithm::kHier, 4096, 4, false, 0),
+            Algorithm::kRing);
+  // Reduce-scatter and all-gather have no hier: across hosts (no shm), the ring.
+  EXPECT_EQ(choose_scatter_gather_algorithm(std::size_t{64} << 20, 8, false), Algorithm::kRing);
+}
+
 // --- shared-memory all-reduce: ranks are threads over one allocation --------
 
 // Ends a wait with TimeoutError once the deadline passes (the MPI backend
@@ -512,6 +552,77 @@ TEST(ShmTest, MissingPeerTimesOutNamingIt) {
   }
 }
 
+// --- hierarchical all-reduce: hosts x local ranks as threads -----------------
+
+// `hosts` hosts of `per_host` ranks each: world rank h * per_host + j is local
+// rank j of host h. Each host has its shared memory and fabric; local rank j
+// of every host shares a fabric with the others of its local rank.
+void run_hier_ranks(int hosts, int per_host, std::size_t slot_bytes,
+                    const std::function<void(const HierLinks&, int)>& body) {
+  const std::size_t region = shm_region_bytes(slot_bytes);
+  std::vector<std::vector<std::uint64_t>> memory;
+  std::vector<std::vector<ShmGroup>> groups(static_cast<std::size_t>(hosts));
+  std::vector<std::unique_ptr<Fabric>> node_fabrics;
+  std::vector<std::unique_ptr<Fabric>> host_fabrics;
+  for (int h = 0; h < hosts; ++h) {
+    memory.emplace_back(region * per_host / sizeof(std::uint64_t) + 8, 0);
+    char* base = reinterpret_cast<char*>(memory.back().data());
+    std::vector<void*> regions;
+    for (int j = 0; j < per_host; ++j) regions.push_back(base + region * j);
+    for (int j = 0; j < per_host; ++j) groups[h].emplace_back(j, regions, slot_bytes);
+    node_fabrics.push_back(std::make_unique<Fabric>(per_host));
+  }
+  for (int j = 0; j < per_host; ++j) host_fabrics.push_back(std::make_unique<Fabric>(hosts));
+  run_threads(hosts * per_host, [&](int rank) {
+    const int h = rank / per_host;
+    const int j = rank % per_host;
+    DeadlineWaiter waiter(std::chrono::seconds(20));
+    ThreadTransport node(*node_fabrics[h], j);
+    ThreadTransport between(*host_fabrics[j], h);
+    body(HierLinks{groups[h][j], waiter, node, between}, rank);
+  });
+}
+
+using HierCase = std::tuple<ElementType, ReduceOp, std::size_t, std::pair<int, int>>;
+
+class HierAllReduceTest : public ::testing::TestWithParam<HierCase> {};
+
+TEST_P(HierAllReduceTest, MatchesSequentialReductionOnEveryRank) {
+  const auto [type, op, count, shape] = GetParam();
+  const auto [hosts, per_host] = shape;
+  if (op == ReduceOp::kAvg && !is_floating(type)) return;  // rejected by make_reducer
+  const int world = hosts * per_host;
+  const Reducer reducer = make_reducer(type, op);
+  const std::size_t es = element_size(type);
+  std::vector<std::vector<char>> results(static_cast<std::size_t>(world));
+  run_hier_ranks(hosts, per_host, 256, [&](const HierLinks& links, int rank) {
+    std::vector<char> data(count * es + 1);
+    Scratch scratch;
+    // Twice in a row: the shared-memory rounds carry on across ops.
+    for (int repeat = 0; repeat < 2; ++repeat) {
+      for (std::size_t i = 0; i < count; ++i) store(type, data.data(), i, pattern(op, rank, i));
+      hier_all_reduce(links, data.data(), count, reducer, scratch, 4096);
+    }
+    if (op == ReduceOp::kAvg) divide_in_place(data.data(), count, type, world);
+    results[static_cast<std::size_t>(rank)] = std::move(data);
+  });
+  expect_reduced(results, type, op, count, world);
+}
+
+std::string hier_case_name(const ::testing::TestParamInfo<HierCase>& info) {
+  const auto [type, op, count, shape] = info.param;
+  return std::string(to_string(type)) + "_" + to_string(op) + "_n" + std::to_string(count) + "_" +
+         std::to_string(shape.first) + "x" + std::to_string(shape.second);
+}
+
+INSTANTIATE_TEST_SUITE_P(DtypesOpsAndShapes, HierAllReduceTest,
+                         ::testing::Combine(kAllTypes, kAllOps,
+                                            ::testing::Values(std::size_t{0}, std::size_t{1},
+                                                              std::size_t{7}, std::size_t{1001}),
+                                            ::testing::Values(std::make_pair(2, 2),
+                                                              std::make_pair(3, 2),
+                                                              std::make_pair(2, 3))),
+                         hier_case_name);
 // Reduce-scatter and all-gather through the same slots. Worlds 1-5, counts
 // per rank 0, 1, 7 and 1001 (with 256-byte slots: many rounds through both
 // slots), three ops in a row so that rounds carry on across ops.

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <set>
@@ -154,6 +155,28 @@ TEST_F(EnvTest, MalformedValuesNameTheVariable) {
   EXPECT_THROW(read_env_overrides(), InvalidArgument);
 }
 
+TEST_F(EnvTest, HeartbeatVariablesAndTheirLimits) {
+  EXPECT_FALSE(read_heartbeat_env().interval.has_value());
+  setenv("DTRAIN_HEARTBEAT_MS", "250", 1);
+  setenv("DTRAIN_HEARTBEAT_TIMEOUT_MS", "2000", 1);
+  const HeartbeatEnv env = read_heartbeat_env();
+  EXPECT_EQ(env.interval, std::chrono::milliseconds(250));
+  EXPECT_EQ(env.timeout, std::chrono::milliseconds(2000));
+  setenv("DTRAIN_HEARTBEAT_MS", "often", 1);
+  EXPECT_NE(invalid_argument_message(read_heartbeat_env).find("DTRAIN_HEARTBEAT_MS"),
+            std::string::npos);
+  unsetenv("DTRAIN_HEARTBEAT_MS");
+  unsetenv("DTRAIN_HEARTBEAT_TIMEOUT_MS");
+
+  HeartbeatOptions options;
+  EXPECT_NO_THROW(options.validate());
+  options.timeout = options.interval;  // a single late datagram would end the job
+  EXPECT_NE(invalid_argument_message([&] { options.validate(); }).find("at least twice"),
+            std::string::npos);
+  options.interval = std::chrono::milliseconds(0);  // off: the timeout does not matter
+  EXPECT_NO_THROW(options.validate());
+}
+
 // The trainer's variables: the attempt number and the faults a test asks for.
 class RunEnvTest : public ::testing::Test {
  protected:
@@ -192,8 +215,11 @@ TEST_F(RunEnvTest, FaultVariablesParseOrNameTheirForm) {
   EXPECT_EQ(env.kill->step, 6);
   EXPECT_TRUE(env.kill->every_attempt);
   EXPECT_EQ(*env.file_limit_kib, 256u);
+  EXPECT_FALSE(env.checkpoint->stall);
   setenv("DTRAIN_FAULT_KILL", "1:6", 1);
   EXPECT_FALSE(read_fault_injection_env().kill->every_attempt);
+  setenv("DTRAIN_FAULT_CHECKPOINT", "after_write:8:1:stall", 1);
+  EXPECT_TRUE(read_fault_injection_env().checkpoint->stall);
 
   for (const auto& [name, value] : std::vector<std::pair<const char*, const char*>>{
            {"DTRAIN_FAULT_KILL", "1"},
@@ -201,6 +227,7 @@ TEST_F(RunEnvTest, FaultVariablesParseOrNameTheirForm) {
            {"DTRAIN_FAULT_KILL", "one:6"},
            {"DTRAIN_FAULT_CHECKPOINT", "after_write:8"},
            {"DTRAIN_FAULT_CHECKPOINT", "after_write:eight:0"},
+           {"DTRAIN_FAULT_CHECKPOINT", "after_write:8:0:wait"},
            {"DTRAIN_FAULT_FILE_LIMIT_KIB", "0"}}) {
     clear();
     setenv(name, value, 1);

@@ -51,11 +51,19 @@ enum class Algorithm : std::uint8_t {
   /// shared buffers. Needs every rank of the communicator on one node and
   /// CommunicatorOptions::shm_slot_bytes > 0; elsewhere it runs as kRing.
   kShm,
+  /// Hierarchical, for ranks on several hosts with the same number (at least
+  /// 2) on each: an all-reduce inside each host through shared memory, then
+  /// local rank j of every host all-reduces slice j (1/L of the message)
+  /// with its peers on the other hosts over the point-to-point transport,
+  /// then each host gathers its slices. The links between hosts carry L
+  /// times less than under a flat ring. Needs
+  /// CommunicatorOptions::shm_slot_bytes > 0; elsewhere it runs as kRing.
+  kHier,
 };
 
 const char* to_string(ReduceOp op);
 const char* to_string(Algorithm algorithm);
-/// Parses "auto", "ring", "tree", "rhd", "native" or "shm" (case-sensitive).
+/// Parses "auto", "ring", "tree", "rhd", "native", "shm" or "hier" (case-sensitive).
 /// Throws InvalidArgument naming the valid choices otherwise.
 Algorithm parse_algorithm(std::string_view name);
 

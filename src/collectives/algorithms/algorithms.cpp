@@ -31,6 +31,8 @@ namespace {
 constexpr std::size_t kRingMinBytesTwoRanks = std::size_t{1} << 20;
 constexpr std::size_t kRingMinBytesManyRanks = std::size_t{8} << 20;
 constexpr std::size_t kShmMinBytesManyRanks = std::size_t{128} << 10;
+// With ranks on several hosts, kHier above this size.
+constexpr std::size_t kHierMinBytes = 0;
 
 // Crossover measured with benchmarks/allreduce_perf on 2-core VMs (2 and 4
 // ranks over Open MPI's shared-memory copy-in/copy-out transport; tables in
@@ -43,9 +45,16 @@ constexpr std::size_t kShmMinBytesManyRanks = std::size_t{128} << 10;
 // 4.7-7.7x MPI_Allreduce at 64 MiB); with 4 ranks on 2 cores it led from
 // 256 KiB up but lost below, where waking a descheduled peer costs more
 // than the few messages rhd sends.
-Algorithm auto_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm) {
+// Across hosts (hier_ranks_per_host >= 2) hier led at every size measured
+// on the namespace cluster (docs/collectives.md); kShm needs every rank on
+// one host and is never chosen otherwise.
+Algorithm auto_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm,
+                                    int hier_ranks_per_host) {
   if (world_size <= 1) return Algorithm::kRing;
-  if (shm && (world_size == 2 || bytes > kShmMinBytesManyRanks)) return Algorithm::kShm;
+  if (hier_ranks_per_host >= 2 && bytes > kHierMinBytes) return Algorithm::kHier;
+  if (shm && hier_ranks_per_host == 0 && (world_size == 2 || bytes > kShmMinBytesManyRanks)) {
+    return Algorithm::kShm;
+  }
   const std::size_t ring_above = world_size == 2 ? kRingMinBytesTwoRanks : kRingMinBytesManyRanks;
   return bytes <= ring_above ? Algorithm::kRhd : Algorithm::kRing;
 }
@@ -53,10 +62,14 @@ Algorithm auto_all_reduce_algorithm(std::size_t bytes, int world_size, bool shm)
 }  // namespace
 
 Algorithm choose_all_reduce_algorithm(std::optional<Algorithm> requested, Algorithm configured,
-                                      std::size_t bytes, int world_size, bool shm) {
+                                      std::size_t bytes, int world_size, bool shm,
+                                      int hier_ranks_per_host) {
   const Algorithm algorithm = requested.value_or(configured);
-  if (algorithm == Algorithm::kAuto) return auto_all_reduce_algorithm(bytes, world_size, shm);
+  if (algorithm == Algorithm::kAuto) {
+    return auto_all_reduce_algorithm(bytes, world_size, shm, hier_ranks_per_host);
+  }
   if (algorithm == Algorithm::kShm && !shm) return Algorithm::kRing;
+  if (algorithm == Algorithm::kHier && hier_ranks_per_host < 2) return Algorithm::kRing;
   return algorithm;
 }
 
@@ -65,8 +78,8 @@ Algorithm choose_all_reduce_algorithm(std::optional<Algorithm> requested, Algori
 // with more ranks than cores the same wake-up cost makes small ones slower
 // (tables in docs/collectives.md), so the same rule applies.
 Algorithm choose_scatter_gather_algorithm(std::size_t bytes, int world_size, bool shm) {
-  return auto_all_reduce_algorithm(bytes, world_size, shm) == Algorithm::kShm ? Algorithm::kShm
-                                                                              : Algorithm::kRing;
+  return auto_all_reduce_algorithm(bytes, world_size, shm, 0) == Algorithm::kShm ? Algorithm::kShm
+                                                                                 : Algorithm::kRing;
 }
 
 void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::size_t count,
@@ -81,6 +94,7 @@ void run_all_reduce(Algorithm algorithm, Transport& transport, void* data, std::
     case Algorithm::kAuto:
     case Algorithm::kNative:
     case Algorithm::kShm:
+    case Algorithm::kHier:
       break;
   }
   DTRAIN_THROW(Error, "run_all_reduce: ", to_string(algorithm),

@@ -88,12 +88,20 @@ void tree_broadcast(Transport& transport, void* data, std::size_t bytes, int roo
 ///    the communicator has shared memory (`shm`), with the crossovers
 ///    measured by benchmarks/allreduce_perf (algorithms.cpp,
 ///    docs/collectives.md).
-///  - kShm on a communicator without shared memory runs as kRing.
-/// Never returns kAuto; returns kNative only when it was asked for, and kShm
-/// only when `shm`. Depends only on values that are the same on every rank,
-/// so every rank runs the same algorithm.
+///  - `shm`: every rank is on this host and the communicator has shared
+///    memory. `hier_ranks_per_host`: 0, or the communicator spans several
+///    hosts that each hold this many ranks (>= 2) and has the shared memory
+///    kHier needs. kAuto picks kHier where it can run, and never kShm across
+///    hosts.
+///  - kShm on a communicator without shared memory, and kHier where it
+///    cannot run, run as kRing.
+/// Never returns kAuto; returns kNative only when it was asked for, kShm
+/// only when `shm`, and kHier only when `hier_ranks_per_host` >= 2. Depends
+/// only on values that are the same on every rank, so every rank runs the
+/// same algorithm.
 Algorithm choose_all_reduce_algorithm(std::optional<Algorithm> requested, Algorithm configured,
-                                      std::size_t bytes, int world_size, bool shm);
+                                      std::size_t bytes, int world_size, bool shm,
+                                      int hier_ranks_per_host = 0);
 
 /// What Algorithm::kAuto runs for a reduce-scatter or all-gather of `bytes`
 /// bytes in all (the larger of its two buffers): kShm wherever

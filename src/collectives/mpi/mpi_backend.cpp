@@ -4,6 +4,8 @@
 
 #include <mpi.h>
 
+#include <climits>
+
 #include "dtrain/env.h"
 #include "dtrain/error.h"
 #include "src/collectives/mpi/mpi_communicator.h"
@@ -63,13 +65,22 @@ void finalize_mpi() noexcept {
   if (!finalized) MPI_Finalize();
 }
 
-std::shared_ptr<Communicator> make_world_communicator(CommunicatorOptions options) {
+std::shared_ptr<Communicator> make_world_communicator(CommunicatorOptions options,
+                                                      std::shared_ptr<const PeerHealth> health) {
   options.validate();
   // MPI_Comm_dup blocks without a timeout: first make sure everyone is here.
   rendezvous(MPI_COMM_WORLD, options.timeout, "Runtime::world");
   MPI_Comm comm = MPI_COMM_NULL;
   DTRAIN_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm));
-  return make_mpi_communicator(comm, std::move(options));
+  return make_mpi_communicator(comm, std::move(options), std::move(health));
+}
+
+void world_all_gather(const void* mine, std::size_t bytes, void* all, const char* what) {
+  DTRAIN_CHECK_ARG(bytes <= static_cast<std::size_t>(INT_MAX), what, ": ", bytes,
+                   " bytes exceed MPI's int count limit");
+  const int count = static_cast<int>(bytes);
+  const int rc = MPI_Allgather(mine, count, MPI_BYTE, all, count, MPI_BYTE, MPI_COMM_WORLD);
+  if (rc != MPI_SUCCESS) throw_mpi_error(rc, "MPI_Allgather", what);
 }
 
 int world_rank_if_running() noexcept {

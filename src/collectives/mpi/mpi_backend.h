@@ -7,9 +7,11 @@
 //
 // No <mpi.h> here: MPI's types stay inside the backend.
 
+#include <cstddef>
 #include <memory>
 
 #include "dtrain/collectives/communicator.h"
+#include "src/collectives/peer_health.h"
 
 namespace dtrain::collectives::detail {
 
@@ -35,8 +37,16 @@ void finalize_mpi() noexcept;
 /// A new communicator over every process of the job (a duplicate of
 /// MPI_COMM_WORLD). Collective: every process calls it, in the same order;
 /// throws TimeoutError if not all arrive within options.timeout. `options`
-/// are used as given (validated).
-std::shared_ptr<Communicator> make_world_communicator(CommunicatorOptions options);
+/// are used as given (validated). `health` (the job's heartbeat; may be
+/// null): once it has failed, every op of the communicator ends with a
+/// CommError naming the lost ranks.
+std::shared_ptr<Communicator> make_world_communicator(
+    CommunicatorOptions options, std::shared_ptr<const PeerHealth> health = nullptr);
+
+/// Every process's `bytes` bytes at `mine`, gathered into `all` (size *
+/// bytes, in rank order) on every process, over MPI_COMM_WORLD. Collective;
+/// blocks without a timeout. Throws CommError naming `what` when MPI fails.
+void world_all_gather(const void* mine, std::size_t bytes, void* all, const char* what);
 
 /// This process's rank in MPI_COMM_WORLD, or -1 when MPI is not running.
 /// Never throws.

@@ -18,6 +18,7 @@
 
 #include "dtrain/error.h"
 #include "src/collectives/algorithms/algorithms.h"
+#include "src/collectives/algorithms/hier.h"
 #include "src/collectives/mpi/batched_p2p.h"
 #include "src/collectives/mpi/mpi_error.h"
 #include "src/collectives/mpi/mpi_transport.h"
@@ -131,10 +132,117 @@ MPI_Op builtin_op(ReduceOp op) {
   return MPI_OP_NULL;
 }
 
+// The groups of Algorithm::kHier, for a communicator whose ranks are on
+// several hosts with the same number (>= 2) on each: this rank's host (MPI
+// and shared memory) and its peers of the same local rank on the other
+// hosts. Their transports name ranks by their rank in the communicator.
+struct Hierarchy {
+  int local_size = 0;
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_Comm node_diag = MPI_COMM_NULL;
+  MPI_Comm hosts = MPI_COMM_NULL;
+  MPI_Comm hosts_diag = MPI_COMM_NULL;
+  std::unique_ptr<ShmSegment> node_shm;
+  std::unique_ptr<MpiTransport> node_transport;
+  std::unique_ptr<MpiTransport> hosts_transport;
+
+  // Collective over `comm`. Null, on every rank alike, unless every host
+  // holds the same number (>= 2) of ranks, there are at least 2 hosts, and
+  // every host got its shared memory.
+  static std::unique_ptr<Hierarchy> create(MPI_Comm comm, const CommunicatorOptions& options,
+                                           const std::shared_ptr<const PeerHealth>& health) {
+    if (options.shm_slot_bytes == 0) return nullptr;
+    int rank = 0;
+    DTRAIN_MPI_CHECK(MPI_Comm_rank(comm, &rank));
+    MPI_Comm node = MPI_COMM_NULL;
+    DTRAIN_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node));
+    int local_rank = 0;
+    int local_size = 0;
+    DTRAIN_MPI_CHECK(MPI_Comm_rank(node, &local_rank));
+    DTRAIN_MPI_CHECK(MPI_Comm_size(node, &local_size));
+    // {hosts, -min local size, max local size}
+    int mine[3] = {local_rank == 0 ? 1 : 0, -local_size, local_size};
+    int all[3] = {0, 0, 0};
+    DTRAIN_MPI_CHECK(MPI_Allreduce(&mine[0], &all[0], 1, MPI_INT, MPI_SUM, comm));
+    DTRAIN_MPI_CHECK(MPI_Allreduce(&mine[1], &all[1], 2, MPI_INT, MPI_MAX, comm));
+    if (all[0] < 2 || -all[1] != all[2] || local_size < 2) {
+      MPI_Comm_free(&node);
+      return nullptr;
+    }
+    auto h = std::make_unique<Hierarchy>();
+    h->local_size = local_size;
+    h->node = node;
+    h->node_shm = ShmSegment::create(node, options.shm_slot_bytes);
+    int ok = h->node_shm ? 1 : 0;
+    int all_ok = 0;
+    DTRAIN_MPI_CHECK(MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, comm));
+    if (!all_ok) return nullptr;  // the destructor frees `node`
+    DTRAIN_MPI_CHECK(MPI_Comm_split(comm, local_rank, rank, &h->hosts));
+    DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(h->node, MPI_ERRORS_RETURN));
+    DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(h->hosts, MPI_ERRORS_RETURN));
+    DTRAIN_MPI_CHECK(MPI_Comm_dup(h->node, &h->node_diag));
+    DTRAIN_MPI_CHECK(MPI_Comm_dup(h->hosts, &h->hosts_diag));
+    char host[MPI_MAX_PROCESSOR_NAME] = {};
+    int host_len = 0;
+    DTRAIN_MPI_CHECK(MPI_Get_processor_name(host, &host_len));
+    h->node_transport = std::make_unique<MpiTransport>(
+        h->node, h->node_diag, options.name + ": inside " + host, health, ranks_in(h->node, comm));
+    h->hosts_transport =
+        std::make_unique<MpiTransport>(h->hosts, h->hosts_diag, options.name + ": between hosts",
+                                       health, ranks_in(h->hosts, comm));
+    return h;
+  }
+
+  ~Hierarchy() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;
+    for (MPI_Comm* c : {&node_diag, &hosts_diag, &hosts, &node}) {
+      if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
+    }
+  }
+
+  // Runs `body` as part of the op that `outer` is running: the sub-groups'
+  // transports share its number, deadline and description.
+  template <typename Body>
+  void run(MpiTransport& outer, Body&& body) {
+    node_transport->begin_op(outer.op());
+    hosts_transport->begin_op(outer.op());
+    try {
+      body(HierLinks{node_shm->group(), *node_transport, *node_transport, *hosts_transport});
+    } catch (...) {
+      node_transport->abandon_op();
+      hosts_transport->abandon_op();
+      throw;
+    }
+    node_transport->end_op();
+    hosts_transport->end_op();
+  }
+
+  // The rank in `parent` of each rank of `sub`.
+  static std::vector<int> ranks_in(MPI_Comm sub, MPI_Comm parent) {
+    int n = 0;
+    DTRAIN_MPI_CHECK(MPI_Comm_size(sub, &n));
+    std::vector<int> mine(static_cast<std::size_t>(n));
+    std::vector<int> theirs(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) mine[static_cast<std::size_t>(i)] = i;
+    MPI_Group sub_group = MPI_GROUP_NULL;
+    MPI_Group parent_group = MPI_GROUP_NULL;
+    DTRAIN_MPI_CHECK(MPI_Comm_group(sub, &sub_group));
+    DTRAIN_MPI_CHECK(MPI_Comm_group(parent, &parent_group));
+    DTRAIN_MPI_CHECK(
+        MPI_Group_translate_ranks(sub_group, n, mine.data(), parent_group, theirs.data()));
+    MPI_Group_free(&sub_group);
+    MPI_Group_free(&parent_group);
+    return theirs;
+  }
+};
+
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator(MPI_Comm comm, CommunicatorOptions options)
-      : comm_(comm), options_(std::move(options)) {
+  MpiCommunicator(MPI_Comm comm, CommunicatorOptions options,
+                  std::shared_ptr<const PeerHealth> health)
+      : comm_(comm), options_(std::move(options)), health_(std::move(health)) {
     options_.validate();
     name_ = std::make_shared<const std::string>(options_.name);
     DTRAIN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
@@ -142,11 +250,12 @@ class MpiCommunicator final : public Communicator {
     DTRAIN_MPI_CHECK(MPI_Comm_dup(comm_, &diag_comm_));
     DTRAIN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     DTRAIN_MPI_CHECK(MPI_Comm_size(comm_, &size_));
-    transport_ = std::make_unique<MpiTransport>(comm_, diag_comm_, options_.name);
-    p2p_transport_ = std::make_unique<MpiTransport>(p2p_comm_, diag_comm_, options_.name);
+    transport_ = std::make_unique<MpiTransport>(comm_, diag_comm_, options_.name, health_);
+    p2p_transport_ = std::make_unique<MpiTransport>(p2p_comm_, diag_comm_, options_.name, health_);
     create_half_ops<ElementType::kBFloat16>(half_ops_[0]);
     create_half_ops<ElementType::kFloat16>(half_ops_[1]);
     shm_ = ShmSegment::create(comm_, options_.shm_slot_bytes);
+    if (!shm_) hier_ = Hierarchy::create(comm_, options_, health_);
     p2p_ = std::make_unique<BatchedPointToPoint>(p2p_comm_, options_.name, rank_, size_);
     engine_ = std::make_unique<ProgressEngine>();
   }
@@ -161,6 +270,7 @@ class MpiCommunicator final : public Communicator {
       // into freed memory.
       slots_.leak();
       workspace_.leak();
+      (void)hier_.release();
       p2p_->leak();
       return;
     }
@@ -185,9 +295,9 @@ class MpiCommunicator final : public Communicator {
     const ElementType type = element_type_of(tensor, kOp);
     const Reducer reducer = make_reducer(type, opts.op);
     const std::size_t count = static_cast<std::size_t>(tensor.numel());
-    const Algorithm algorithm =
-        choose_all_reduce_algorithm(opts.algorithm, options_.allreduce_algorithm,
-                                    count * reducer.element_size, size_, shm_ != nullptr);
+    const Algorithm algorithm = choose_all_reduce_algorithm(
+        opts.algorithm, options_.allreduce_algorithm, count * reducer.element_size, size_,
+        shm_ != nullptr, hier_ ? hier_->local_size : 0);
     DTRAIN_CHECK_ARG(algorithm != Algorithm::kNative || count <= static_cast<std::size_t>(INT_MAX),
                      "all_reduce: ", count,
                      " elements exceed MPI's int count limit of the native algorithm; use ring");
@@ -203,6 +313,10 @@ class MpiCommunicator final : public Communicator {
                       native_all_reduce(transport, data, count, type, op);
                     } else if (algorithm == Algorithm::kShm) {
                       shm_all_reduce(shm_->group(), data, count, reducer, transport);
+                    } else if (algorithm == Algorithm::kHier) {
+                      hier_->run(transport, [&](const HierLinks& links) {
+                        hier_all_reduce(links, data, count, reducer, slots_, options_.chunk_bytes);
+                      });
                     } else {
                       run_all_reduce(algorithm, transport, data, count, reducer, slots_,
                                      options_.chunk_bytes);
@@ -370,7 +484,7 @@ class MpiCommunicator final : public Communicator {
     CommunicatorOptions child = options_;
     child.timeout = timeout;
     child.name = opts.name.empty() ? options_.name + "/" + std::to_string(color) : opts.name;
-    return std::make_shared<MpiCommunicator>(new_comm, std::move(child));
+    return std::make_shared<MpiCommunicator>(new_comm, std::move(child), health_);
   }
 
  private:
@@ -541,6 +655,16 @@ class MpiCommunicator final : public Communicator {
       DTRAIN_THROW(CommError, what.str(), " was not run: communicator '", options_.name,
                    "' failed earlier: ", failure_);
     }
+    if (health_ && health_->failed()) {
+      const std::string lost = health_->failure();
+      {
+        std::lock_guard<std::mutex> lock(failure_mutex_);
+        if (!failed_.load()) failure_ = lost;
+      }
+      failed_.store(true);
+      DTRAIN_THROW(CommError, what.str(), " on communicator '", options_.name, "' (rank ", rank_,
+                   " of ", size_, ") was not run: ", lost);
+    }
     OpInfo info;
     info.seq = collective ? collective_seq_++ : kPointToPointSeq;
     info.what = what;
@@ -601,13 +725,15 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm p2p_comm_ = MPI_COMM_NULL;
   MPI_Comm diag_comm_ = MPI_COMM_NULL;
   CommunicatorOptions options_;
-  std::shared_ptr<const std::string> name_;  // shared with every Work, for its description
+  std::shared_ptr<const PeerHealth> health_;  // the job's heartbeat; may be null
+  std::shared_ptr<const std::string> name_;   // shared with every Work, for its description
   int rank_ = 0;
   int size_ = 1;
   MPI_Op half_ops_[2][4] = {};  // [bfloat16, float16][sum, product, min, max]
   std::unique_ptr<MpiTransport> transport_;
   std::unique_ptr<MpiTransport> p2p_transport_;
   std::unique_ptr<ShmSegment> shm_;  // null unless every rank is on this node
+  std::unique_ptr<Hierarchy> hier_;  // null unless Algorithm::kHier can run
   std::unique_ptr<BatchedPointToPoint> p2p_;
 
   // Touched only by the progress thread.
@@ -625,8 +751,9 @@ class MpiCommunicator final : public Communicator {
 
 }  // namespace
 
-std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommunicatorOptions options) {
-  return std::make_shared<MpiCommunicator>(comm, std::move(options));
+std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommunicatorOptions options,
+                                                    std::shared_ptr<const PeerHealth> health) {
+  return std::make_shared<MpiCommunicator>(comm, std::move(options), std::move(health));
 }
 
 void rendezvous(MPI_Comm comm, Timeout timeout, const char* what) {

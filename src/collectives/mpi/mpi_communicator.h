@@ -10,9 +10,14 @@
 
 namespace dtrain::collectives::detail {
 
+class PeerHealth;
+
 /// Wraps `comm` (taken over: freed with the communicator) in a Communicator.
 /// Collective over `comm`: duplicates it for point-to-point and diagnostics.
-std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommunicatorOptions options);
+/// `health` (the job's heartbeat; may be null) ends its ops, and those of
+/// the communicators split from it, once peers are lost.
+std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, CommunicatorOptions options,
+                                                    std::shared_ptr<const PeerHealth> health);
 
 /// Waits for every rank of `comm` to arrive, under `timeout`; throws
 /// TimeoutError naming `what` otherwise. Used before blocking MPI setup

@@ -55,8 +55,13 @@ void throw_mpi_error(int code, const char* call, const std::string& context) {
                context.empty() ? "" : ")", ": ", mpi_error_string(code));
 }
 
-MpiTransport::MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name)
-    : comm_(comm), diag_comm_(diag_comm), comm_name_(std::move(comm_name)) {
+MpiTransport::MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name,
+                           std::shared_ptr<const PeerHealth> health, std::vector<int> rank_names)
+    : comm_(comm),
+      diag_comm_(diag_comm),
+      comm_name_(std::move(comm_name)),
+      rank_names_(std::move(rank_names)),
+      health_(std::move(health)) {
   DTRAIN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
   DTRAIN_MPI_CHECK(MPI_Comm_size(comm_, &size_));
   void* tag_ub = nullptr;
@@ -156,10 +161,10 @@ bool MpiTransport::test(Pending& p) {
   if (rc != MPI_SUCCESS) {
     std::ostringstream context;
     context << op_label() << " on '" << comm_name_ << "', " << (p.is_recv ? "from" : "to")
-            << " rank " << p.peer;
+            << " rank " << name_of(p.peer);
     if (rc == MPI_ERR_TRUNCATE) {
-      DTRAIN_THROW(CommError, op_.what.str(), " on communicator '", comm_name_, "': rank ", p.peer,
-                   " sent more than the ", p.bytes,
+      DTRAIN_THROW(CommError, op_.what.str(), " on communicator '", comm_name_, "': rank ",
+                   name_of(p.peer), " sent more than the ", p.bytes,
                    " bytes expected; the ranks passed tensors of different sizes or dtypes");
     }
     throw_mpi_error(rc, "MPI_Test", context.str());
@@ -171,7 +176,7 @@ bool MpiTransport::test(Pending& p) {
     MPI_Get_count(&status, MPI_BYTE, &received);
     DTRAIN_CHECK_T(CommError, static_cast<std::size_t>(received) == p.bytes, op_.what.str(),
                    " on communicator '", comm_name_, "': received ", received, " bytes from rank ",
-                   p.peer, ", expected ", p.bytes,
+                   name_of(p.peer), ", expected ", p.bytes,
                    "; the ranks passed tensors of different sizes or dtypes");
   }
   return true;
@@ -189,7 +194,7 @@ void MpiTransport::wait(Request request) {
         bool first = true;
         for (const Pending& q : pending_) {
           if (q.done || !q.is_recv) continue;
-          waiting << (first ? "" : ", ") << "receive from rank " << q.peer;
+          waiting << (first ? "" : ", ") << "receive from rank " << name_of(q.peer);
           first = false;
         }
         fail_timeout(waiting.str());
@@ -252,7 +257,7 @@ void MpiTransport::wait_native(MPI_Request* request) {
 void MpiTransport::idle(const char* phase, int peer) {
   service_diag();
   if (should_give_up()) {
-    fail_timeout("rank " + std::to_string(peer) + " to " + phase + " (shared memory)");
+    fail_timeout("rank " + std::to_string(name_of(peer)) + " to " + phase + " (shared memory)");
   }
 }
 
@@ -282,7 +287,13 @@ void MpiTransport::service_diag() {
   }
 }
 
-bool MpiTransport::should_give_up() { return gave_up_peer_ >= 0 || Clock::now() >= op_.deadline; }
+bool MpiTransport::should_give_up() {
+  return gave_up_peer_ >= 0 || Clock::now() >= op_.deadline || (health_ && health_->failed());
+}
+
+int MpiTransport::name_of(int peer) const {
+  return rank_names_.empty() ? peer : rank_names_[static_cast<std::size_t>(peer)];
+}
 
 std::string MpiTransport::op_label() const {
   if (op_.seq == ~std::uint64_t{0}) return op_.what.str();
@@ -305,6 +316,16 @@ void MpiTransport::notify_peers() {
 }
 
 void MpiTransport::fail_timeout(const std::string& waiting_on) {
+  if (health_ && health_->failed()) {
+    // The heartbeat knows who is gone; a roll call would only wait for them.
+    notify_peers();
+    std::ostringstream msg;
+    msg << op_label() << " on communicator '" << comm_name_ << "' (rank " << name_of(rank_);
+    if (rank_names_.empty()) msg << " of " << size_;
+    msg << ") was ended: " << health_->failure();
+    if (!waiting_on.empty()) msg << "; this rank was waiting on " << waiting_on;
+    DTRAIN_THROW(CommError, msg.str());
+  }
   // Roll call: ask every peer which op it is in. Live peers that are waiting
   // in an op answer from their own polling loop; a peer that is dead, hung
   // outside dtrain, or idle does not answer.
@@ -339,20 +360,23 @@ void MpiTransport::fail_timeout(const std::string& waiting_on) {
     const std::int64_t s = heard[static_cast<std::size_t>(peer)];
     if (peer == rank_) continue;
     if (s < kNotInOp) {
-      not_heard << (not_heard.tellp() > 0 ? ", " : "") << peer;
+      not_heard << (not_heard.tellp() > 0 ? ", " : "") << name_of(peer);
     } else if (s == kNotInOp) {
-      elsewhere << (elsewhere.tellp() > 0 ? ", " : "") << "rank " << peer << " is in a send/recv";
+      elsewhere << (elsewhere.tellp() > 0 ? ", " : "") << "rank " << name_of(peer)
+                << " is in a send/recv";
     } else if (s == static_cast<std::int64_t>(op_.seq)) {
-      same << (same.tellp() > 0 ? ", " : "") << peer;
+      same << (same.tellp() > 0 ? ", " : "") << name_of(peer);
     } else {
-      elsewhere << (elsewhere.tellp() > 0 ? ", " : "") << "rank " << peer << " is in op #" << s;
+      elsewhere << (elsewhere.tellp() > 0 ? ", " : "") << "rank " << name_of(peer) << " is in op #"
+                << s;
     }
   }
   std::ostringstream msg;
-  msg << op_label() << " on communicator '" << comm_name_ << "' (rank " << rank_ << " of " << size_
-      << ") ";
+  msg << op_label() << " on communicator '" << comm_name_ << "' (rank " << name_of(rank_);
+  if (rank_names_.empty()) msg << " of " << size_;
+  msg << ") ";
   if (gave_up_peer_ >= 0 && Clock::now() < op_.deadline) {
-    msg << "was ended because rank " << gave_up_peer_
+    msg << "was ended because rank " << name_of(gave_up_peer_)
         << " gave up on it (after an error or its own timeout)";
   } else {
     msg << "did not finish within " << op_.timeout.count() << " ms";

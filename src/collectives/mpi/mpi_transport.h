@@ -13,12 +13,14 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "src/collectives/algorithms/element_type.h"
 #include "src/collectives/algorithms/shm.h"
 #include "src/collectives/algorithms/transport.h"
+#include "src/collectives/peer_health.h"
 
 namespace dtrain::collectives::detail {
 
@@ -56,8 +58,13 @@ struct OpInfo {
 class MpiTransport final : public Transport, public ShmWaiter {
  public:
   /// `comm` carries the op's messages; `diag_comm` (same group) the roll
-  /// call. Neither is owned.
-  MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name);
+  /// call. Neither is owned. `rank_names`, when given, are the numbers by
+  /// which errors name the ranks of `comm` (their ranks in the communicator
+  /// `comm` is a part of); by default their ranks in `comm`.
+  /// `health` (may be null): once it has failed, waits end with a CommError
+  /// naming the op and what the heartbeat lost.
+  MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name,
+               std::shared_ptr<const PeerHealth> health, std::vector<int> rank_names = {});
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -72,6 +79,8 @@ class MpiTransport final : public Transport, public ShmWaiter {
 
   /// Starts an op: sets its tag (from seq), deadline and description.
   void begin_op(OpInfo info);
+  /// The op begun last.
+  const OpInfo& op() const noexcept { return op_; }
   /// Ends an op that succeeded. All requests must have completed.
   void end_op();
   /// After a failure: cancels what can be cancelled and forgets the rest.
@@ -109,15 +118,21 @@ class MpiTransport final : public Transport, public ShmWaiter {
   void service_diag();
   /// True when this op must end: its deadline passed or a peer gave up on it.
   bool should_give_up();
+  /// Ends the op: TimeoutError naming who was not heard from (after a roll
+  /// call), or CommError naming what the heartbeat lost.
   [[noreturn]] void fail_timeout(const std::string& waiting_on);
   /// Sends every peer a roll-call query for the current op (at most one
   /// diag message per peer in flight). Peers waiting in the same op end it.
   void notify_peers();
   std::string op_label() const;
+  /// How errors name rank `peer` of this transport.
+  int name_of(int peer) const;
 
   MPI_Comm comm_;
   MPI_Comm diag_comm_;
   std::string comm_name_;
+  std::vector<int> rank_names_;
+  std::shared_ptr<const PeerHealth> health_;
   int rank_ = 0;
   int size_ = 1;
   int tag_space_ = 32767;
