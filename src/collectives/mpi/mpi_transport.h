@@ -65,6 +65,11 @@ class MpiTransport final : public Transport, public ShmWaiter {
   /// naming the op and what the heartbeat lost.
   MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name,
                std::shared_ptr<const PeerHealth> health, std::vector<int> rank_names = {});
+  /// A roll-call message still in flight keeps its buffer: it is let go of
+  /// without being freed.
+  ~MpiTransport() override;
+  MpiTransport(const MpiTransport&) = delete;
+  MpiTransport& operator=(const MpiTransport&) = delete;
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
