@@ -417,6 +417,41 @@ TEST(TimeoutTest, SkippedCollectiveGivesTimeoutErrorNamingTheMissingRank) {
   world().barrier()->wait();
 }
 
+// A rank that waits in the op but is off the core when a peer's deadline
+// passes (a loaded machine) must still be heard by that peer's roll call:
+// the roll call waits long enough for a live rank to answer. The last rank
+// skips the all-reduce and keeps rank 1 stopped (SIGSTOP) from shortly
+// before the 2 s deadline until 350 ms after it.
+TEST(TimeoutTest, ALiveRankOffTheCoreWhenTheDeadlinePassesIsStillHeard) {
+  Communicator& all = world();
+  if (all.size() < 3) GTEST_SKIP() << "needs a rank to skip and another to stop";
+  at::Tensor pids = at::empty({all.size()}, at::kLong);
+  all.all_gather(pids, at::full({1}, static_cast<std::int64_t>(getpid())))->wait();
+  const Timeout timeout(2000);
+  auto comm = fresh_world("timeout-descheduled", timeout);
+  const int skipper = comm->size() - 1;
+  const auto start = Clock::now();
+  if (comm->rank() == skipper) {
+    const auto peer = static_cast<pid_t>(pids[1].item<std::int64_t>());
+    std::this_thread::sleep_until(start + std::chrono::milliseconds(1800));
+    kill(peer, SIGSTOP);
+    std::this_thread::sleep_until(start + std::chrono::milliseconds(2350));
+    kill(peer, SIGCONT);
+  } else {
+    at::Tensor t = at::ones({8});
+    std::string message;
+    try {
+      comm->all_reduce(t)->wait();
+      ADD_FAILURE() << "all_reduce with a missing rank succeeded";
+    } catch (const TimeoutError& e) {
+      message = e.what();
+    }
+    EXPECT_NE(message.find("not heard from: [" + std::to_string(skipper) + "]"), std::string::npos)
+        << message;
+  }
+  all.barrier()->wait();
+}
+
 class ScatterGatherTimeoutTest : public ::testing::TestWithParam<std::tuple<Algorithm, bool>> {};
 
 TEST_P(ScatterGatherTimeoutTest, SkippedOpGivesTimeoutErrorNamingTheMissingRank) {
