@@ -26,6 +26,9 @@ packages=(
   libssl-dev zlib1g-dev   # shard digests (SHA-256), gzip'd IDX input
   libxxhash-dev           # checkpoint file digests (XXH3-128)
   dataset-fashion-mnist   # Fashion-MNIST IDX files for dtrain-data convert-fashion-mnist
+  fortunes                # English texts (2.5 MB, /usr/share/games/fortunes; pulls in
+                          # fortunes-min) for dtrain-data convert-text; not fortunes-off,
+                          # the offensive set, nor the other languages' fortunes-*
   libcxxopts-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
   python3 python3-h5py    # tests open checkpoints in h5py; the scripts below

@@ -2,9 +2,6 @@
 
 #include "dtrain/data/convert.h"
 
-#include <fcntl.h>
-#include <sys/file.h>
-#include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -13,12 +10,12 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "dtrain/error.h"
+#include "src/data/publish.h"
 #include "src/data/random.h"
 
 namespace dtrain::data {
@@ -191,62 +188,6 @@ bool holds_split(const std::string& dir, const IdxSplit& split,
   return true;
 }
 
-// What an unfinished DatasetWriter leaves: shard files and a temporary
-// manifest. A directory holding only these is no data set and may be
-// replaced.
-bool only_writer_leftovers(const fs::path& dir) {
-  static const std::regex kLeftover(R"(shard-[0-9]{5}\.h5|manifest\.json\.tmp)");
-  for (const auto& entry : fs::directory_iterator(dir)) {
-    if (!std::regex_match(entry.path().filename().string(), kLeftover)) return false;
-  }
-  return true;
-}
-
-// An exclusive lock on a directory (flock), so that two conversions never
-// write into one output directory at the same time.
-class DirectoryLock {
- public:
-  explicit DirectoryLock(const std::string& dir)
-      : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
-    DTRAIN_CHECK_T(DataError, fd_ >= 0, "cannot open ", dir, ": ", std::strerror(errno));
-    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-      ::close(fd_);
-      DTRAIN_THROW(InvalidArgument, "another conversion is writing into '", dir,
-                   "'; wait for it to finish");
-    }
-  }
-  ~DirectoryLock() { ::close(fd_); }
-  DirectoryLock(const DirectoryLock&) = delete;
-  DirectoryLock& operator=(const DirectoryLock&) = delete;
-
- private:
-  int fd_;
-};
-
-// Removes a directory tree when it goes out of scope (errors ignored).
-class RemoveOnExit {
- public:
-  explicit RemoveOnExit(fs::path path) : path_(std::move(path)) {}
-  ~RemoveOnExit() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  RemoveOnExit(const RemoveOnExit&) = delete;
-  RemoveOnExit& operator=(const RemoveOnExit&) = delete;
-
- private:
-  fs::path path_;
-};
-
-void fsync_directory(const fs::path& dir) {
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  DTRAIN_CHECK_T(DataError, fd >= 0, "cannot open ", dir.string(), ": ", std::strerror(errno));
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  DTRAIN_CHECK_T(DataError, rc == 0, "fsync of ", dir.string(), " failed: ", std::strerror(err));
-}
-
 }  // namespace
 
 Manifest convert_idx(const std::string& images_path, const std::string& labels_path,
@@ -266,26 +207,7 @@ void convert_fashion_mnist(const std::string& source_dir, const std::string& out
   const Target targets[] = {{"train", "train", "fashion-mnist-train"},
                             {"test", "t10k", "fashion-mnist-test"}};
   const auto& names = fashion_mnist_class_names();
-  const fs::path out(out_dir);
-  std::error_code ec;
-  fs::create_directories(out, ec);
-  DTRAIN_CHECK_ARG(!ec && fs::is_directory(out), "cannot create output directory '", out_dir,
-                   "': ", ec ? ec.message() : "not a directory");
-  const DirectoryLock lock(out_dir);
-
-  // Refuse at once, before reading anything, what could never be published.
-  std::vector<bool> published;
-  for (const Target& t : targets) {
-    const fs::path dir = out / t.split;
-    published.push_back(fs::exists(dir / "manifest.json"));
-    DTRAIN_CHECK_ARG(published.back() || !fs::exists(dir) ||
-                         (fs::is_directory(dir) && only_writer_leftovers(dir)),
-                     "'", dir.string(),
-                     "' exists but holds no data set (no manifest.json); remove it or choose "
-                     "another --out");
-  }
-  DTRAIN_CHECK_ARG(!published[0] || !published[1], "'", out_dir,
-                   "' already holds both splits (train/ and test/); choose an empty directory");
+  detail::SplitPublisher publisher(out_dir, {targets[0].split, targets[1].split});
 
   // 1. Read and check all four files (magic, sizes, gzip checksums).
   std::vector<IdxSplit> splits;
@@ -297,29 +219,19 @@ void convert_fashion_mnist(const std::string& source_dir, const std::string& out
   // A split that is already there stays if it holds the same samples: an
   // earlier conversion stopped between publishing its two splits.
   for (std::size_t i = 0; i < splits.size(); ++i) {
-    const std::string dir = (out / targets[i].split).string();
-    DTRAIN_CHECK_ARG(!published[i] || holds_split(dir, splits[i], names), "'", dir,
-                     "' already holds a data set that differs from ", source_dir,
-                     "; remove it or choose another --out");
+    DTRAIN_CHECK_ARG(
+        !publisher.published(i) || holds_split(publisher.final_dir(i), splits[i], names), "'",
+        publisher.final_dir(i), "' already holds a data set that differs from ", source_dir,
+        "; remove it or choose another --out");
   }
 
-  // 2. Write both splits into a staging directory, never read as a data set.
-  const fs::path staging = out / ".convert.tmp";
-  fs::remove_all(staging);  // left by an interrupted conversion (the lock is ours)
-  const RemoveOnExit remove_staging(staging);
+  // 2. Write the missing splits into the staging directory, never read as a
+  // data set; 3. publish them, a rename per split, once all are written.
   for (std::size_t i = 0; i < splits.size(); ++i) {
-    if (published[i]) continue;
-    write_split(splits[i], (staging / targets[i].split).string(), targets[i].name, shards, names);
+    if (publisher.published(i)) continue;
+    write_split(splits[i], publisher.staging_dir(i), targets[i].name, shards, names);
   }
-
-  // 3. Publish: a rename per split, once everything is written.
-  for (std::size_t i = 0; i < splits.size(); ++i) {
-    if (published[i]) continue;
-    const fs::path dir = out / targets[i].split;
-    fs::remove_all(dir);  // nothing, or only an unfinished writer's leftovers (checked above)
-    fs::rename(staging / targets[i].split, dir);
-  }
-  fsync_directory(out);
+  publisher.publish();
 }
 
 std::uint8_t synthetic_pixel(std::uint64_t seed, std::int64_t sample, std::int64_t element) {

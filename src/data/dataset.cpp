@@ -276,6 +276,7 @@ Manifest DatasetWriter::finish() {
   m.fields = s.spec.fields;
   m.shards = s.shards;
   m.class_names = s.spec.class_names;
+  m.vocabulary = s.spec.vocabulary;
   for (std::size_t i = 0; i < m.fields.size(); ++i) {
     if (s.ranges[i]) m.value_ranges[m.fields[i].name] = *s.ranges[i];
   }

@@ -1,24 +1,16 @@
-// DataLoader: one HDF5 reader thread, a pool of decode/augment workers and a
-// bounded, ordered hand-off to the training loop.
+// DataLoader: images and labels decoded, normalized and augmented on the
+// workers of a LoaderEngine (src/data/loader_engine.h: the reader thread,
+// chunk cache, prefetch and ordered hand-off).
 
 #include "dtrain/data/loader.h"
 
 #include <algorithm>
-#include <chrono>
-#include <condition_variable>
-#include <cstdlib>
 #include <cstring>
-#include <deque>
-#include <exception>
-#include <map>
 #include <memory>
-#include <mutex>
-#include <new>
-#include <numeric>
-#include <thread>
 #include <utility>
 
 #include "dtrain/error.h"
+#include "src/data/loader_engine.h"
 #include "src/data/random.h"
 
 namespace dtrain::data {
@@ -39,12 +31,6 @@ void LoaderOptions::validate() const {
 }
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
 
 at::ScalarType scalar_type_of(DType dtype) {
   switch (dtype) {
@@ -316,372 +302,20 @@ void prefetch(const unsigned char* data, std::size_t bytes) {
 #endif
 }
 
-// A cached chunk's bytes; shared by the cache and the batches that use it.
-using ChunkBytes = std::shared_ptr<const unsigned char[]>;
-
-// One chunk of one field of one shard in the reader's cache.
-struct ChunkSlot {
-  ChunkBytes data;                        // null while not cached
-  std::size_t bytes = 0;                  // size of data
-  std::int64_t stamp = -1;                // seq of the last batch that used the chunk
-  const unsigned char* pinned = nullptr;  // the chunk's bytes that batch `stamp` holds
-  ChunkSlot* newer = nullptr;             // LRU neighbours while cached
-  ChunkSlot* older = nullptr;
-};
-
-// The chunks of one (field, shard), indexed by chunk number.
-struct ChunkTable {
-  int field = 0;
-  std::int64_t shard_begin = 0, shard_samples = 0, chunk_len = 1;
-  std::size_t sample_bytes = 0;
-  std::vector<ChunkSlot> slots;
-};
-
-// One batch between the reader and a worker: where each sample's bytes are.
-struct RawBatch {
-  std::int64_t seq = 0;
-  std::int64_t epoch = 0;
-  std::int64_t batch_in_epoch = 0;
-  SamplerState state_after;
-  std::vector<std::int64_t> indices;             // sampler order
-  std::vector<const unsigned char*> image_data;  // per sample, sampler order
-  std::vector<const unsigned char*> label_data;
-  std::vector<ChunkBytes> chunks;            // what the pointers point into (with the cache)
-  std::vector<unsigned char> image_staging;  // or, without it: rows in sorted order
-  std::vector<unsigned char> label_staging;
-  std::exception_ptr error;
-};
-
-// Output memory recycled across batches. Fresh at::empty outputs of a few
-// hundred KiB per batch are, under glibc malloc, often handed back to the
-// kernel when freed and page-faulted in again for the next batch; that cost
-// more than the decode itself. A block goes back to the pool when the last
-// tensor made from it is destroyed (so a caller may keep batches as long as
-// it likes).
-class OutputPool : public std::enable_shared_from_this<OutputPool> {
- public:
-  explicit OutputPool(std::size_t keep) : keep_(keep) {}
-  ~OutputPool() {
-    for (const Block& b : free_) std::free(b.data);
-  }
-  OutputPool(const OutputPool&) = delete;
-  OutputPool& operator=(const OutputPool&) = delete;
-
-  /// A 64-byte aligned block of `bytes` (> 0).
-  std::shared_ptr<unsigned char> take(std::size_t bytes) {
-    void* data = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (std::size_t i = 0; i < free_.size(); ++i) {
-        if (free_[i].bytes == bytes) {
-          data = free_[i].data;
-          free_[i] = free_.back();
-          free_.pop_back();
-          break;
-        }
-      }
-    }
-    if (data == nullptr) {
-      data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-      if (data == nullptr) throw std::bad_alloc();
-    }
-    std::shared_ptr<OutputPool> self = shared_from_this();
-    return std::shared_ptr<unsigned char>(
-        static_cast<unsigned char*>(data),
-        [self, bytes](unsigned char* p) { self->give_back(p, bytes); });
-  }
-
- private:
-  struct Block {
-    void* data;
-    std::size_t bytes;
-  };
-
-  void give_back(void* data, std::size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (free_.size() < keep_) {
-        free_.push_back({data, bytes});
-        return;
-      }
-    }
-    std::free(data);
-  }
-
-  const std::size_t keep_;
-  std::mutex mu_;
-  std::vector<Block> free_;
-};
-
-struct Ready {
-  Batch batch;
-  SamplerState state_after;
-  std::exception_ptr error;
-};
-
 }  // namespace
 
+// The image loader: per sample, the image and the label (one element each
+// of their fields), decoded into [b, C, H, W] and [b] on the workers.
 struct DataLoader::Impl {
-  std::shared_ptr<Dataset> dataset;
   LoaderOptions options;
-  GlobalSampler sampler;  // advanced by the reader thread only
-  int image_field = 0, label_field = 0;
   DType image_dtype = DType::kUInt8, label_dtype = DType::kInt64;
   int channels = 1, height = 1, width = 1;
   std::size_t image_bytes = 0, label_bytes = 0;
   std::vector<float> scale, shift, pad_values;  // per channel: x*scale + shift
   bool augment = false;
   bool raw_output = false;
-  std::shared_ptr<OutputPool> outputs;  // unused with pin_memory (CUDA's host allocator caches)
-  std::vector<std::int64_t> shard_offsets;
-
-  mutable std::mutex mu;
-  std::condition_variable reader_cv, worker_cv, consumer_cv;
-  std::deque<RawBatch> work;
-  std::map<std::int64_t, Ready> ready;
-  std::vector<std::vector<unsigned char>> spare_buffers;  // reused staging memory
-  int in_flight = 0;                                      // read but not yet returned by next()
-  bool reader_waiting = false;                            // for room to read ahead
-  bool stop = false;
-  std::int64_t next_seq = 0;
-  SamplerState delivered;
-  LoaderStats stats;
-  std::thread reader;
-  std::vector<std::thread> workers;
-  // Reader thread only: the chunk cache. tables[kind * shards + shard], kind
-  // 0 images and 1 labels, and an LRU list through the cached slots.
-  std::vector<ChunkTable> tables;
-  ChunkSlot* lru_newest = nullptr;
-  ChunkSlot* lru_oldest = nullptr;
-  std::size_t cache_used = 0;
-  std::int64_t reads = 0, hits = 0;  // flushed into stats per batch
-
-  Impl(std::shared_ptr<Dataset> ds, LoaderOptions opt, int dp_rank, int dp_size)
-      : dataset(std::move(ds)),
-        options(std::move(opt)),
-        sampler(shard_sizes(*dataset), options.sampler, dp_rank, dp_size) {}
-
-  static std::vector<std::int64_t> shard_sizes(const Dataset& ds) {
-    std::vector<std::int64_t> out;
-    for (const auto& s : ds.manifest().shards) out.push_back(s.samples);
-    return out;
-  }
-
-  void build_chunk_tables() {
-    const int shards = static_cast<int>(shard_offsets.size()) - 1;
-    for (int field : {image_field, label_field}) {
-      for (int shard = 0; shard < shards; ++shard) {
-        ChunkTable t;
-        t.field = field;
-        t.shard_begin = shard_offsets[shard];
-        t.shard_samples = shard_offsets[shard + 1] - t.shard_begin;
-        t.chunk_len = std::max<std::int64_t>(1, dataset->chunk_samples(field, shard));
-        t.sample_bytes = dataset->manifest().fields[field].bytes_per_sample();
-        t.slots.resize(static_cast<std::size_t>((t.shard_samples + t.chunk_len - 1) / t.chunk_len));
-        tables.push_back(std::move(t));
-      }
-    }
-  }
-
-  std::vector<unsigned char> take_buffer(std::size_t bytes) {
-    std::vector<unsigned char> b;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      if (!spare_buffers.empty()) {
-        b = std::move(spare_buffers.back());
-        spare_buffers.pop_back();
-      }
-    }
-    b.resize(bytes);
-    return b;
-  }
-
-  void lru_unlink(ChunkSlot& s) {
-    (s.newer ? s.newer->older : lru_newest) = s.older;
-    (s.older ? s.older->newer : lru_oldest) = s.newer;
-    s.newer = s.older = nullptr;
-  }
-
-  void lru_push_newest(ChunkSlot& s) {
-    s.newer = nullptr;
-    s.older = lru_newest;
-    (lru_newest ? lru_newest->newer : lru_oldest) = &s;
-    lru_newest = &s;
-  }
-
-  // First use of chunk `number` by batch `raw`: from the cache (moved to the
-  // LRU front) or read whole; either way `raw` shares ownership of it, so
-  // evicting it later frees nothing a worker still reads.
-  void use_chunk(ChunkTable& t, std::int64_t number, RawBatch& raw) {
-    ChunkSlot& s = t.slots[static_cast<std::size_t>(number)];
-    if (s.data) {
-      ++hits;
-      if (lru_newest != &s) {
-        lru_unlink(s);
-        lru_push_newest(s);
-      }
-    } else {
-      const std::int64_t begin = number * t.chunk_len;
-      const std::int64_t count = std::min(t.chunk_len, t.shard_samples - begin);
-      const std::size_t bytes = static_cast<std::size_t>(count) * t.sample_bytes;
-      std::shared_ptr<unsigned char[]> data(new unsigned char[bytes]);
-      dataset->read(t.field, t.shard_begin + begin, count, data.get());
-      ++reads;
-      s.data = std::move(data);
-      s.bytes = bytes;
-      cache_used += bytes;
-      lru_push_newest(s);
-      while (cache_used > options.cache_bytes && lru_oldest != lru_newest) {
-        ChunkSlot& victim = *lru_oldest;
-        lru_unlink(victim);
-        cache_used -= victim.bytes;
-        victim.data.reset();  // batches that use it still hold it
-      }
-    }
-    s.stamp = raw.seq;
-    s.pinned = s.data.get();
-    raw.chunks.push_back(s.data);
-  }
-
-  // Where sample `index` (in `shard`) of table kind 0 (images) or 1 (labels) lies.
-  const unsigned char* sample_data(int kind, int shard, std::int64_t index, RawBatch& raw) {
-    const std::size_t shards = shard_offsets.size() - 1;
-    ChunkTable& t =
-        tables[static_cast<std::size_t>(kind) * shards + static_cast<std::size_t>(shard)];
-    const std::int64_t offset = index - t.shard_begin;
-    const std::int64_t number = offset / t.chunk_len;
-    const ChunkSlot& s = t.slots[static_cast<std::size_t>(number)];
-    if (s.stamp != raw.seq) use_chunk(t, number, raw);
-    return s.pinned + static_cast<std::size_t>(offset - number * t.chunk_len) * t.sample_bytes;
-  }
-
-  // With the cache: every chunk the batch needs is made resident (one HDF5
-  // read per missing chunk, the LRU touched once per chunk per batch) and
-  // each sample becomes a pointer into its chunk, in sampler order.
-  void read_cached(RawBatch& raw) {
-    const std::size_t n = raw.indices.size();
-    raw.image_data.resize(n);
-    raw.label_data.resize(n);
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::int64_t index = raw.indices[i];
-      DTRAIN_CHECK(index >= 0 && index < shard_offsets.back(), "sample index ", index,
-                   " is outside the data set");
-      const int shard =
-          static_cast<int>(std::upper_bound(shard_offsets.begin(), shard_offsets.end(), index) -
-                           shard_offsets.begin()) -
-          1;
-      raw.image_data[i] = sample_data(0, shard, index, raw);
-      raw.label_data[i] = sample_data(1, shard, index, raw);
-    }
-  }
-
-  // Without the cache: sorted, contiguous runs of one shard coalesced, one
-  // HDF5 read per run into the staging buffers.
-  void read_staged(RawBatch& raw) {
-    const auto n = static_cast<std::int64_t>(raw.indices.size());
-    std::vector<std::int64_t> order(static_cast<std::size_t>(n));
-    std::iota(order.begin(), order.end(), std::int64_t{0});
-    std::sort(order.begin(), order.end(),
-              [&](std::int64_t a, std::int64_t b) { return raw.indices[a] < raw.indices[b]; });
-    raw.image_staging = take_buffer(static_cast<std::size_t>(n) * image_bytes);
-    raw.label_staging = take_buffer(static_cast<std::size_t>(n) * label_bytes);
-    raw.image_data.resize(static_cast<std::size_t>(n));
-    raw.label_data.resize(static_cast<std::size_t>(n));
-    for (std::int64_t row = 0; row < n;) {
-      const std::int64_t first = raw.indices[order[row]];
-      const std::int64_t shard_end = shard_offsets[dataset->shard_of(first) + 1];
-      std::int64_t len = 1;
-      while (row + len < n && raw.indices[order[row + len]] == first + len &&
-             first + len < shard_end) {
-        ++len;
-      }
-      unsigned char* images = raw.image_staging.data() + row * image_bytes;
-      unsigned char* labels = raw.label_staging.data() + row * label_bytes;
-      dataset->read(image_field, first, len, images);
-      dataset->read(label_field, first, len, labels);
-      reads += 2;
-      for (std::int64_t k = 0; k < len; ++k) {
-        raw.image_data[order[row + k]] = images + k * image_bytes;
-        raw.label_data[order[row + k]] = labels + k * label_bytes;
-      }
-      row += len;
-    }
-  }
-
-  void read_batch(RawBatch& raw) {
-    const auto start = Clock::now();
-    reads = hits = 0;
-    if (options.cache_bytes > 0) {
-      read_cached(raw);
-    } else {
-      read_staged(raw);
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    stats.read_seconds += seconds_since(start);
-    stats.hyperslab_reads += reads;
-    stats.cache_hits += hits;
-    ++stats.batches_read;
-  }
-
-  void reader_loop() {
-    for (std::int64_t seq = 0;; ++seq) {
-      {
-        // With prefetch_depth batches in flight, sleep until half of them are
-        // taken, then read ahead in a burst: one wake-up per depth/2 batches.
-        std::unique_lock<std::mutex> lock(mu);
-        if (!stop && in_flight >= options.prefetch_depth) {
-          reader_waiting = true;
-          reader_cv.wait(lock, [&] { return stop || in_flight <= options.prefetch_depth / 2; });
-          reader_waiting = false;
-        }
-        if (stop) return;
-      }
-      RawBatch raw;
-      raw.seq = seq;
-      try {
-        const SamplerState before = sampler.state();
-        raw.epoch = before.epoch;
-        raw.batch_in_epoch = before.consumed_samples / sampler.global_batch_size();
-        raw.indices = sampler.next();
-        raw.state_after = sampler.state();
-        read_batch(raw);
-      } catch (...) {
-        raw.error = std::current_exception();
-      }
-      const bool failed = raw.error != nullptr;
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        ++in_flight;
-        work.push_back(std::move(raw));
-      }
-      worker_cv.notify_one();
-      if (failed) return;  // the error reaches next(); nothing after it is read
-    }
-  }
-
-  // images [n,C,H,W], labels and indices [n]: pinned from CUDA's caching
-  // host allocator, or one recycled block from `outputs`.
-  void allocate_outputs(Batch& b, std::int64_t n, at::ScalarType image_type) {
-    const std::vector<std::int64_t> image_shape{n, channels, height, width};
-    const auto image_options = at::TensorOptions().dtype(image_type);
-    const auto long_options = at::TensorOptions().dtype(at::kLong);
-    if (options.pin_memory) {
-      b.images = at::empty(image_shape, image_options.pinned_memory(true));
-      b.labels = at::empty({n}, long_options.pinned_memory(true));
-      b.indices = at::empty({n}, long_options.pinned_memory(true));
-      return;
-    }
-    const std::size_t image_bytes_out =
-        static_cast<std::size_t>(n) * channels * height * width * at::elementSize(image_type);
-    const std::size_t labels_at = (image_bytes_out + 63) / 64 * 64;
-    const std::size_t indices_at = labels_at + (static_cast<std::size_t>(n) * 8 + 63) / 64 * 64;
-    std::shared_ptr<unsigned char> block =
-        outputs->take(indices_at + static_cast<std::size_t>(n) * 8 + 64);
-    const auto release = [block](void*) {};  // each tensor holds the block
-    b.images = at::from_blob(block.get(), image_shape, release, image_options);
-    b.labels = at::from_blob(block.get() + labels_at, {n}, release, long_options);
-    b.indices = at::from_blob(block.get() + indices_at, {n}, release, long_options);
-  }
+  // Last: its threads call decode(), so it stops before the state above goes.
+  std::unique_ptr<detail::LoaderEngine> engine;
 
   // One sample, stored bytes -> normalized float32 [C,H,W] in one pass; with
   // `d`, each output pixel is its crop/flip source pixel, normalized.
@@ -731,75 +365,39 @@ struct DataLoader::Impl {
     }
   }
 
-  Batch decode(const RawBatch& raw) {
+  std::vector<at::Tensor> decode(const detail::RawBatch& raw,
+                                 detail::OutputAllocator& allocator) const {
     const auto n = static_cast<std::int64_t>(raw.indices.size());
     const at::ScalarType image_type = raw_output ? scalar_type_of(image_dtype) : at::kFloat;
-    Batch b;
-    b.epoch = raw.epoch;
-    b.batch_in_epoch = raw.batch_in_epoch;
-    allocate_outputs(b, n, image_type);
+    std::vector<at::Tensor> out = allocator.allocate(
+        {{{n, channels, height, width}, image_type}, {{n}, at::kLong}, {{n}, at::kLong}});
     const std::size_t out_bytes = static_cast<std::size_t>(channels) * height * width *
                                   (raw_output ? dtype_size(image_dtype) : sizeof(float));
-    auto* images = static_cast<unsigned char*>(b.images.data_ptr());
-    std::int64_t* labels = b.labels.data_ptr<std::int64_t>();
-    std::int64_t* indices = b.indices.data_ptr<std::int64_t>();
+    auto* images = static_cast<unsigned char*>(out[0].data_ptr());
+    std::int64_t* labels = out[1].data_ptr<std::int64_t>();
+    std::int64_t* indices = out[2].data_ptr<std::int64_t>();
+    const auto& image_data = raw.data[0];
+    const auto& label_data = raw.data[1];
     for (std::int64_t i = 0; i < n; ++i) {
       if (i + kPrefetchAhead < n) {
-        prefetch(raw.image_data[i + kPrefetchAhead], image_bytes);
-        prefetch(raw.label_data[i + kPrefetchAhead], label_bytes);
+        prefetch(image_data[i + kPrefetchAhead], image_bytes);
+        prefetch(label_data[i + kPrefetchAhead], label_bytes);
       }
       CropFlip draw;
       if (augment) {
         draw = draw_crop_flip(options.augment, options.sampler.seed, raw.epoch, raw.indices[i]);
       }
       const CropFlip* d = augment ? &draw : nullptr;
-      unsigned char* out = images + static_cast<std::size_t>(i) * out_bytes;
+      unsigned char* dst = images + static_cast<std::size_t>(i) * out_bytes;
       if (raw_output) {
-        decode_raw(raw.image_data[i], out, d);
+        decode_raw(image_data[i], dst, d);
       } else {
-        decode_float(raw.image_data[i], reinterpret_cast<float*>(out), d);
+        decode_float(image_data[i], reinterpret_cast<float*>(dst), d);
       }
-      labels[i] = label_value(label_dtype, raw.label_data[i]);
+      labels[i] = label_value(label_dtype, label_data[i]);
       indices[i] = raw.indices[i];
     }
-    return b;
-  }
-
-  void worker_loop() {
-    for (;;) {
-      RawBatch raw;
-      {
-        std::unique_lock<std::mutex> lock(mu);
-        worker_cv.wait(lock, [&] { return stop || !work.empty(); });
-        if (stop) return;
-        raw = std::move(work.front());
-        work.pop_front();
-      }
-      Ready done;
-      done.state_after = raw.state_after;
-      done.error = raw.error;
-      const auto start = Clock::now();
-      if (!done.error) {
-        try {
-          done.batch = decode(raw);
-        } catch (...) {
-          done.error = std::current_exception();
-        }
-      }
-      raw.chunks.clear();  // evicted chunks are freed here, outside the lock
-      bool wake_consumer = false;
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        stats.decode_seconds += seconds_since(start);
-        if (raw.image_staging.capacity() > 0) {
-          spare_buffers.push_back(std::move(raw.image_staging));
-          spare_buffers.push_back(std::move(raw.label_staging));
-        }
-        ready.emplace(raw.seq, std::move(done));
-        wake_consumer = raw.seq == next_seq;  // next() waits for that batch only
-      }
-      if (wake_consumer) consumer_cv.notify_all();
-    }
+    return out;
   }
 };
 
@@ -807,21 +405,18 @@ DataLoader::DataLoader(std::shared_ptr<Dataset> dataset, LoaderOptions options, 
                        int dp_size) {
   DTRAIN_CHECK_ARG(dataset != nullptr, "DataLoader needs a dataset");
   options.validate();
-  impl_ = std::make_unique<Impl>(std::move(dataset), std::move(options), dp_rank, dp_size);
+  impl_ = std::make_unique<Impl>();
   Impl& s = *impl_;
-  s.sampler.restore(s.options.start);
-  s.delivered = s.options.start;
-  s.shard_offsets = s.dataset->shard_offsets();
-  const Manifest& m = s.dataset->manifest();
-  s.image_field = s.dataset->field_index(s.options.image_field);
-  s.label_field = s.dataset->field_index(s.options.label_field);
-  const FieldSpec& img = m.fields[s.image_field];
-  const FieldSpec& lab = m.fields[s.label_field];
+  s.options = std::move(options);
+  const Manifest& m = dataset->manifest();
+  const int image_field = dataset->field_index(s.options.image_field);
+  const int label_field = dataset->field_index(s.options.label_field);
+  const FieldSpec& img = m.fields[image_field];
+  const FieldSpec& lab = m.fields[label_field];
   DTRAIN_CHECK_ARG(img.shape.size() == 2 || img.shape.size() == 3, "image field '", img.name,
-                   "' of ", s.dataset->dir(),
-                   " must have per-sample shape [C,H,W] or [H,W], it has ", img.shape.size(),
-                   " dimensions");
-  check_label_field(*s.dataset, lab.name);
+                   "' of ", dataset->dir(), " must have per-sample shape [C,H,W] or [H,W], it has ",
+                   img.shape.size(), " dimensions");
+  check_label_field(*dataset, lab.name);
   s.channels = img.shape.size() == 3 ? static_cast<int>(img.shape[0]) : 1;
   s.height = static_cast<int>(img.shape[img.shape.size() - 2]);
   s.width = static_cast<int>(img.shape[img.shape.size() - 1]);
@@ -836,58 +431,43 @@ DataLoader::DataLoader(std::shared_ptr<Dataset> dataset, LoaderOptions options, 
     s.pad_values.push_back(normalized(0.0f, s.scale[c], s.shift[c]));  // raw 0, normalized
   }
   s.raw_output = s.options.output == ImageOutput::kRaw;
-  s.outputs = std::make_shared<OutputPool>(
-      static_cast<std::size_t>(s.options.prefetch_depth + s.options.workers + 2));
   s.augment = s.options.augment.crop_padding > 0 || s.options.augment.horizontal_flip;
-  if (s.options.cache_bytes > 0) s.build_chunk_tables();
-  s.reader = std::thread([&s] { s.reader_loop(); });
-  for (int w = 0; w < s.options.workers; ++w) s.workers.emplace_back([&s] { s.worker_loop(); });
+  std::vector<std::int64_t> shard_sizes;
+  for (const auto& shard : m.shards) shard_sizes.push_back(shard.samples);
+  detail::EngineOptions engine;
+  engine.sampler = s.options.sampler;
+  engine.start = s.options.start;
+  engine.cache_bytes = s.options.cache_bytes;
+  engine.workers = s.options.workers;
+  engine.prefetch_depth = s.options.prefetch_depth;
+  engine.pin_memory = s.options.pin_memory;
+  s.engine = std::make_unique<detail::LoaderEngine>(
+      std::move(dataset), engine,
+      std::vector<detail::SampleRead>{{image_field, 1, 1}, {label_field, 1, 1}},
+      std::move(shard_sizes),
+      [&s](const detail::RawBatch& raw, detail::OutputAllocator& allocator) {
+        return s.decode(raw, allocator);
+      },
+      dp_rank, dp_size);
 }
 
-DataLoader::~DataLoader() {
-  Impl& s = *impl_;
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
-    s.stop = true;
-  }
-  s.reader_cv.notify_all();
-  s.worker_cv.notify_all();
-  s.consumer_cv.notify_all();
-  if (s.reader.joinable()) s.reader.join();
-  for (auto& w : s.workers) w.join();
-}
+DataLoader::~DataLoader() = default;
 
 Batch DataLoader::next() {
-  Impl& s = *impl_;
-  Ready done;
-  bool wake_reader = false;
-  {
-    std::unique_lock<std::mutex> lock(s.mu);
-    s.consumer_cv.wait(lock, [&] { return s.ready.count(s.next_seq) > 0; });
-    auto it = s.ready.find(s.next_seq);
-    // An error ends the stream: it stays queued, so every later call rethrows it.
-    if (it->second.error) std::rethrow_exception(it->second.error);
-    done = std::move(it->second);
-    s.ready.erase(it);
-    ++s.next_seq;
-    --s.in_flight;
-    s.delivered = done.state_after;
-    wake_reader = s.reader_waiting && s.in_flight <= s.options.prefetch_depth / 2;
-  }
-  if (wake_reader) s.reader_cv.notify_one();
-  return std::move(done.batch);
+  detail::Decoded d = impl_->engine->next();
+  Batch b;
+  b.images = std::move(d.tensors[0]);
+  b.labels = std::move(d.tensors[1]);
+  b.indices = std::move(d.tensors[2]);
+  b.epoch = d.epoch;
+  b.batch_in_epoch = d.batch_in_epoch;
+  return b;
 }
 
-SamplerState DataLoader::state() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->delivered;
-}
+SamplerState DataLoader::state() const { return impl_->engine->state(); }
 
-std::int64_t DataLoader::batches_per_epoch() const { return impl_->sampler.batches_per_epoch(); }
+std::int64_t DataLoader::batches_per_epoch() const { return impl_->engine->batches_per_epoch(); }
 
-LoaderStats DataLoader::stats() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->stats;
-}
+LoaderStats DataLoader::stats() const { return impl_->engine->stats(); }
 
 }  // namespace dtrain::data

@@ -50,6 +50,20 @@ std::size_t dtype_size(DType dtype) {
   return 0;
 }
 
+const char* token_level_name(TokenLevel level) {
+  return level == TokenLevel::kByte ? "byte" : "char";
+}
+
+TokenLevel parse_token_level(const std::string& name) {
+  if (name == "byte") return TokenLevel::kByte;
+  if (name == "char") return TokenLevel::kChar;
+  DTRAIN_THROW(InvalidArgument, "unknown token level '", name, "' (char or byte)");
+}
+
+std::int64_t Vocabulary::size() const {
+  return level == TokenLevel::kByte ? 256 : static_cast<std::int64_t>(code_points.size());
+}
+
 std::int64_t FieldSpec::elements_per_sample() const {
   std::int64_t n = 1;
   for (std::int64_t d : shape) n *= d;
@@ -100,6 +114,11 @@ std::string Manifest::to_json() const {
         {{"file", s.file}, {"samples", s.samples}, {"bytes", s.bytes}, {"sha256", s.sha256}});
   }
   if (!class_names.empty()) doc["class_names"] = class_names;
+  if (vocabulary) {
+    nlohmann::json v{{"level", token_level_name(vocabulary->level)}, {"size", vocabulary->size()}};
+    if (vocabulary->level == TokenLevel::kChar) v["code_points"] = vocabulary->code_points;
+    doc["vocabulary"] = v;
+  }
   return doc.dump(2) + "\n";
 }
 
@@ -145,6 +164,31 @@ Manifest Manifest::from_json(const std::string& text, const std::string& source)
     }
     if (doc.contains("class_names")) {
       m.class_names = doc.at("class_names").get<std::vector<std::string>>();
+    }
+    if (doc.contains("vocabulary")) {
+      const auto& v = doc.at("vocabulary");
+      Vocabulary vocabulary;
+      try {
+        vocabulary.level = parse_token_level(v.at("level").get<std::string>());
+      } catch (const InvalidArgument& e) {
+        DTRAIN_THROW(DataError, source, ": vocabulary: ", e.what());
+      }
+      if (vocabulary.level == TokenLevel::kChar) {
+        vocabulary.code_points = v.at("code_points").get<std::vector<std::int64_t>>();
+        for (std::size_t i = 0; i < vocabulary.code_points.size(); ++i) {
+          const std::int64_t c = vocabulary.code_points[i];
+          DTRAIN_CHECK_T(DataError,
+                         c >= 0 && c <= 0x10FFFF && !(c >= 0xD800 && c <= 0xDFFF) &&
+                             (i == 0 || c > vocabulary.code_points[i - 1]),
+                         source, ": vocabulary code point ", c, " (id ", i,
+                         ") is no Unicode character or is out of ascending order");
+        }
+      }
+      DTRAIN_CHECK_T(DataError,
+                     vocabulary.size() > 0 && v.at("size").get<std::int64_t>() == vocabulary.size(),
+                     source, ": vocabulary size ", v.at("size").dump(), " does not match its ",
+                     vocabulary.size(), " ids");
+      m.vocabulary = std::move(vocabulary);
     }
   } catch (const nlohmann::json::exception& e) {
     DTRAIN_THROW(DataError, source, ": malformed manifest: ", e.what());

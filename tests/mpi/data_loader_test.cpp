@@ -1,7 +1,7 @@
-// The distributed loader across real ranks: every rank's batches, gathered,
+// The distributed loaders across real ranks: every rank's batches, gathered,
 // are the global batches of a one-process sampler, with the stored values;
 // resuming on this world size from a state saved at another continues the
-// same stream.
+// same stream. The same for the TokenLoader's windows of a token stream.
 
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "dtrain/data/loader.h"
+#include "dtrain/data/token_loader.h"
 #include "tests/mpi/mpi_test_env.h"
 #include "tests/unit/data_test_util.h"
 
@@ -123,6 +124,65 @@ TEST_F(DistributedLoader, ResumeOnThisWorldSizeFromAnyStep) {
       EXPECT_TRUE(at::equal(all, stream[s])) << "resumed at " << at_step << ", step " << s;
     }
   }
+}
+
+// Windows of a token stream: the ranks' parts of each step are disjoint and
+// together the one-process global batch (indices, inputs and targets); an
+// epoch reads every window once; resuming here from a one-process state
+// continues the one-process stream.
+TEST_F(DistributedLoader, TokenWindowsSplitAcrossRanksAndResume) {
+  char path[512] = {};
+  std::unique_ptr<testing::ScratchDir> scratch;
+  if (rank_ == 0) {
+    scratch = std::make_unique<testing::ScratchDir>();
+    testing::make_token_dataset(scratch->path(), 5000, 1200);
+    std::snprintf(path, sizeof(path), "%s", scratch->path().c_str());
+  }
+  MPI_Bcast(path, sizeof(path), MPI_CHAR, 0, MPI_COMM_WORLD);
+  {
+    const auto tokens = Dataset::open(path);
+    TokenLoaderOptions o;
+    o.context = 24;
+    o.sampler.global_batch_size = 12;  // divisible by 1, 2, 3, 4
+    o.sampler.seed = 21;
+    TokenLoader single(tokens, o, 0, 1);
+    TokenLoader mine(tokens, o, rank_, size_);
+    ASSERT_EQ(mine.windows(), 208);  // (5000 - 25) / 24 + 1
+    std::vector<std::int64_t> seen;
+    std::vector<SamplerState> states;
+    std::vector<at::Tensor> stream;
+    for (std::int64_t step = 0; step < mine.batches_per_epoch() + 3; ++step) {
+      states.push_back(single.state());
+      const TokenBatch want = single.next();
+      const TokenBatch b = mine.next();
+      EXPECT_EQ(b.indices.size(0), 12 / size_);
+      EXPECT_TRUE(at::equal(gather(b.indices), want.indices)) << "step " << step;
+      EXPECT_TRUE(at::equal(gather(b.inputs.reshape({-1})), want.inputs.reshape({-1})));
+      EXPECT_TRUE(at::equal(gather(b.targets.reshape({-1})), want.targets.reshape({-1})));
+      stream.push_back(want.inputs.clone());
+      if (b.epoch == 0) {
+        for (std::int64_t i = 0; i < b.indices.size(0); ++i) {
+          seen.push_back(b.indices[i].item<std::int64_t>());
+        }
+      }
+    }
+    // Across ranks, epoch 0 read 204 distinct windows (17 steps of 12).
+    const at::Tensor all = gather(at::tensor(seen, at::kLong));
+    std::vector<std::int64_t> sorted(all.data_ptr<std::int64_t>(),
+                                     all.data_ptr<std::int64_t>() + all.numel());
+    std::sort(sorted.begin(), sorted.end());
+    EXPECT_EQ(std::unique(sorted.begin(), sorted.end()), sorted.end());
+    EXPECT_EQ(sorted.size(), 204u);
+    for (int at_step : {5, 17}) {
+      o.start = states[at_step];
+      TokenLoader resumed(tokens, o, rank_, size_);
+      for (int s = at_step; s < at_step + 2; ++s) {
+        EXPECT_TRUE(at::equal(gather(resumed.next().inputs.reshape({-1})), stream[s].reshape({-1})))
+            << "resumed at " << at_step;
+      }
+    }
+  }
+  MPI_Barrier(MPI_COMM_WORLD);  // nobody reads while rank 0 removes the files
 }
 
 }  // namespace

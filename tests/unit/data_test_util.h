@@ -66,4 +66,33 @@ inline Manifest make_pattern_dataset(const std::string& dir, std::int64_t sample
   return writer.finish();
 }
 
+// Token i of a test stream: a value of `vocab` ids that is a known function
+// of i.
+inline std::int64_t stream_token(std::int64_t i, std::int64_t vocab) {
+  return (i * 7 + i / 5) % vocab;
+}
+
+// A token data set of `tokens` tokens, `per_shard` per shard, with a char
+// vocabulary of `vocab` ids (uint8 up to 256, int32 above).
+inline void make_token_dataset(const std::string& dir, std::int64_t tokens, std::int64_t per_shard,
+                               std::int64_t vocab = 50) {
+  Vocabulary v;
+  v.level = TokenLevel::kChar;
+  for (std::int64_t c = 0; c < vocab; ++c) v.code_points.push_back(32 + c);
+  DatasetSpec spec;
+  spec.name = "stream";
+  spec.fields = {{"tokens", vocab <= 256 ? DType::kUInt8 : DType::kInt32, {}}};
+  spec.vocabulary = v;
+  spec.samples_per_shard = per_shard;
+  DatasetWriter writer(dir, spec);
+  std::vector<std::uint8_t> narrow;
+  std::vector<std::int32_t> wide;
+  for (std::int64_t i = 0; i < tokens; ++i) {
+    narrow.push_back(static_cast<std::uint8_t>(stream_token(i, vocab)));
+    wide.push_back(static_cast<std::int32_t>(stream_token(i, vocab)));
+  }
+  writer.add({vocab <= 256 ? static_cast<const void*>(narrow.data()) : wide.data()}, tokens);
+  writer.finish();
+}
+
 }  // namespace dtrain::data::testing

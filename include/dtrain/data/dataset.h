@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,27 @@ struct ValueRange {
   std::int64_t max = 0;
 };
 
+/// How the token ids of a text data set map back to text (manifest.json
+/// "vocabulary"; see dtrain/data/text.h and docs/data.md).
+enum class TokenLevel {
+  kByte,  ///< id = one byte of the UTF-8 text, 0..255 (256 ids).
+  kChar,  ///< id = one Unicode character, an index into code_points.
+};
+
+/// "byte" or "char"; parse_token_level is the inverse (InvalidArgument).
+const char* token_level_name(TokenLevel level);
+TokenLevel parse_token_level(const std::string& name);
+
+struct Vocabulary {
+  TokenLevel level = TokenLevel::kChar;
+  /// kChar: id i stands for Unicode code point code_points[i]; strictly
+  /// ascending. kByte: empty.
+  std::vector<std::int64_t> code_points;
+
+  /// Number of ids: 256 for kByte, code_points.size() for kChar.
+  std::int64_t size() const;
+};
+
 struct ShardInfo {
   std::string file;  ///< Relative to the data set directory.
   std::int64_t samples = 0;
@@ -70,6 +92,7 @@ struct Manifest {
   std::vector<FieldSpec> fields;
   std::vector<ShardInfo> shards;
   std::vector<std::string> class_names;  ///< Optional.
+  std::optional<Vocabulary> vocabulary;  ///< Text data sets only.
   /// By field name: the range of every integer field, recorded by
   /// DatasetWriter ("min" and "max" in the field's entry) so that labels can
   /// be checked without reading them. Empty in data sets written before the
@@ -87,6 +110,7 @@ struct DatasetSpec {
   std::string name;
   std::vector<FieldSpec> fields;
   std::vector<std::string> class_names;
+  std::optional<Vocabulary> vocabulary;  ///< Written to the manifest as is.
   /// Samples per shard file (the last shard may hold fewer). Must be > 0.
   std::int64_t samples_per_shard = 10000;
 

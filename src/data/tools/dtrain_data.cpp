@@ -2,6 +2,8 @@
 //
 //   dtrain-data convert-fashion-mnist --source /usr/share/datasets/fashion-mnist --out DIR
 //       [--shards 4]
+//   dtrain-data convert-text --source /usr/share/games/fortunes --out DIR [--level char|byte]
+//       [--val-fraction 0.1] [--shards 4] [--name fortunes]
 //   dtrain-data generate --out DIR --samples 60000 --shape 1,28,28 --classes 10 --shards 4
 //       [--seed 1]
 //   dtrain-data inspect DIR
@@ -22,6 +24,7 @@
 
 #include "dtrain/data/convert.h"
 #include "dtrain/data/dataset.h"
+#include "dtrain/data/text.h"
 #include "dtrain/error.h"
 #include "src/cli/cli.h"
 
@@ -68,6 +71,10 @@ void print_summary(const Manifest& m, const std::string& dir) {
                 dtype_name(f.dtype), shape_text(f.shape).c_str(),
                 static_cast<long long>(chunk_samples_for(f, m.shards.front().samples)));
   }
+  if (m.vocabulary) {
+    std::printf("vocabulary %s level, %lld ids\n", token_level_name(m.vocabulary->level),
+                static_cast<long long>(m.vocabulary->size()));
+  }
   if (!m.class_names.empty()) {
     std::printf("classes    %zu:", m.class_names.size());
     for (const auto& c : m.class_names) std::printf(" '%s'", c.c_str());
@@ -84,6 +91,8 @@ int usage(const char* error) {
   if (error) std::cerr << "dtrain-data: " << error << "\n";
   std::cerr << "usage: dtrain-data <command> [options]\n"
                "  convert-fashion-mnist --source DIR --out DIR [--shards N]\n"
+               "  convert-text [--source DIR|FILE] --out DIR [--level char|byte] "
+               "[--val-fraction F] [--shards N] [--name NAME]\n"
                "  generate --out DIR --samples N [--shape 3,32,32] [--classes K] [--shards N] "
                "[--seed S]\n"
                "  inspect DIR\n"
@@ -101,11 +110,21 @@ int main(int argc, char** argv) {
     return 0;
   }
   cxxopts::Options cli("dtrain-data " + command, "sharded HDF5 data sets");
+  const bool text = command == "convert-text";
   cli.add_options()(
-      "source", "directory of the gzip'd IDX files",
-      cxxopts::value<std::string>()->default_value("/usr/share/datasets/fashion-mnist"))(
+      "source",
+      text ? "directory of the text files (or one file)" : "directory of the gzip'd IDX files",
+      cxxopts::value<std::string>()->default_value(text ? kFortunesDir
+                                                        : "/usr/share/datasets/fashion-mnist"))(
+      "level", "tokens: char (Unicode characters) or byte",
+      cxxopts::value<std::string>()->default_value("char"))(
+      "val-fraction", "share of the records held out for validation",
+      cxxopts::value<double>()->default_value("0.1"))(
+      "name", "data set name prefix (NAME-train, NAME-val)",
+      cxxopts::value<std::string>()->default_value("fortunes"))(
       "out", "output data set directory", cxxopts::value<std::string>()->default_value(""))(
-      "shards", "number of shard files", cxxopts::value<int>()->default_value("1"))(
+      "shards", "number of shard files (per split)",
+      cxxopts::value<int>()->default_value(text ? "4" : "1"))(
       "samples", "synthetic samples", cxxopts::value<std::int64_t>()->default_value("1000"))(
       "shape", "per-sample image shape", cxxopts::value<std::string>()->default_value("3,32,32"))(
       "classes", "number of classes", cxxopts::value<int>()->default_value("10"))(
@@ -126,6 +145,25 @@ int main(int argc, char** argv) {
       convert_fashion_mnist(parsed["source"].as<std::string>(), out, parsed["shards"].as<int>());
       print_summary(Dataset::open(out + "/train", {false})->manifest(), out + "/train");
       print_summary(Dataset::open(out + "/test", {false})->manifest(), out + "/test");
+      return 0;
+    }
+    if (command == "convert-text") {
+      if (out.empty()) return usage("--out is required");
+      TextConvertOptions options;
+      const std::string level = parsed["level"].as<std::string>();
+      if (level != "char" && level != "byte") {
+        throw dtrain::cli::UsageError("--level '" + level + "' must be char or byte");
+      }
+      options.level = parse_token_level(level);
+      options.val_fraction = parsed["val-fraction"].as<double>();
+      options.shards = parsed["shards"].as<int>();
+      options.name = parsed["name"].as<std::string>();
+      const TextConversion done = convert_text(parsed["source"].as<std::string>(), out, options);
+      std::printf("text       %zu file(s) of %s, %lld records, %lld held out\n", done.files.size(),
+                  parsed["source"].as<std::string>().c_str(), static_cast<long long>(done.records),
+                  static_cast<long long>(done.val_records));
+      print_summary(Dataset::open(out + "/train", {false})->manifest(), out + "/train");
+      print_summary(Dataset::open(out + "/val", {false})->manifest(), out + "/val");
       return 0;
     }
     if (command == "generate") {
