@@ -626,6 +626,17 @@ TEST(FailureTest, ABufferMpiMayStillFillOutlivesTheFailedCommunicator) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     ASSERT_TRUE(stopped()) << "rank 1 (pid " << peer << ") did not stop";
+    // Rank 1 is resumed after 1.5 s at the latest, even if a loaded machine
+    // keeps this rank from doing it sooner: its neighbours' heartbeat would
+    // take a rank silent for 4 s for a lost one.
+    std::thread watchdog([peer] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+      kill(peer, SIGCONT);
+    });
+    struct Join {
+      std::thread& thread;
+      ~Join() { thread.join(); }
+    } join{watchdog};
     // The memory itself is the test's (never freed, so a late write cannot
     // hurt this process); the tensor's deleter says when dtrain let go of it.
     auto* memory = new std::vector<float>(static_cast<std::size_t>(kCount), 0.0f);
