@@ -5,74 +5,41 @@
 //   dtrain-resnet --train-data data/fashion-mnist/train --test-data data/fashion-mnist/test
 //   scripts/launch/dtrain-mpirun -n 2 build/examples/resnet/dtrain-resnet --model resnet20 ...
 //
-// Exit status: 0 finished, or stopped by --max-minutes after a checkpoint;
-// 2 bad input (nothing was trained or written); 75 stopped by SIGTERM/SIGINT
-// after saving a checkpoint (run it again to continue); 1 any other error. A failed collective
-// (dead or hung peer) aborts the whole job (MPI_Abort) so that the launcher can restart it.
-//
-// Fault injection for the restart tests (never set in normal use):
-//   DTRAIN_FAULT_KILL=<rank>:<step>[:always]  SIGKILL rank <rank> after step
-//       <step>, once the checkpoint saves begun before it have committed
-//       (only on the first attempt, DTRAIN_RESTART_COUNT unset or 0, unless
-//       ":always").
-//   DTRAIN_FAULT_FILE_LIMIT_KIB=<n>  once MPI is up (its shared-memory files
-//       are larger), limit this process's files to n KiB (RLIMIT_FSIZE): a
-//       checkpoint write then fails for real with EFBIG, as on a full disk.
+// This file holds what is ResNet's: the model, the image data and the
+// command line. The loop, checkpoints, signals, evaluation, metrics, traces,
+// exit codes and fault injection are the library's trainer
+// (dtrain/train/trainer.h), and data parallelism its DataParallel strategy
+// (dtrain/train/data_parallel.h). Exit status: 0 finished, or stopped by
+// --max-minutes after a checkpoint; 2 bad input (nothing was trained or
+// written); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (run it
+// again to continue); 1 any other error.
 
-#include <signal.h>
-#include <sys/resource.h>
 #include <torch/torch.h>
-#include <unistd.h>
 
-#include <atomic>
-#include <chrono>
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <filesystem>
-#include <functional>
+#include <algorithm>
+#include <cstdint>
 #include <iostream>
-#include <map>
 #include <memory>
-#include <optional>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
-#include "dtrain/checkpoint/checkpoint.h"
-#include "dtrain/checkpoint/state.h"
-#include "dtrain/collectives/communicator.h"
 #include "dtrain/config.h"
-#if DTRAIN_HAVE_NCCL
-#include "dtrain/collectives/nccl.h"
-#endif
 #include "dtrain/data/dataset.h"
 #include "dtrain/data/loader.h"
 #include "dtrain/env.h"
 #include "dtrain/error.h"
-#include "dtrain/parallel/distributed_data_parallel.h"
-#include "dtrain/parallel/zero_optimizer.h"
-#include "dtrain/runtime.h"
+#include "dtrain/train/data_parallel.h"
+#include "dtrain/train/trainer.h"
 #include "examples/resnet/resnet.h"
-#include "examples/resnet/telemetry.h"
 #include "src/cli/cli.h"
 
 namespace {
 
-namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
-using dtrain::resnet::SystemTime;
-using json = nlohmann::json;
-
-constexpr int kExitBadInput = dtrain::cli::kExitUsage;
-constexpr int kExitStopped = 75;
-
-std::atomic<int> g_stop_signal{0};
-extern "C" void on_stop_signal(int signal) { g_stop_signal.store(signal); }
+namespace train = dtrain::train;
 
 // --- configuration ---------------------------------------------------------
 
@@ -288,178 +255,86 @@ std::vector<double> parse_epoch_list(const std::string& text) {
   return out;
 }
 
-// Learning rate at `step` (0-based) of `total` steps.
-struct LrSchedule {
-  Config config;
-  std::int64_t steps_per_epoch = 1;
-  std::int64_t total = 1;
-  std::vector<double> step_epochs;
-
-  double at(std::int64_t step) const {
-    const double epoch = static_cast<double>(step) / static_cast<double>(steps_per_epoch);
-    const double warmup = config.warmup_epochs * static_cast<double>(steps_per_epoch);
-    if (warmup > 0 && static_cast<double>(step) < warmup) {
-      return config.lr * static_cast<double>(step + 1) / warmup;
-    }
-    if (config.schedule == "cosine") {
-      const double span = std::max(1.0, static_cast<double>(total) - warmup);
-      const double t = std::min(1.0, (static_cast<double>(step) - warmup) / span);
-      return 0.5 * config.lr * (1 + std::cos(M_PI * t));
-    }
-    double lr = config.lr;
-    if (config.schedule == "step") {
-      for (double e : step_epochs) {
-        if (epoch >= e) lr *= config.step_gamma;
-      }
-    }
-    return lr;
-  }
-};
-
-double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
-// What the run takes from the environment, read once in main() through
-// dtrain/env.h: which attempt of a supervised job this is, and the faults
-// an external test asks for (docs/configuration.md).
-struct RunEnvironment {
-  int restart = 0;  ///< DTRAIN_RESTART_COUNT (dtrain-launch sets it)
-  /// DTRAIN_FAULT_KILL, when it applies to this attempt.
-  std::optional<dtrain::KillFaultSpec> kill;
-  /// DTRAIN_FAULT_CHECKPOINT, for CheckpointOptions::fault_hook.
-  std::optional<dtrain::CheckpointFaultSpec> checkpoint_fault;
-};
-
-RunEnvironment read_run_environment() {
-  RunEnvironment env;
-  env.restart = dtrain::read_restart_count();
-  const dtrain::FaultInjectionEnv faults = dtrain::read_fault_injection_env();
-  // Faults are injected on a job's first attempt only (a restart must be
-  // able to recover), unless DTRAIN_FAULT_KILL says `always`.
-  if (faults.kill && (env.restart == 0 || faults.kill->every_attempt)) env.kill = faults.kill;
-  if (faults.checkpoint) {
-    dtrain::checkpoint::parse_save_phase(faults.checkpoint->phase);  // a typo is bad input
-    if (env.restart == 0) env.checkpoint_fault = faults.checkpoint;
-  }
-  return env;
+// The options the library's trainer takes, from the command line.
+train::TrainerOptions trainer_options(const Config& c) {
+  train::TrainerOptions o;
+  o.epochs = c.epochs;
+  o.steps = c.steps;
+  o.max_minutes = c.max_minutes;
+  o.global_batch = c.global_batch;
+  o.seed = c.seed;
+  o.lr.lr = c.lr;
+  o.lr.warmup_epochs = c.warmup_epochs;
+  o.lr.shape = c.schedule;
+  o.lr.step_epochs = parse_epoch_list(c.step_epochs);
+  o.lr.step_gamma = c.step_gamma;
+  o.device = c.device;
+  o.threads = c.threads;
+  o.comm_timeout_s = c.comm_timeout_s;
+  o.out = c.out;
+  o.checkpoint_dir = c.checkpoint_dir;
+  o.checkpoint_every = c.checkpoint_every;
+  o.keep = c.keep;
+  o.async_checkpoint = c.async_checkpoint;
+  o.resume = c.resume;
+  o.eval_every = c.eval_every;
+  o.metrics_dir = c.metrics_dir;
+  o.trace_dir = c.trace_dir;
+  o.sample_log = c.sample_log;
+  o.log_every = c.log_every;
+  o.progress = c.progress;
+  return o;
 }
 
-void kill_self(int rank, const std::string& what) {
-  std::fprintf(stderr, "[dtrain rank %d] fault injection: %s\n", rank, what.c_str());
-  std::fflush(stderr);
-  ::kill(::getpid(), SIGKILL);
-}
+// --- data ------------------------------------------------------------------
 
-// The CheckpointOptions::fault_hook of DTRAIN_FAULT_CHECKPOINT: a real
-// SIGKILL of this rank at that point of that save or, with `stall`, this
-// rank says so and waits there until it is killed from outside.
-std::function<void(dtrain::checkpoint::SavePhase, std::int64_t)> checkpoint_fault_hook(
-    const std::optional<dtrain::CheckpointFaultSpec>& fault, int rank) {
-  if (!fault || fault->rank != rank) return {};
-  const dtrain::checkpoint::SavePhase phase = dtrain::checkpoint::parse_save_phase(fault->phase);
-  const std::int64_t step = fault->step;
-  const bool stall = fault->stall;
-  return [phase, step, rank, stall](dtrain::checkpoint::SavePhase now, std::int64_t saving) {
-    if (now != phase || saving != step) return;
-    const std::string where =
-        "saving step " + std::to_string(step) + " (" + dtrain::checkpoint::to_string(phase) + ")";
-    if (stall) {
-      std::fprintf(stderr, "[dtrain rank %d] fault injection: stalled while %s\n", rank,
-                   where.c_str());
-      std::fflush(stderr);
-      while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
-    }
-    kill_self(rank, "killed while " + where);
-  };
-}
-
-bool fault_kill_due(const std::optional<dtrain::KillFaultSpec>& kill, int rank, std::int64_t step) {
-  return kill && kill->rank == rank && kill->step == step;
-}
-
-// --- the run ---------------------------------------------------------------
-
-class Trainer {
+// A DataLoader over an image data set, as the trainer's DataSource: images
+// and labels, moved to the device (and normalized there with raw output).
+class ImageData : public train::DataSource {
  public:
-  Trainer(Config config, dtrain::Runtime& runtime, RunEnvironment env)
-      : c_(std::move(config)), runtime_(runtime), env_(std::move(env)) {}
-  int run();
-  /// True once every rank has accepted the input (errors after it abort the job).
-  bool started() const { return started_; }
+  ImageData(std::shared_ptr<dtrain::data::Dataset> set, dtrain::data::LoaderOptions options,
+            int rank, int world_size, torch::Device device)
+      : options_(options), loader_(std::move(set), options, rank, world_size), device_(device) {}
+
+  train::Batch next() override {
+    dtrain::data::Batch b = loader_.next();
+    train::Batch out;
+    out.inputs = std::move(b.images);
+    out.targets = std::move(b.labels);
+    out.epoch = b.epoch;
+    out.batch_in_epoch = b.batch_in_epoch;
+    out.indices = std::move(b.indices);
+    return out;
+  }
+  void to_device(train::Batch& batch) override {
+    batch.inputs = options_.output == dtrain::data::ImageOutput::kNormalizedFloat
+                       ? batch.inputs.to(device_)
+                       : dtrain::data::normalize_images(batch.inputs.to(device_), options_);
+    batch.targets = batch.targets.to(device_);
+  }
+  std::int64_t batches_per_epoch() const override { return loader_.batches_per_epoch(); }
+  std::string position() const override { return loader_.state().serialize(); }
 
  private:
-  void setup();
-  void restore();
-  dtrain::checkpoint::StateDict state_dict() const;
-  std::map<std::string, std::string> metadata() const;
-  void save_checkpoint(bool wait);
-  void evaluate();
-  void set_lr(double lr);
-  /// What every loader of this run shares: normalization, workers, output.
-  dtrain::data::LoaderOptions loader_options() const;
-  /// The batch's images on the training device, normalized (on the device
-  /// when the loader hands over raw images).
-  at::Tensor images_on_device(const dtrain::data::Batch& batch,
-                              const dtrain::data::LoaderOptions& options) const;
-  void say(const std::string& text) {
-    if (rank_ != 0) return;
-    if (progress_) {
-      progress_->message(text);
-    } else {
-      std::printf("%s\n", text.c_str());
-      std::fflush(stdout);
-    }
-  }
-
-  Config c_;
-  dtrain::Runtime& runtime_;
-  RunEnvironment env_;
-  bool started_ = false;
-  std::shared_ptr<dtrain::collectives::Communicator> world_;
-  /// Gradients, buffers and BatchNorm statistics travel here: world_ itself
-  /// on CPU, an NCCL communicator over the same ranks with --device cuda.
-  /// world_ (MPI) keeps the CPU-side agreement: input checks, loss, stop.
-  std::shared_ptr<dtrain::collectives::Communicator> train_comm_;
-  std::shared_ptr<dtrain::collectives::Communicator> bn_comm_;
-  int rank_ = 0;
-  int world_size_ = 1;
-  torch::Device device_ = torch::kCPU;
-
-  std::shared_ptr<dtrain::data::Dataset> train_set_;
-  std::shared_ptr<dtrain::data::Dataset> test_set_;
-  std::int64_t channels_ = 1;
-  std::int64_t classes_ = 10;
-  dtrain::resnet::ResNet model_{nullptr};
-  std::unique_ptr<dtrain::parallel::DistributedDataParallel> ddp_;
-  std::unique_ptr<dtrain::parallel::ZeroRedundancyOptimizer> zero_;
-  std::unique_ptr<torch::optim::Optimizer> optimizer_;
-  std::unique_ptr<dtrain::checkpoint::CheckpointManager> checkpoints_;
-  std::unique_ptr<dtrain::data::DataLoader> loader_;
-  dtrain::data::SamplerState sampler_state_;
-  LrSchedule schedule_;
-  std::int64_t step_ = 0;
-  std::int64_t total_steps_ = 0;
-  std::int64_t steps_per_epoch_ = 1;
-  std::optional<std::int64_t> resumed_from_;
-  double last_eval_accuracy_ = -1;
-  double last_eval_loss_ = -1;
-
-  std::unique_ptr<dtrain::resnet::MetricsLog> metrics_;
-  std::unique_ptr<dtrain::resnet::MetricsLog> samples_;
-  std::unique_ptr<dtrain::resnet::TraceLog> trace_;
-  std::unique_ptr<dtrain::resnet::Progress> progress_;
+  dtrain::data::LoaderOptions options_;
+  dtrain::data::DataLoader loader_;
+  torch::Device device_;
 };
 
-// Everything that can be wrong with the input is checked here, on every rank,
-// and agreed on before anything is trained or written.
-void Trainer::setup() {
-  rank_ = runtime_.rank();
-  world_size_ = runtime_.size();
-  std::string problem;
-  try {
-    DTRAIN_CHECK_ARG(c_.global_batch % world_size_ == 0, "--global-batch ", c_.global_batch,
-                     " is not divisible by the number of ranks (", world_size_, ")");
-    DTRAIN_CHECK_ARG(c_.test_data == "none" || c_.eval_batch % world_size_ == 0, "--eval-batch ",
-                     c_.eval_batch, " is not divisible by the number of ranks (", world_size_, ")");
+// --- the program -----------------------------------------------------------
+
+class ResNetProgram : public train::TrainingProgram {
+ public:
+  explicit ResNetProgram(Config config) : c_(std::move(config)) {}
+
+  // Everything that can be wrong with the input; the trainer agrees on it
+  // over the ranks before anything is trained or written.
+  std::int64_t check_input(const train::RunContext& run) override {
+    DTRAIN_CHECK_ARG(c_.global_batch % run.world_size == 0, "--global-batch ", c_.global_batch,
+                     " is not divisible by the number of ranks (", run.world_size, ")");
+    DTRAIN_CHECK_ARG(c_.test_data == "none" || c_.eval_batch % run.world_size == 0, "--eval-batch ",
+                     c_.eval_batch, " is not divisible by the number of ranks (", run.world_size,
+                     ")");
     dtrain::data::OpenOptions open;
     open.verify_digests = false;  // sizes, structure, dtypes and shapes are still checked
     train_set_ = dtrain::data::Dataset::open(c_.train_data, open);
@@ -477,486 +352,113 @@ void Trainer::setup() {
     DTRAIN_CHECK_ARG(train_set_->size() >= c_.global_batch, c_.train_data, " holds ",
                      train_set_->size(), " samples, fewer than one global batch (", c_.global_batch,
                      ")");
-  } catch (const dtrain::Error& e) {
-    problem = e.what();
-  }
-  at::Tensor bad = at::full({1}, problem.empty() ? 0 : 1, at::kLong);
-  dtrain::collectives::AllReduceOptions max;
-  max.op = dtrain::collectives::ReduceOp::kMax;
-  world_->all_reduce(bad, max)->wait();
-  if (bad.item<std::int64_t>() != 0) {
-    throw dtrain::InvalidArgument(problem.empty() ? "another rank rejected the input" : problem);
+    return train_set_->size() / c_.global_batch;
   }
 
-  if (c_.checkpoint_dir != "none") {
-    dtrain::checkpoint::CheckpointOptions o;
-    o.directory = c_.checkpoint_dir;
-    o.keep_last = c_.keep;
-    o.async = c_.async_checkpoint;
-    o.fault_hook = checkpoint_fault_hook(env_.checkpoint_fault, runtime_.rank());
-    try {
-      checkpoints_ = std::make_unique<dtrain::checkpoint::CheckpointManager>(o, world_);
-    } catch (const dtrain::CheckpointError& e) {
-      throw dtrain::InvalidArgument(e.what());
+  std::unique_ptr<train::Strategy> make_strategy(const train::RunContext& run) override {
+    dtrain::resnet::NormFactory norm;
+    if (c_.sync_bn) {
+      // On one rank too: BatchNorm2d would round differently from N ranks.
+      bn_comm_ = run.train_comm->split(0, run.rank, {"sync-bn", std::nullopt});
+      norm = dtrain::resnet::sync_batch_norm_2d(bn_comm_);
     }
-  }
-
-  device_ = c_.device == "cuda" ? torch::Device(torch::kCUDA, runtime_.launch().local_rank)
-                                : torch::Device(torch::kCPU);
-  train_comm_ = world_;
-#if DTRAIN_HAVE_NCCL
-  if (device_.is_cuda()) {
-    dtrain::collectives::NcclOptions nccl;
-    nccl.name = "gpu-world";
-    nccl.device = device_.index();
-    nccl.timeout = std::chrono::seconds(c_.comm_timeout_s);
-    train_comm_ = dtrain::collectives::make_nccl_communicator(*world_, nccl);
-  }
-#endif
-  torch::manual_seed(c_.seed);
-  dtrain::resnet::NormFactory norm;
-  if (c_.sync_bn) {
-    // On one rank too: BatchNorm2d would round differently from N ranks.
-    bn_comm_ = train_comm_->split(0, rank_, {"sync-bn", std::nullopt});
-    norm = dtrain::resnet::sync_batch_norm_2d(bn_comm_);
-  }
-  model_ = dtrain::resnet::make_resnet(c_.model, channels_, classes_, false, norm);
-  model_->to(device_);
-
-  auto make_optimizer =
-      [this](std::vector<torch::Tensor> params) -> std::unique_ptr<torch::optim::Optimizer> {
-    if (c_.optimizer == "adamw") {
-      return std::make_unique<torch::optim::AdamW>(
-          params, torch::optim::AdamWOptions(c_.lr).weight_decay(c_.weight_decay));
-    }
-    return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(c_.lr)
-                                                           .momentum(c_.momentum)
-                                                           .nesterov(c_.nesterov)
-                                                           .weight_decay(c_.weight_decay));
-  };
-  if (c_.zero) {
-    zero_ = std::make_unique<dtrain::parallel::ZeroRedundancyOptimizer>(model_.ptr(), train_comm_,
-                                                                        make_optimizer);
-  } else {
-    dtrain::parallel::DdpOptions o;
-    o.bucket_cap_bytes = static_cast<std::size_t>(c_.bucket_cap_mb * (1 << 20));
-    o.first_bucket_cap_bytes = static_cast<std::size_t>(c_.first_bucket_mb * (1 << 20));
-    o.compression = c_.compression == "bf16"   ? dtrain::parallel::GradientCompression::kBFloat16
-                    : c_.compression == "fp16" ? dtrain::parallel::GradientCompression::kFloat16
-                                               : dtrain::parallel::GradientCompression::kNone;
-    ddp_ =
-        std::make_unique<dtrain::parallel::DistributedDataParallel>(model_.ptr(), train_comm_, o);
-    optimizer_ = make_optimizer(model_->parameters());
-  }
-
-  dtrain::data::SamplerOptions sampler;
-  sampler.seed = c_.seed;
-  sampler.global_batch_size = c_.global_batch;
-  sampler.drop_last = true;
-  steps_per_epoch_ = train_set_->size() / c_.global_batch;
-  total_steps_ = c_.steps > 0 ? c_.steps : c_.epochs * steps_per_epoch_;
-  schedule_ = {c_, steps_per_epoch_, total_steps_, parse_epoch_list(c_.step_epochs)};
-}
-
-std::map<std::string, std::string> Trainer::metadata() const {
-  return {{"model", c_.model},
-          {"global_batch", std::to_string(c_.global_batch)},
-          {"optimizer", c_.optimizer},
-          {"zero", c_.zero ? "1" : "0"},
-          {"seed", std::to_string(c_.seed)},
-          {"sampler", sampler_state_.serialize()},
-          {"step", std::to_string(step_)},
-          {"world_size", std::to_string(world_size_)}};
-}
-
-dtrain::checkpoint::StateDict Trainer::state_dict() const {
-  dtrain::checkpoint::StateDict state;
-  dtrain::checkpoint::add_module(state, *model_);
-  if (zero_) {
-    dtrain::checkpoint::add_zero_optimizer(state, *zero_);
-  } else {
-    dtrain::checkpoint::add_optimizer(state, *optimizer_, *model_);
-  }
-  dtrain::checkpoint::add_rng_state(state, rank_, world_size_);
-  return state;
-}
-
-void Trainer::restore() {
-  if (!checkpoints_) return;
-  if (!c_.resume) {
-    // Older checkpoints of another run would be resumed by the next restart.
-    const auto existing = checkpoints_->list();
-    DTRAIN_CHECK_ARG(existing.empty(), "--resume false, but ", c_.checkpoint_dir, " already holds ",
-                     existing.size(), " checkpoint(s) (newest: step ", existing.back().step,
-                     "); use another --checkpoint-dir or remove them");
-    return;
-  }
-  const auto latest = checkpoints_->latest_valid();
-  if (!latest) return;
-  const auto ckpt = dtrain::checkpoint::Checkpoint::open(latest->directory);
-  auto expect = [&](const char* key, const std::string& value) {
-    const std::string& stored = ckpt.metadata(key);
-    DTRAIN_CHECK_ARG(stored == value, "checkpoint ", latest->directory, " was written with ", key,
-                     " = ", stored, " but this run has ", value,
-                     "; use the same value, another --checkpoint-dir, or --resume false");
-  };
-  expect("model", c_.model);
-  expect("global_batch", std::to_string(c_.global_batch));
-  expect("optimizer", c_.optimizer);
-  expect("zero", c_.zero ? "1" : "0");
-  expect("seed", std::to_string(c_.seed));
-  dtrain::checkpoint::load_module(ckpt, *model_);
-  if (zero_) {
-    dtrain::checkpoint::load_zero_optimizer(ckpt, *zero_);
-  } else {
-    dtrain::checkpoint::load_optimizer(ckpt, *optimizer_, *model_);
-  }
-  dtrain::checkpoint::load_rng_state(ckpt, rank_);
-  sampler_state_ = dtrain::data::SamplerState::parse(ckpt.metadata("sampler"));
-  step_ = ckpt.step();
-  resumed_from_ = step_;
-  say("resumed from " + latest->directory + " (step " + std::to_string(step_) + ", written by " +
-      std::to_string(ckpt.world_size()) + " rank(s))");
-}
-
-void Trainer::save_checkpoint(bool wait) {
-  if (!checkpoints_) return;
-  const SystemTime begin = std::chrono::system_clock::now();
-  const auto stats = checkpoints_->save(step_, state_dict(), metadata());
-  if (wait) checkpoints_->wait();
-  const SystemTime end = std::chrono::system_clock::now();
-  if (trace_) trace_->span("checkpoint save", begin, end, 0, {{"step", step_}});
-  if (metrics_) {
-    metrics_->write({{"kind", "checkpoint"},
-                     {"rank", rank_},
-                     {"step", step_},
-                     {"stall_s", std::chrono::duration<double>(end - begin).count()},
-                     {"staged_bytes", stats.bytes},
-                     {"path", c_.checkpoint_dir}});
-  }
-  if (trace_) trace_->flush();
-}
-
-void Trainer::set_lr(double lr) {
-  torch::optim::Optimizer& opt = zero_ ? zero_->optimizer() : *optimizer_;
-  for (auto& group : opt.param_groups()) group.options().set_lr(lr);
-}
-
-dtrain::data::LoaderOptions Trainer::loader_options() const {
-  dtrain::data::LoaderOptions o;
-  o.mean = {0.2860};  // Fashion-MNIST's training set
-  o.std = {0.3530};
-  o.workers = c_.loader_workers;
-  o.output = c_.loader_output == "raw" ? dtrain::data::ImageOutput::kRaw
-                                       : dtrain::data::ImageOutput::kNormalizedFloat;
-  return o;
-}
-
-at::Tensor Trainer::images_on_device(const dtrain::data::Batch& batch,
-                                     const dtrain::data::LoaderOptions& options) const {
-  if (options.output == dtrain::data::ImageOutput::kNormalizedFloat) {
-    return batch.images.to(device_);
-  }
-  return dtrain::data::normalize_images(batch.images.to(device_), options);
-}
-
-void Trainer::evaluate() {
-  if (!test_set_) return;
-  const SystemTime begin = std::chrono::system_clock::now();
-  dtrain::data::LoaderOptions o = loader_options();
-  o.sampler.global_batch_size = c_.eval_batch;
-  o.sampler.shuffle = dtrain::data::ShuffleMode::kNone;
-  o.sampler.drop_last = false;
-  dtrain::data::DataLoader loader(test_set_, o, rank_, world_size_);
-  torch::NoGradGuard no_grad;
-  model_->eval();
-  double sums[3] = {0, 0, 0};  // loss sum, correct, samples
-  for (std::int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
-    dtrain::data::Batch batch = loader.next();
-    if (batch.labels.numel() == 0) continue;
-    auto logits = model_->forward(images_on_device(batch, o));
-    auto labels = batch.labels.to(device_);
-    sums[0] +=
-        torch::nn::functional::cross_entropy(
-            logits, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-            .item<double>();
-    sums[1] += logits.argmax(1).eq(labels).sum().item<double>();
-    sums[2] += static_cast<double>(labels.numel());
-  }
-  model_->train();
-  at::Tensor totals = at::tensor({sums[0], sums[1], sums[2]}, at::kDouble);
-  world_->all_reduce(totals)->wait();
-  const double n = totals[2].item<double>();
-  last_eval_loss_ = totals[0].item<double>() / n;
-  last_eval_accuracy_ = totals[1].item<double>() / n;
-  const SystemTime end = std::chrono::system_clock::now();
-  if (trace_) trace_->span("eval", begin, end, 0, {{"step", step_}});
-  if (metrics_) {
-    metrics_->write({{"kind", "eval"},
-                     {"rank", rank_},
-                     {"step", step_},
-                     {"epoch", step_ / steps_per_epoch_},
-                     {"loss", last_eval_loss_},
-                     {"accuracy", last_eval_accuracy_},
-                     {"samples", static_cast<std::int64_t>(n)}});
-  }
-  char line[160];
-  std::snprintf(line, sizeof(line),
-                "eval  step %lld  test loss %.4f  test accuracy %.4f (%lld images)",
-                static_cast<long long>(step_), last_eval_loss_, last_eval_accuracy_,
-                static_cast<long long>(n));
-  say(line);
-}
-
-int Trainer::run() {
-  dtrain::collectives::CommunicatorOptions options;
-  options.name = "world";
-  options.timeout = std::chrono::seconds(c_.comm_timeout_s);
-  world_ = runtime_.world(options);
-  setup();
-  // restore() reads what every rank reads alike; agree anyway, so that a
-  // rank-local surprise cannot leave the others waiting in a collective.
-  std::string problem;
-  try {
-    restore();
-  } catch (const dtrain::Error& e) {
-    problem = e.what();
-  }
-  at::Tensor bad = at::full({1}, problem.empty() ? 0 : 1, at::kLong);
-  dtrain::collectives::AllReduceOptions max;
-  max.op = dtrain::collectives::ReduceOp::kMax;
-  world_->all_reduce(bad, max)->wait();
-  if (bad.item<std::int64_t>() != 0) {
-    throw dtrain::InvalidArgument(problem.empty() ? "another rank could not resume" : problem);
-  }
-  started_ = true;
-
-  if (c_.metrics_dir != "none") {
-    char name[64];
-    std::snprintf(name, sizeof(name), "/metrics-rank%05d.jsonl", rank_);
-    metrics_ = std::make_unique<dtrain::resnet::MetricsLog>(c_.metrics_dir + name);
-  }
-  if (!c_.sample_log.empty()) {
-    char name[64];
-    std::snprintf(name, sizeof(name), "-rank%05d.jsonl", rank_);
-    samples_ = std::make_unique<dtrain::resnet::MetricsLog>(c_.sample_log + name);
-  }
-  if (!c_.trace_dir.empty()) {
-    char name[64];
-    std::snprintf(name, sizeof(name), "/trace-rank%05d.json", rank_);
-    trace_ = std::make_unique<dtrain::resnet::TraceLog>(c_.trace_dir + name, rank_, world_size_);
-  }
-  // Under mpirun a rank's stdout is a pseudo-terminal even when the job's
-  // output goes to a file, so "auto" draws a bar only without a launcher.
-  const bool bar =
-      c_.progress == "bar" || (c_.progress == "auto" && runtime_.launch().launcher == "none" &&
-                               ::isatty(STDOUT_FILENO) == 1);
-  progress_ = std::make_unique<dtrain::resnet::Progress>(rank_ == 0, bar, total_steps_, step_,
-                                                         c_.log_every);
-  if (metrics_) {
-    metrics_->write({{"kind", "run"},
-                     {"rank", rank_},
-                     {"world_size", world_size_},
-                     {"resumed_from_step", resumed_from_ ? json(*resumed_from_) : json(nullptr)},
-                     {"malloc_tuning", runtime_.malloc_policy().tune},
-                     {"config",
-                      {{"model", c_.model},
-                       {"global_batch", c_.global_batch},
-                       {"epochs", c_.epochs},
-                       {"steps", total_steps_},
-                       {"optimizer", c_.optimizer},
-                       {"lr", c_.lr},
-                       {"schedule", c_.schedule},
-                       {"zero", c_.zero},
-                       {"sync_bn", c_.sync_bn},
-                       {"compression", c_.compression},
-                       {"loader_output", c_.loader_output},
-                       {"threads", c_.threads},
-                       {"seed", c_.seed}}}});
-  }
-  say("dtrain-resnet: " + c_.model + " on " + c_.train_data + " (" +
-      std::to_string(train_set_->size()) + " images, " + std::to_string(classes_) + " classes), " +
-      std::to_string(world_size_) + " rank(s), global batch " + std::to_string(c_.global_batch) +
-      ", " + std::to_string(total_steps_) + " steps (" + std::to_string(steps_per_epoch_) +
-      " per epoch), " + (c_.zero ? "ZeRO-1" : "DDP") +
-      (resumed_from_ ? ", resuming at step " + std::to_string(step_) : std::string()));
-
-  dtrain::data::LoaderOptions lo = loader_options();
-  lo.sampler.seed = c_.seed;
-  lo.sampler.global_batch_size = c_.global_batch;
-  lo.sampler.drop_last = true;
-  lo.start = sampler_state_;
-  if (c_.augment) {
-    lo.augment.crop_padding = 2;
-    lo.augment.horizontal_flip = true;
-  }
-  loader_ = std::make_unique<dtrain::data::DataLoader>(train_set_, lo, rank_, world_size_);
-
-  const auto run_start = Clock::now();
-  model_->train();
-  bool stopped = false;
-  bool signalled = false;
-  while (step_ < total_steps_) {
-    const auto t0 = Clock::now();
-    const SystemTime s0 = std::chrono::system_clock::now();
-    dtrain::data::Batch batch = loader_->next();
-    const auto t1 = Clock::now();
-    const SystemTime s1 = std::chrono::system_clock::now();
-    auto images = images_on_device(batch, lo);
-    auto labels = batch.labels.to(device_);
-    const double lr = schedule_.at(step_);
-    set_lr(lr);
-    if (zero_) {
-      zero_->zero_grad();
-    } else {
-      ddp_->zero_grad();
-    }
-    auto logits = model_->forward(images);
-    auto loss = torch::nn::functional::cross_entropy(
-        logits, labels,
-        torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(c_.label_smoothing));
-    const auto t2 = Clock::now();
-    const SystemTime s2 = std::chrono::system_clock::now();
-    loss.backward();
-    const auto t3 = Clock::now();
-    const SystemTime s3 = std::chrono::system_clock::now();
-    double exposed = 0;
-    if (ddp_) {
-      ddp_->synchronize();
-      exposed = ddp_->last_step_stats().exposed_comm_seconds;
-    }
-    const auto t4 = Clock::now();
-    const SystemTime s4 = std::chrono::system_clock::now();
-    if (zero_) {
-      zero_->step();  // its gradient reduction is exposed communication too
-    } else {
-      optimizer_->step();
-    }
-    const auto t5 = Clock::now();
-    const SystemTime s5 = std::chrono::system_clock::now();
-    ++step_;
-    sampler_state_ = loader_->state();
-
-    // One small all-reduce: the step's global loss/accuracy, and whether any
-    // rank was asked to stop (a signal, or rank 0's time limit).
-    const double n = static_cast<double>(labels.numel());
-    const bool over_time =
-        rank_ == 0 && c_.max_minutes > 0 && seconds(Clock::now() - run_start) > c_.max_minutes * 60;
-    at::Tensor agree =
-        at::tensor({loss.item<double>() * n, logits.argmax(1).eq(labels).sum().item<double>(), n,
-                    g_stop_signal.load() != 0 ? 1.0 : 0.0, over_time ? 1.0 : 0.0},
-                   at::kDouble);
-    world_->all_reduce(agree)->wait();
-    const auto t6 = Clock::now();
-    const double step_s = seconds(t6 - t0);
-    const double global_n = agree[2].item<double>();
-    const double global_loss = agree[0].item<double>() / global_n;
-    const double images_per_s = static_cast<double>(c_.global_batch) / step_s;
-
-    if (metrics_) {
-      metrics_->write({{"kind", "train"},
-                       {"rank", rank_},
-                       {"step", step_},
-                       {"epoch", batch.epoch},
-                       {"loss", global_loss},
-                       {"local_loss", loss.item<double>()},
-                       {"accuracy", agree[1].item<double>() / global_n},
-                       {"lr", lr},
-                       {"images_per_s", images_per_s},
-                       {"step_s", step_s},
-                       {"data_wait_s", seconds(t1 - t0)},
-                       {"forward_s", seconds(t2 - t1)},
-                       {"backward_s", seconds(t3 - t2)},
-                       // Under ZeRO-1 the gradient reduce-scatter and the parameter
-                       // all-gather run inside step(): they count as optimizer time.
-                       {"comm_exposed_s", exposed},
-                       {"optimizer_s", seconds(t5 - t4)},
-                       {"sync_s", seconds(t4 - t3)}});
-    }
-    if (trace_) {
-      trace_->span("data wait", s0, s1, 0, {{"step", step_}});
-      trace_->span("forward", s1, s2, 0, {{"step", step_}});
-      trace_->span("backward", s2, s3, 0, {{"step", step_}});
-      if (ddp_) {
-        trace_->span("synchronize", s3, s4, 0, {{"step", step_}});
-        for (const auto& b : ddp_->last_step_stats().bucket_timings) {
-          trace_->span("allreduce bucket " + std::to_string(b.bucket), b.issued, b.completed, 1,
-                       {{"bytes", b.bytes}, {"step", step_}});
-        }
+    dtrain::resnet::ResNet model =
+        dtrain::resnet::make_resnet(c_.model, channels_, classes_, false, norm);
+    model->to(run.device);
+    auto make_optimizer =
+        [c = c_](std::vector<torch::Tensor> params) -> std::unique_ptr<torch::optim::Optimizer> {
+      if (c.optimizer == "adamw") {
+        return std::make_unique<torch::optim::AdamW>(
+            params, torch::optim::AdamWOptions(c.lr).weight_decay(c.weight_decay));
       }
-      trace_->span(zero_ ? "optimizer (zero-1)" : "optimizer", s4, s5, 0, {{"step", step_}});
-    }
-    if (samples_) {
-      samples_->write(
-          {{"step", step_},
-           {"epoch", batch.epoch},
-           {"batch_in_epoch", batch.batch_in_epoch},
-           {"rank", rank_},
-           {"world_size", world_size_},
-           {"restart", env_.restart},
-           {"indices", std::vector<std::int64_t>(
-                           batch.indices.data_ptr<std::int64_t>(),
-                           batch.indices.data_ptr<std::int64_t>() + batch.indices.numel())}});
-    }
-    progress_->update(step_, batch.epoch, global_loss, images_per_s);
-    if (fault_kill_due(env_.kill, rank_, step_)) {
-      // The rank dies after the saves begun before this step have committed,
-      // so the restart's checkpoint is known however long an async save
-      // takes on a loaded machine (DTRAIN_FAULT_CHECKPOINT kills in a save).
-      if (checkpoints_) checkpoints_->wait();
-      kill_self(rank_, "SIGKILL after step " + std::to_string(step_));
-    }
+      return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(c.lr)
+                                                             .momentum(c.momentum)
+                                                             .nesterov(c.nesterov)
+                                                             .weight_decay(c.weight_decay));
+    };
+    train::DataParallelOptions o;
+    o.zero = c_.zero;
+    o.ddp.bucket_cap_bytes = static_cast<std::size_t>(c_.bucket_cap_mb * (1 << 20));
+    o.ddp.first_bucket_cap_bytes = static_cast<std::size_t>(c_.first_bucket_mb * (1 << 20));
+    o.ddp.compression = c_.compression == "bf16" ? dtrain::parallel::GradientCompression::kBFloat16
+                        : c_.compression == "fp16" ? dtrain::parallel::GradientCompression::kFloat16
+                                                   : dtrain::parallel::GradientCompression::kNone;
+    return std::make_unique<train::DataParallel>(
+        model.ptr(), [impl = model.ptr()](const at::Tensor& x) { return impl->forward(x); },
+        run.train_comm, make_optimizer, train::classification(c_.label_smoothing), o);
+  }
 
-    if (agree[3].item<double>() > 0 || agree[4].item<double>() > 0) {
-      stopped = true;
-      signalled = agree[3].item<double>() > 0;  // the same decision on every rank
-      break;
+  std::unique_ptr<train::DataSource> train_data(const train::RunContext& run,
+                                                const std::string& position) override {
+    dtrain::data::LoaderOptions lo = loader_options();
+    lo.sampler.seed = c_.seed;
+    lo.sampler.global_batch_size = c_.global_batch;
+    lo.sampler.drop_last = true;
+    if (!position.empty()) lo.start = dtrain::data::SamplerState::parse(position);
+    if (c_.augment) {
+      lo.augment.crop_padding = 2;
+      lo.augment.horizontal_flip = true;
     }
-    const bool epoch_end = batch.batch_in_epoch + 1 == loader_->batches_per_epoch();
-    const std::int64_t epoch_done = batch.epoch + 1;
-    if (epoch_end && c_.eval_every > 0 && epoch_done % c_.eval_every == 0 && step_ < total_steps_) {
-      evaluate();
-    }
-    const bool save_now = c_.checkpoint_every > 0 ? step_ % c_.checkpoint_every == 0 : epoch_end;
-    if (save_now && step_ < total_steps_) save_checkpoint(false);
+    return std::make_unique<ImageData>(train_set_, lo, run.rank, run.world_size, run.device);
   }
-  progress_->finish();
-  if (stopped) {
-    if (signalled) {
-      say("stop requested (SIGTERM/SIGINT): saving a checkpoint");
-    } else {
-      char text[96];
-      std::snprintf(text, sizeof(text), "time limit of %g minutes reached: evaluating and saving",
-                    c_.max_minutes);
-      say(text);
-      evaluate();
-    }
-    save_checkpoint(true);
-    if (trace_) trace_->flush();
-    say(checkpoints_ ? "stopped at step " + std::to_string(step_) +
-                           "; run the same command to resume from " + c_.checkpoint_dir
-                     : "stopped at step " + std::to_string(step_));
-    // A time limit is the run's own budget, not a failure: exit 0, so that a
-    // supervisor does not start it again at once.
-    return signalled ? kExitStopped : 0;
+
+  std::unique_ptr<train::DataSource> eval_data(const train::RunContext& run) override {
+    if (!test_set_) return nullptr;
+    dtrain::data::LoaderOptions o = loader_options();
+    o.sampler.global_batch_size = c_.eval_batch;
+    o.sampler.shuffle = dtrain::data::ShuffleMode::kNone;
+    o.sampler.drop_last = false;
+    return std::make_unique<ImageData>(test_set_, o, run.rank, run.world_size, run.device);
   }
-  evaluate();
-  if (!resumed_from_ || *resumed_from_ != step_) save_checkpoint(true);
-  if (trace_) trace_->flush();
-  const double wall = seconds(Clock::now() - run_start);
-  if (rank_ == 0) {
-    std::printf("done: %lld steps in %.1f s this run", static_cast<long long>(step_), wall);
-    if (last_eval_accuracy_ >= 0) std::printf(", test accuracy %.4f", last_eval_accuracy_);
-    std::printf("\n  metrics     %s\n", c_.metrics_dir.c_str());
-    if (checkpoints_) std::printf("  checkpoints %s\n", c_.checkpoint_dir.c_str());
-    if (trace_)
-      std::printf("  traces      %s (merge: scripts/merge_traces.py)\n", c_.trace_dir.c_str());
-    std::printf("  plots       scripts/plot_metrics.py %s -o %s/metrics.png\n",
-                c_.metrics_dir.c_str(), c_.out.c_str());
-    std::fflush(stdout);
+
+  Identity identity() const override {
+    return {{"model", c_.model},
+            {"global_batch", std::to_string(c_.global_batch)},
+            {"optimizer", c_.optimizer},
+            {"zero", c_.zero ? "1" : "0"},
+            {"seed", std::to_string(c_.seed)}};
   }
-  return 0;
-}
+
+  std::string describe() const override {
+    return "dtrain-resnet: " + c_.model + " on " + c_.train_data + " (" +
+           std::to_string(train_set_->size()) + " images, " + std::to_string(classes_) +
+           " classes)";
+  }
+
+  nlohmann::json config() const override {
+    return {{"model", c_.model},
+            {"global_batch", c_.global_batch},
+            {"epochs", c_.epochs},
+            {"optimizer", c_.optimizer},
+            {"lr", c_.lr},
+            {"schedule", c_.schedule},
+            {"zero", c_.zero},
+            {"sync_bn", c_.sync_bn},
+            {"compression", c_.compression},
+            {"loader_output", c_.loader_output},
+            {"threads", c_.threads},
+            {"seed", c_.seed}};
+  }
+
+ private:
+  // What every loader of this run shares: normalization, workers, output.
+  dtrain::data::LoaderOptions loader_options() const {
+    dtrain::data::LoaderOptions o;
+    o.mean = {0.2860};  // Fashion-MNIST's training set
+    o.std = {0.3530};
+    o.workers = c_.loader_workers;
+    o.output = c_.loader_output == "raw" ? dtrain::data::ImageOutput::kRaw
+                                         : dtrain::data::ImageOutput::kNormalizedFloat;
+    return o;
+  }
+
+  Config c_;
+  std::shared_ptr<dtrain::data::Dataset> train_set_;
+  std::shared_ptr<dtrain::data::Dataset> test_set_;
+  std::int64_t channels_ = 1;
+  std::int64_t classes_ = 10;
+  std::shared_ptr<dtrain::collectives::Communicator> bn_comm_;
+};
 
 }  // namespace
 
@@ -964,6 +466,7 @@ int main(int argc, char** argv) {
   const dtrain::LaunchInfo launch = dtrain::detect_launch();
   cxxopts::Options cli = make_cli();
   Config config;
+  train::TrainerOptions options;
   try {
     auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
@@ -979,53 +482,11 @@ int main(int argc, char** argv) {
       return 0;
     }
     config = parse_config(parsed);
+    options = trainer_options(config);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "[dtrain rank %d] error: %s (see --help)\n", launch.rank, e.what());
-    return kExitBadInput;
+    return train::kExitBadInput;
   }
-  torch::set_num_threads(config.threads);
-  ::signal(SIGTERM, on_stop_signal);
-  ::signal(SIGINT, on_stop_signal);
-  ::signal(SIGXFSZ, SIG_IGN);  // a file-size limit becomes a write error (EFBIG), not a kill
-
-  // A bad DTRAIN_* variable, or an MPI without thread support, is reported
-  // like any other bad input, not as an uncaught exception.
-  std::optional<dtrain::Runtime> started;
-  try {
-    started.emplace(&argc, &argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "[dtrain rank %d] error: %s\n", launch.rank, e.what());
-    return dynamic_cast<const dtrain::InvalidArgument*>(&e) != nullptr ? kExitBadInput : 1;
-  }
-  dtrain::Runtime& runtime = *started;
-  RunEnvironment env;
-  std::optional<std::uint64_t> file_limit_kib;
-  try {
-    env = read_run_environment();
-    file_limit_kib = dtrain::read_fault_injection_env().file_limit_kib;
-  } catch (const dtrain::InvalidArgument& e) {
-    std::fprintf(stderr, "[dtrain rank %d] error: %s\n", runtime.rank(), e.what());
-    return kExitBadInput;
-  }
-  if (file_limit_kib) {
-    const rlimit limit{static_cast<rlim_t>(*file_limit_kib) * 1024, RLIM_INFINITY};
-    ::setrlimit(RLIMIT_FSIZE, &limit);
-  }
-  // The trainer outlives the handlers: aborting must not first wait for its
-  // background checkpoint write, which may be waiting for a dead peer.
-  Trainer trainer(config, runtime, std::move(env));
-  try {
-    return trainer.run();
-  } catch (const dtrain::InvalidArgument& e) {
-    std::fprintf(stderr, "[dtrain rank %d] error: %s\n", runtime.rank(), e.what());
-    if (trainer.started() && runtime.size() > 1)
-      dtrain::Runtime::abort_job(kExitBadInput, e.what());
-    return kExitBadInput;
-  } catch (const dtrain::CommError& e) {
-    dtrain::Runtime::abort_job(1, e.what());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "[dtrain rank %d] error: %s\n", runtime.rank(), e.what());
-    if (runtime.size() > 1) dtrain::Runtime::abort_job(1, e.what());
-    return 1;
-  }
+  ResNetProgram program(config);
+  return train::run(&argc, &argv, options, program);
 }

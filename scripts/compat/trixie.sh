@@ -262,29 +262,50 @@ if [ -f "$build/CMakeCache.txt" ] && [ "$(cat "$build/.compat-root" 2>/dev/null)
 fi
 echo "$key" >"$build/.compat-root"
 
+# The compiler cache. ccache keeps nothing that makes or uses a precompiled
+# header (CMake's target_precompile_headers) unless its sloppiness allows
+# pch_defines and time_macros. Both are safe here: the precompiled headers
+# are LibTorch's and GoogleTest's, and nothing uses __DATE__ or __TIME__.
+ccache_env=(CCACHE_DIR=/ccache CCACHE_MAXSIZE=3G CCACHE_SLOPPINESS=pch_defines,time_macros)
+
 enter_mounts "$rootfs"
 mount_at "$rootfs/build" --bind "$build"
 mount_at "$rootfs/ccache" --bind "$cache/ccache"
 
 if [ "$mode" = shell ]; then
   if [ $# -gt 0 ]; then
-    in_root "$rootfs" CCACHE_DIR=/ccache DTRAIN_BUILD_DIR=/build bash -c 'cd /src && eval "$*"' bash "$@"
+    in_root "$rootfs" "${ccache_env[@]}" DTRAIN_BUILD_DIR=/build bash -c 'cd /src && eval "$*"' bash "$@"
   else
     say "shell in $rootfs (source at /src, build at /build); exit to leave"
-    in_root "$rootfs" CCACHE_DIR=/ccache DTRAIN_BUILD_DIR=/build bash -i
+    in_root "$rootfs" "${ccache_env[@]}" DTRAIN_BUILD_DIR=/build bash -i
   fi
   exit $?
 fi
 
+# cpu_seconds VAR: VAR = the processor time (user + system, in s) of what
+# this script has run so far. With the wall time it tells how much the
+# machine's load stretched a step: on an idle machine a step takes about its
+# processor time / cores.
+cpu_seconds() {
+  times >"$run_dir/times" # here, not in $(...): a subshell's `times` would not see them
+  printf -v "$1" '%s' "$(awk 'NR == 2 { for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); n += t[1] * 60 + t[2] }
+                              printf "%d\n", n }' "$run_dir/times")"
+}
+load() { cut -d' ' -f1 /proc/loadavg; }
+
 started=$SECONDS
+cpu_seconds started_cpu
+say "building (load average $(load), $(nproc) cores)"
 in_root "$rootfs" /src/scripts/setup.sh # no-op unless the package list changed
-in_root "$rootfs" CCACHE_DIR=/ccache CCACHE_MAXSIZE=3G DTRAIN_BUILD_DIR=/build \
+in_root "$rootfs" "${ccache_env[@]}" DTRAIN_BUILD_DIR=/build \
   /src/scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
 built=$SECONDS
-say "built in $((built - started)) s"
+cpu_seconds built_cpu
+say "built in $((built - started)) s, $((built_cpu - started_cpu)) s of processor time (load average $(load))"
 [ $# -gt 0 ] || set -- -L 'unit|mpi'
 rc=0
 in_root "$rootfs" bash -c 'cd /build && ctest --output-on-failure --parallel "$(nproc)" --timeout 900 "$@"' \
   ctest "$@" || rc=$?
-say "tests ran in $((SECONDS - built)) s (exit $rc)"
+cpu_seconds tested_cpu
+say "tests ran in $((SECONDS - built)) s, $((tested_cpu - built_cpu)) s of processor time (load average $(load); exit $rc)"
 exit "$rc"

@@ -350,6 +350,18 @@ void DistributedDataParallel::synchronize() {
   }
 }
 
+void DistributedDataParallel::start_reduction() {
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  for (State::Slot& slot : s.slots) {
+    if (slot.ready) continue;
+    slot.ready = true;  // what the step's backward passes accumulated, zeros if none
+    --s.buckets[slot.bucket].pending;
+  }
+  s.backward_seen = true;
+  s.launch_ready();
+}
+
 DistributedDataParallel::NoSyncGuard::NoSyncGuard(DistributedDataParallel& ddp) : ddp_(ddp) {
   std::lock_guard<std::mutex> lock(ddp_.state_->mutex);
   previous_ = ddp_.state_->sync_enabled;

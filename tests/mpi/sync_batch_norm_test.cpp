@@ -21,6 +21,7 @@
 #include "dtrain/parallel/distributed_data_parallel.h"
 #include "dtrain/parallel/sync_batch_norm.h"
 #include "examples/resnet/resnet.h"
+#include "src/common/torch_compat.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace dtrain::parallel {
@@ -190,10 +191,6 @@ std::vector<Batch> make_batches(int steps) {
   return out;
 }
 
-std::string state_key(const torch::Tensor& param) {
-  return c10::guts::to_string(param.unsafeGetTensorImpl());
-}
-
 // ResNet-20 for 1x28x28 images with SyncBatchNorm over `comm` (the factory
 // dtrain-resnet uses with --sync-bn, on any number of ranks) trained from
 // `start` (or its initialization) on `batches`, as the trainer does: DDP,
@@ -212,7 +209,7 @@ Snapshot train(std::shared_ptr<collectives::Communicator> comm, const Snapshot* 
       item.value().copy_(start->weights.at(item.key()));
       auto state = std::make_unique<torch::optim::SGDParamState>();
       state->momentum_buffer(start->momentum.at(item.key()).clone());
-      sgd.state()[state_key(item.value())] = std::move(state);
+      sgd.state()[dtrain::detail::optimizer_state_key(item.value())] = std::move(state);
     }
     for (auto& item : model->named_buffers()) item.value().copy_(start->weights.at(item.key()));
   }
@@ -229,8 +226,8 @@ Snapshot train(std::shared_ptr<collectives::Communicator> comm, const Snapshot* 
   Snapshot out;
   for (const auto& item : model->named_parameters()) {
     out.weights[item.key()] = item.value().detach().clone();
-    const auto& state =
-        static_cast<const torch::optim::SGDParamState&>(*sgd.state().at(state_key(item.value())));
+    const auto& state = static_cast<const torch::optim::SGDParamState&>(
+        *sgd.state().at(dtrain::detail::optimizer_state_key(item.value())));
     out.momentum[item.key()] = state.momentum_buffer().clone();
   }
   for (const auto& item : model->named_buffers()) {

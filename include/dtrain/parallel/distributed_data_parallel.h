@@ -119,6 +119,15 @@ class DistributedDataParallel {
   /// Rethrows the collectives' errors (TimeoutError, CommError).
   void synchronize();
 
+  /// Starts the average of every bucket not started yet, with the gradients
+  /// as they are now, and returns without waiting; a later synchronize()
+  /// (outside no_sync()) waits for them. For callers that accumulate every
+  /// backward of a step inside no_sync() and know when the last gradient is
+  /// in: a pipeline stage starts its all-reduce at its reduce action, while
+  /// the rank goes on with other stages' work. Buckets start in bucket order,
+  /// as always, so every rank of the communicator must call it once per step.
+  void start_reduction();
+
   /// While the returned guard lives, backward only accumulates gradients.
   class NoSyncGuard {
    public:

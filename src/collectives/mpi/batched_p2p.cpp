@@ -73,9 +73,15 @@ std::string P2PSignature::str() const {
 
 BatchedPointToPoint::BatchedPointToPoint(MPI_Comm comm, std::string comm_name, int rank, int size)
     : comm_name_(std::move(comm_name)), rank_(rank), size_(size) {
+  // MPI_TAG_UB is one bound for the whole program, attached to
+  // MPI_COMM_WORLD; communicators made by MPI_Comm_split do not carry it
+  // (Open MPI reports no value there), which left split communicators (the
+  // parallel context's dp/pp/tp) at MPI's guaranteed minimum of 32767 and
+  // no room for the header tags above kMaxUserTag.
+  (void)comm;
   void* tag_ub = nullptr;
   int flag = 0;
-  DTRAIN_MPI_CHECK(MPI_Comm_get_attr(comm, MPI_TAG_UB, &tag_ub, &flag));
+  DTRAIN_MPI_CHECK(MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &tag_ub, &flag));
   if (flag && tag_ub != nullptr) tag_ub_ = *static_cast<int*>(tag_ub);
 }
 

@@ -54,7 +54,7 @@
 //    on the data-parallel communicator, overlapped with later actions. The
 //    step's optimizer update waits for all of them.
 //
-// How the runtime consumes a schedule (for the runtime, not yet built):
+// How the runtime (engine.h) consumes a schedule:
 //   validate(schedule);                         // refuse a bad list up front
 //   for (const Action& a : schedule.actions[pp_rank]) switch (a.kind) ...
 // holding, per (stage, microbatch), the stage's input and output tensors

@@ -1,5 +1,6 @@
 #pragma once
-// What the trainer reports while it runs (see docs/metrics.md):
+// What the trainer (dtrain/train/trainer.h) reports while it runs (see
+// docs/metrics.md):
 //   MetricsLog  one JSON object per line, per rank (metrics-rankRRRRR.jsonl)
 //   TraceLog    Chrome trace events, per rank (trace-rankRRRRR.json),
 //               system-clock microseconds so ranks share one time line
@@ -14,7 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace dtrain::resnet {
+namespace dtrain::train {
 
 using SystemTime = std::chrono::system_clock::time_point;
 
@@ -62,8 +63,10 @@ class TraceLog {
 class Progress {
  public:
   /// `bar`: redraw one line (a terminal); otherwise a plain line every `every` steps.
-  Progress(bool enabled, bool bar, std::int64_t total_steps, std::int64_t first_step, int every);
-  void update(std::int64_t step, std::int64_t epoch, double loss, double images_per_s);
+  /// `rate_unit` follows the throughput ("img/s", "tok/s").
+  Progress(bool enabled, bool bar, std::int64_t total_steps, std::int64_t first_step, int every,
+           std::string rate_unit = "img/s");
+  void update(std::int64_t step, std::int64_t epoch, double loss, double samples_per_s);
   /// A line of its own (ends the bar's line first).
   void message(const std::string& text);
   void finish();
@@ -74,8 +77,9 @@ class Progress {
   std::int64_t total_;
   std::int64_t first_;
   int every_;
+  std::string rate_unit_;
   bool bar_open_ = false;
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
 
-}  // namespace dtrain::resnet
+}  // namespace dtrain::train

@@ -1,4 +1,4 @@
-#include "examples/resnet/telemetry.h"
+#include "dtrain/train/telemetry.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -10,7 +10,7 @@
 
 #include "dtrain/error.h"
 
-namespace dtrain::resnet {
+namespace dtrain::train {
 
 namespace fs = std::filesystem;
 
@@ -96,14 +96,15 @@ void TraceLog::flush() const {
 }
 
 Progress::Progress(bool enabled, bool bar, std::int64_t total_steps, std::int64_t first_step,
-                   int every)
+                   int every, std::string rate_unit)
     : enabled_(enabled),
       tty_(enabled && bar),
       total_(total_steps),
       first_(first_step),
-      every_(every < 1 ? 1 : every) {}
+      every_(every < 1 ? 1 : every),
+      rate_unit_(std::move(rate_unit)) {}
 
-void Progress::update(std::int64_t step, std::int64_t epoch, double loss, double images_per_s) {
+void Progress::update(std::int64_t step, std::int64_t epoch, double loss, double samples_per_s) {
   if (!enabled_) return;
   const double elapsed =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
@@ -116,15 +117,16 @@ void Progress::update(std::int64_t step, std::int64_t epoch, double loss, double
     const int filled = static_cast<int>(fraction * kWidth);
     std::string bar(static_cast<std::size_t>(filled), '#');
     bar.resize(kWidth, '.');
-    std::printf("\r[%s] epoch %lld step %lld/%lld loss %.4f %.0f img/s ETA %s   ", bar.c_str(),
+    std::printf("\r[%s] epoch %lld step %lld/%lld loss %.4f %.0f %s ETA %s   ", bar.c_str(),
                 static_cast<long long>(epoch), static_cast<long long>(step),
-                static_cast<long long>(total_), loss, images_per_s, format_duration(eta).c_str());
+                static_cast<long long>(total_), loss, samples_per_s, rate_unit_.c_str(),
+                format_duration(eta).c_str());
     std::fflush(stdout);
     bar_open_ = true;
   } else if (step % every_ == 0 || step == total_) {
-    std::printf("epoch %lld step %lld/%lld loss %.4f %.0f img/s elapsed %s ETA %s\n",
+    std::printf("epoch %lld step %lld/%lld loss %.4f %.0f %s elapsed %s ETA %s\n",
                 static_cast<long long>(epoch), static_cast<long long>(step),
-                static_cast<long long>(total_), loss, images_per_s,
+                static_cast<long long>(total_), loss, samples_per_s, rate_unit_.c_str(),
                 format_duration(elapsed).c_str(), format_duration(eta).c_str());
     std::fflush(stdout);
   }
@@ -145,4 +147,4 @@ void Progress::finish() {
   bar_open_ = false;
 }
 
-}  // namespace dtrain::resnet
+}  // namespace dtrain::train
