@@ -9,11 +9,14 @@
 
 #include <mpi.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <csignal>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <thread>
 #include <vector>
@@ -414,6 +417,41 @@ TEST(TimeoutTest, SkippedCollectiveGivesTimeoutErrorNamingTheMissingRank) {
   world().barrier()->wait();
 }
 
+// A rank that waits in the op but is off the core when a peer's deadline
+// passes (a loaded machine) must still be heard by that peer's roll call:
+// the roll call waits long enough for a live rank to answer. The last rank
+// skips the all-reduce and keeps rank 1 stopped (SIGSTOP) from shortly
+// before the 2 s deadline until 350 ms after it.
+TEST(TimeoutTest, ALiveRankOffTheCoreWhenTheDeadlinePassesIsStillHeard) {
+  Communicator& all = world();
+  if (all.size() < 3) GTEST_SKIP() << "needs a rank to skip and another to stop";
+  at::Tensor pids = at::empty({all.size()}, at::kLong);
+  all.all_gather(pids, at::full({1}, static_cast<std::int64_t>(getpid())))->wait();
+  const Timeout timeout(2000);
+  auto comm = fresh_world("timeout-descheduled", timeout);
+  const int skipper = comm->size() - 1;
+  const auto start = Clock::now();
+  if (comm->rank() == skipper) {
+    const auto peer = static_cast<pid_t>(pids[1].item<std::int64_t>());
+    std::this_thread::sleep_until(start + std::chrono::milliseconds(1800));
+    kill(peer, SIGSTOP);
+    std::this_thread::sleep_until(start + std::chrono::milliseconds(2350));
+    kill(peer, SIGCONT);
+  } else {
+    at::Tensor t = at::ones({8});
+    std::string message;
+    try {
+      comm->all_reduce(t)->wait();
+      ADD_FAILURE() << "all_reduce with a missing rank succeeded";
+    } catch (const TimeoutError& e) {
+      message = e.what();
+    }
+    EXPECT_NE(message.find("not heard from: [" + std::to_string(skipper) + "]"), std::string::npos)
+        << message;
+  }
+  all.barrier()->wait();
+}
+
 class ScatterGatherTimeoutTest : public ::testing::TestWithParam<std::tuple<Algorithm, bool>> {};
 
 TEST_P(ScatterGatherTimeoutTest, SkippedOpGivesTimeoutErrorNamingTheMissingRank) {
@@ -542,6 +580,98 @@ TEST(MismatchTest, ScatterAndGatherOfDifferentSizesAreACommErrorNotCorruption) {
       }
     }
   }
+}
+
+// A receive that MPI has matched cannot be cancelled: when an op fails while
+// its sender is stalled mid-message, MPI goes on filling the buffer once the
+// sender moves again, by then perhaps after the communicator is gone. Rank 1,
+// the root of a 1 MiB broadcast (4 chunks of 256 KiB, each a rendezvous
+// message), stops itself (SIGSTOP) once its sends are posted; rank 0's
+// broadcast matches them and times out. Rank 0 then destroys the
+// communicator, drops its tensor and resumes rank 1, whose chunks land in
+// rank 0's buffer: that buffer must not have been freed.
+TEST(FailureTest, ABufferMpiMayStillFillOutlivesTheFailedCommunicator) {
+  Communicator& all = world();
+  at::Tensor pids = at::empty({all.size()}, at::kLong);
+  all.all_gather(pids, at::full({1}, static_cast<std::int64_t>(getpid())))->wait();
+  auto comm = fresh_world("stalled-sender", Timeout(10000));
+  auto pair = comm->split(comm->rank() < 2 ? 0 : -1, comm->rank(), {"stalled-pair", std::nullopt});
+  constexpr std::int64_t kCount = 256 * 1024;  // 1 MiB of float32
+  if (comm->rank() == 1) {
+    at::Tensor data = at::full({kCount}, 42.0f);
+    BroadcastOptions options;
+    options.root = 1;
+    auto work = pair->broadcast(data, options);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the sends get posted
+    std::raise(SIGSTOP);
+    try {
+      work->wait();
+    } catch (const CommError&) {
+      // Rank 0 gave up on the broadcast: either ending is fine here.
+    }
+  } else if (comm->rank() == 0) {
+    const auto peer = static_cast<pid_t>(pids[1].item<std::int64_t>());
+    struct Resume {  // rank 1 never stays stopped, whatever fails below
+      pid_t pid;
+      ~Resume() { kill(pid, SIGCONT); }
+    } resume{peer};
+    const auto stopped = [peer] {
+      std::ifstream stat("/proc/" + std::to_string(peer) + "/stat");
+      std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+      const auto end = text.rfind(')');
+      return end != std::string::npos && end + 2 < text.size() && text[end + 2] == 'T';
+    };
+    const auto give_up = Clock::now() + std::chrono::seconds(30);
+    while (!stopped() && Clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_TRUE(stopped()) << "rank 1 (pid " << peer << ") did not stop";
+    // Rank 1 is resumed after 1.5 s at the latest, even if a loaded machine
+    // keeps this rank from doing it sooner: its neighbours' heartbeat would
+    // take a rank silent for 4 s for a lost one.
+    std::thread watchdog([peer] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+      kill(peer, SIGCONT);
+    });
+    struct Join {
+      std::thread& thread;
+      ~Join() { thread.join(); }
+    } join{watchdog};
+    // The memory itself is the test's (never freed, so a late write cannot
+    // hurt this process); the tensor's deleter says when dtrain let go of it.
+    auto* memory = new std::vector<float>(static_cast<std::size_t>(kCount), 0.0f);
+    bool freed = false;
+    {
+      at::Tensor data = at::from_blob(
+          memory->data(), {kCount}, [&freed](void*) { freed = true; }, at::kFloat);
+      BroadcastOptions options;
+      options.root = 1;
+      options.timeout = Timeout(500);
+      EXPECT_THROW(pair->broadcast(data, options)->wait(), TimeoutError);
+    }
+    pair.reset();
+    comm.reset();
+    EXPECT_FALSE(freed) << "the buffer of a failed op was freed with its communicator, while MPI "
+                           "could still write into it";
+    kill(peer, SIGCONT);
+    // The chunks rank 0 had matched arrive now, after the communicator is
+    // gone: MPI writes them into the buffer.
+    const auto last_of_chunk = [memory](std::int64_t c) {
+      return (*memory)[static_cast<std::size_t>((c + 1) * kCount / 4 - 1)];
+    };
+    const auto until = Clock::now() + std::chrono::seconds(20);
+    int landed = 0;
+    while (Clock::now() < until) {
+      landed = 0;
+      for (std::int64_t c = 0; c < 4; ++c) landed += last_of_chunk(c) == 42.0f ? 1 : 0;
+      if (landed > 0) break;
+      int flag = 0;
+      MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, MPI_COMM_WORLD, &flag, MPI_STATUS_IGNORE);
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    EXPECT_GT(landed, 0) << "no chunk of the stalled broadcast arrived after rank 1 resumed";
+  }
+  all.barrier()->wait();
 }
 
 // MPI_COMM_WORLD runs under MPI_ERRORS_RETURN once the Runtime has started

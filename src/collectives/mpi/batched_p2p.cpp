@@ -231,7 +231,7 @@ void BatchedPointToPoint::run(MpiTransport& transport, const OpDescriptor& what,
       if (ops[i].is_recv && !staged[i].is_same(ops[i].tensor)) ops[i].tensor.copy_(staged[i]);
     }
   } catch (...) {
-    for (P2PBatchOp& op : ops) graveyard_.push_back(op.tensor);
+    for (P2PBatchOp& op : ops) graveyard_.keep(op.tensor);
     throw;
   }
 }
@@ -239,9 +239,6 @@ void BatchedPointToPoint::run(MpiTransport& transport, const OpDescriptor& what,
 void BatchedPointToPoint::leak() noexcept {
   headers_.leak();
   for (Scratch& s : staging_) s.leak();
-  // The tensors of failed batches outlive this object: a receive that could
-  // not be cancelled may still be filled, a freed send may still be read.
-  if (!graveyard_.empty()) (void)new std::vector<at::Tensor>(std::move(graveyard_));
 }
 
 }  // namespace dtrain::collectives::detail

@@ -33,6 +33,7 @@
 #include "src/collectives/algorithms/algorithms.h"
 #include "src/collectives/algorithms/element_type.h"
 #include "src/collectives/mpi/mpi_transport.h"
+#include "src/collectives/mpi/tensor_graveyard.h"
 
 namespace dtrain::collectives::detail {
 
@@ -91,8 +92,8 @@ class BatchedPointToPoint {
   void run(MpiTransport& transport, const OpDescriptor& what, std::vector<P2PBatchOp>& ops);
 
   /// After a failure, when the communicator goes away: gives up the buffers
-  /// and the failed batches' tensors without freeing them (MPI may still hold
-  /// requests into them).
+  /// without freeing them (MPI may still hold requests into them). The
+  /// failed batches' tensors are never freed in any case (TensorGraveyard).
   void leak() noexcept;
 
  private:
@@ -114,7 +115,7 @@ class BatchedPointToPoint {
   // Progress thread only.
   Scratch headers_;               // outgoing and incoming headers of a batch
   std::vector<Scratch> staging_;  // per op: non-contiguous tensors
-  std::vector<at::Tensor> graveyard_;
+  TensorGraveyard graveyard_;     // tensors of failed batches, never freed
 };
 
 }  // namespace dtrain::collectives::detail

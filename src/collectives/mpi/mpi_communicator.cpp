@@ -24,6 +24,7 @@
 #include "src/collectives/mpi/mpi_transport.h"
 #include "src/collectives/mpi/progress_engine.h"
 #include "src/collectives/mpi/shm_segment.h"
+#include "src/collectives/mpi/tensor_graveyard.h"
 #include "src/collectives/p2p_checks.h"
 #include "src/collectives/shape_checks.h"
 
@@ -679,8 +680,8 @@ class MpiCommunicator final : public Communicator {
       {
         std::lock_guard<std::mutex> lock(failure_mutex_);
         if (!failed_.load()) failure_ = e.what();
-        graveyard_.push_back(keep);
-        graveyard_.push_back(keep_too);
+        graveyard_.keep(keep);
+        graveyard_.keep(keep_too);
       }
       failed_.store(true);
       throw;
@@ -744,7 +745,8 @@ class MpiCommunicator final : public Communicator {
   std::atomic<bool> failed_{false};
   std::mutex failure_mutex_;
   std::string failure_;
-  std::vector<at::Tensor> graveyard_;
+  // The failed op's tensors, never freed: they outlive this communicator.
+  TensorGraveyard graveyard_;
 
   std::unique_ptr<ProgressEngine> engine_;  // last: stopped first
 };

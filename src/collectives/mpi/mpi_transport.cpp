@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <new>
 #include <sstream>
 #include <thread>
 
@@ -20,6 +21,16 @@ using Clock = std::chrono::steady_clock;
 constexpr int kQueryTag = 1;  // "I gave up on op #seq; where are you?"
 constexpr int kReplyTag = 2;  // "I am waiting in op #seq."
 constexpr std::int64_t kNotInOp = -1;
+// A waiting rank answers roll calls and checks its deadline every 256 polls,
+// and at least this often: on a loaded machine each back-off sleep can take
+// milliseconds, and 256 of them would leave a live peer unheard.
+constexpr auto kDiagInterval = std::chrono::milliseconds(5);
+// How long a roll call waits for the peers' answers: a tenth of the op's
+// timeout, within these bounds. A live peer answers from its polling loop,
+// which a loaded machine can keep off the core for a few hundred
+// milliseconds; only the missing ranks make a roll call wait this long.
+constexpr auto kMinRollCallWindow = std::chrono::milliseconds(500);
+constexpr auto kMaxRollCallWindow = std::chrono::milliseconds(1000);
 
 }  // namespace
 
@@ -73,11 +84,30 @@ MpiTransport::MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_n
   pending_.reserve(64);
 }
 
+MpiTransport::~MpiTransport() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  bool in_flight = false;
+  for (MPI_Request& request : diag_requests_) {
+    if (request == MPI_REQUEST_NULL) continue;
+    int done = 0;
+    if (!finalized) MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+    if (done) continue;
+    in_flight = true;
+    if (!finalized) MPI_Request_free(&request);  // MPI still reads diag_out_
+  }
+  if (in_flight) {
+    auto* kept = new (std::nothrow) std::vector<std::int64_t>();
+    if (kept != nullptr) kept->swap(diag_out_);
+  }
+}
+
 void MpiTransport::begin_op(OpInfo info) {
   op_ = std::move(info);
   tag_ = static_cast<int>(op_.seq % static_cast<std::uint64_t>(tag_space_));
   pending_.clear();
   polls_since_diag_ = 0;
+  last_diag_ = op_.deadline - op_.timeout;  // the op's start
   heard_.assign(static_cast<std::size_t>(size_), kNotInOp - 1);
   gave_up_peer_ = -1;
   notified_peers_ = false;
@@ -186,7 +216,7 @@ void MpiTransport::wait(Request request) {
   Pending& p = pending_.at(request);
   Backoff backoff;
   while (!test(p)) {
-    if (++polls_since_diag_ % 256 == 0) {
+    if (diag_due()) {
       service_diag();
       if (should_give_up()) {
         // Name every peer this op still waits for, not just this request's.
@@ -217,7 +247,7 @@ std::vector<Transport::Request> MpiTransport::wait_some(std::vector<Request>& re
       }
     }
     if (!done.empty() || requests.empty()) return done;
-    if (++polls_since_diag_ % 256 == 0) {
+    if (diag_due()) {
       service_diag();
       if (should_give_up()) {
         std::ostringstream waiting;
@@ -246,7 +276,7 @@ void MpiTransport::wait_native(MPI_Request* request) {
     const int rc = MPI_Test(request, &flag, &status);
     if (rc != MPI_SUCCESS) throw_mpi_error(rc, "MPI_Test", op_.what.str());
     if (flag) return;
-    if (++polls_since_diag_ % 256 == 0) {
+    if (diag_due()) {
       service_diag();
       if (should_give_up()) fail_timeout("the MPI library's collective");
     }
@@ -261,7 +291,16 @@ void MpiTransport::idle(const char* phase, int peer) {
   }
 }
 
+bool MpiTransport::diag_due() {
+  ++polls_since_diag_;
+  if (polls_since_diag_ % 256 == 0) return true;
+  // The clock is read every 8th poll only: most waits of small messages end
+  // within the first few polls.
+  return polls_since_diag_ % 8 == 0 && Clock::now() - last_diag_ >= kDiagInterval;
+}
+
 void MpiTransport::service_diag() {
+  last_diag_ = Clock::now();
   while (true) {
     int flag = 0;
     MPI_Status status;
@@ -333,8 +372,7 @@ void MpiTransport::fail_timeout(const std::string& waiting_on) {
   // Peers that queried us already told us where they are.
   std::vector<std::int64_t>& heard = heard_;
   heard[static_cast<std::size_t>(rank_)] = static_cast<std::int64_t>(op_.seq);
-  const auto window =
-      std::clamp(op_.timeout / 10, std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
+  const auto window = std::clamp(op_.timeout / 10, kMinRollCallWindow, kMaxRollCallWindow);
   const auto until = Clock::now() + window;
   int missing = 0;
   for (std::int64_t h : heard) missing += h < kNotInOp ? 1 : 0;

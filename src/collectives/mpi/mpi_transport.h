@@ -65,6 +65,11 @@ class MpiTransport final : public Transport, public ShmWaiter {
   /// naming the op and what the heartbeat lost.
   MpiTransport(MPI_Comm comm, MPI_Comm diag_comm, std::string comm_name,
                std::shared_ptr<const PeerHealth> health, std::vector<int> rank_names = {});
+  /// A roll-call message still in flight keeps its buffer: it is let go of
+  /// without being freed.
+  ~MpiTransport() override;
+  MpiTransport(const MpiTransport&) = delete;
+  MpiTransport& operator=(const MpiTransport&) = delete;
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -113,6 +118,10 @@ class MpiTransport final : public Transport, public ShmWaiter {
   /// True once `pending` has completed; throws CommError on an MPI error or a
   /// size mismatch.
   bool test(Pending& pending);
+  /// Called at each poll of a wait: true when it is time to answer roll
+  /// calls and check the deadline (every 256 polls, and every few
+  /// milliseconds however slow the polls are).
+  bool diag_due();
   /// Called while polling: answers roll-call queries from peers and notes
   /// whether a peer gave up on this very op.
   void service_diag();
@@ -149,6 +158,7 @@ class MpiTransport final : public Transport, public ShmWaiter {
   int gave_up_peer_ = -1;
   bool notified_peers_ = false;
   std::uint32_t polls_since_diag_ = 0;
+  std::chrono::steady_clock::time_point last_diag_;
 };
 
 }  // namespace dtrain::collectives::detail
