@@ -35,6 +35,20 @@ using dtrain::testing::runtime;
 using dtrain::testing::world;
 using Clock = std::chrono::steady_clock;
 
+// Issues an all-gather of `input` into `output` (gather) or a reduce-scatter
+// of `input` into `output`, with `algorithm`, and returns its Work.
+std::shared_ptr<Work> scatter_or_gather(Communicator& comm, bool gather, Algorithm algorithm,
+                                        const at::Tensor& output, const at::Tensor& input) {
+  if (gather) {
+    AllGatherOptions options;
+    options.algorithm = algorithm;
+    return comm.all_gather(output, input, options);
+  }
+  ReduceScatterOptions options;
+  options.algorithm = algorithm;
+  return comm.reduce_scatter(output, input, options);
+}
+
 TEST(OrderingTest, ManyAsyncOpsInFlightCompleteInIssueOrder) {
   Communicator& comm = world();
   const int n = comm.size();
@@ -87,20 +101,12 @@ TEST(OrderingTest, ReduceScattersAndAllGathersInterleavedWithAllReducesCompleteI
         op.work = comm.all_reduce(op.input, options);
         break;
       }
-      case 1: {
-        op.input = at::full({block * n}, static_cast<float>(comm.rank() + i));
-        op.output = at::zeros({block});
-        ReduceScatterOptions options;
-        options.algorithm = algorithm;
-        op.work = comm.reduce_scatter(op.output, op.input, options);
-        break;
-      }
+      case 1:
       case 2: {
-        op.input = at::full({block}, static_cast<float>(comm.rank() + i));
-        op.output = at::zeros({block * n});
-        AllGatherOptions options;
-        options.algorithm = algorithm;
-        op.work = comm.all_gather(op.output, op.input, options);
+        const bool gather = i % 3 == 2;
+        op.input = at::full({gather ? block : block * n}, static_cast<float>(comm.rank() + i));
+        op.output = at::zeros({gather ? block * n : block});
+        op.work = scatter_or_gather(comm, gather, algorithm, op.output, op.input);
         break;
       }
     }
@@ -466,15 +472,8 @@ TEST_P(ScatterGatherTimeoutTest, SkippedOpGivesTimeoutErrorNamingTheMissingRank)
     const auto start = Clock::now();
     std::string message;
     try {
-      if (gather) {
-        AllGatherOptions options;
-        options.algorithm = algorithm;
-        comm->all_gather(large, small, options)->wait();
-      } else {
-        ReduceScatterOptions options;
-        options.algorithm = algorithm;
-        comm->reduce_scatter(small, large, options)->wait();
-      }
+      scatter_or_gather(*comm, gather, algorithm, gather ? large : small, gather ? small : large)
+          ->wait();
       ADD_FAILURE() << "a collective with a missing rank succeeded";
     } catch (const TimeoutError& e) {
       message = e.what();
@@ -554,15 +553,7 @@ TEST(MismatchTest, ScatterAndGatherOfDifferentSizesAreACommErrorNotCorruption) {
         at::Tensor output = buffer.narrow(0, 1, out_count);
         at::Tensor input = at::ones({gather ? block : block * n});
         try {
-          if (gather) {
-            AllGatherOptions options;
-            options.algorithm = algorithm;
-            comm->all_gather(output, input, options)->wait();
-          } else {
-            ReduceScatterOptions options;
-            options.algorithm = algorithm;
-            comm->reduce_scatter(output, input, options)->wait();
-          }
+          scatter_or_gather(*comm, gather, algorithm, output, input)->wait();
           if (n > 1) ADD_FAILURE() << "no error: " << to_string(algorithm) << " gather " << gather;
         } catch (const CommError& e) {
           // Over shared memory every rank sees the other side's stamp; over
