@@ -434,13 +434,7 @@ DataLoader::DataLoader(std::shared_ptr<Dataset> dataset, LoaderOptions options, 
   s.augment = s.options.augment.crop_padding > 0 || s.options.augment.horizontal_flip;
   std::vector<std::int64_t> shard_sizes;
   for (const auto& shard : m.shards) shard_sizes.push_back(shard.samples);
-  detail::EngineOptions engine;
-  engine.sampler = s.options.sampler;
-  engine.start = s.options.start;
-  engine.cache_bytes = s.options.cache_bytes;
-  engine.workers = s.options.workers;
-  engine.prefetch_depth = s.options.prefetch_depth;
-  engine.pin_memory = s.options.pin_memory;
+  const auto engine = detail::EngineOptions::of(s.options);
   s.engine = std::make_unique<detail::LoaderEngine>(
       std::move(dataset), engine,
       std::vector<detail::SampleRead>{{image_field, 1, 1}, {label_field, 1, 1}},

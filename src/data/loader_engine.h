@@ -40,6 +40,20 @@ struct EngineOptions {
   int workers = 1;
   int prefetch_depth = 1;
   bool pin_memory = false;
+
+  /// The engine's part of a loader's options (LoaderOptions,
+  /// TokenLoaderOptions: the fields of the same names).
+  template <typename LoaderOptionsT>
+  static EngineOptions of(const LoaderOptionsT& o) {
+    EngineOptions e;
+    e.sampler = o.sampler;
+    e.start = o.start;
+    e.cache_bytes = o.cache_bytes;
+    e.workers = o.workers;
+    e.prefetch_depth = o.prefetch_depth;
+    e.pin_memory = o.pin_memory;
+    return e;
+  }
 };
 
 /// A cached chunk's bytes; shared by the cache and the batches that use it.

@@ -117,13 +117,7 @@ TokenLoader::TokenLoader(std::shared_ptr<Dataset> dataset, TokenLoaderOptions op
   for (std::size_t k = 0; k + 1 < offsets.size(); ++k) {
     window_shards.push_back(first_window(offsets[k + 1]) - first_window(offsets[k]));
   }
-  detail::EngineOptions engine;
-  engine.sampler = options.sampler;
-  engine.start = options.start;
-  engine.cache_bytes = options.cache_bytes;
-  engine.workers = options.workers;
-  engine.prefetch_depth = options.prefetch_depth;
-  engine.pin_memory = options.pin_memory;
+  const auto engine = detail::EngineOptions::of(options);
   s.engine = std::make_unique<detail::LoaderEngine>(
       std::move(dataset), engine, std::vector<detail::SampleRead>{{field, stride, s.context + 1}},
       std::move(window_shards),
