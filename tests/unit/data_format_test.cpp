@@ -17,6 +17,7 @@
 #include "dtrain/data/convert.h"
 #include "dtrain/data/dataset.h"
 #include "dtrain/error.h"
+#include "tests/support/expect_error.h"
 #include "tests/unit/data_test_util.h"
 
 namespace dtrain::data {
@@ -51,19 +52,7 @@ void expect_open_error(const std::string& dir, const std::vector<std::string>& n
   }
 }
 
-// Expects `fn` to throw E with a message holding every needle.
-template <typename E, typename Fn>
-void expect_error(Fn fn, const std::vector<std::string>& needles) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception";
-  } catch (const E& e) {
-    for (const auto& n : needles) {
-      EXPECT_NE(std::string(e.what()).find(n), std::string::npos)
-          << "message lacks '" << n << "': " << e.what();
-    }
-  }
-}
+using dtrain::testing::expect_error;
 
 TEST(DataFormat, RoundTripAcrossShards) {
   ScratchDir dir;

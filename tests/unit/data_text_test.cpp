@@ -20,6 +20,7 @@
 #include "dtrain/data/text.h"
 #include "dtrain/data/token_loader.h"
 #include "dtrain/error.h"
+#include "tests/support/expect_error.h"
 #include "tests/unit/data_test_util.h"
 
 namespace dtrain::data {
@@ -41,18 +42,7 @@ void write_text(const std::string& path, const std::string& text) {
   std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
 }
 
-template <typename E, typename Fn>
-void expect_error(Fn fn, const std::vector<std::string>& needles) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception";
-  } catch (const E& e) {
-    for (const auto& n : needles) {
-      EXPECT_NE(std::string(e.what()).find(n), std::string::npos)
-          << "message lacks '" << n << "': " << e.what();
-    }
-  }
-}
+using dtrain::testing::expect_error;
 
 // Every token of a token data set, in order.
 std::vector<std::int64_t> all_tokens(const std::string& dir) {
