@@ -330,11 +330,12 @@ class ResNetProgram : public train::TrainingProgram {
   // Everything that can be wrong with the input; the trainer agrees on it
   // over the ranks before anything is trained or written.
   std::int64_t check_input(const train::RunContext& run) override {
-    DTRAIN_CHECK_ARG(c_.global_batch % run.world_size == 0, "--global-batch ", c_.global_batch,
-                     " is not divisible by the number of ranks (", run.world_size, ")");
-    DTRAIN_CHECK_ARG(c_.test_data == "none" || c_.eval_batch % run.world_size == 0, "--eval-batch ",
-                     c_.eval_batch, " is not divisible by the number of ranks (", run.world_size,
-                     ")");
+    const int replicas = run.context->data_world_size();
+    DTRAIN_CHECK_ARG(c_.global_batch % replicas == 0, "--global-batch ", c_.global_batch,
+                     " is not divisible by the number of data-parallel ranks (", replicas, ")");
+    DTRAIN_CHECK_ARG(c_.test_data == "none" || c_.eval_batch % replicas == 0, "--eval-batch ",
+                     c_.eval_batch, " is not divisible by the number of data-parallel ranks (",
+                     replicas, ")");
     dtrain::data::OpenOptions open;
     open.verify_digests = false;  // sizes, structure, dtypes and shapes are still checked
     train_set_ = dtrain::data::Dataset::open(c_.train_data, open);
@@ -399,7 +400,8 @@ class ResNetProgram : public train::TrainingProgram {
       lo.augment.crop_padding = 2;
       lo.augment.horizontal_flip = true;
     }
-    return std::make_unique<ImageData>(train_set_, lo, run.rank, run.world_size, run.device);
+    return std::make_unique<ImageData>(train_set_, lo, run.context->data_rank(),
+                                       run.context->data_world_size(), run.device);
   }
 
   std::unique_ptr<train::DataSource> eval_data(const train::RunContext& run) override {
@@ -408,7 +410,8 @@ class ResNetProgram : public train::TrainingProgram {
     o.sampler.global_batch_size = c_.eval_batch;
     o.sampler.shuffle = dtrain::data::ShuffleMode::kNone;
     o.sampler.drop_last = false;
-    return std::make_unique<ImageData>(test_set_, o, run.rank, run.world_size, run.device);
+    return std::make_unique<ImageData>(test_set_, o, run.context->data_rank(),
+                                       run.context->data_world_size(), run.device);
   }
 
   Identity identity() const override {

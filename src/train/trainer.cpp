@@ -109,6 +109,9 @@ void TrainerOptions::validate() const {
                    "' (cpu, cuda)");
   DTRAIN_CHECK_ARG(threads >= 1, "threads must be >= 1");
   DTRAIN_CHECK_ARG(comm_timeout_s >= 1, "the communication timeout must be >= 1 s");
+  DTRAIN_CHECK_ARG(tp >= 1 && pp >= 1,
+                   "the tensor- and pipeline-parallel sizes must be >= 1, got tp ", tp, ", pp ",
+                   pp);
   DTRAIN_CHECK_ARG(keep >= 1, "checkpoints to keep must be >= 1");
   DTRAIN_CHECK_ARG(checkpoint_every >= 0 && eval_every >= 0,
                    "checkpoint and evaluation intervals must be >= 0");
@@ -178,8 +181,12 @@ void Trainer::agree(const std::string& problem, const char* other_rank) {
 // Everything that can be wrong with the input is checked here, on every rank,
 // and agreed on before anything is trained or written.
 void Trainer::setup() {
-  run_ = std::make_unique<RunContext>(RunContext{
-      runtime_, world_, nullptr, torch::Device(torch::kCPU), runtime_.rank(), runtime_.size()});
+  // Collective; a layout that does not fit the ranks is InvalidArgument on
+  // every rank before any split.
+  auto context = std::make_shared<const parallel::ParallelContext>(world_, o_.tp, o_.pp);
+  run_ = std::make_unique<RunContext>(RunContext{runtime_, world_, context, nullptr,
+                                                 torch::Device(torch::kCPU), runtime_.rank(),
+                                                 runtime_.size()});
   std::string problem;
   try {
     steps_per_epoch_ = program_.check_input(*run_);
@@ -197,7 +204,7 @@ void Trainer::setup() {
     c.async = o_.async_checkpoint;
     c.fault_hook = checkpoint_fault_hook(env_.checkpoint_fault, run_->rank);
     try {
-      checkpoints_ = std::make_unique<checkpoint::CheckpointManager>(c, world_);
+      checkpoints_ = std::make_unique<checkpoint::CheckpointManager>(c, *context);
     } catch (const CheckpointError& e) {
       throw InvalidArgument(e.what());
     }
@@ -386,13 +393,23 @@ int Trainer::run() {
     metrics_->write({{"kind", "run"},
                      {"rank", rank},
                      {"world_size", world_size},
+                     {"layout",
+                      {{"dp", run_->context->dp_size()},
+                       {"pp", run_->context->pp_size()},
+                       {"tp", run_->context->tp_size()}}},
                      {"resumed_from_step", resumed_from_ ? json(*resumed_from_) : json(nullptr)},
                      {"malloc_tuning", runtime_.malloc_policy().tune},
                      {"config", config}});
   }
-  say(program_.describe() + ", " + std::to_string(world_size) + " rank(s), global batch " +
-      std::to_string(o_.global_batch) + ", " + std::to_string(total_steps_) + " steps (" +
-      std::to_string(steps_per_epoch_) + " per epoch), " + strategy_->name() +
+  const auto& shape = run_->context->shape();
+  const std::string layout = shape.pp == 1 && shape.tp == 1
+                                 ? std::string()
+                                 : " (dp " + std::to_string(shape.dp) + " x pp " +
+                                       std::to_string(shape.pp) + " x tp " +
+                                       std::to_string(shape.tp) + ")";
+  say(program_.describe() + ", " + std::to_string(world_size) + " rank(s)" + layout +
+      ", global batch " + std::to_string(o_.global_batch) + ", " + std::to_string(total_steps_) +
+      " steps (" + std::to_string(steps_per_epoch_) + " per epoch), " + strategy_->name() +
       (resumed_from_ ? ", resuming at step " + std::to_string(step_) : std::string()));
 
   const auto run_start = Clock::now();

@@ -442,7 +442,7 @@ def case_bad_input():
     with open(broken + "/manifest.json", "w") as f:
         f.write("{ not json")
     expect_bad_input(base + ["--train-data", broken], "manifest.json")
-    expect_bad_input(base + ["--global-batch", "33"], "not divisible by the number of ranks",
+    expect_bad_input(base + ["--global-batch", "33"], "not divisible by the number of data-parallel ranks",
                      ranks=2)
     blocker = os.path.join(WORK, "a-file")
     with open(blocker, "w") as f:

@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -17,6 +18,8 @@
 
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/error.h"
+#include "dtrain/parallel/parallel_context.h"
+#include "dtrain/parallel/placement.h"
 #include "dtrain/train/trainer.h"
 #include "tests/mpi/mpi_test_env.h"
 
@@ -121,11 +124,11 @@ class FakeProgram : public TrainingProgram {
   std::unique_ptr<DataSource> train_data(const RunContext& run,
                                          const std::string& position) override {
     started_at = position;
-    return std::make_unique<CountingData>(position, run.rank);
+    return std::make_unique<CountingData>(position, run.context->data_rank());
   }
   std::unique_ptr<DataSource> eval_data(const RunContext& run) override {
     if (!with_eval) return nullptr;
-    return std::make_unique<CountingData>("", run.rank);
+    return std::make_unique<CountingData>("", run.context->data_rank());
   }
   Identity identity() const override { return {{"model", model}}; }
   std::string describe() const override { return "fake: " + model; }
@@ -137,6 +140,59 @@ class FakeProgram : public TrainingProgram {
   std::optional<std::int64_t> raise_at;
   CountingStrategy* strategy = nullptr;
   std::string started_at;
+};
+
+// Two "layers" of one scalar each, layer l trained as w += lr * (input + 1 +
+// l), split over the pipeline stages of the trainer's layout: with pp = 2,
+// stage s holds layer s; with pp = 1, each rank holds both. Only the last
+// stage reports the sums, as a pipeline does.
+class StagedStrategy : public Strategy {
+ public:
+  static constexpr int kLayers = 2;
+  explicit StagedStrategy(const parallel::ParallelContext& context) : context_(context) {
+    const int per_stage = kLayers / context.pp_size();
+    for (int l = context.pp_rank() * per_stage; l < (context.pp_rank() + 1) * per_stage; ++l) {
+      w_[l] = 0;
+    }
+  }
+  std::string name() const override { return "staged"; }
+  void set_lr(double lr) override { lr_ = lr; }
+  StepResult train_step(Batch& batch, const StepInfo& info) override {
+    for (auto& [layer, w] : w_) w += lr_ * (batch.inputs.item<double>() + 1 + layer);
+    StepResult r;
+    if (context_.is_last_stage()) r.sums = {static_cast<double>(info.step), 1.0, 1.0};
+    return r;
+  }
+  void set_training(bool) override {}
+  ReportSums eval_step(Batch&) override { return {}; }
+  checkpoint::StateDict state_dict() const override {
+    checkpoint::StateDict state;
+    for (const auto& [layer, w] : w_) {
+      state.add(name_of(layer), at::full({1}, w, at::kDouble),
+                parallel::Placement::replicated({1}).on_stage(context_.pp_rank()));
+    }
+    return state;
+  }
+  void load_state(const checkpoint::Checkpoint& ckpt) override {
+    for (auto& [layer, w] : w_) w = ckpt.read(name_of(layer)).item<double>();
+  }
+  static std::string name_of(int layer) { return "layers." + std::to_string(layer) + ".w"; }
+
+  std::map<int, double> w_;  // by global layer index
+
+ private:
+  parallel::ParallelContext context_;
+  double lr_ = 0;
+};
+
+class StagedProgram : public FakeProgram {
+ public:
+  std::unique_ptr<Strategy> make_strategy(const RunContext& run) override {
+    auto s = std::make_unique<StagedStrategy>(*run.context);
+    staged = s.get();
+    return s;
+  }
+  StagedStrategy* staged = nullptr;
 };
 
 TrainerOptions options_in(const std::string& dir, std::int64_t steps) {
@@ -299,6 +355,56 @@ TEST(Trainer, TimeLimitEvaluatesSavesAndExitsZero) {
   EXPECT_EQ(trainer.step(), 1);
   EXPECT_EQ(program.strategy->eval_batches, 4);
   EXPECT_EQ(checkpoint::Checkpoint::open(dir + "/checkpoints/step-000000001").step(), 1);
+}
+
+// The trainer writes its checkpoints with the layout of TrainerOptions::tp
+// and pp: each stage's tensors once, by global name, so that a run with
+// another split resumes them.
+TEST(Trainer, ACheckpointOfTwoStagesResumesInOneStage) {
+  const std::string dir = testing::shared_temp_dir(testing::world(), "dtrain-trainer");
+  TrainerOptions two_stages = options_in(dir + "/split", 5);
+  two_stages.pp = 2;
+  if (testing::runtime().size() % 2 != 0) {
+    StagedProgram program;
+    Trainer trainer(two_stages, program, testing::runtime());
+    try {
+      trainer.run();
+      FAIL() << "two stages were laid out over an odd number of ranks";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("is not divisible"), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(trainer.started());
+    EXPECT_EQ(program.staged, nullptr);
+    return;
+  }
+  StagedProgram whole;
+  Trainer reference(options_in(dir + "/whole", 10), whole, testing::runtime());
+  ASSERT_EQ(reference.run(), kExitOk);
+  ASSERT_EQ(whole.staged->w_.size(), 2u);
+
+  StagedProgram first;
+  ASSERT_EQ(Trainer(two_stages, first, testing::runtime()).run(), kExitOk);
+  ASSERT_EQ(first.staged->w_.size(), 1u);
+  const auto runs = metrics_of(dir + "/split", "run");
+  ASSERT_EQ(runs.size(), 1u);
+  EXPECT_EQ(runs[0]["layout"]["pp"], 2);
+  EXPECT_EQ(runs[0]["layout"]["dp"], testing::runtime().size() / 2);
+  // Each stage's layer is one piece, written once, however many replicas hold it.
+  const auto ckpt = checkpoint::Checkpoint::open(dir + "/split/checkpoints/step-000000005");
+  EXPECT_EQ(ckpt.grid().pp, 2);
+  EXPECT_EQ(ckpt.tensor_names(), (std::vector<std::string>{"layers.0.w", "layers.1.w"}));
+  for (const auto& name : ckpt.tensor_names()) EXPECT_EQ(ckpt.info(name).pieces.size(), 1u);
+  // Every train line's mean loss is the step's, from the last stage's sums only.
+  const auto train = metrics_of(dir + "/split", "train");
+  ASSERT_EQ(train.size(), 5u);
+  for (std::size_t i = 0; i < train.size(); ++i) {
+    EXPECT_DOUBLE_EQ(train[i]["loss"].get<double>(), static_cast<double>(i));
+  }
+
+  StagedProgram second;  // one stage: both layers on every rank
+  ASSERT_EQ(Trainer(options_in(dir + "/split", 10), second, testing::runtime()).run(), kExitOk);
+  EXPECT_EQ(second.started_at, "1 1");
+  EXPECT_EQ(second.staged->w_, whole.staged->w_);
 }
 
 TEST(LrSchedule, WarmsUpThenFollowsItsShape) {

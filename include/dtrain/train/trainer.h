@@ -68,6 +68,7 @@
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/env.h"
+#include "dtrain/parallel/parallel_context.h"
 #include "dtrain/runtime.h"
 #include "dtrain/train/strategy.h"
 #include "dtrain/train/telemetry.h"
@@ -116,6 +117,11 @@ struct TrainerOptions {
   std::string device = "cpu";  ///< cpu or cuda (NCCL communicator for train_comm)
   int threads = 1;             ///< intra-op threads (run() sets them)
   int comm_timeout_s = 300;    ///< of the world and train communicators
+  /// The layout: tensor- and pipeline-parallel sizes (the trainer builds
+  /// ParallelContext(world, tp, pp); dp = ranks / (tp * pp)). A strategy
+  /// that does not split the model leaves both at 1.
+  int tp = 1;
+  int pp = 1;
 
   std::string out = "runs/train";     ///< run directory (named in the final message)
   std::string checkpoint_dir;         ///< "none" or empty: no checkpoints
@@ -142,8 +148,15 @@ struct RunContext {
   Runtime& runtime;
   /// MPI over every rank: the CPU-side agreement (input checks, report sums, stop).
   std::shared_ptr<collectives::Communicator> world;
-  /// Where gradients and buffers travel: `world` on CPU, an NCCL
-  /// communicator over the same ranks with device cuda.
+  /// The layout (TrainerOptions::tp and pp) over `world`: its axis
+  /// communicators, which samples this rank reads (data_rank() of
+  /// data_world_size()), the stage it runs. The checkpoints are written
+  /// with it, so a strategy's placements must match it.
+  std::shared_ptr<const parallel::ParallelContext> context;
+  /// Where a data-parallel strategy's gradients and buffers travel: `world`
+  /// on CPU, an NCCL communicator over the same ranks with device cuda.
+  /// Set after check_input. (With tp or pp > 1, strategies use the
+  /// context's axis communicators, which are MPI.)
   std::shared_ptr<collectives::Communicator> train_comm;
   torch::Device device;
   int rank = 0;
@@ -162,8 +175,8 @@ class TrainingProgram {
   virtual ~TrainingProgram() = default;
   /// Opens and checks the program's input (InvalidArgument says what is
   /// wrong; the trainer agrees over the ranks before anything is written).
-  /// `run.train_comm` and `run.device` are not set yet. Returns the steps of
-  /// one epoch.
+  /// `run.train_comm` and `run.device` are not set yet; `run.context` is.
+  /// Returns the steps of one epoch.
   virtual std::int64_t check_input(const RunContext& run) = 0;
   /// Builds the model and its strategy (after torch::manual_seed(seed)).
   virtual std::unique_ptr<Strategy> make_strategy(const RunContext& run) = 0;
