@@ -1,0 +1,110 @@
+#!/usr/bin/python3
+"""dtrain-gpt end to end on 2 ranks, on a small text converted by
+dtrain-data convert-text: a run at tp 2 with sequence parallelism reports
+the unigram baseline, training and validation loss in bits and a text
+sample, and writes checkpoints; a second run at tp 1 (dp 2) resumes from
+the tp 2 checkpoint and finishes; bad sizes and --pp > 1 exit 2 naming the
+numbers, before anything is written.
+
+    gpt_e2e_test.py MPIEXEC DTRAIN_GPT DTRAIN_DATA WORK
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+MPIEXEC, GPT, DATA_TOOL, WORK = sys.argv[1:5]
+
+
+def fail(message):
+    print("FAIL: " + message)
+    sys.exit(1)
+
+
+def run(cmd, timeout=300):
+    print("$ " + " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    print(p.stdout, flush=True)
+    return p
+
+
+def text_source():
+    """Fortune-like records (separated by lines of '%'), deterministic."""
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away",
+             "quick", "brown", "fox", "jumps", "over", "lazy", "rain", "in", "spain"]
+    lines = []
+    state = 7
+    for _ in range(400):
+        n = 4 + state % 6
+        record = []
+        for _ in range(n):
+            state = (state * 1103515245 + 12345) % (1 << 31)
+            record.append(words[state % len(words)])
+        lines.append(" ".join(record).capitalize() + ".\n%\n")
+    path = os.path.join(WORK, "text.txt")
+    with open(path, "w") as f:
+        f.write("".join(lines))
+    return path
+
+
+def gpt(ranks, out, data, extra):
+    return run([MPIEXEC, "-n", str(ranks), GPT, "--train-data", data + "/train", "--val-data",
+                data + "/val", "--layers", "1", "--heads", "2", "--embedding", "16",
+                "--context", "16", "--global-batch", "4", "--eval-batch", "4",
+                "--val-windows", "8", "--sample-tokens", "40", "--checkpoint-every", "3",
+                "--async-checkpoint", "false", "--progress", "lines", "--log-every", "3",
+                "--seed", "3", "--out", out] + extra)
+
+
+def main():
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    data = os.path.join(WORK, "data")
+    p = run([DATA_TOOL, "convert-text", "--source", text_source(), "--out", data,
+             "--shards", "1"])
+    if p.returncode != 0:
+        fail("convert-text failed")
+    out = os.path.join(WORK, "run")
+
+    p = gpt(2, out, data, ["--tp", "2", "--sequence-parallel", "--dropout", "0.1",
+                           "--steps", "6"])
+    if p.returncode != 0:
+        fail("the tp 2 run exited %d" % p.returncode)
+    for expected in ("unigram baseline on val", "tp 2 with sequence parallelism",
+                     "val loss", "bits)", "sample (40 tokens"):
+        if expected not in p.stdout:
+            fail("the tp 2 run printed no '%s'" % expected)
+    m = re.search(r"eval  step 6  val loss ([0-9.]+) \(([0-9.]+) bits\)", p.stdout)
+    if not m or abs(float(m.group(1)) / 0.6931471805599453 - float(m.group(2))) > 1e-3:
+        fail("no evaluation line at step 6 with the loss in bits")
+    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    if "step-6" not in ckpts:
+        fail("no checkpoint step-6: %s" % ckpts)
+
+    p = gpt(2, out, data, ["--tp", "1", "--dropout", "0.1", "--steps", "9"])
+    if p.returncode != 0:
+        fail("the tp 1 resume exited %d" % p.returncode)
+    if "resumed from" not in p.stdout or "step 6" not in p.stdout:
+        fail("the tp 1 run did not resume from the tp 2 checkpoint at step 6")
+    if "eval  step 9" not in p.stdout or "sample (40 tokens" not in p.stdout:
+        fail("the resumed run did not finish at step 9 with a sample")
+
+    for extra, message in (
+            (["--tp", "2", "--heads", "3", "--embedding", "12"],
+             "tensor-parallel size 2 does not divide the number of heads 3"),
+            (["--pp", "2"], "--pp 2"),
+            (["--tp", "2", "--sequence-parallel", "--context", "15"],
+             "context length 15 is not divisible by the sequence-parallel size 2")):
+        bad = os.path.join(WORK, "bad")
+        p = gpt(2, bad, data, extra + ["--steps", "2"])
+        if p.returncode != 2 or message not in p.stdout:
+            fail("%s: expected exit 2 and '%s'" % (" ".join(extra), message))
+        if os.path.exists(os.path.join(bad, "checkpoints")) and os.listdir(
+                os.path.join(bad, "checkpoints")):
+            fail("a rejected run wrote checkpoints")
+    print("OK")
+
+
+main()
