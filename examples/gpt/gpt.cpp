@@ -55,9 +55,8 @@ void GptOptions::validate(int tp) const {
   DTRAIN_CHECK_ARG(heads % tp == 0, "GPT: the tensor-parallel size ", tp,
                    " does not divide the number of heads ", heads,
                    " (each rank runs whole heads); choose a tp size that divides it");
-  DTRAIN_CHECK_ARG((4 * embedding) % tp == 0, "GPT: the tensor-parallel size ", tp,
-                   " does not divide the MLP's hidden size ", 4 * embedding, " (4 x embedding ",
-                   embedding, "); choose a tp size that divides it");
+  // Whole heads on each rank also split the embedding (heads divides it) and
+  // the MLP's hidden size 4C evenly.
   DTRAIN_CHECK_ARG(vocab_size >= tp, "GPT: a vocabulary of ", vocab_size, " cannot be split over ",
                    tp, " tensor-parallel ranks; use a tp size of at most ", vocab_size);
   DTRAIN_CHECK_ARG(!sequence_parallel || context % tp == 0, "GPT: the context length ", context,

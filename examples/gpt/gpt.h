@@ -38,8 +38,9 @@
 // pipeline split can take a range of them and keep the names.
 //
 // Errors (InvalidArgument naming the numbers, at construction, before
-// anything is communicated): a tp size that does not divide the heads or
-// the hidden size (4C), heads that do not divide C, a context that the
+// anything is communicated): a tp size that does not divide the heads (so
+// each rank runs whole heads, which splits C and the MLP's 4C evenly too),
+// heads that do not divide C, a context that the
 // sequence-parallel size does not divide; in forward, ids of another shape
 // or longer than the context, or a sequence length that the
 // sequence-parallel size does not divide.
