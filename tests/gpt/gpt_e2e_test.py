@@ -80,8 +80,8 @@ def main():
     if not m or abs(float(m.group(1)) / 0.6931471805599453 - float(m.group(2))) > 1e-3:
         fail("no evaluation line at step 6 with the loss in bits")
     ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
-    if "step-6" not in ckpts:
-        fail("no checkpoint step-6: %s" % ckpts)
+    if "step-000000006" not in ckpts:
+        fail("no checkpoint step 6: %s" % ckpts)
 
     p = gpt(2, out, data, ["--tp", "1", "--dropout", "0.1", "--steps", "9"])
     if p.returncode != 0:
