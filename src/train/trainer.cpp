@@ -449,7 +449,9 @@ int Trainer::run() {
     const double step_s = seconds(t6 - t0);
     const double global_n = agreed[2].item<double>();
     const double global_loss = agreed[0].item<double>() / global_n;
-    const double samples_per_s = static_cast<double>(o_.global_batch) / step_s;
+    // What the strategies counted (images, or tokens: a window of a language
+    // model is context tokens), once over the world.
+    const double samples_per_s = global_n / step_s;
 
     if (metrics_) {
       json line = {{"kind", "train"},

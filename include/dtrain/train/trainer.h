@@ -136,7 +136,9 @@ struct TrainerOptions {
   std::string sample_log;   ///< empty: no sample log
   int log_every = 50;
   std::string progress = "auto";           ///< bar, lines, auto
-  std::string rate_name = "images_per_s";  ///< the throughput's metrics field
+  /// The throughput's metrics field: the step's ReportSums::samples (summed
+  /// over the world: images, or a language model's tokens) per second.
+  std::string rate_name = "images_per_s";
   std::string rate_unit = "img/s";         ///< and its unit on the console
   std::string sample_name = "images";      ///< what the evaluation line counts
   std::string eval_name = "test";          ///< the evaluation data on the console ("val")
