@@ -522,6 +522,7 @@ int Trainer::run() {
       evaluate();
     }
     save_checkpoint(true);
+    if (!signalled) program_.finish(*run_);
     if (trace_) trace_->flush();
     say(checkpoints_ ? "stopped at step " + std::to_string(step_) +
                            "; run the same command to resume from " + o_.checkpoint_dir

@@ -198,9 +198,10 @@ class TrainingProgram {
   virtual std::string describe() const = 0;
   /// The "config" object of the run's first metrics line.
   virtual nlohmann::json config() const = 0;
-  /// Called on every rank after the final evaluation of a run that reached
-  /// its last step (not one stopped by a signal or the time limit), before
-  /// the closing lines: a language model prints a text sample, say. It may
+  /// Called on every rank after the final evaluation and checkpoint of a
+  /// run that reached its last step or its time limit (not one stopped by a
+  /// signal), before the closing lines: a language model prints a text
+  /// sample, say. It may
   /// run collectives over the strategy's communicators. Default: nothing.
   virtual void finish(const RunContext& run) { (void)run; }
 };
