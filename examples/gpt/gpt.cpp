@@ -281,11 +281,10 @@ std::vector<std::int64_t> sample(Gpt& model, const std::vector<std::int64_t>& pr
   for (std::int64_t n = 0; n < tokens; ++n) {
     const std::int64_t used =
         std::min<std::int64_t>(context, static_cast<std::int64_t>(ids.size()));
-    at::Tensor window = at::zeros({1, context}, at::kLong);
-    for (std::int64_t i = 0; i < used; ++i) {
-      window[0][i] = ids[ids.size() - static_cast<std::size_t>(used - i)];
-    }
-    const at::Tensor local = model->forward(window.to(device));  // [T, 1, block]
+    std::vector<std::int64_t> window(static_cast<std::size_t>(context), 0);
+    std::copy(ids.end() - used, ids.end(), window.begin());
+    const at::Tensor local =
+        model->forward(at::tensor(window).view({1, context}).to(device));  // [T, 1, block]
     const at::Tensor logits = model->wte->gather_logits(local)[used - 1][0].to(at::kCPU);
     const at::Tensor probs = at::softmax(logits.to(at::kDouble) / temperature, -1);
     ids.push_back(at::multinomial(probs, 1, false, gen).item<std::int64_t>());

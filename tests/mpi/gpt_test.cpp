@@ -173,6 +173,9 @@ TEST(Gpt, TensorParallelTrainsLikeOneRank) {
     split.ctx->tp()->all_reduce(sums)->wait();
     EXPECT_EQ(sums[1].item<double>(), dense.last.samples) << what;
     EXPECT_NEAR(sums[0].item<double>(), dense.last.loss_sum, 1e-10 * dense.last.loss_sum) << what;
+    // Sampling gathers the logits over tp and draws the same tokens.
+    EXPECT_EQ(sample(split.model, {1, 2}, 12, 0.8, 9), sample(dense.model, {1, 2}, 12, 0.8, 9))
+        << what;
   }
 }
 
