@@ -9,7 +9,8 @@
 # Run it again and it resumes from the newest checkpoint (at any --tp).
 #
 # Environment: DTRAIN_GPT_MINUTES (5), DTRAIN_GPT_STEPS (2000),
-# DTRAIN_GPT_RANKS (the number of cores, at least 2), DTRAIN_GPT_TP (2),
+# DTRAIN_GPT_RANKS (the number of cores, rounded down to a multiple of the
+# tp size, at least one tp group), DTRAIN_GPT_TP (2),
 # DTRAIN_GPT_OUT (runs/gpt-demo), DTRAIN_BUILD_DIR (build). Extra arguments
 # go to dtrain-gpt (--sequence-parallel, --dropout 0.1, ...).
 set -euo pipefail
@@ -19,9 +20,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${DTRAIN_BUILD_DIR:-$root/build}
 minutes=${DTRAIN_GPT_MINUTES:-5}
 steps=${DTRAIN_GPT_STEPS:-2000}
-ranks=${DTRAIN_GPT_RANKS:-$(nproc)}
-[ "$ranks" -ge 2 ] || ranks=2
 tp=${DTRAIN_GPT_TP:-2}
+ranks=${DTRAIN_GPT_RANKS:-$(nproc)}
+# A whole number of tp groups, at least one.
+ranks=$((ranks / tp * tp))
+[ "$ranks" -ge "$tp" ] || ranks=$tp
 out=${DTRAIN_GPT_OUT:-$root/runs/gpt-demo}
 mkdir -p "$(dirname "$out")"
 data=$root/data/fortunes
