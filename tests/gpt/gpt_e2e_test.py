@@ -3,18 +3,22 @@
 dtrain-data convert-text: a run at tp 2 with sequence parallelism reports
 the unigram baseline, training and validation loss in bits and a text
 sample, and writes checkpoints; a second run at tp 1 (dp 2) resumes from
-the tp 2 checkpoint and finishes; bad sizes and --pp > 1 exit 2 naming the
-numbers, before anything is written.
+the tp 2 checkpoint and finishes; SIGTERM under dtrain-launch stops a tp 2
+run with a checkpoint of its last step and exit 75; bad sizes and --pp > 1
+exit 2 naming the numbers, before anything is written.
 
-    gpt_e2e_test.py MPIEXEC DTRAIN_GPT DTRAIN_DATA WORK
+    gpt_e2e_test.py MPIEXEC DTRAIN_GPT DTRAIN_DATA WORK DTRAIN_LAUNCH
 """
 import os
+import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
-MPIEXEC, GPT, DATA_TOOL, WORK = sys.argv[1:5]
+MPIEXEC, GPT, DATA_TOOL, WORK, LAUNCH = sys.argv[1:6]
 
 
 def fail(message):
@@ -49,13 +53,40 @@ def text_source():
     return path
 
 
+def gpt_args(out, data, extra):
+    return [GPT, "--train-data", data + "/train", "--val-data", data + "/val", "--layers", "1",
+            "--heads", "2", "--embedding", "16", "--context", "16", "--global-batch", "4",
+            "--eval-batch", "4", "--val-windows", "8", "--sample-tokens", "40",
+            "--checkpoint-every", "3", "--async-checkpoint", "false", "--progress", "lines",
+            "--log-every", "3", "--seed", "3", "--out", out] + extra
+
+
 def gpt(ranks, out, data, extra):
-    return run([MPIEXEC, "-n", str(ranks), GPT, "--train-data", data + "/train", "--val-data",
-                data + "/val", "--layers", "1", "--heads", "2", "--embedding", "16",
-                "--context", "16", "--global-batch", "4", "--eval-batch", "4",
-                "--val-windows", "8", "--sample-tokens", "40", "--checkpoint-every", "3",
-                "--async-checkpoint", "false", "--progress", "lines", "--log-every", "3",
-                "--seed", "3", "--out", out] + extra)
+    return run([MPIEXEC, "-n", str(ranks)] + gpt_args(out, data, extra))
+
+
+def sigterm(data):
+    """SIGTERM to the supervisor: the ranks finish their step, save it, exit 75."""
+    out = os.path.join(WORK, "sigterm")
+    cmd = [LAUNCH, "-n", "2", "--backoff", "0.1", "--"] + gpt_args(
+        out, data, ["--tp", "2", "--steps", "100000", "--checkpoint-every", "100000"])
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(out, "metrics", "metrics-rank00000.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) > 6:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    print(output, flush=True)
+    if proc.returncode != 75 or "stop requested" not in output:
+        fail("exit status %d after SIGTERM, expected 75 and the stop reported" % proc.returncode)
+    with open(metrics) as f:
+        last = max(json.loads(l)["step"] for l in f if '"train"' in l)
+    if "step-%09d" % last not in os.listdir(os.path.join(out, "checkpoints")):
+        fail("no checkpoint of the last step run (%d) after SIGTERM" % last)
 
 
 def main():
@@ -90,6 +121,8 @@ def main():
         fail("the tp 1 run did not resume from the tp 2 checkpoint at step 6")
     if "eval  step 9" not in p.stdout or "sample (40 tokens" not in p.stdout:
         fail("the resumed run did not finish at step 9 with a sample")
+
+    sigterm(data)
 
     for extra, message in (
             (["--tp", "2", "--heads", "3", "--embedding", "12"],
