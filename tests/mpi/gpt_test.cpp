@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "dtrain/checkpoint/checkpoint.h"
+#include "dtrain/collectives/counting_communicator.h"
 #include "dtrain/error.h"
 #include "dtrain/parallel/parallel_context.h"
 #include "dtrain/parallel/rng.h"
@@ -77,10 +78,14 @@ struct Trained {
   std::unique_ptr<train::DataParallel> strategy;
   train::ReportSums last;  // of the last step
 
+  // The tp communicator the model and the objective use, counting its ops.
+  std::shared_ptr<collectives::CountingCommunicator> tp_ops;
+
   Trained(std::shared_ptr<collectives::Communicator> world, int tp, const GptOptions& options)
       : ctx(std::make_shared<ParallelContext>(std::move(world), tp)),
-        rng(std::make_shared<parallel::RngStreams>(*ctx, kSeed)) {
-    model = Gpt(options, ctx->tp(), rng);
+        rng(std::make_shared<parallel::RngStreams>(*ctx, kSeed)),
+        tp_ops(std::make_shared<collectives::CountingCommunicator>(ctx->tp())) {
+    model = Gpt(options, tp_ops, rng);
     train::DataParallelOptions o;
     o.layout = parallel::tensor_parallel_layout(*model);
     o.rng = rng;
@@ -91,7 +96,7 @@ struct Trained {
           return std::make_unique<torch::optim::AdamW>(
               params, torch::optim::AdamWOptions(3e-3).weight_decay(0.1));
         },
-        vocab_parallel_objective(kVocab, ctx->tp()), o);
+        vocab_parallel_objective(kVocab, tp_ops), o);
   }
 
   // Steps [first, first + count) on this rank's part of each global batch.
@@ -193,6 +198,47 @@ TEST(Gpt, DataAndTensorParallelTrainLikeDataParallel) {
   split.train(0, 10);
   dense.train(0, 10);
   expect_close(split, dense, 1e-10, "dp 2 x tp 2 against dp 2 x tp 1");
+}
+
+// The tp collectives of one training step, against the formula: with E =
+// T x B x C elements of activations (8 bytes each in float64) and L blocks,
+//   without sp: 4L + 2 all-reduces of E (forward: the embedding and each
+//     block's two row-parallel outputs; backward: the tied output layer's
+//     input and each block's two column-parallel inputs), and 4 of T x B
+//     (elements: 5 T B: the loss's maxima and [target, sum], the correct
+//     count's maxima and target logits);
+//   with sp: 4L + 2 all-gathers and 4L + 2 reduce-scatters of E in place of
+//     those all-reduces, and all-reduces of the replicated parameters' partial
+//     gradients: 2L + 1 LayerNorms (2C), 2L row biases (C), wpe (context x C).
+TEST(Gpt, OneStepCommunicatesWhatTheFormulaSays) {
+  auto& world = testing::world();
+  if (world.size() % 2 != 0) GTEST_SKIP() << "needs an even world";
+  DoubleScope dtype;
+  for (bool sp : {false, true}) {
+    const GptOptions o = tiny(sp);
+    Trained split(pairs(world), 2, o);
+    split.tp_ops->reset();
+    split.train(0, 1);
+    const std::int64_t l = o.layers, c = o.embedding, tb = kContext * kGlobalBatch;
+    const std::int64_t e = 8 * tb * c;
+    using collectives::OpKind;
+    const auto ar = split.tp_ops->tally(OpKind::kAllReduce);
+    const auto ag = split.tp_ops->tally(OpKind::kAllGather);
+    const auto rs = split.tp_ops->tally(OpKind::kReduceScatter);
+    if (!sp) {
+      EXPECT_EQ(ar.calls, 4 * l + 6);
+      EXPECT_EQ(ar.bytes, (4 * l + 2) * e + 8 * 5 * tb);
+      EXPECT_EQ(split.tp_ops->data_ops().calls, ar.calls);
+    } else {
+      EXPECT_EQ(ag.calls, 4 * l + 2);
+      EXPECT_EQ(ag.bytes, (4 * l + 2) * e);
+      EXPECT_EQ(rs.calls, 4 * l + 2);
+      EXPECT_EQ(rs.bytes, (4 * l + 2) * e);
+      EXPECT_EQ(ar.calls, 4 + (2 * l + 1) + 2 * l + 1);
+      EXPECT_EQ(ar.bytes, 8 * (5 * tb + (2 * l + 1) * 2 * c + 2 * l * c + kContext * c));
+      EXPECT_EQ(split.tp_ops->data_ops().calls, ag.calls + rs.calls + ar.calls);
+    }
+  }
 }
 
 // The AdamW state of each parameter, by parameter name and field.
