@@ -135,13 +135,13 @@ struct TrainerOptions {
   std::string trace_dir;    ///< empty: no trace
   std::string sample_log;   ///< empty: no sample log
   int log_every = 50;
-  std::string progress = "auto";           ///< bar, lines, auto
+  std::string progress = "auto";  ///< bar, lines, auto
   /// The throughput's metrics field: the step's ReportSums::samples (summed
   /// over the world: images, or a language model's tokens) per second.
   std::string rate_name = "images_per_s";
-  std::string rate_unit = "img/s";         ///< and its unit on the console
-  std::string sample_name = "images";      ///< what the evaluation line counts
-  std::string eval_name = "test";          ///< the evaluation data on the console ("val")
+  std::string rate_unit = "img/s";     ///< and its unit on the console
+  std::string sample_name = "images";  ///< what the evaluation line counts
+  std::string eval_name = "test";      ///< the evaluation data on the console ("val")
   /// Also print the losses in bits (loss / ln 2): bits per character for a
   /// character-level language model.
   bool loss_in_bits = false;
