@@ -9,8 +9,10 @@
 # scripts/build.sh's (warnings as errors).
 #
 # Usage:
-#   scripts/compat/trixie.sh [CTEST_ARGS...]   build, then ctest -L 'unit|mpi'
-#                                               (CTEST_ARGS replace the label filter)
+#   scripts/compat/trixie.sh [CTEST_ARGS...]   build what the unit and mpi tests
+#                                               run, then ctest -L 'unit|mpi'
+#                                               (CTEST_ARGS replace the label
+#                                               filter, and everything is built)
 #   scripts/compat/trixie.sh --shell [CMD]      a shell inside the root (or runs CMD there)
 #   scripts/compat/trixie.sh --root-only        only make (or find) the cached root
 #
@@ -293,16 +295,23 @@ cpu_seconds() {
 }
 load() { cut -d' ' -f1 /proc/loadavg; }
 
+# Without ctest arguments: build only what the unit and mpi tests run (no
+# benchmark without a test, no header example, no cluster probe); with
+# them, everything.
+build_for=""
+if [ $# -eq 0 ]; then
+  build_for='unit|mpi'
+  set -- -L "$build_for"
+fi
 started=$SECONDS
 cpu_seconds started_cpu
 say "building (load average $(load), $(nproc) cores)"
 in_root "$rootfs" /src/scripts/setup.sh # no-op unless the package list changed
-in_root "$rootfs" "${ccache_env[@]}" DTRAIN_BUILD_DIR=/build \
+in_root "$rootfs" "${ccache_env[@]}" DTRAIN_BUILD_DIR=/build DTRAIN_BUILD_FOR_TESTS="$build_for" \
   /src/scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
 built=$SECONDS
 cpu_seconds built_cpu
 say "built in $((built - started)) s, $((built_cpu - started_cpu)) s of processor time (load average $(load))"
-[ $# -gt 0 ] || set -- -L 'unit|mpi'
 rc=0
 in_root "$rootfs" bash -c 'cd /build && ctest --output-on-failure --parallel "$(nproc)" --timeout 900 "$@"' \
   ctest "$@" || rc=$?

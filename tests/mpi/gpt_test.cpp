@@ -26,6 +26,7 @@
 #include "dtrain/parallel/tensor_parallel.h"
 #include "dtrain/train/data_parallel.h"
 #include "examples/gpt/gpt.h"
+#include "src/common/torch_compat.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace dtrain::gpt {
@@ -246,8 +247,7 @@ std::map<std::string, at::Tensor> adam_state(const Trained& run) {
   std::map<std::string, at::Tensor> out;
   auto& optimizer = run.strategy->optimizer();
   for (const auto& item : run.model->named_parameters()) {
-    const auto& state =
-        optimizer.state().at(c10::guts::to_string(item.value().unsafeGetTensorImpl()));
+    const auto& state = optimizer.state().at(dtrain::detail::optimizer_state_key(item.value()));
     const auto& s = static_cast<const torch::optim::AdamWParamState&>(*state);
     out[item.key() + "/exp_avg"] = s.exp_avg();
     out[item.key() + "/exp_avg_sq"] = s.exp_avg_sq();
