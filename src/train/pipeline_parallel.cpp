@@ -23,30 +23,6 @@ double steady_seconds() {
   return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
 }
 
-const char* action_name(pl::ActionKind kind) {
-  switch (kind) {
-    case pl::ActionKind::kForward:
-      return "F";
-    case pl::ActionKind::kBackward:
-      return "B";
-    case pl::ActionKind::kBackwardInput:
-      return "I";
-    case pl::ActionKind::kBackwardWeight:
-      return "W";
-    case pl::ActionKind::kSendActivation:
-      return "sendF";
-    case pl::ActionKind::kRecvActivation:
-      return "recvF";
-    case pl::ActionKind::kSendGradient:
-      return "sendB";
-    case pl::ActionKind::kRecvGradient:
-      return "recvB";
-    case pl::ActionKind::kReduceGradients:
-      return "reduce";
-  }
-  return "?";
-}
-
 // Tags of the evaluation's messages: link l (stages l and l+1), the k-th
 // batch size seen on it, tag l * kSizesPerLink + k (both ends see the same
 // sizes in the same order: every rank of a pipeline reads the same batches).
@@ -173,12 +149,12 @@ StepResult PipelineParallel::train_step(Batch& batch, const StepInfo& info) {
       if (a.action.microbatch != pl::kNoMicrobatch) args["microbatch"] = a.action.microbatch;
       if (a.action.is_compute()) {
         args["wait_s"] = a.wait_seconds;
-        r.spans.push_back({action_name(a.action.kind), wall(a.start_seconds), wall(a.end_seconds),
-                           0, std::move(args)});
+        r.spans.push_back({pl::action_kind_name(a.action.kind), wall(a.start_seconds),
+                           wall(a.end_seconds), 0, std::move(args)});
       } else {
         if (a.action.peer != pl::kNoPeer) args["peer"] = a.action.peer;
-        r.spans.push_back({action_name(a.action.kind), wall(a.start_seconds), wall(a.end_seconds),
-                           1, std::move(args)});
+        r.spans.push_back({pl::action_kind_name(a.action.kind), wall(a.start_seconds),
+                           wall(a.end_seconds), 1, std::move(args)});
       }
     }
     r.spans.push_back({"optimizer", s2, s3, 0, {{"step", step}}});
