@@ -14,6 +14,13 @@ is part of `backward`.
 
   mpirun -n 2 python3 benchmarks/pytorch_ddp_peer.py --model mlp [--json out.json]
 
+--model gpt is the GPT of examples/gpt (GPT-2's layout: learned positions,
+pre-LayerNorm blocks of causal self-attention and a GELU MLP, biases, tied
+input and output embeddings; --layers, --heads, --embedding, --context,
+--vocab), trained on random token ids with the next-token cross-entropy;
+its samples are windows of --context tokens, so tokens/s = samples/s x
+context. --optimizer adamw uses AdamW instead of SGD.
+
 Rank and world size come from OMPI_COMM_WORLD_RANK/SIZE (or RANK/WORLD_SIZE);
 the rendezvous is MASTER_ADDR (default 127.0.0.1) and MASTER_PORT (default
 29517).
@@ -89,8 +96,57 @@ class ResNet20(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def make_model(name):
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, c, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.ln2 = nn.LayerNorm(c)
+        self.fc = nn.Linear(c, 4 * c)
+        self.out = nn.Linear(4 * c, c)
+
+    def attention(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) / (c // self.heads) ** 0.5
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        weights = scores.masked_fill(causal, float("-inf")).softmax(-1)
+        return self.proj((weights @ v).transpose(1, 2).reshape(b, t, c))
+
+    def forward(self, x):
+        x = x + self.attention(self.ln1(x))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class Gpt(nn.Module):
+    """The GPT of examples/gpt/gpt.h, dense (tp = 1), without dropout."""
+
+    def __init__(self, vocab, layers, heads, c, context):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, c)
+        self.wpe = nn.Parameter(torch.zeros(context, c))
+        self.blocks = nn.Sequential(*[Block(c, heads) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(c)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "ln" not in name:
+                std = 0.02 / (2 * layers) ** 0.5 if name.endswith(("proj.weight", "out.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, ids):
+        x = self.wte(ids) + self.wpe[: ids.shape[1]]
+        return self.ln_f(self.blocks(x)) @ self.wte.weight.t()  # the tied output layer
+
+
+def make_model(name, args=None):
     torch.manual_seed(42)
+    if name == "gpt":
+        return Gpt(args.vocab, args.layers, args.heads, args.embedding, args.context), None
     if name == "mlp":
         mlp = nn.Sequential(
             nn.Linear(784, 4096), nn.ReLU(),
@@ -101,22 +157,30 @@ def make_model(name):
         return mlp, (784,)
     if name == "resnet20":
         return ResNet20(1, 10), (1, 28, 28)
-    raise SystemExit(f"pytorch_ddp_peer: unknown --model '{name}' (mlp, resnet20)")
+    raise SystemExit(f"pytorch_ddp_peer: unknown --model '{name}' (mlp, resnet20, gpt)")
 
 
 def train(model, shape, batch, rank, args, ddp=None):
     torch.manual_seed(1000 + rank)
-    inputs = [torch.randn((batch,) + shape) for _ in range(4)]
-    targets = [torch.randint(0, 10, (batch,)) for _ in range(4)]
+    if shape is None:  # token ids and their next tokens
+        inputs = [torch.randint(0, args.vocab, (batch, args.context)) for _ in range(4)]
+        targets = [torch.randint(0, args.vocab, (batch, args.context)) for _ in range(4)]
+    else:
+        inputs = [torch.randn((batch,) + shape) for _ in range(4)]
+        targets = [torch.randint(0, 10, (batch,)) for _ in range(4)]
     net = ddp if ddp is not None else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     net.train()
     sums = dict(forward=0.0, backward=0.0, sync=0.0, optimizer=0.0, step=0.0)
     for step in range(args.warmup_iters + args.iters):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=False)
         t1 = time.perf_counter()
-        loss = F.cross_entropy(net(inputs[step % 4]), targets[step % 4])
+        out = net(inputs[step % 4])
+        loss = F.cross_entropy(out.flatten(0, -2), targets[step % 4].flatten())
         t2 = time.perf_counter()
         loss.backward()  # DDP: all-reduces run and are waited for in here
         t3 = time.perf_counter()
@@ -140,7 +204,13 @@ def slowest(times):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mlp", choices=["mlp", "resnet20"])
+    p.add_argument("--model", default="mlp", choices=["mlp", "resnet20", "gpt"])
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--vocab", type=int, default=113, help="gpt: vocabulary size")
+    p.add_argument("--layers", type=int, default=4, help="gpt: blocks")
+    p.add_argument("--heads", type=int, default=4, help="gpt: attention heads")
+    p.add_argument("--embedding", type=int, default=128, help="gpt: embedding size")
+    p.add_argument("--context", type=int, default=64, help="gpt: tokens per sample")
     p.add_argument("--global-batch", type=int, default=0)
     p.add_argument("--batch-per-rank", type=int, default=0)
     p.add_argument("-w", "--warmup_iters", type=int, default=3)
@@ -158,8 +228,8 @@ def main():
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
     if args.global_batch == 0 and args.batch_per_rank == 0:
-        if args.model == "resnet20":
-            args.global_batch = 128
+        if args.model in ("resnet20", "gpt"):
+            args.global_batch = 128 if args.model == "resnet20" else 32
         else:
             args.batch_per_rank = 64
     if args.global_batch % world:
@@ -175,11 +245,11 @@ def main():
     for _ in range(args.repeat):
         times = dict(forward=0.0, backward=0.0, sync=0.0, optimizer=0.0, step=0.0)
         if rank == 0:
-            model, shape = make_model(args.model)
+            model, shape = make_model(args.model, args)
             times = train(model, shape, batch_for(1), rank, args)
         dist.barrier()
         runs = [(("pytorch", 1, batch_for(1), "-", 0), slowest(times))]
-        model, shape = make_model(args.model)
+        model, shape = make_model(args.model, args)
         ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25)
         times = train(model, shape, batch_for(world), rank, args, ddp)
         del ddp
@@ -194,7 +264,8 @@ def main():
         print(f"# pytorch_ddp_peer  model {args.model} ({params / 1e6:.2f}M parameters)  "
               f"world {world}  warm-up {args.warmup_iters}  iters {args.iters}  "
               f"repeat {args.repeat}  "
-              f"threads {torch.get_num_threads()}  torch {torch.__version__} gloo")
+              f"threads {torch.get_num_threads()}  torch {torch.__version__} gloo"
+              + (f"  tokens per sample {args.context}" if args.model == "gpt" else ""))
         print("# times in ms per step (slowest rank's mean); DDP's all-reduce wait is in backward")
         print(f"{'# row':<11} {'ranks':>5} {'batch':>6} {'overlap':>7} {'bucket':>9} "
               f"{'forward':>9} {'backward':>9} {'sync':>9} {'optim':>9} {'step':>9} "
@@ -212,6 +283,7 @@ def main():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(benchmark="ddp_perf", framework="pytorch", model=args.model,
+                               tokens_per_sample=args.context if args.model == "gpt" else 1,
                                parameters=params, world_size=world,
                                warmup=args.warmup_iters, iters=args.iters, repeat=args.repeat,
                                threads=torch.get_num_threads(), torch=torch.__version__,

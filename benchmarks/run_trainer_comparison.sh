@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# The trainer (dtrain-resnet) against PyTorch's Python DDP (Gloo) on the same
-# model, global batch and threads, in one run: images/s of each and the ratio.
+# A training program of dtrain against PyTorch's Python DDP (Gloo) on the same
+# model, global batch and threads, in one run: the throughput of each and the
+# ratio.
 #
-#   benchmarks/run_trainer_comparison.sh [-n RANKS] [-b GLOBAL_BATCH] [-s STEPS] [-w WARMUP] [-r PAIRS] [-m]
+#   benchmarks/run_trainer_comparison.sh [-M resnet20|gpt] [-n RANKS] [-b GLOBAL_BATCH]
+#                                        [-s STEPS] [-w WARMUP] [-r PAIRS] [-m]
 #
 # With -r PAIRS the two runs are repeated PAIRS times, alternating which goes
 # first, and every pair's ratio is printed with their median: on a shared
 # machine the speed of both sides drifts by 10-20% from minute to minute.
-# dtrain-resnet trains ResNet-20 on the real Fashion-MNIST data (data/,
-# made by scripts/demo.sh or dtrain-data convert-fashion-mnist) with its
-# loader, DDP and per-step metrics, without checkpoints or evaluation; its
-# images/s is the global batch over the mean step time after WARMUP steps,
-# from rank 0's metrics (the step time includes the slowest rank, since every
-# step ends with a collective). PyTorch trains the same network
-# (benchmarks/pytorch_ddp_peer.py --model resnet20) on synthetic tensors
-# already in memory, so it reads no data. Both use 1 intra-op thread per rank.
+# -M resnet20 (the default): dtrain-resnet trains ResNet-20 on the real
+# Fashion-MNIST data (data/fashion-mnist, made by scripts/demo.sh or
+# dtrain-data convert-fashion-mnist), global batch 128, in images/s.
+# -M gpt: dtrain-gpt trains the GPT example (4 layers, 4 heads, embedding
+# 128, context 64, AdamW) data parallel on the fortunes text
+# (data/fortunes, made by scripts/demo-gpt.sh or dtrain-data convert-text),
+# global batch 32 windows, in tokens/s.
+# dtrain runs with its loader, DDP and per-step metrics, without checkpoints
+# or evaluation; its rate is the global batch over the mean step time after
+# WARMUP steps, from rank 0's metrics (the step time includes the slowest
+# rank, since every step ends with a collective). PyTorch trains the same
+# network (benchmarks/pytorch_ddp_peer.py --model resnet20|gpt) on synthetic
+# tensors already in memory, so it reads no data. Both use 1 intra-op thread
+# per rank.
 # dtrain's Runtime fixes glibc malloc's thresholds (docs/configuration.md);
 # with -m PyTorch also runs a second time with the same thresholds
 # (GLIBC_TUNABLES), and the ratio against that run is printed too.
@@ -22,37 +30,52 @@
 # Needs PyTorch for PYTHON: scripts/setup.sh --with-peers installs python3-torch.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-ranks=2 batch=128 steps=60 warmup=10 pairs=1 same_malloc=0
-while getopts "n:b:s:w:r:mh" opt; do
+model=resnet20 ranks=2 batch= steps=60 warmup=10 pairs=1 same_malloc=0
+while getopts "M:n:b:s:w:r:mh" opt; do
   case $opt in
+    M) model=$OPTARG ;;
     n) ranks=$OPTARG ;;
     b) batch=$OPTARG ;;
     s) steps=$OPTARG ;;
     w) warmup=$OPTARG ;;
     r) pairs=$OPTARG ;;
     m) same_malloc=1 ;;
-    *) sed -n '2,22p' "$0"; exit 2 ;;
+    *) sed -n '2,32p' "$0"; exit 2 ;;
   esac
 done
+case $model in
+  resnet20) batch=${batch:-128} per_sample=1 unit=images/s program=dtrain-resnet data_name=fashion-mnist
+    data_hint="scripts/demo.sh or dtrain-data convert-fashion-mnist" ;;
+  gpt) batch=${batch:-32} per_sample=64 unit=tokens/s program=dtrain-gpt data_name=fortunes
+    data_hint="scripts/demo-gpt.sh or dtrain-data convert-text" ;;
+  *) echo "run_trainer_comparison: -M must be resnet20 or gpt, got '$model'" >&2; exit 2 ;;
+esac
 build=${BUILD_DIR:-$root/build}
 python=${PYTHON:-/usr/bin/python3}
 . "$root/benchmarks/require_pytorch.sh"
 require_pytorch run_trainer_comparison "$python"
-data=$root/data/fashion-mnist
+data=$root/data/$data_name
 [ -f "$data/train/manifest.json" ] || {
-  echo "no $data/train: run scripts/demo.sh or dtrain-data convert-fashion-mnist first" >&2
+  echo "no $data/train: run $data_hint first" >&2
   exit 2
 }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 run_dtrain() {
-echo "== dtrain-resnet: $ranks ranks, global batch $batch, $steps steps"
-"$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$build/examples/resnet/dtrain-resnet" \
-  --model resnet20 --train-data "$data/train" --test-data none --checkpoint-dir none \
-  --out "$work/dtrain" --steps "$steps" --global-batch "$batch" --threads 1 \
-  --progress lines --log-every 1000 > "$work/dtrain.log"
-dtrain=$("$python" - "$work/dtrain/metrics/metrics-rank00000.jsonl" "$warmup" "$batch" <<'EOF'
+echo "== $program: $ranks ranks, global batch $batch, $steps steps"
+if [ "$model" = gpt ]; then
+  "$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$build/examples/gpt/dtrain-gpt" \
+    --train-data "$data/train" --val-data none --checkpoint-dir none --sample-tokens 0 \
+    --out "$work/dtrain" --steps "$steps" --global-batch "$batch" --threads 1 \
+    --progress lines --log-every 1000 > "$work/dtrain.log"
+else
+  "$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$build/examples/resnet/dtrain-resnet" \
+    --model resnet20 --train-data "$data/train" --test-data none --checkpoint-dir none \
+    --out "$work/dtrain" --steps "$steps" --global-batch "$batch" --threads 1 \
+    --progress lines --log-every 1000 > "$work/dtrain.log"
+fi
+dtrain=$("$python" - "$work/dtrain/metrics/metrics-rank00000.jsonl" "$warmup" "$((batch * per_sample))" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 steps = [r for r in rows if r["kind"] == "train"][int(sys.argv[2]):]
@@ -68,13 +91,14 @@ read -r d_ips d_data d_fwd d_bwd d_sync d_opt d_step <<< "$dtrain"
 run_torch() {
 echo "== PyTorch DDP (Gloo): $ranks ranks, global batch $batch${1:+ ($1)}"
 env "$@" "$root/scripts/launch/dtrain-mpirun" -n "$ranks" "$python" "$root/benchmarks/pytorch_ddp_peer.py" \
-  --model resnet20 --global-batch "$batch" -w "$warmup" -n "$((steps - warmup))" --threads 1 \
+  --model "$model" $([ "$model" = gpt ] && echo --optimizer adamw) --global-batch "$batch" \
+  -w "$warmup" -n "$((steps - warmup))" --threads 1 \
   --json "$work/pytorch.json" > "$work/pytorch.log"
-torch=$("$python" - "$work/pytorch.json" <<'EOF'
+torch=$("$python" - "$work/pytorch.json" "$per_sample" <<'EOF'
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 r = [r for r in rows if r["name"] == "pytorch-ddp"][0]
-print(f"{r['samples_per_s']:.1f} {r['forward_ms']:.1f} {r['backward_ms']:.1f} {r['step_ms']:.1f}")
+print(f"{r['samples_per_s'] * int(sys.argv[2]):.1f} {r['forward_ms']:.1f} {r['backward_ms']:.1f} {r['step_ms']:.1f}")
 EOF
 )
 read -r t_ips t_fwd t_bwd t_step <<< "$torch"
@@ -103,15 +127,15 @@ for ((pair = 1; pair <= pairs; pair++)); do
     run_dtrain
   fi
 
-  printf '\n%-28s %10s %8s %8s %9s %8s %8s %9s\n' "ms per step (rank 0)" "images/s" "data" "forward" "backward" "sync" "optim" "step"
-  printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "dtrain-resnet (real data)" "$d_ips" "$d_data" "$d_fwd" "$d_bwd" "$d_sync" "$d_opt" "$d_step"
+  printf '\n%-28s %10s %8s %8s %9s %8s %8s %9s\n' "ms per step (rank 0)" "$unit" "data" "forward" "backward" "sync" "optim" "step"
+  printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "$program (real data)" "$d_ips" "$d_data" "$d_fwd" "$d_bwd" "$d_sync" "$d_opt" "$d_step"
   printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "PyTorch DDP (in-memory)" "$t_ips" "-" "$t_fwd" "$t_bwd" "-" "-" "$t_step"
   if [ "$same_malloc" = 1 ]; then
     printf '%-28s %10s %8s %8s %9s %8s %8s %9s\n' "PyTorch, same malloc" "$m_ips" "-" "$m_fwd" "$m_bwd" "-" "-" "$m_step"
     "$python" -c "print(f'ratio dtrain / PyTorch with the same malloc thresholds: {$d_ips / $m_ips:.2f}')"
     same_ratios+=("$("$python" -c "print(f'{$d_ips / $m_ips:.2f}')")")
   fi
-  "$python" -c "print(f'ratio dtrain / PyTorch (images/s): {$d_ips / $t_ips:.2f}')"
+  "$python" -c "print(f'ratio dtrain / PyTorch ($unit): {$d_ips / $t_ips:.2f}')"
   ratios+=("$("$python" -c "print(f'{$d_ips / $t_ips:.2f}')")")
 done
 summary() {

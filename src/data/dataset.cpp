@@ -171,6 +171,9 @@ struct DatasetWriter::Impl {
             shard_path, f.name);
       check(H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_NEVER), "H5Pset_fill_time", shard_path,
             f.name);
+      // No modification times in the object headers: the same samples give
+      // the same bytes (and SHA-256) whenever they are written.
+      check(H5Pset_obj_track_times(dcpl.get(), 0), "H5Pset_obj_track_times", shard_path, f.name);
       datasets.push_back(
           io::dataset_handle(check(H5Dcreate2(file.get(), f.name.c_str(), file_type(f.dtype),
                                               space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <zlib.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include <functional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dtrain/data/convert.h"
@@ -85,6 +87,22 @@ TEST(DataFormat, RoundTripAcrossShards) {
   EXPECT_THROW(ds->field_index("nope"), InvalidArgument);
   const Manifest again = Manifest::from_json(written.to_json(), "x");
   EXPECT_EQ(again.to_json(), written.to_json());
+}
+
+// A conversion run twice gives byte-identical shards and manifests (HDF5
+// records an object's modification time unless told not to; its clock has
+// whole seconds, hence the pause).
+TEST(DataFormat, TheSameSamplesWrittenTwiceGiveTheSameBytes) {
+  ScratchDir dir;
+  const Manifest first = make_pattern_dataset(dir / "a", 60, 25);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  const Manifest second = make_pattern_dataset(dir / "b", 60, 25);
+  EXPECT_EQ(first.to_json(), second.to_json());
+  ASSERT_EQ(first.shards.size(), 3u);
+  for (const auto& shard : first.shards) {
+    EXPECT_EQ(read_text(dir / ("a/" + shard.file)), read_text(dir / ("b/" + shard.file)))
+        << shard.file;
+  }
 }
 
 TEST(DataFormat, ChunkSizeIsAboutQuarterMebibyte) {
@@ -502,8 +520,16 @@ TEST(DataFormat, ToolGenerateInspectVerify) {
   EXPECT_TRUE(log_has("--samples: cannot parse 'lots'")) << read_text(dir / "log.txt");
   EXPECT_EQ(run("inspect " + out + " " + out), 2);
   EXPECT_TRUE(log_has("unexpected argument")) << read_text(dir / "log.txt");
+  // An option of another command is an error, not silently ignored.
+  EXPECT_EQ(run("convert-fashion-mnist --out " + (dir / "s4") + " --samples 100"), 2);
+  EXPECT_TRUE(log_has("Option") && log_has("samples") && log_has("does not exist"))
+      << read_text(dir / "log.txt");
+  EXPECT_EQ(run("generate " + (dir / "s5")), 2);
+  EXPECT_TRUE(log_has("unexpected argument")) << read_text(dir / "log.txt");
   EXPECT_FALSE(fs::exists(dir / "s2"));
   EXPECT_FALSE(fs::exists(dir / "s3"));
+  EXPECT_FALSE(fs::exists(dir / "s4"));
+  EXPECT_FALSE(fs::exists(dir / "s5"));
 }
 
 // convert-fashion-mnist from the command line: a corrupt file is a named

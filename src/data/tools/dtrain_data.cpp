@@ -109,28 +109,44 @@ int main(int argc, char** argv) {
     usage(nullptr);
     return 0;
   }
-  cxxopts::Options cli("dtrain-data " + command, "sharded HDF5 data sets");
+  // Each command takes only its own options, so that one meant for another
+  // command (`convert-fashion-mnist --samples 100`) is an error, not ignored.
   const bool text = command == "convert-text";
-  cli.add_options()(
-      "source",
-      text ? "directory of the text files (or one file)" : "directory of the gzip'd IDX files",
-      cxxopts::value<std::string>()->default_value(text ? kFortunesDir
-                                                        : "/usr/share/datasets/fashion-mnist"))(
-      "level", "tokens: char (Unicode characters) or byte",
-      cxxopts::value<std::string>()->default_value("char"))(
-      "val-fraction", "share of the records held out for validation",
-      cxxopts::value<double>()->default_value("0.1"))(
-      "name", "data set name prefix (NAME-train, NAME-val)",
-      cxxopts::value<std::string>()->default_value("fortunes"))(
-      "out", "output data set directory", cxxopts::value<std::string>()->default_value(""))(
-      "shards", "number of shard files (per split)",
-      cxxopts::value<int>()->default_value(text ? "4" : "1"))(
-      "samples", "synthetic samples", cxxopts::value<std::int64_t>()->default_value("1000"))(
-      "shape", "per-sample image shape", cxxopts::value<std::string>()->default_value("3,32,32"))(
-      "classes", "number of classes", cxxopts::value<int>()->default_value("10"))(
-      "seed", "synthetic data seed", cxxopts::value<std::uint64_t>()->default_value("0"))(
-      "dir", "data set directory", cxxopts::value<std::string>()->default_value(""))(
-      "h,help", "print this help");
+  const bool mnist = command == "convert-fashion-mnist";
+  const bool generate = command == "generate";
+  const bool reads_dir = command == "inspect" || command == "verify";
+  if (!text && !mnist && !generate && !reads_dir) {
+    return usage(("unknown command '" + command + "'").c_str());
+  }
+  cxxopts::Options cli("dtrain-data " + command, "sharded HDF5 data sets");
+  auto add = cli.add_options();
+  if (text || mnist) {
+    add("source",
+        text ? "directory of the text files (or one file)" : "directory of the gzip'd IDX files",
+        cxxopts::value<std::string>()->default_value(text ? kFortunesDir
+                                                          : "/usr/share/datasets/fashion-mnist"));
+  }
+  if (text) {
+    add("level", "tokens: char (Unicode characters) or byte",
+        cxxopts::value<std::string>()->default_value("char"));
+    add("val-fraction", "share of the records held out for validation",
+        cxxopts::value<double>()->default_value("0.1"));
+    add("name", "data set name prefix (NAME-train, NAME-val)",
+        cxxopts::value<std::string>()->default_value("fortunes"));
+  }
+  if (!reads_dir) {
+    add("out", "output data set directory", cxxopts::value<std::string>()->default_value(""));
+    add("shards", text ? "number of shard files (per split)" : "number of shard files",
+        cxxopts::value<int>()->default_value(text ? "4" : "1"));
+  }
+  if (generate) {
+    add("samples", "synthetic samples", cxxopts::value<std::int64_t>()->default_value("1000"));
+    add("shape", "per-sample image shape", cxxopts::value<std::string>()->default_value("3,32,32"));
+    add("classes", "number of classes", cxxopts::value<int>()->default_value("10"));
+    add("seed", "synthetic data seed", cxxopts::value<std::uint64_t>()->default_value("0"));
+  }
+  add("dir", "data set directory", cxxopts::value<std::string>()->default_value(""));
+  add("h,help", "print this help");
   cli.parse_positional({"dir"});
   try {
     const auto parsed = dtrain::cli::parse(cli, argc - 1, argv + 1);
@@ -138,8 +154,12 @@ int main(int argc, char** argv) {
       std::cout << cli.help() << std::endl;
       return 0;
     }
-    const std::string out = parsed["out"].as<std::string>();
+    const std::string out = reads_dir ? std::string() : parsed["out"].as<std::string>();
     const std::string dir = parsed["dir"].as<std::string>();
+    if (!reads_dir && !dir.empty()) {
+      throw dtrain::cli::UsageError("unexpected argument '" + dir + "' (" + command +
+                                    " takes options only; see --help)");
+    }
     if (command == "convert-fashion-mnist") {
       if (out.empty()) return usage("--out is required");
       convert_fashion_mnist(parsed["source"].as<std::string>(), out, parsed["shards"].as<int>());
