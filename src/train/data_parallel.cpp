@@ -37,18 +37,25 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, Forward fo
                            std::shared_ptr<collectives::Communicator> comm,
                            const OptimizerFactory& make_optimizer, Objective objective,
                            DataParallelOptions options)
-    : module_(std::move(module)), forward_(std::move(forward)), objective_(std::move(objective)) {
+    : module_(std::move(module)),
+      forward_(std::move(forward)),
+      objective_(std::move(objective)),
+      options_(std::move(options)) {
   DTRAIN_CHECK_ARG(module_ && forward_ && comm && make_optimizer,
                    "DataParallel needs a module, its forward, a communicator and an optimizer "
                    "factory");
   DTRAIN_CHECK_ARG(objective_.loss && objective_.loss_sum && objective_.correct,
                    "DataParallel needs an Objective with loss, loss_sum and correct");
+  DTRAIN_CHECK_ARG(!options_.zero || options_.layout.placements.empty(),
+                   "DataParallel: ZeRO-1 over a tensor-parallel model (a layout with ",
+                   options_.layout.placements.size(),
+                   " placements) is not supported; use DDP (zero = false)");
   rank_ = comm->rank();
   world_size_ = comm->size();
-  if (options.zero) {
+  if (options_.zero) {
     zero_ = std::make_unique<parallel::ZeroRedundancyOptimizer>(module_, comm, make_optimizer);
   } else {
-    ddp_ = std::make_unique<parallel::DistributedDataParallel>(module_, comm, options.ddp);
+    ddp_ = std::make_unique<parallel::DistributedDataParallel>(module_, comm, options_.ddp);
     optimizer_ = make_optimizer(module_->parameters());
   }
 }
@@ -97,9 +104,13 @@ StepResult DataParallel::train_step(Batch& batch, const StepInfo& info) {
   StepResult r;
   const double n = static_cast<double>(batch.targets.numel());
   r.local_loss = loss.item<double>();
-  r.sums.loss_sum = r.local_loss * n;
-  r.sums.correct = objective_.correct(output, batch.targets).item<double>();
-  r.sums.samples = n;
+  // correct() may communicate (over a tp group): every rank calls it.
+  const double correct = objective_.correct(output, batch.targets).item<double>();
+  if (options_.report) {
+    r.sums.loss_sum = r.local_loss * n;
+    r.sums.correct = correct;
+    r.sums.samples = n;
+  }
   r.metrics = {{"forward_s", seconds(t2 - info.data_ready)},
                {"backward_s", seconds(t3 - t2)},
                // Under ZeRO-1 the gradient reduce-scatter and the parameter
@@ -130,33 +141,45 @@ void DataParallel::set_training(bool training) { module_->train(training); }
 
 ReportSums DataParallel::eval_step(Batch& batch) {
   at::Tensor output = forward_(batch.inputs);
+  const double loss_sum = objective_.loss_sum(output, batch.targets).item<double>();
+  const double correct = objective_.correct(output, batch.targets).item<double>();
   ReportSums sums;
-  sums.loss_sum = objective_.loss_sum(output, batch.targets).item<double>();
-  sums.correct = objective_.correct(output, batch.targets).item<double>();
-  sums.samples = static_cast<double>(batch.targets.numel());
+  if (options_.report) {
+    sums.loss_sum = loss_sum;
+    sums.correct = correct;
+    sums.samples = static_cast<double>(batch.targets.numel());
+  }
   return sums;
 }
 
 checkpoint::StateDict DataParallel::state_dict() const {
   checkpoint::StateDict state;
-  checkpoint::add_module(state, *module_);
+  checkpoint::add_module(state, *module_, options_.layout);
   if (zero_) {
-    checkpoint::add_zero_optimizer(state, *zero_);
+    checkpoint::add_zero_optimizer(state, *zero_, options_.layout);
   } else {
-    checkpoint::add_optimizer(state, *optimizer_, *module_);
+    checkpoint::add_optimizer(state, *optimizer_, *module_, options_.layout);
   }
-  checkpoint::add_rng_state(state, rank_, world_size_);
+  if (options_.rng) {
+    checkpoint::add_rng_streams(state, *options_.rng);
+  } else {
+    checkpoint::add_rng_state(state, rank_, world_size_);
+  }
   return state;
 }
 
 void DataParallel::load_state(const checkpoint::Checkpoint& checkpoint) {
-  checkpoint::load_module(checkpoint, *module_);
+  checkpoint::load_module(checkpoint, *module_, options_.layout);
   if (zero_) {
-    checkpoint::load_zero_optimizer(checkpoint, *zero_);
+    checkpoint::load_zero_optimizer(checkpoint, *zero_, options_.layout);
   } else {
-    checkpoint::load_optimizer(checkpoint, *optimizer_, *module_);
+    checkpoint::load_optimizer(checkpoint, *optimizer_, *module_, options_.layout);
   }
-  checkpoint::load_rng_state(checkpoint, rank_);
+  if (options_.rng) {
+    checkpoint::load_rng_streams(checkpoint, *options_.rng);
+  } else {
+    checkpoint::load_rng_state(checkpoint, rank_);
+  }
 }
 
 }  // namespace dtrain::train

@@ -334,10 +334,15 @@ void Trainer::evaluate() {
                      {"accuracy", last_eval_accuracy_},
                      {"samples", static_cast<std::int64_t>(n)}});
   }
-  char line[160];
-  std::snprintf(line, sizeof(line), "eval  step %lld  test loss %.4f  test accuracy %.4f (%lld %s)",
-                static_cast<long long>(step_), last_eval_loss_, last_eval_accuracy_,
-                static_cast<long long>(n), o_.sample_name.c_str());
+  char bits[48] = "";
+  if (o_.loss_in_bits) {
+    std::snprintf(bits, sizeof(bits), " (%.4f bits)", last_eval_loss_ / std::log(2.0));
+  }
+  char line[256];
+  std::snprintf(line, sizeof(line), "eval  step %lld  %s loss %.4f%s  %s accuracy %.4f (%lld %s)",
+                static_cast<long long>(step_), o_.eval_name.c_str(), last_eval_loss_, bits,
+                o_.eval_name.c_str(), last_eval_accuracy_, static_cast<long long>(n),
+                o_.sample_name.c_str());
   say(line);
 }
 
@@ -444,7 +449,9 @@ int Trainer::run() {
     const double step_s = seconds(t6 - t0);
     const double global_n = agreed[2].item<double>();
     const double global_loss = agreed[0].item<double>() / global_n;
-    const double samples_per_s = static_cast<double>(o_.global_batch) / step_s;
+    // What the strategies counted (images, or tokens: a window of a language
+    // model is context tokens), once over the world.
+    const double samples_per_s = global_n / step_s;
 
     if (metrics_) {
       json line = {{"kind", "train"},
@@ -515,6 +522,7 @@ int Trainer::run() {
       evaluate();
     }
     save_checkpoint(true);
+    if (!signalled) program_.finish(*run_);
     if (trace_) trace_->flush();
     say(checkpoints_ ? "stopped at step " + std::to_string(step_) +
                            "; run the same command to resume from " + o_.checkpoint_dir
@@ -525,11 +533,16 @@ int Trainer::run() {
   }
   evaluate();
   if (!resumed_from_ || *resumed_from_ != step_) save_checkpoint(true);
+  program_.finish(*run_);
   if (trace_) trace_->flush();
   const double wall = seconds(Clock::now() - run_start);
   if (rank == 0) {
     std::printf("done: %lld steps in %.1f s this run", static_cast<long long>(step_), wall);
-    if (last_eval_accuracy_ >= 0) std::printf(", test accuracy %.4f", last_eval_accuracy_);
+    if (last_eval_accuracy_ >= 0) {
+      std::printf(", %s loss %.4f", o_.eval_name.c_str(), last_eval_loss_);
+      if (o_.loss_in_bits) std::printf(" (%.4f bits)", last_eval_loss_ / std::log(2.0));
+      std::printf(", %s accuracy %.4f", o_.eval_name.c_str(), last_eval_accuracy_);
+    }
     std::printf("\n  metrics     %s\n", o_.metrics_dir.c_str());
     if (checkpoints_) std::printf("  checkpoints %s\n", o_.checkpoint_dir.c_str());
     if (trace_)

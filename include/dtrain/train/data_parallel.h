@@ -30,6 +30,21 @@
 // parameter, so either kind resumes the other at any dp size) and the rank's
 // RNG state (dtrain/checkpoint/state.h). Construction is collective over
 // `comm` (DDP and ZeRO check or copy the parameters).
+//
+// Under tensor parallelism (a model of dtrain/parallel/tensor_parallel.h
+// layers) the same strategy runs on the dp axis of a ParallelContext: `comm`
+// is context.dp() (the ranks that hold the same shards), the objective scores
+// the tp group's logits (its collectives run on every tp rank), and
+// DataParallelOptions says what a checkpoint needs of the layout:
+//
+//   train::DataParallelOptions o;
+//   o.layout = parallel::tensor_parallel_layout(*model);  // global shapes, tp blocks
+//   o.rng = rng;                                          // RngStreams, by coordinates
+//   o.report = ctx.tp_rank() == 0;                        // the tp ranks share one loss
+//   DataParallel strategy(model, forward, ctx.dp(), make_optimizer, objective, o);
+//
+// The model and the optimizer state are then stored by global name and
+// placement, so a checkpoint written at one tp size loads at any other.
 
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
@@ -41,6 +56,8 @@
 
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/parallel/distributed_data_parallel.h"
+#include "dtrain/parallel/placement.h"
+#include "dtrain/parallel/rng.h"
 #include "dtrain/train/strategy.h"
 
 namespace dtrain::parallel {
@@ -54,6 +71,18 @@ struct DataParallelOptions {
   bool zero = false;
   /// Buckets, overlap and compression of DDP.
   parallel::DdpOptions ddp;
+  /// Global names and placements of the module's tensors in checkpoints
+  /// (tensor-parallel blocks: parallel::tensor_parallel_layout). Empty: every
+  /// tensor whole, under its own name. Not with `zero` (InvalidArgument).
+  parallel::ModuleLayout layout;
+  /// RNG streams to store and restore by grid coordinates (all three,
+  /// dtrain/parallel/rng.h); unset: the default generator, keyed by the
+  /// rank of `comm`.
+  std::shared_ptr<parallel::RngStreams> rng;
+  /// False: this rank's report sums are zeros, because another rank reports
+  /// the same samples (the ranks of a tensor-parallel group all hold the
+  /// loss; one of them reports it, so that it is counted once).
+  bool report = true;
 };
 
 class DataParallel : public Strategy {
@@ -92,6 +121,7 @@ class DataParallel : public Strategy {
   std::shared_ptr<torch::nn::Module> module_;
   Forward forward_;
   Objective objective_;
+  DataParallelOptions options_;
   int rank_ = 0;
   int world_size_ = 1;
   std::unique_ptr<parallel::DistributedDataParallel> ddp_;

@@ -135,10 +135,16 @@ struct TrainerOptions {
   std::string trace_dir;    ///< empty: no trace
   std::string sample_log;   ///< empty: no sample log
   int log_every = 50;
-  std::string progress = "auto";           ///< bar, lines, auto
-  std::string rate_name = "images_per_s";  ///< the throughput's metrics field
-  std::string rate_unit = "img/s";         ///< and its unit on the console
-  std::string sample_name = "images";      ///< what the evaluation line counts
+  std::string progress = "auto";  ///< bar, lines, auto
+  /// The throughput's metrics field: the step's ReportSums::samples (summed
+  /// over the world: images, or a language model's tokens) per second.
+  std::string rate_name = "images_per_s";
+  std::string rate_unit = "img/s";     ///< and its unit on the console
+  std::string sample_name = "images";  ///< what the evaluation line counts
+  std::string eval_name = "test";      ///< the evaluation data on the console ("val")
+  /// Also print the losses in bits (loss / ln 2): bits per character for a
+  /// character-level language model.
+  bool loss_in_bits = false;
 
   void validate() const;
 };
@@ -192,6 +198,12 @@ class TrainingProgram {
   virtual std::string describe() const = 0;
   /// The "config" object of the run's first metrics line.
   virtual nlohmann::json config() const = 0;
+  /// Called on every rank after the final evaluation and checkpoint of a
+  /// run that reached its last step or its time limit (not one stopped by a
+  /// signal), before the closing lines: a language model prints a text
+  /// sample, say. It may
+  /// run collectives over the strategy's communicators. Default: nothing.
+  virtual void finish(const RunContext& run) { (void)run; }
 };
 
 /// What a run takes from the environment (dtrain/env.h), read once: which
