@@ -2,10 +2,13 @@
 """Draw the timeline of one pipeline step from the engine's per-rank traces.
 
     pipeline_timeline.py TRACE.csv... -o OUT.png [--title TEXT]
+    pipeline_timeline.py trace-rank*.json -o OUT.png [--step N] [--title TEXT]
 
 Each TRACE.csv is what dtrain::parallel::pipeline::trace_to_csv writes
 (rank,kind,stage,microbatch,start,end,wait,heap; benchmarks/pipeline_perf
---trace writes one per rank). One row per rank, one box per compute action
+--trace writes one per rank). A trace-rankRRRRR.json is a trainer's Chrome
+trace (dtrain-resnet --pp N --trace): its F/B/I/W spans of step N (default:
+the last step that every given rank traced) are drawn. One row per rank, one box per compute action
 (F blue, B orange, I red, W green), labelled with its microbatch (and stage
 when a rank holds several); the white gaps are the bubble. Times are shifted
 so that the earliest action starts at 0. Prints the measured idle fraction:
@@ -16,12 +19,46 @@ Exit status: 0 on success, 2 on bad input (with a message on stderr).
 
 import argparse
 import csv
+import json
 import sys
 
 COLORS = {"F": "#1f77b4", "B": "#ff7f0e", "I": "#d62728", "W": "#2ca02c"}
 
 
-def read_traces(paths):
+def read_chrome_traces(paths, step):
+    """(rank, kind, stage, microbatch, start, end) of one step's compute spans."""
+    by_step = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                events = json.load(f)["traceEvents"]
+            for e in events:
+                a = e.get("args", {})
+                if e.get("ph") != "X" or e["name"] not in COLORS or "microbatch" not in a:
+                    continue
+                start = e["ts"] / 1e6
+                by_step.setdefault(int(a["step"]), {}).setdefault(path, []).append(
+                    (int(e["pid"]), e["name"], int(a["stage"]), int(a["microbatch"]), start,
+                     start + e["dur"] / 1e6))
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise SystemExit(f"pipeline_timeline.py: {path}: not a trainer trace ({e})")
+    complete = [s for s, files in by_step.items() if len(files) == len(paths)]
+    if step is None:
+        if not complete:
+            raise SystemExit("pipeline_timeline.py: no step with pipeline actions in every trace "
+                             "(was the run made with --pp and --trace?)")
+        step = max(complete)
+    if step not in complete:
+        raise SystemExit(f"pipeline_timeline.py: step {step} is not in every trace "
+                         f"(steps with pipeline actions: {sorted(complete)})")
+    return [a for actions in by_step[step].values() for a in actions], step
+
+
+def read_traces(paths, step=None):
+    if all(p.endswith(".json") for p in paths):
+        return read_chrome_traces(paths, step)
+    if any(p.endswith(".json") for p in paths):
+        raise SystemExit("pipeline_timeline.py: give either CSV traces or trainer .json traces")
     actions = []
     for path in paths:
         try:
@@ -36,7 +73,7 @@ def read_traces(paths):
             raise SystemExit(f"pipeline_timeline.py: {path}: not a pipeline trace ({e})")
     if not actions:
         raise SystemExit("pipeline_timeline.py: no compute actions in the traces")
-    return actions
+    return actions, None
 
 
 def main():
@@ -44,14 +81,17 @@ def main():
     parser.add_argument("traces", nargs="+")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--title", default="")
+    parser.add_argument("--step", type=int, default=None,
+                        help="with trainer .json traces: the step to draw (default: the last)")
     args = parser.parse_args()
-    actions = read_traces(args.traces)
+    actions, step = read_traces(args.traces, args.step)
     t0 = min(a[4] for a in actions)
     t1 = max(a[5] for a in actions)
     ranks = sorted({a[0] for a in actions})
     busy = sum(a[5] - a[4] for a in actions)
     idle = 1 - busy / (len(ranks) * (t1 - t0))
-    print(f"{len(ranks)} ranks, step {1000 * (t1 - t0):.1f} ms, idle fraction {idle:.4f}")
+    which = "" if step is None else f" (training step {step})"
+    print(f"{len(ranks)} ranks, step{which} {1000 * (t1 - t0):.1f} ms, idle fraction {idle:.4f}")
     stages_per_rank = {r: len({a[2] for a in actions if a[0] == r}) for r in ranks}
 
     try:

@@ -4,6 +4,7 @@
 #include <torch/nn/functional/pooling.h>
 #include <torch/nn/init.h>
 #include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/container/functional.h>
 #include <torch/nn/modules/pooling.h>
 
 #include <map>
@@ -194,6 +195,22 @@ torch::Tensor ResNetImpl::forward(const torch::Tensor& x) {
   for (auto& stage : stages_) out = stage->forward(out);
   out = nn::functional::adaptive_avg_pool2d(out, nn::functional::AdaptiveAvgPool2dFuncOptions(1));
   return fc_(out.flatten(1));
+}
+
+std::vector<parallel::pipeline::Layer> ResNetImpl::layers() const {
+  std::vector<parallel::pipeline::Layer> out = parallel::pipeline::layers_of(stem_, "stem");
+  for (std::size_t s = 0; s < stages_.size(); ++s) {
+    for (auto& layer : parallel::pipeline::layers_of(stages_[s], "layer" + std::to_string(s + 1))) {
+      out.push_back(std::move(layer));
+    }
+  }
+  out.push_back({"pool", nn::AnyModule(nn::Functional([](const torch::Tensor& x) {
+                   return nn::functional::adaptive_avg_pool2d(
+                              x, nn::functional::AdaptiveAvgPool2dFuncOptions(1))
+                       .flatten(1);
+                 }))});
+  out.push_back({"fc", nn::AnyModule(fc_)});
+  return out;
 }
 
 std::vector<std::string> resnet_names() {

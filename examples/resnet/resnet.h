@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "dtrain/collectives/communicator.h"
+#include "dtrain/parallel/pipeline/partition.h"
 
 namespace dtrain::resnet {
 
@@ -140,6 +141,15 @@ class ResNetImpl : public torch::nn::Module {
   explicit ResNetImpl(const ResNetOptions& options);
   torch::Tensor forward(const torch::Tensor& x);
   const ResNetOptions& options() const { return options_; }
+  /// The model as a sequence of layers for pipeline parallelism
+  /// (dtrain/parallel/pipeline/partition.h), sharing this model's modules:
+  /// the stem's layers ("stem.0", "stem.1", ...), every residual block
+  /// ("layer1.0", "layer1.1", ..., "layer3.2" for resnet20), "pool" (global
+  /// average pool and flatten, no parameters) and "fc". Their parameter
+  /// names are this module's own ("layer1.0.conv1.weight"), so a checkpoint
+  /// of the whole model loads into any split and back; running them in
+  /// order computes forward() with the same operations.
+  std::vector<dtrain::parallel::pipeline::Layer> layers() const;
 
  private:
   void initialize_weights();

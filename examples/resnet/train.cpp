@@ -1,5 +1,6 @@
 // dtrain-resnet: the reference trainer. ResNet on a sharded HDF5 data set
-// with data parallelism (DDP or ZeRO-1), checkpoints with automatic resume,
+// with data parallelism (DDP or ZeRO-1) or pipeline parallelism combined
+// with data parallelism (--pp, dp x pp ranks), checkpoints with automatic resume,
 // distributed evaluation, JSON-lines metrics and Chrome traces.
 //
 //   dtrain-resnet --train-data data/fashion-mnist/train --test-data data/fashion-mnist/test
@@ -8,8 +9,10 @@
 // This file holds what is ResNet's: the model, the image data and the
 // command line. The loop, checkpoints, signals, evaluation, metrics, traces,
 // exit codes and fault injection are the library's trainer
-// (dtrain/train/trainer.h), and data parallelism its DataParallel strategy
-// (dtrain/train/data_parallel.h). Exit status: 0 finished, or stopped by
+// (dtrain/train/trainer.h), data parallelism its DataParallel strategy
+// (dtrain/train/data_parallel.h) and pipeline parallelism its
+// PipelineParallel strategy (dtrain/train/pipeline_parallel.h), over the
+// model's layers (ResNet::layers()). Exit status: 0 finished, or stopped by
 // --max-minutes after a checkpoint; 2 bad input (nothing was trained or
 // written); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (run it
 // again to continue); 1 any other error.
@@ -32,7 +35,10 @@
 #include "dtrain/data/loader.h"
 #include "dtrain/env.h"
 #include "dtrain/error.h"
+#include "dtrain/parallel/pipeline/generators.h"
+#include "dtrain/parallel/pipeline/partition.h"
 #include "dtrain/train/data_parallel.h"
+#include "dtrain/train/pipeline_parallel.h"
 #include "dtrain/train/trainer.h"
 #include "examples/resnet/resnet.h"
 #include "src/cli/cli.h"
@@ -73,6 +79,16 @@ struct Config {
   std::string compression = "none";
   bool zero = false;
   bool sync_bn = false;
+  int pp = 1;                            // pipeline ranks
+  int microbatches = 1;                  // per replica and step
+  std::string pp_schedule = "1f1b";      // gpipe, 1f1b, interleaved, zb-h1
+  int pp_stages_per_rank = 0;            // v; 0: 2 for interleaved, 1 otherwise
+  std::string pp_partition = "uniform";  // uniform, params, or cut points "4,9"
+  std::vector<int> pp_cuts;              // the cut points of --pp-partition 4,9
+
+  // The pipeline strategy runs with --pp > 1, or --microbatches > 1 (at
+  // pp 1: gradient accumulation over the microbatches).
+  bool pipeline() const { return pp > 1 || microbatches > 1; }
   std::string checkpoint_dir;         // default <out>/checkpoints; "none" disables
   std::int64_t checkpoint_every = 0;  // steps; 0 = at each epoch's end
   int keep = 3;
@@ -89,10 +105,11 @@ struct Config {
 };
 
 cxxopts::Options make_cli() {
-  cxxopts::Options cli("dtrain-resnet",
-                       "Data-parallel ResNet training on sharded HDF5 data with checkpoints and "
-                       "automatic resume.\nRun under mpirun/srun for several ranks; runs alone "
-                       "as one rank.");
+  cxxopts::Options cli(
+      "dtrain-resnet",
+      "Data- and pipeline-parallel ResNet training on sharded HDF5 data with checkpoints and "
+      "automatic resume.\nRun under mpirun/srun for several ranks; runs alone "
+      "as one rank.");
   // clang-format off
   cli.add_options("Model and data")
     ("model", "resnet20|resnet32|resnet56 (CIFAR layout) or resnet18|resnet34|resnet50", cxxopts::value<std::string>()->default_value("resnet20"))
@@ -126,7 +143,13 @@ cxxopts::Options make_cli() {
     ("first-bucket-mb", "first (last layers') bucket size (MiB)", cxxopts::value<double>()->default_value("1"))
     ("compression", "gradient wire format: none, bf16 or fp16", cxxopts::value<std::string>()->default_value("none"))
     ("zero", "ZeRO-1: shard optimizer state over the ranks (instead of DDP)", cxxopts::value<bool>()->default_value("false"))
-    ("sync-bn", "synchronize BatchNorm statistics over the ranks", cxxopts::value<bool>()->default_value("false"));
+    ("sync-bn", "synchronize BatchNorm statistics over the data-parallel ranks", cxxopts::value<bool>()->default_value("false"));
+  cli.add_options("Pipeline parallelism")
+    ("pp", "pipeline ranks: the model is cut into stages, dp = ranks / pp (divisible)", cxxopts::value<int>()->default_value("1"))
+    ("microbatches", "microbatches per step and replica (dividing global batch / dp); above 1 with --pp 1 accumulates gradients over them", cxxopts::value<int>()->default_value("1"))
+    ("pp-schedule", "gpipe, 1f1b, interleaved or zb-h1", cxxopts::value<std::string>()->default_value("1f1b"))
+    ("pp-stages-per-rank", "stages per pipeline rank (interleaved only; 0: 2 for interleaved, 1 otherwise)", cxxopts::value<int>()->default_value("0"))
+    ("pp-partition", "where the layers are cut: uniform (by layer count), params (balanced by parameter count) or the first layer of each stage after the first, e.g. 4,9", cxxopts::value<std::string>()->default_value("uniform"));
   cli.add_options("Checkpoints and output")
     ("out", "run directory: checkpoints/, metrics/ (and trace/) go here", cxxopts::value<std::string>()->default_value("runs/resnet"))
     ("checkpoint-dir", "checkpoint directory (default <out>/checkpoints; \"none\": no checkpoints)", cxxopts::value<std::string>()->default_value(""))
@@ -179,6 +202,11 @@ Config parse_config(cxxopts::ParseResult& p) {
   c.compression = p["compression"].as<std::string>();
   c.zero = p["zero"].as<bool>();
   c.sync_bn = p["sync-bn"].as<bool>();
+  c.pp = p["pp"].as<int>();
+  c.microbatches = p["microbatches"].as<int>();
+  c.pp_schedule = p["pp-schedule"].as<std::string>();
+  c.pp_stages_per_rank = p["pp-stages-per-rank"].as<int>();
+  c.pp_partition = p["pp-partition"].as<std::string>();
   c.out = p["out"].as<std::string>();
   c.checkpoint_dir = p["checkpoint-dir"].as<std::string>();
   c.checkpoint_every = p["checkpoint-every"].as<std::int64_t>();
@@ -229,6 +257,40 @@ Config parse_config(cxxopts::ParseResult& p) {
   DTRAIN_CHECK_ARG(c.checkpoint_every >= 0 && c.eval_every >= 0 && c.eval_batch >= 1,
                    "--checkpoint-every and --eval-every must be >= 0, --eval-batch >= 1");
   DTRAIN_CHECK_ARG(c.comm_timeout_s >= 1, "--comm-timeout must be >= 1 s");
+  DTRAIN_CHECK_ARG(c.pp >= 1, "--pp must be >= 1, got ", c.pp);
+  DTRAIN_CHECK_ARG(c.microbatches >= 1, "--microbatches must be >= 1, got ", c.microbatches);
+  const char* const schedules[] = {"gpipe", "1f1b", "interleaved", "zb-h1"};
+  DTRAIN_CHECK_ARG(
+      std::find(std::begin(schedules), std::end(schedules), c.pp_schedule) != std::end(schedules),
+      "unknown --pp-schedule '", c.pp_schedule, "' (gpipe, 1f1b, interleaved, zb-h1)");
+  const bool interleaved = c.pp_schedule == "interleaved";
+  DTRAIN_CHECK_ARG(c.pp_stages_per_rank >= 0, "--pp-stages-per-rank must be >= 0, got ",
+                   c.pp_stages_per_rank);
+  if (c.pp_stages_per_rank == 0) c.pp_stages_per_rank = interleaved ? 2 : 1;
+  DTRAIN_CHECK_ARG(c.pp_stages_per_rank == 1 || interleaved, "--pp-stages-per-rank ",
+                   c.pp_stages_per_rank, " needs --pp-schedule interleaved (", c.pp_schedule,
+                   " runs one stage per rank)");
+  if (c.pp_partition != "uniform" && c.pp_partition != "params") {
+    std::stringstream in(c.pp_partition);
+    std::string item;
+    while (std::getline(in, item, ',')) {
+      std::size_t used = 0;
+      int cut = -1;
+      try {
+        cut = std::stoi(item, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      DTRAIN_CHECK_ARG(used == item.size() && !item.empty(), "--pp-partition '", c.pp_partition,
+                       "' is not uniform, params or comma-separated layer indices (e.g. 4,9)");
+      c.pp_cuts.push_back(cut);
+    }
+  }
+  DTRAIN_CHECK_ARG(!(c.pipeline() && c.zero),
+                   "--zero is not available with --pp or --microbatches: each pipeline stage "
+                   "averages its gradients with DDP over the data-parallel ranks");
+  DTRAIN_CHECK_ARG(!(c.pp > 1 && c.device == "cuda"), "--pp ", c.pp,
+                   " runs on --device cpu only (the stages' messages go over MPI)");
   DTRAIN_CHECK_ARG(c.device != "cuda" || DTRAIN_HAVE_NCCL,
                    "--device cuda needs dtrain's NCCL backend, and this build has none (CUDA "
                    "and NCCL were not found at configure time; see docs/gpu.md)");
@@ -271,6 +333,7 @@ train::TrainerOptions trainer_options(const Config& c) {
   o.device = c.device;
   o.threads = c.threads;
   o.comm_timeout_s = c.comm_timeout_s;
+  o.pp = c.pp;
   o.out = c.out;
   o.checkpoint_dir = c.checkpoint_dir;
   o.checkpoint_every = c.checkpoint_every;
@@ -353,6 +416,9 @@ class ResNetProgram : public train::TrainingProgram {
     DTRAIN_CHECK_ARG(train_set_->size() >= c_.global_batch, c_.train_data, " holds ",
                      train_set_->size(), " samples, fewer than one global batch (", c_.global_batch,
                      ")");
+    image_shape_ = images.shape;
+    if (image_shape_.size() == 2) image_shape_.insert(image_shape_.begin(), 1);
+    if (c_.pipeline()) check_pipeline(replicas);
     return train_set_->size() / c_.global_batch;
   }
 
@@ -360,7 +426,11 @@ class ResNetProgram : public train::TrainingProgram {
     dtrain::resnet::NormFactory norm;
     if (c_.sync_bn) {
       // On one rank too: BatchNorm2d would round differently from N ranks.
-      bn_comm_ = run.train_comm->split(0, run.rank, {"sync-bn", std::nullopt});
+      // Under pipeline parallelism the statistics are those of the stage's
+      // replicas: the dp axis (MPI, like the stages' messages).
+      bn_comm_ = c_.pipeline() ? run.context->dp()->split(0, run.context->dp_rank(),
+                                                          {"sync-bn", std::nullopt})
+                               : run.train_comm->split(0, run.rank, {"sync-bn", std::nullopt});
       norm = dtrain::resnet::sync_batch_norm_2d(bn_comm_);
     }
     dtrain::resnet::ResNet model =
@@ -377,13 +447,29 @@ class ResNetProgram : public train::TrainingProgram {
                                                              .nesterov(c.nesterov)
                                                              .weight_decay(c.weight_decay));
     };
+    dtrain::parallel::DdpOptions ddp;
+    ddp.bucket_cap_bytes = static_cast<std::size_t>(c_.bucket_cap_mb * (1 << 20));
+    ddp.first_bucket_cap_bytes = static_cast<std::size_t>(c_.first_bucket_mb * (1 << 20));
+    ddp.compression = c_.compression == "bf16"   ? dtrain::parallel::GradientCompression::kBFloat16
+                      : c_.compression == "fp16" ? dtrain::parallel::GradientCompression::kFloat16
+                                                 : dtrain::parallel::GradientCompression::kNone;
+    if (c_.pipeline()) {
+      train::PipelineParallelOptions po;
+      po.schedule = schedule_options(run.context->pp_size());
+      po.ddp = ddp;
+      po.seed = c_.seed;
+      auto layers = model->layers();
+      const auto partition = partition_of(layers, po.schedule);
+      std::vector<std::int64_t> sample_shape{1};
+      sample_shape.insert(sample_shape.end(), image_shape_.begin(), image_shape_.end());
+      return std::make_unique<train::PipelineParallel>(
+          std::move(layers), partition,
+          torch::zeros(sample_shape, torch::TensorOptions(run.device)), run.context, make_optimizer,
+          train::classification(c_.label_smoothing), po);
+    }
     train::DataParallelOptions o;
     o.zero = c_.zero;
-    o.ddp.bucket_cap_bytes = static_cast<std::size_t>(c_.bucket_cap_mb * (1 << 20));
-    o.ddp.first_bucket_cap_bytes = static_cast<std::size_t>(c_.first_bucket_mb * (1 << 20));
-    o.ddp.compression = c_.compression == "bf16" ? dtrain::parallel::GradientCompression::kBFloat16
-                        : c_.compression == "fp16" ? dtrain::parallel::GradientCompression::kFloat16
-                                                   : dtrain::parallel::GradientCompression::kNone;
+    o.ddp = ddp;
     return std::make_unique<train::DataParallel>(
         model.ptr(), [impl = model.ptr()](const at::Tensor& x) { return impl->forward(x); },
         run.train_comm, make_optimizer, train::classification(c_.label_smoothing), o);
@@ -437,6 +523,11 @@ class ResNetProgram : public train::TrainingProgram {
             {"schedule", c_.schedule},
             {"zero", c_.zero},
             {"sync_bn", c_.sync_bn},
+            {"pp", c_.pp},
+            {"microbatches", c_.microbatches},
+            {"pp_schedule", c_.pp_schedule},
+            {"pp_stages_per_rank", c_.pp_stages_per_rank},
+            {"pp_partition", c_.pp_partition},
             {"compression", c_.compression},
             {"loader_output", c_.loader_output},
             {"threads", c_.threads},
@@ -444,6 +535,59 @@ class ResNetProgram : public train::TrainingProgram {
   }
 
  private:
+  dtrain::parallel::pipeline::ScheduleOptions schedule_options(int pp) const {
+    dtrain::parallel::pipeline::ScheduleOptions o;
+    o.kind = dtrain::parallel::pipeline::parse_schedule_kind(c_.pp_schedule);
+    o.num_ranks = pp;
+    o.num_microbatches = c_.microbatches;
+    o.stages_per_rank = c_.pp_stages_per_rank;
+    return o;
+  }
+
+  dtrain::parallel::pipeline::StagePartition partition_of(
+      const std::vector<dtrain::parallel::pipeline::Layer>& layers,
+      const dtrain::parallel::pipeline::ScheduleOptions& schedule) const {
+    namespace pl = dtrain::parallel::pipeline;
+    const int stages = schedule.num_ranks * schedule.stages_per_rank;
+    const int n = static_cast<int>(layers.size());
+    DTRAIN_CHECK_ARG(stages <= n, "--pp ", schedule.num_ranks, " x ", schedule.stages_per_rank,
+                     " stage(s) per rank makes ", stages, " stages, but ", c_.model, " has only ",
+                     n, " layers to cut (stem layers, residual blocks, pool, fc)");
+    if (c_.pp_partition == "uniform") return pl::partition_uniform(n, stages);
+    if (c_.pp_partition == "params") {
+      return pl::partition_balanced(pl::parameter_counts(layers), stages);
+    }
+    DTRAIN_CHECK_ARG(static_cast<int>(c_.pp_cuts.size()) == stages - 1, "--pp-partition '",
+                     c_.pp_partition, "' has ", c_.pp_cuts.size(), " cut points; ", stages,
+                     " stages need ", stages - 1);
+    try {
+      return pl::partition_at(n, c_.pp_cuts);
+    } catch (const dtrain::InvalidArgument& e) {
+      DTRAIN_THROW(dtrain::InvalidArgument, "--pp-partition '", c_.pp_partition, "' on ", n,
+                   " layers: ", e.what());
+    }
+  }
+
+  // The pipeline's bad input, before anything is written: microbatches that
+  // do not divide a replica's batch, a schedule refused for this pp and m,
+  // more stages than layers, bad cut points.
+  void check_pipeline(int replicas) const {
+    const std::int64_t per_replica = c_.global_batch / replicas;
+    DTRAIN_CHECK_ARG(per_replica % c_.microbatches == 0, "--microbatches ", c_.microbatches,
+                     " does not divide the batch of each data-parallel replica (", per_replica,
+                     " = --global-batch ", c_.global_batch, " over ", replicas,
+                     " replicas): choose a divisor of ", per_replica);
+    const auto schedule = schedule_options(c_.pp);
+    try {
+      schedule.validate();
+    } catch (const dtrain::InvalidArgument& e) {
+      DTRAIN_THROW(dtrain::InvalidArgument, "--pp-schedule ", c_.pp_schedule, " with --pp ", c_.pp,
+                   " and --microbatches ", c_.microbatches, ": ", e.what());
+    }
+    const auto model = dtrain::resnet::make_resnet(c_.model, channels_, classes_);
+    partition_of(model->layers(), schedule);
+  }
+
   // What every loader of this run shares: normalization, workers, output.
   dtrain::data::LoaderOptions loader_options() const {
     dtrain::data::LoaderOptions o;
@@ -460,6 +604,7 @@ class ResNetProgram : public train::TrainingProgram {
   std::shared_ptr<dtrain::data::Dataset> test_set_;
   std::int64_t channels_ = 1;
   std::int64_t classes_ = 10;
+  std::vector<std::int64_t> image_shape_;  // [C, H, W]
   std::shared_ptr<dtrain::collectives::Communicator> bn_comm_;
 };
 
@@ -474,8 +619,8 @@ int main(int argc, char** argv) {
     auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
       if (launch.rank == 0) {
-        std::cout << cli.help({"Model and data", "Schedule", "Data parallelism", "Execution",
-                               "Checkpoints and output"})
+        std::cout << cli.help({"Model and data", "Schedule", "Data parallelism",
+                               "Pipeline parallelism", "Execution", "Checkpoints and output"})
                   << "\nBoolean options take true or false attached or as the next word "
                      "(--resume=false, --resume false); alone they mean true.\n"
                      "Exit status: 0 finished (or stopped by --max-minutes after a "

@@ -491,6 +491,75 @@ def case_loader_output():
         fail(f"the evaluations differ: {evals}")
 
 
+# --- pipeline parallelism -------------------------------------------------------
+
+PP = ["--pp", "2", "--microbatches", "4", "--pp-schedule", "1f1b"]
+
+
+def case_pp_kill_rank():
+    """SIGKILL the last stage's rank of a pp 2 job after step 6: restarted,
+    resumed from step 4, bitwise identical to the uninterrupted run."""
+    ref = fresh("pp-kill-ref")
+    if launch(2, trainer_args(ref, 12, PP)).returncode != 0:
+        fail("the uninterrupted pp 2 run failed")
+    out = fresh("pp-kill")
+    p = launch(2, trainer_args(out, 12, PP), env_extra={"DTRAIN_FAULT_KILL": "1:6"})
+    if p.returncode != 0:
+        fail("the supervised pp 2 job did not finish after the kill")
+    if "fault injection: SIGKILL after step 6" not in p.stdout:
+        fail("the fault was not injected")
+    if "resumed from" not in p.stdout or "step 4" not in p.stdout:
+        fail("the restarted job did not resume from the step-4 checkpoint")
+    if "pipeline 1f1b (pp 2" not in p.stdout:
+        fail("the job did not run the pipeline strategy")
+    same_checkpoints(ref + "/checkpoints", out + "/checkpoints")
+
+
+def case_pp_resplit():
+    """A checkpoint of pp 2 resumes as pp 1 (gradient accumulation over the
+    same 4 microbatches) and as plain DDP, and a DDP checkpoint resumes at
+    pp 2: the names are those of the whole model."""
+    mpirun = os.path.join(os.path.dirname(LAUNCH), "dtrain-mpirun")
+    for name, first, second in (("pp-to-pp1", PP, ["--microbatches", "4"]),
+                                ("pp-to-ddp", PP, []),
+                                ("ddp-to-pp", [], PP)):
+        out = fresh(name)
+        if run([mpirun, "-n", "2"] + trainer_args(out, 4, first)).returncode != 0:
+            fail(f"{name}: the first run failed")
+        p = run([mpirun, "-n", "2"] + trainer_args(out, 8, second))
+        if p.returncode != 0 or "resuming at step 4" not in p.stdout:
+            fail(f"{name}: the second run did not resume at step 4")
+        if 8 not in steps_of(out + "/checkpoints"):
+            fail(f"{name}: no checkpoint of step 8")
+
+
+def case_pp_bad_input():
+    """Pipeline options that cannot work: exit 2 (1 rank) or non-zero (2
+    ranks) with a message, before anything is written."""
+    base = trainer_args(os.path.join(WORK, "bad"), 4)
+    expect_bad_input(base + ["--pp", "3"], "is not divisible", ranks=2)
+    expect_bad_input(base + ["--pp", "2", "--microbatches", "3"],
+                     "--microbatches 3 does not divide the batch of each data-parallel replica",
+                     ranks=2)
+    expect_bad_input(base + ["--pp", "2", "--microbatches", "3", "--global-batch", "36",
+                             "--pp-schedule", "interleaved"],
+                     ["--pp-schedule interleaved with --pp 2 and --microbatches 3", "multiple"],
+                     ranks=2)
+    expect_bad_input(base + ["--pp", "2", "--pp-schedule", "zb-h1"],
+                     "--pp-schedule zb-h1 with --pp 2 and --microbatches 1", ranks=2)
+    expect_bad_input(base + ["--pp", "2", "--microbatches", "2", "--pp-schedule", "interleaved",
+                             "--pp-stages-per-rank", "8"],
+                     "16 stages, but resnet20 has only 14 layers", ranks=2)
+    expect_bad_input(base + ["--pp", "2", "--pp-partition", "3,9"], "has 2 cut points; 2 stages need 1",
+                     ranks=2)
+    expect_bad_input(base + ["--pp", "2", "--pp-partition", "20"], "--pp-partition '20' on 14 layers",
+                     ranks=2)
+    expect_bad_input(base + ["--pp-partition", "4,x"], "--pp-partition '4,x' is not")
+    expect_bad_input(base + ["--pp-schedule", "pipedream"], "unknown --pp-schedule 'pipedream'")
+    expect_bad_input(base + ["--pp", "2", "--zero"], "--zero is not available with --pp")
+    expect_bad_input(base + ["--pp-stages-per-rank", "2"], "needs --pp-schedule interleaved")
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":

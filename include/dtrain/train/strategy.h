@@ -12,9 +12,10 @@
 //   strategy                 one step of train_step(batch)
 //   DataParallel (DDP)       forward, backward, bucketed all-reduce, step
 //   DataParallel (ZeRO-1)    forward, backward, reduce-scatter, step, gather
-//   pipeline (issue 15)      splits the batch into microbatches and runs its
+//   PipelineParallel         splits the batch into microbatches and runs its
 //                            action list; the first stage reads the inputs,
 //                            the last one the targets and knows the loss
+//                            (dtrain/train/pipeline_parallel.h)
 //   tensor parallel (16)     a GPT over token ids: inputs [N, T] and targets
 //                            [N, T], the loss over the tp group's logits
 //

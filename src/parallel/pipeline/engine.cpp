@@ -60,30 +60,6 @@ std::string shape_string(const std::vector<std::int64_t>& shape) {
   return os.str();
 }
 
-const char* kind_text(ActionKind kind) {
-  switch (kind) {
-    case ActionKind::kForward:
-      return "F";
-    case ActionKind::kBackward:
-      return "B";
-    case ActionKind::kBackwardInput:
-      return "I";
-    case ActionKind::kBackwardWeight:
-      return "W";
-    case ActionKind::kSendActivation:
-      return "sendF";
-    case ActionKind::kRecvActivation:
-      return "recvF";
-    case ActionKind::kSendGradient:
-      return "sendB";
-    case ActionKind::kRecvGradient:
-      return "recvB";
-    case ActionKind::kReduceGradients:
-      return "reduce";
-  }
-  return "?";
-}
-
 }  // namespace
 
 void PipelineOptions::validate() const {
@@ -641,7 +617,7 @@ std::string trace_to_csv(const std::vector<ActionRecord>& trace, int rank, bool 
   os << std::fixed;
   if (header) os << "rank,kind,stage,microbatch,start,end,wait,heap\n";
   for (const ActionRecord& r : trace) {
-    os << rank << ',' << kind_text(r.action.kind) << ',' << r.action.stage << ','
+    os << rank << ',' << action_kind_name(r.action.kind) << ',' << r.action.stage << ','
        << r.action.microbatch << ',' << r.start_seconds << ',' << r.end_seconds << ','
        << r.wait_seconds << ',' << r.heap_bytes << '\n';
   }

@@ -40,6 +40,30 @@ Action Action::reduce(int stage) {
   return {ActionKind::kReduceGradients, stage, kNoMicrobatch, kNoPeer};
 }
 
+const char* action_kind_name(ActionKind kind) noexcept {
+  switch (kind) {
+    case ActionKind::kForward:
+      return "F";
+    case ActionKind::kBackward:
+      return "B";
+    case ActionKind::kBackwardInput:
+      return "I";
+    case ActionKind::kBackwardWeight:
+      return "W";
+    case ActionKind::kSendActivation:
+      return "sendF";
+    case ActionKind::kRecvActivation:
+      return "recvF";
+    case ActionKind::kSendGradient:
+      return "sendB";
+    case ActionKind::kRecvGradient:
+      return "recvB";
+    case ActionKind::kReduceGradients:
+      return "reduce";
+  }
+  return "?";
+}
+
 bool Action::is_compute() const noexcept {
   return kind == ActionKind::kForward || kind == ActionKind::kBackward ||
          kind == ActionKind::kBackwardInput || kind == ActionKind::kBackwardWeight;
@@ -69,28 +93,10 @@ int Action::neighbour_stage(int num_stages) const noexcept {
 }
 
 std::string Action::to_string() const {
-  const auto sm = [this] { return detail::str_cat(stage, '.', microbatch); };
-  switch (kind) {
-    case ActionKind::kForward:
-      return "F" + sm();
-    case ActionKind::kBackward:
-      return "B" + sm();
-    case ActionKind::kBackwardInput:
-      return "I" + sm();
-    case ActionKind::kBackwardWeight:
-      return "W" + sm();
-    case ActionKind::kSendActivation:
-      return detail::str_cat("sendF", sm(), '>', peer);
-    case ActionKind::kRecvActivation:
-      return detail::str_cat("recvF", sm(), '<', peer);
-    case ActionKind::kSendGradient:
-      return detail::str_cat("sendB", sm(), '>', peer);
-    case ActionKind::kRecvGradient:
-      return detail::str_cat("recvB", sm(), '<', peer);
-    case ActionKind::kReduceGradients:
-      return detail::str_cat("reduce", stage);
-  }
-  return "?";
+  const char* name = action_kind_name(kind);
+  if (kind == ActionKind::kReduceGradients) return detail::str_cat(name, stage);
+  if (is_compute()) return detail::str_cat(name, stage, '.', microbatch);
+  return detail::str_cat(name, stage, '.', microbatch, is_send() ? '>' : '<', peer);
 }
 
 int Schedule::rank_of_stage(int stage) const {

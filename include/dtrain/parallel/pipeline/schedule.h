@@ -99,6 +99,10 @@ enum class ActionKind : std::uint8_t {
   kReduceGradients,  ///< reduce: this stage's gradients are complete
 };
 
+/// The kind's short name above: "F", "B", "I", "W", "sendF", "recvF",
+/// "sendB", "recvB" or "reduce" (trace CSV and trace span names).
+const char* action_kind_name(ActionKind kind) noexcept;
+
 /// Microbatch of a reduce action (which is per stage, not per microbatch).
 constexpr int kNoMicrobatch = -1;
 /// Peer of a compute or reduce action.
