@@ -4,6 +4,7 @@
 //   mpiexec -n 4 pipeline_perf --table bubble      # sleeping stages, p = 4
 //   mpiexec -n 2 pipeline_perf --table memory      # GPipe vs 1F1B, deallocation
 //   mpiexec -n 2 pipeline_perf --table throughput  # pp=2 1F1B vs dp=2 DDP
+//   mpiexec -n 2 pipeline_perf --table compute     # the bubble with real compute
 //
 // bubble: every stage is one layer that sleeps (F = --f-ms, B = --b-ms, of
 // which half is the input gradient and half the weight gradient, so ZB-H1's
@@ -22,6 +23,12 @@
 // throughput: an MLP at equal global batch: pp = 2 with 1F1B and m
 // microbatches against dp = 2 with DistributedDataParallel, rounds
 // alternating, samples per second.
+//
+// compute: the bubble of GPipe and 1F1B with stages that compute (--layers
+// Linear + ReLU layers of --width per stage, --rows rows per microbatch, one
+// intra-op thread), so one rank per core: p = 2 on this machine. Measured
+// as for `bubble`, next to the formula; the mean forward time of a
+// microbatch on a stage is printed too (the issue asks for >= 10 ms).
 //
 // --trace PREFIX writes each rank's trace of the last timed step of every
 // bubble row to PREFIX-<schedule>-m<m>-rank<r>.csv (scripts/pipeline_timeline.py).
@@ -290,6 +297,55 @@ void memory_table(std::shared_ptr<dtrain::collectives::Communicator> world, doub
   }
 }
 
+void compute_table(std::shared_ptr<dtrain::collectives::Communicator> world, int width, int rows,
+                   int layers_per_stage, int warmup, int iters) {
+  const int p = world->size();
+  ParallelContext ctx(world, 1, p);
+  if (world->rank() == 0) {
+    std::printf(
+        "# compute: p = %d, %d x Linear(%d, %d) + ReLU per stage, %d rows per microbatch, "
+        "%d timed steps\n",
+        p, layers_per_stage, width, width, rows, iters);
+    std::printf("%-12s %3s %10s %10s %8s %10s %8s\n", "schedule", "m", "measured", "formula",
+                "points", "step_s", "F_ms");
+  }
+  for (ScheduleKind kind : {ScheduleKind::kGPipe, ScheduleKind::kOneFOneB}) {
+    for (int m : {4, 8, 16}) {
+      torch::manual_seed(7);
+      torch::nn::Sequential model;
+      for (int l = 0; l < p * layers_per_stage; ++l) {
+        model->push_back(torch::nn::Linear(width, width));
+        model->push_back(torch::nn::ReLU());
+      }
+      const auto layers = layers_of(model);
+      const auto partition = partition_uniform(static_cast<int>(layers.size()), p);
+      PipelineOptions options;
+      options.schedule.kind = kind;
+      options.schedule.num_microbatches = m;
+      options.stage_input_shapes.assign(p, {width});
+      PipelineEngine engine(layers, partition, ctx, options);
+      const torch::Tensor x = torch::randn({static_cast<std::int64_t>(rows) * m, width});
+      const StepTiming t = timed_steps(engine, ctx, x, torch::Tensor(), square_loss, warmup, iters);
+      double forward = 0;
+      int forwards = 0;
+      for (const ActionRecord& r : engine.last_trace()) {
+        if (r.action.kind != ActionKind::kForward) continue;
+        forward += r.end_seconds - r.start_seconds;
+        ++forwards;
+      }
+      torch::Tensor f = torch::tensor({forward, static_cast<double>(forwards)}, torch::kDouble);
+      world->all_reduce(f)->wait();
+      const double want = formula(kind, p, m, 1);
+      if (world->rank() == 0) {
+        std::printf("%-12s %3d %10.4f %10.4f %+8.2f %10.3f %8.1f\n", schedule_kind_name(kind), m,
+                    t.idle_fraction, want, 100 * (t.idle_fraction - want), t.step_seconds,
+                    1e3 * f[0].item<double>() / f[1].item<double>());
+        std::fflush(stdout);
+      }
+    }
+  }
+}
+
 torch::nn::Sequential make_mlp(int width, int layers_count, int classes) {
   torch::manual_seed(3);
   torch::nn::Sequential model;
@@ -371,7 +427,7 @@ void throughput_table(std::shared_ptr<dtrain::collectives::Communicator> world, 
 int main(int argc, char** argv) {
   dtrain::Runtime runtime(&argc, &argv);
   cxxopts::Options cli("pipeline_perf", "pipeline engine: bubble, memory, throughput");
-  cli.add_options()("table", "bubble, memory or throughput",
+  cli.add_options()("table", "bubble, memory, throughput or compute",
                     cxxopts::value<std::string>()->default_value("bubble"))(
       "f-ms", "forward sleep per stage (bubble)", cxxopts::value<double>()->default_value("20"))(
       "b-ms", "backward sleep per stage (bubble)", cxxopts::value<double>()->default_value("40"))(
@@ -380,7 +436,10 @@ int main(int argc, char** argv) {
                                                     "microbatches (memory, throughput)",
                                                     cxxopts::value<int>()->default_value("16"))(
       "global-batch", "throughput: global batch", cxxopts::value<int>()->default_value("512"))(
-      "width", "throughput: MLP width", cxxopts::value<int>()->default_value("512"))(
+      "width", "throughput: MLP width (compute: 1024 unless given)",
+      cxxopts::value<int>()->default_value("512"))("rows", "compute: rows per microbatch",
+                                                   cxxopts::value<int>()->default_value("64"))(
+      "layers", "compute: Linear layers per stage", cxxopts::value<int>()->default_value("4"))(
       "rounds", "throughput: alternating rounds", cxxopts::value<int>()->default_value("3"))(
       "w,warmup_iters", "warm-up steps", cxxopts::value<int>()->default_value("1"))(
       "n,iters", "timed steps", cxxopts::value<int>()->default_value("3"))(
@@ -407,9 +466,12 @@ int main(int argc, char** argv) {
     } else if (table == "throughput") {
       throughput_table(world, parsed["microbatches"].as<int>(), parsed["global-batch"].as<int>(),
                        parsed["width"].as<int>(), parsed["rounds"].as<int>(), warmup, iters);
+    } else if (table == "compute") {
+      compute_table(world, parsed.count("width") ? parsed["width"].as<int>() : 1024,
+                    parsed["rows"].as<int>(), parsed["layers"].as<int>(), warmup, iters);
     } else {
       DTRAIN_THROW(dtrain::InvalidArgument, "--table: '", table,
-                   "' is not one of bubble, memory, throughput");
+                   "' is not one of bubble, memory, throughput, compute");
     }
   } catch (const std::exception& e) {
     std::cerr << "pipeline_perf: " << e.what() << std::endl;
