@@ -39,6 +39,7 @@
 #include "dtrain/train/trainer.h"
 #include "examples/gpt/gpt.h"
 #include "src/cli/cli.h"
+#include "src/train/trainer_cli.h"
 
 namespace {
 
@@ -50,7 +51,7 @@ namespace data = dtrain::data;
 struct Config {
   std::string train_data = "data/fortunes/train";
   std::string val_data = "data/fortunes/val";
-  std::string out = "runs/gpt";
+  train::TrainerOptions output;  // --out, --checkpoint-dir, ... (src/train/trainer_cli.h)
   std::int64_t layers = 4;
   std::int64_t heads = 4;
   std::int64_t embedding = 128;
@@ -72,21 +73,10 @@ struct Config {
   std::string device = "cpu";
   int threads = 1;
   int loader_workers = 1;
-  std::string checkpoint_dir;
-  std::int64_t checkpoint_every = 0;
-  int keep = 3;
-  bool async_checkpoint = true;
-  bool resume = true;
-  int eval_every = 1;
   std::int64_t eval_batch = 64;
   std::int64_t val_windows = 1024;
   std::int64_t sample_tokens = 300;
   double temperature = 0.8;
-  std::string metrics_dir;
-  std::string trace_dir;
-  std::string sample_log;
-  int log_every = 50;
-  std::string progress = "auto";
   int comm_timeout_s = 300;
 };
 
@@ -126,22 +116,12 @@ cxxopts::Options make_cli() {
     ("device", "cpu or cuda (cuda: --tp 1 only)", cxxopts::value<std::string>()->default_value("cpu"))
     ("threads", "intra-op threads per rank", cxxopts::value<int>()->default_value("1"))
     ("comm-timeout", "seconds before a collective that a peer never joins fails the job", cxxopts::value<int>()->default_value("300"));
+  // clang-format on
+  train::add_output_options(cli, "runs/gpt");
+  // clang-format off
   cli.add_options("Checkpoints and output")
-    ("out", "run directory: checkpoints/, metrics/ (and trace/) go here", cxxopts::value<std::string>()->default_value("runs/gpt"))
-    ("checkpoint-dir", "checkpoint directory (default <out>/checkpoints; \"none\": no checkpoints)", cxxopts::value<std::string>()->default_value(""))
-    ("checkpoint-every", "save every N steps (0: at the end of each epoch)", cxxopts::value<std::int64_t>()->default_value("0"))
-    ("keep", "checkpoints to keep", cxxopts::value<int>()->default_value("3"))
-    ("async-checkpoint", "write checkpoints in the background", cxxopts::value<bool>()->default_value("true"))
-    ("resume", "resume from the newest valid checkpoint if there is one (at any --tp)", cxxopts::value<bool>()->default_value("true"))
-    ("eval-every", "evaluate every N epochs (0: only at the end)", cxxopts::value<int>()->default_value("1"))
     ("eval-batch", "evaluation windows per batch over all data-parallel ranks", cxxopts::value<std::int64_t>()->default_value("64"))
     ("val-windows", "evaluate on the first N windows of --val-data, rounded up to whole batches (0: all)", cxxopts::value<std::int64_t>()->default_value("1024"))
-    ("metrics-dir", "JSON-lines metrics per rank (default <out>/metrics; \"none\": off)", cxxopts::value<std::string>()->default_value(""))
-    ("trace-dir", "Chrome trace per rank (off unless given; merge with scripts/merge_traces.py)", cxxopts::value<std::string>()->default_value(""))
-    ("trace", "trace into <out>/trace", cxxopts::value<bool>()->default_value("false"))
-    ("sample-log", "append each step's window indices per rank to FILE-rankRRRRR.jsonl", cxxopts::value<std::string>()->default_value(""))
-    ("log-every", "steps between progress lines when not on a terminal", cxxopts::value<int>()->default_value("50"))
-    ("progress", "bar, lines or auto (a bar on a terminal when not under mpirun/srun)", cxxopts::value<std::string>()->default_value("auto"))
     ("h,help", "print this help");
   // clang-format on
   return cli;
@@ -149,6 +129,7 @@ cxxopts::Options make_cli() {
 
 Config parse_config(cxxopts::ParseResult& p) {
   Config c;
+  train::read_output_options(p, c.output);
   c.train_data = p["train-data"].as<std::string>();
   c.val_data = p["val-data"].as<std::string>();
   c.layers = p["layers"].as<std::int64_t>();
@@ -175,26 +156,9 @@ Config parse_config(cxxopts::ParseResult& p) {
   c.device = p["device"].as<std::string>();
   c.threads = p["threads"].as<int>();
   c.comm_timeout_s = p["comm-timeout"].as<int>();
-  c.out = p["out"].as<std::string>();
-  c.checkpoint_dir = p["checkpoint-dir"].as<std::string>();
-  c.checkpoint_every = p["checkpoint-every"].as<std::int64_t>();
-  c.keep = p["keep"].as<int>();
-  c.async_checkpoint = p["async-checkpoint"].as<bool>();
-  c.resume = p["resume"].as<bool>();
-  c.eval_every = p["eval-every"].as<int>();
   c.eval_batch = p["eval-batch"].as<std::int64_t>();
   c.val_windows = p["val-windows"].as<std::int64_t>();
-  c.metrics_dir = p["metrics-dir"].as<std::string>();
-  c.trace_dir = p["trace-dir"].as<std::string>();
-  if (c.trace_dir.empty() && p["trace"].as<bool>()) c.trace_dir = c.out + "/trace";
-  c.sample_log = p["sample-log"].as<std::string>();
-  c.log_every = p["log-every"].as<int>();
-  c.progress = p["progress"].as<std::string>();
-  if (c.checkpoint_dir.empty()) c.checkpoint_dir = c.out + "/checkpoints";
-  if (c.metrics_dir.empty()) c.metrics_dir = c.out + "/metrics";
 
-  DTRAIN_CHECK_ARG(c.progress == "auto" || c.progress == "bar" || c.progress == "lines",
-                   "unknown --progress '", c.progress, "' (auto, bar, lines)");
   DTRAIN_CHECK_ARG(c.pp == 1, "--pp ", c.pp,
                    ": dtrain-gpt does not split the model into pipeline stages yet; use --pp 1 "
                    "(tensor parallelism with --tp, data parallelism over the remaining ranks)");
@@ -221,11 +185,8 @@ Config parse_config(cxxopts::ParseResult& p) {
   DTRAIN_CHECK_ARG(c.loader_workers >= 1, "--loader-workers must be >= 1");
   DTRAIN_CHECK_ARG(c.sample_tokens >= 0, "--sample-tokens must be >= 0");
   DTRAIN_CHECK_ARG(c.temperature > 0, "--temperature must be > 0");
-  DTRAIN_CHECK_ARG(c.keep >= 1, "--keep must be >= 1");
-  DTRAIN_CHECK_ARG(
-      c.checkpoint_every >= 0 && c.eval_every >= 0 && c.eval_batch >= 1 && c.val_windows >= 0,
-      "--checkpoint-every, --eval-every and --val-windows must be >= 0, "
-      "--eval-batch >= 1");
+  DTRAIN_CHECK_ARG(c.eval_batch >= 1 && c.val_windows >= 0,
+                   "--val-windows must be >= 0, --eval-batch >= 1");
   DTRAIN_CHECK_ARG(c.comm_timeout_s >= 1, "--comm-timeout must be >= 1 s");
   return c;
 }
@@ -244,7 +205,7 @@ dtrain::gpt::GptOptions model_options(const Config& c, std::int64_t vocab) {
 }
 
 train::TrainerOptions trainer_options(const Config& c) {
-  train::TrainerOptions o;
+  train::TrainerOptions o = c.output;
   o.epochs = c.epochs;
   o.steps = c.steps;
   o.max_minutes = c.max_minutes;
@@ -258,18 +219,6 @@ train::TrainerOptions trainer_options(const Config& c) {
   o.comm_timeout_s = c.comm_timeout_s;
   o.tp = c.tp;
   o.pp = c.pp;
-  o.out = c.out;
-  o.checkpoint_dir = c.checkpoint_dir;
-  o.checkpoint_every = c.checkpoint_every;
-  o.keep = c.keep;
-  o.async_checkpoint = c.async_checkpoint;
-  o.resume = c.resume;
-  o.eval_every = c.eval_every;
-  o.metrics_dir = c.metrics_dir;
-  o.trace_dir = c.trace_dir;
-  o.sample_log = c.sample_log;
-  o.log_every = c.log_every;
-  o.progress = c.progress;
   o.rate_name = "tokens_per_s";
   o.rate_unit = "tok/s";
   o.sample_name = "tokens";

@@ -42,6 +42,7 @@
 #include "dtrain/train/trainer.h"
 #include "examples/resnet/resnet.h"
 #include "src/cli/cli.h"
+#include "src/train/trainer_cli.h"
 
 namespace {
 
@@ -53,7 +54,7 @@ struct Config {
   std::string model = "resnet20";
   std::string train_data = "data/fashion-mnist/train";
   std::string test_data = "data/fashion-mnist/test";
-  std::string out = "runs/resnet";
+  train::TrainerOptions output;  // --out, --checkpoint-dir, ... (src/train/trainer_cli.h)
   int epochs = 10;
   std::int64_t steps = 0;  // 0: epochs * steps per epoch
   double max_minutes = 0;  // 0: no time limit
@@ -89,18 +90,7 @@ struct Config {
   // The pipeline strategy runs with --pp > 1, or --microbatches > 1 (at
   // pp 1: gradient accumulation over the microbatches).
   bool pipeline() const { return pp > 1 || microbatches > 1; }
-  std::string checkpoint_dir;         // default <out>/checkpoints; "none" disables
-  std::int64_t checkpoint_every = 0;  // steps; 0 = at each epoch's end
-  int keep = 3;
-  bool async_checkpoint = true;
-  bool resume = true;
-  int eval_every = 1;  // epochs; 0 = only at the end
   std::int64_t eval_batch = 500;
-  std::string metrics_dir;  // default <out>/metrics; "none" disables
-  std::string trace_dir;    // empty: no trace
-  std::string sample_log;   // empty: off
-  int log_every = 50;
-  std::string progress = "auto";
   int comm_timeout_s = 300;
 };
 
@@ -150,21 +140,11 @@ cxxopts::Options make_cli() {
     ("pp-schedule", "gpipe, 1f1b, interleaved or zb-h1", cxxopts::value<std::string>()->default_value("1f1b"))
     ("pp-stages-per-rank", "stages per pipeline rank (interleaved only; 0: 2 for interleaved, 1 otherwise)", cxxopts::value<int>()->default_value("0"))
     ("pp-partition", "where the layers are cut: uniform (by layer count), params (balanced by parameter count) or the first layer of each stage after the first, e.g. 4,9", cxxopts::value<std::string>()->default_value("uniform"));
+  // clang-format on
+  train::add_output_options(cli, "runs/resnet");
+  // clang-format off
   cli.add_options("Checkpoints and output")
-    ("out", "run directory: checkpoints/, metrics/ (and trace/) go here", cxxopts::value<std::string>()->default_value("runs/resnet"))
-    ("checkpoint-dir", "checkpoint directory (default <out>/checkpoints; \"none\": no checkpoints)", cxxopts::value<std::string>()->default_value(""))
-    ("checkpoint-every", "save every N steps (0: at the end of each epoch)", cxxopts::value<std::int64_t>()->default_value("0"))
-    ("keep", "checkpoints to keep", cxxopts::value<int>()->default_value("3"))
-    ("async-checkpoint", "write checkpoints in the background", cxxopts::value<bool>()->default_value("true"))
-    ("resume", "resume from the newest valid checkpoint if there is one", cxxopts::value<bool>()->default_value("true"))
-    ("eval-every", "evaluate every N epochs (0: only at the end)", cxxopts::value<int>()->default_value("1"))
     ("eval-batch", "evaluation batch over all ranks", cxxopts::value<std::int64_t>()->default_value("500"))
-    ("metrics-dir", "JSON-lines metrics per rank (default <out>/metrics; \"none\": off)", cxxopts::value<std::string>()->default_value(""))
-    ("trace-dir", "Chrome trace per rank (off unless given; merge with scripts/merge_traces.py)", cxxopts::value<std::string>()->default_value(""))
-    ("trace", "trace into <out>/trace", cxxopts::value<bool>()->default_value("false"))
-    ("sample-log", "append each step's global sample indices per rank to FILE-rankRRRRR.jsonl (for audits)", cxxopts::value<std::string>()->default_value(""))
-    ("log-every", "steps between progress lines when not on a terminal", cxxopts::value<int>()->default_value("50"))
-    ("progress", "bar, lines or auto (a bar on a terminal when not under mpirun/srun)", cxxopts::value<std::string>()->default_value("auto"))
     ("h,help", "print this help");
   // clang-format on
   return cli;
@@ -173,6 +153,7 @@ cxxopts::Options make_cli() {
 // Parses argv into a Config; throws dtrain::InvalidArgument with the reason.
 Config parse_config(cxxopts::ParseResult& p) {
   Config c;
+  train::read_output_options(p, c.output);
   c.model = p["model"].as<std::string>();
   c.train_data = p["train-data"].as<std::string>();
   c.test_data = p["test-data"].as<std::string>();
@@ -207,24 +188,7 @@ Config parse_config(cxxopts::ParseResult& p) {
   c.pp_schedule = p["pp-schedule"].as<std::string>();
   c.pp_stages_per_rank = p["pp-stages-per-rank"].as<int>();
   c.pp_partition = p["pp-partition"].as<std::string>();
-  c.out = p["out"].as<std::string>();
-  c.checkpoint_dir = p["checkpoint-dir"].as<std::string>();
-  c.checkpoint_every = p["checkpoint-every"].as<std::int64_t>();
-  c.keep = p["keep"].as<int>();
-  c.async_checkpoint = p["async-checkpoint"].as<bool>();
-  c.resume = p["resume"].as<bool>();
-  c.eval_every = p["eval-every"].as<int>();
   c.eval_batch = p["eval-batch"].as<std::int64_t>();
-  c.metrics_dir = p["metrics-dir"].as<std::string>();
-  c.trace_dir = p["trace-dir"].as<std::string>();
-  if (c.trace_dir.empty() && p["trace"].as<bool>()) c.trace_dir = c.out + "/trace";
-  c.log_every = p["log-every"].as<int>();
-  c.sample_log = p["sample-log"].as<std::string>();
-  c.progress = p["progress"].as<std::string>();
-  DTRAIN_CHECK_ARG(c.progress == "auto" || c.progress == "bar" || c.progress == "lines",
-                   "unknown --progress '", c.progress, "' (auto, bar, lines)");
-  if (c.checkpoint_dir.empty()) c.checkpoint_dir = c.out + "/checkpoints";
-  if (c.metrics_dir.empty()) c.metrics_dir = c.out + "/metrics";
 
   const auto& names = dtrain::resnet::resnet_names();
   std::string valid;
@@ -253,9 +217,7 @@ Config parse_config(cxxopts::ParseResult& p) {
                    "unknown --compression '", c.compression, "' (none, bf16, fp16)");
   DTRAIN_CHECK_ARG(!(c.zero && c.compression != "none"),
                    "--compression applies to DDP's all-reduce; it cannot be combined with --zero");
-  DTRAIN_CHECK_ARG(c.keep >= 1, "--keep must be >= 1");
-  DTRAIN_CHECK_ARG(c.checkpoint_every >= 0 && c.eval_every >= 0 && c.eval_batch >= 1,
-                   "--checkpoint-every and --eval-every must be >= 0, --eval-batch >= 1");
+  DTRAIN_CHECK_ARG(c.eval_batch >= 1, "--eval-batch must be >= 1");
   DTRAIN_CHECK_ARG(c.comm_timeout_s >= 1, "--comm-timeout must be >= 1 s");
   DTRAIN_CHECK_ARG(c.pp >= 1, "--pp must be >= 1, got ", c.pp);
   DTRAIN_CHECK_ARG(c.microbatches >= 1, "--microbatches must be >= 1, got ", c.microbatches);
@@ -319,7 +281,7 @@ std::vector<double> parse_epoch_list(const std::string& text) {
 
 // The options the library's trainer takes, from the command line.
 train::TrainerOptions trainer_options(const Config& c) {
-  train::TrainerOptions o;
+  train::TrainerOptions o = c.output;
   o.epochs = c.epochs;
   o.steps = c.steps;
   o.max_minutes = c.max_minutes;
@@ -334,18 +296,6 @@ train::TrainerOptions trainer_options(const Config& c) {
   o.threads = c.threads;
   o.comm_timeout_s = c.comm_timeout_s;
   o.pp = c.pp;
-  o.out = c.out;
-  o.checkpoint_dir = c.checkpoint_dir;
-  o.checkpoint_every = c.checkpoint_every;
-  o.keep = c.keep;
-  o.async_checkpoint = c.async_checkpoint;
-  o.resume = c.resume;
-  o.eval_every = c.eval_every;
-  o.metrics_dir = c.metrics_dir;
-  o.trace_dir = c.trace_dir;
-  o.sample_log = c.sample_log;
-  o.log_every = c.log_every;
-  o.progress = c.progress;
   return o;
 }
 

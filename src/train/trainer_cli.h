@@ -1,0 +1,35 @@
+#pragma once
+// The command-line options that every training program built on the trainer
+// (dtrain/train/trainer.h) shares, so that dtrain-resnet, dtrain-gpt and the
+// next program spell, default and check them alike. Internal: linked into the
+// executables (target dtrain_train_cli), like src/cli/cli.h.
+//
+//   cxxopts::Options cli("my-trainer", "...");
+//   cli.add_options("Model and data")(...);               // the program's own
+//   train::add_output_options(cli, "runs/mine");          // --out, --checkpoint-dir, ...
+//   cli.add_options("Checkpoints and output")("eval-batch", ...)("h,help", ...);
+//   ...
+//   train::TrainerOptions o;
+//   train::read_output_options(parsed, o);                // InvalidArgument on a bad value
+
+#include <string>
+
+#include <cxxopts.hpp>
+
+#include "dtrain/train/trainer.h"
+
+namespace dtrain::train {
+
+/// Adds, to the group "Checkpoints and output": --out (default `default_out`),
+/// --checkpoint-dir, --checkpoint-every, --keep, --async-checkpoint,
+/// --resume, --eval-every, --metrics-dir, --trace-dir, --trace,
+/// --sample-log, --log-every and --progress.
+void add_output_options(cxxopts::Options& cli, const std::string& default_out);
+
+/// Reads them into `options`: the checkpoint and metrics directories default
+/// to <out>/checkpoints and <out>/metrics, --trace to <out>/trace. Throws
+/// InvalidArgument naming the option for an unknown --progress, --keep < 1,
+/// or a negative --checkpoint-every or --eval-every.
+void read_output_options(const cxxopts::ParseResult& parsed, TrainerOptions& options);
+
+}  // namespace dtrain::train

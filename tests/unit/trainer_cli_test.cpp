@@ -1,0 +1,71 @@
+// The run-directory options every training program shares
+// (src/train/trainer_cli.h): their defaults derived from --out, and the
+// errors that name the bad option.
+
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "dtrain/error.h"
+#include "src/cli/cli.h"
+#include "src/train/trainer_cli.h"
+
+namespace dtrain::train {
+namespace {
+
+TrainerOptions read(std::vector<std::string> words) {
+  cxxopts::Options cli("trainer", "a test trainer");
+  add_output_options(cli, "runs/test");
+  words.insert(words.begin(), "trainer");
+  std::vector<const char*> argv;
+  for (const auto& w : words) argv.push_back(w.c_str());
+  const auto parsed = cli::parse(cli, static_cast<int>(argv.size()), argv.data());
+  TrainerOptions o;
+  read_output_options(parsed, o);
+  return o;
+}
+
+std::string error_of(std::vector<std::string> words) {
+  try {
+    read(std::move(words));
+  } catch (const InvalidArgument& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST(TrainerCli, DirectoriesDefaultUnderOut) {
+  const TrainerOptions defaults = read({});
+  EXPECT_EQ(defaults.out, "runs/test");
+  EXPECT_EQ(defaults.checkpoint_dir, "runs/test/checkpoints");
+  EXPECT_EQ(defaults.metrics_dir, "runs/test/metrics");
+  EXPECT_EQ(defaults.trace_dir, "");
+  EXPECT_EQ(defaults.keep, 3);
+  EXPECT_TRUE(defaults.resume);
+  EXPECT_EQ(defaults.progress, "auto");
+
+  const TrainerOptions o =
+      read({"--out", "r", "--trace", "--checkpoint-dir", "none", "--keep", "5", "--resume", "false",
+            "--progress", "lines", "--checkpoint-every", "7", "--sample-log", "s"});
+  EXPECT_EQ(o.checkpoint_dir, "none");
+  EXPECT_EQ(o.metrics_dir, "r/metrics");
+  EXPECT_EQ(o.trace_dir, "r/trace");
+  EXPECT_EQ(o.keep, 5);
+  EXPECT_FALSE(o.resume);
+  EXPECT_EQ(o.progress, "lines");
+  EXPECT_EQ(o.checkpoint_every, 7);
+  EXPECT_EQ(o.sample_log, "s");
+  EXPECT_EQ(read({"--trace", "--trace-dir", "t"}).trace_dir, "t");
+}
+
+TEST(TrainerCli, BadValuesNameTheOption) {
+  EXPECT_EQ(error_of({"--keep", "0"}), "--keep must be >= 1");
+  EXPECT_EQ(error_of({"--progress", "fancy"}), "unknown --progress 'fancy' (auto, bar, lines)");
+  EXPECT_EQ(error_of({"--eval-every", "-1"}), "--checkpoint-every and --eval-every must be >= 0");
+  EXPECT_EQ(error_of({"--checkpoint-every", "-2"}),
+            "--checkpoint-every and --eval-every must be >= 0");
+}
+
+}  // namespace
+}  // namespace dtrain::train
