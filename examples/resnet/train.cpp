@@ -319,11 +319,16 @@ class ImageData : public train::DataSource {
     out.indices = std::move(b.indices);
     return out;
   }
+  // From pinned batches (pin_memory, on a GPU) the copies are asynchronous:
+  // the host goes on queueing the step while they run, and CUDA's host
+  // allocator keeps each batch's memory until its copy has finished.
   void to_device(train::Batch& batch) override {
+    const bool async = options_.pin_memory;
+    at::Tensor inputs = batch.inputs.to(device_, async);
     batch.inputs = options_.output == dtrain::data::ImageOutput::kNormalizedFloat
-                       ? batch.inputs.to(device_)
-                       : dtrain::data::normalize_images(batch.inputs.to(device_), options_);
-    batch.targets = batch.targets.to(device_);
+                       ? inputs
+                       : dtrain::data::normalize_images(inputs, options_);
+    batch.targets = batch.targets.to(device_, async);
   }
   std::int64_t batches_per_epoch() const override { return loader_.batches_per_epoch(); }
   std::string position() const override { return loader_.state().serialize(); }
@@ -546,6 +551,7 @@ class ResNetProgram : public train::TrainingProgram {
     o.workers = c_.loader_workers;
     o.output = c_.loader_output == "raw" ? dtrain::data::ImageOutput::kRaw
                                          : dtrain::data::ImageOutput::kNormalizedFloat;
+    o.pin_memory = c_.device == "cuda";
     return o;
   }
 

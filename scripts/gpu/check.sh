@@ -315,7 +315,8 @@ if [ -n "$mpi_home" ]; then
                -DHDF5_ROOT="$hdf5_root" -DHDF5_C_COMPILER_EXECUTABLE=
                -DGTest_DIR="$D/usr/lib/$arch/cmake/GTest"
                -Dcxxopts_DIR="$D/usr/lib/$arch/cmake/cxxopts"
-               -Dnlohmann_json_DIR="$D/usr/share/cmake/nlohmann_json")
+               -Dnlohmann_json_DIR="$D/usr/share/cmake/nlohmann_json"
+               -DXXHASH_INCLUDE_DIR="$D/usr/include")
   # OpenSSL's and zlib's headers from the carried files only when the system has none.
   if [ ! -f /usr/include/openssl/evp.h ]; then
     cmake_args+=(-DOPENSSL_ROOT_DIR="$D/usr" -DOPENSSL_INCLUDE_DIR="$D/usr/include")
@@ -332,7 +333,7 @@ configure_with_root() {
 check_cache() {
   [ -n "$mpi_home" ] || return 0
   local bad
-  bad=$(grep -E '^(MPI_CXX_HEADER_DIR|MPI_mpi_LIBRARY|HDF5_C_INCLUDE_DIR|HDF5_C_LIBRARY_hdf5|GTest_DIR|cxxopts_DIR|nlohmann_json_DIR):' "$1/CMakeCache.txt" | grep -v "=$D" || true)
+  bad=$(grep -E '^(MPI_CXX_HEADER_DIR|MPI_mpi_LIBRARY|HDF5_C_INCLUDE_DIR|HDF5_C_LIBRARY_hdf5|GTest_DIR|cxxopts_DIR|nlohmann_json_DIR|XXHASH_INCLUDE_DIR):' "$1/CMakeCache.txt" | grep -v "=$D" || true)
   [ -z "$bad" ] || { echo "not from the carried dependencies: $bad"; return 1; }
 }
 configure() {

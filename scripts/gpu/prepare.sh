@@ -3,7 +3,7 @@
 # that has CUDA, NCCL and a CUDA LibTorch but none of dtrain's other
 # dependencies, and that reaches no package archive. Runs here, on the Debian
 # machine: downloads the Debian packages of MPI, HDF5, GoogleTest, cxxopts,
-# nlohmann-json and OpenSSL's headers (apt-get download), with the shared
+# nlohmann-json, xxHash and OpenSSL's headers (apt-get download), with the shared
 # libraries they need at run time, unpacks them into DIR (default
 # .gpu-deps/, ignored by git), and adds the Fashion-MNIST files for the
 # trainer. Copy or carry DIR with the checkout; check.sh finds it there.
@@ -38,7 +38,7 @@ lib=/usr/lib/$arch
 # Headers, link libraries and CMake/pkg-config files for the build (without
 # their dependencies: the GPU machine has its own compiler and zlib).
 build_packages=(libopenmpi-dev libhdf5-dev libgtest-dev libgmock-dev libcxxopts-dev
-                nlohmann-json3-dev libssl-dev zlib1g-dev)
+                nlohmann-json3-dev libxxhash-dev libssl-dev zlib1g-dev)
 # What runs: mpirun/orted, the MPI and HDF5 libraries and Open MPI's
 # components. Their shared libraries' packages are added by ldd below.
 runtime_packages=(openmpi-bin openmpi-common libopenmpi3 libpmix2 libhdf5-103-1)

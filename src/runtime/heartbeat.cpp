@@ -302,7 +302,9 @@ Heartbeat::~Heartbeat() {
   if (!s.thread.joinable()) return;
   s.stop.store(true);
   const char byte = 1;
-  (void)::write(s.wake[1], &byte, 1);
+  if (::write(s.wake[1], &byte, 1) != 1) {
+    // The loop also wakes on its poll timeout and then sees stop.
+  }
   s.thread.join();
   const Datagram bye = s.datagram(kBye);
   for (int peer : s.neighbours) s.send(peer, bye);
