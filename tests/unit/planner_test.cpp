@@ -343,5 +343,75 @@ TEST(Planner, RanksFittingLayoutsFirstAndRefusesInvalidOnes) {
   EXPECT_NE(assumptions(machine).find("limit"), std::string::npos);
 }
 
+PlanProfile small_profile() {
+  PlanProfile p;
+  p.model = unit_layers(2);
+  p.model.unit = "tokens";
+  p.model.units_per_sample = 64;
+  p.model.optimizer_states = 2;
+  p.model.partition = Partition::kBalanced;
+  p.model.limits.tp_must_divide = {4, 128};
+  p.model.limits.sequence = 64;
+  p.model.limits.zero_with_pp = true;
+  p.model.layers[1].tensor_parallel = true;
+  p.model.layers[1].tp_all_reduces = 2;
+  p.model.layers[1].parameters = 12345;
+  p.model.layers[1].output_bytes = 777;
+  p.model.layers[1].saved_bytes = 999;
+  p.model.layers[1].replicated_saved_bytes = 111;
+  p.machine.all_reduce_bandwidth = 2.5e9;
+  p.machine.cores = 2;
+  p.machine.memory_per_rank = 1 << 30;
+  p.machine_description = "a test machine";
+  return p;
+}
+
+TEST(Planner, ProfilesRoundTripThroughJson) {
+  const PlanProfile p = small_profile();
+  const PlanProfile back = profile_from_json(profile_to_json(p), "test");
+  EXPECT_EQ(profile_to_json(back), profile_to_json(p));
+  EXPECT_EQ(back.model.limits.layers, 2);
+  EXPECT_EQ(back.model.partition, Partition::kBalanced);
+  EXPECT_EQ(back.model.layers[1].replicated_saved_bytes, 111);
+  EXPECT_EQ(back.machine.cores, 2);
+  EXPECT_EQ(back.machine_description, "a test machine");
+  SearchSpace s;
+  s.world = 2;
+  s.global_batch = 4;
+  EXPECT_NE(
+      predictions_to_json(rank_layouts(back.model, back.machine, s)).find("\"dp1 pp1 tp2 sp\""),
+      std::string::npos);
+}
+
+void expect_refused(const std::string& text, const std::string& part) {
+  try {
+    profile_from_json(text, "p.json");
+    ADD_FAILURE() << "accepted: " << text;
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("p.json"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Planner, BadProfilesNameWhatIsWrong) {
+  const std::string good = profile_to_json(small_profile());
+  auto with = [&good](const std::string& from, const std::string& to) {
+    std::string t = good;
+    const std::size_t at = t.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    return t.replace(at, from.size(), to);
+  };
+  expect_refused("{", "not valid JSON");
+  expect_refused(with("\"dtrain-plan-profile\"", "\"other\""), "format is \"other\"");
+  expect_refused(with("\"version\": 1", "\"version\": 9"), "version 9");
+  expect_refused(with("\"cores\"", "\"core\""), "unknown field \"core\" in machine");
+  expect_refused(with("\"p2p_bandwidth\"", "\"p2p_bandwith\""), "machine has no \"p2p_bandwidth\"");
+  expect_refused(with("\"parameters\": 12345", "\"parameters\": \"many\""),
+                 "model.layers[1].parameters has the wrong type");
+  expect_refused(with("\"forward_seconds\": 1.0", "\"forward_seconds\": -1.0"), "negative");
+  expect_refused(with("\"partition\": \"balanced\"", "\"partition\": \"even\""),
+                 "model.partition is \"even\"");
+}
+
 }  // namespace
 }  // namespace dtrain::plan

@@ -215,4 +215,24 @@ std::vector<Prediction> rank_layouts(const ModelProfile& model, const MachinePro
 /// The model's assumptions with the machine's numbers, one per line.
 std::string assumptions(const MachineProfile& machine);
 
+/// What dtrain-plan reads: a model's profile and a machine's numbers, as
+/// JSON (docs/strategies.md describes the fields). `machine.description`
+/// says where the numbers came from.
+struct PlanProfile {
+  ModelProfile model;
+  MachineProfile machine;
+  std::string machine_description;
+};
+
+/// The JSON text of `profile` (validated first).
+std::string profile_to_json(const PlanProfile& profile);
+/// Reads profile_to_json's format; throws InvalidArgument naming `source` and
+/// the missing or wrong field. Unknown fields are refused (a misspelt
+/// "cores" must not silently mean 0).
+PlanProfile profile_from_json(const std::string& text, const std::string& source);
+
+/// One JSON object per prediction, in the given order, with the layout's
+/// fields and name.
+std::string predictions_to_json(const std::vector<Prediction>& predictions);
+
 }  // namespace dtrain::plan
