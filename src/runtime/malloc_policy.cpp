@@ -55,4 +55,9 @@ bool apply_malloc_policy(const MallocPolicy& policy) {
 #endif
 }
 
+std::size_t heap_bytes_in_use() {
+  const struct mallinfo2 info = mallinfo2();
+  return info.uordblks + info.hblkhd;
+}
+
 }  // namespace dtrain

@@ -4,11 +4,13 @@
 #include "dtrain/plan/planner.h"
 
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include <string>
 #include <vector>
 
 #include "dtrain/error.h"
+#include "dtrain/plan/measure.h"
 
 namespace dtrain::plan {
 namespace {
@@ -411,6 +413,41 @@ TEST(Planner, BadProfilesNameWhatIsWrong) {
   expect_refused(with("\"forward_seconds\": 1.0", "\"forward_seconds\": -1.0"), "negative");
   expect_refused(with("\"partition\": \"balanced\"", "\"partition\": \"even\""),
                  "model.partition is \"even\"");
+}
+
+TEST(Planner, MeasuresEachLayerPerSample) {
+  torch::manual_seed(0);
+  torch::nn::Sequential model(torch::nn::Linear(64, 256), torch::nn::ReLU(),
+                              torch::nn::Linear(256, 10));
+  const std::vector<parallel::pipeline::Layer> layers = parallel::pipeline::layers_of(model);
+  const torch::Tensor sample = torch::randn({32, 64});
+  const std::vector<LayerProfile> p = measure_layers(layers, sample);
+  ASSERT_EQ(p.size(), 3U);
+  EXPECT_EQ(p[0].name, "0");
+  EXPECT_EQ(p[0].parameters, 64 * 256 + 256);
+  EXPECT_EQ(p[1].parameters, 0);
+  EXPECT_EQ(p[2].parameters, 256 * 10 + 10);
+  EXPECT_EQ(p[0].output_bytes, 256 * 4);
+  EXPECT_EQ(p[1].output_bytes, 256 * 4);
+  EXPECT_EQ(p[2].output_bytes, 10 * 4);
+  for (const LayerProfile& l : p) {
+    EXPECT_GT(l.forward_seconds, 0.0) << l.name;
+    EXPECT_GE(l.backward_seconds, 0.0) << l.name;
+    // Each forward keeps at least its output until the backward, and not
+    // much more than a few tensors of that size.
+    EXPECT_GE(l.saved_bytes, l.output_bytes) << l.name;
+    EXPECT_LE(l.saved_bytes, 4 * l.output_bytes + 1024) << l.name;
+  }
+  // A timer that the tests control: every timed run takes 3.
+  parallel::pipeline::LayerTimingOptions stub;
+  stub.timer = [](int, const std::function<void()>& run) {
+    run();
+    return 3.0;
+  };
+  const std::vector<LayerProfile> fixed = measure_layers(layers, sample, stub);
+  EXPECT_DOUBLE_EQ(fixed[0].forward_seconds, 3.0 / 32);
+  EXPECT_DOUBLE_EQ(fixed[0].backward_seconds, 0.0);  // the same 3 for forward+backward
+  EXPECT_THROW(measure_layers({}, sample), InvalidArgument);
 }
 
 }  // namespace
