@@ -443,7 +443,8 @@ std::vector<Prediction> rank_layouts(const ModelProfile& model, const MachinePro
 std::string assumptions(const MachineProfile& machine) {
   std::ostringstream out;
   out << "- compute: the profile's per-layer forward/backward times (tp = 1, one rank) times the "
-         "microbatch size; tensor-parallel layers divided by tp";
+         "microbatch size (per-sample times measured at one size are taken to hold at every "
+         "size); tensor-parallel layers divided by tp";
   if (machine.cores > 0) {
     out << "; ranks beyond " << machine.cores
         << " cores share them (compute stretched by ranks / cores)";
