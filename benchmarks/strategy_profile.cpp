@@ -148,6 +148,13 @@ int main(int argc, char** argv) {
   }
 
   dtrain::plan::PlanProfile profile;
+  // What a rank holds before training: the runtime and its libraries, read
+  // on the last rank, which builds no model.
+  at::Tensor base = at::full({1}, static_cast<double>(dtrain::max_rss_bytes()), at::kDouble);
+  dtrain::collectives::BroadcastOptions from_last;
+  from_last.root = world->size() - 1;
+  world->broadcast(base, from_last)->wait();
+  profile.machine.base_bytes_per_rank = static_cast<std::int64_t>(base.item<double>());
   others_sleep_while_rank0_works(world->rank(), world->size(), [&] {
     at::set_num_threads(threads);
     torch::manual_seed(0);

@@ -241,6 +241,8 @@ void MachineProfile::validate() const {
   DTRAIN_CHECK_ARG(cores >= 0, "cores must be >= 0 (0: one per rank), got ", cores);
   DTRAIN_CHECK_ARG(memory_per_rank >= 0, "memory per rank must be >= 0 (0: no limit), got ",
                    memory_per_rank);
+  DTRAIN_CHECK_ARG(base_bytes_per_rank >= 0, "base bytes per rank must be >= 0, got ",
+                   base_bytes_per_rank);
 }
 
 double all_reduce_bytes_sent(double bytes, int ranks) {
@@ -406,7 +408,8 @@ Prediction predict(const ModelProfile& model, const MachineProfile& machine,
         model.optimizer_states * parameters[r] * bpp / (layout.zero ? layout.dp : 1);
     const double ddp_buffer = layout.dp > 1 ? gradient_bytes : 0.0;
     const double state = 2.0 * parameters[r] * bpp + optimizer + ddp_buffer;
-    const auto peak = static_cast<std::int64_t>(std::llround(state + activations[r]));
+    const auto peak = machine.base_bytes_per_rank +
+                      static_cast<std::int64_t>(std::llround(state + activations[r]));
     if (peak > out.peak_bytes) {
       out.peak_bytes = peak;
       out.state_bytes = static_cast<std::int64_t>(std::llround(state));
@@ -460,7 +463,9 @@ std::string assumptions(const MachineProfile& machine) {
          "activations over tp\n"
       << "- pipeline: layers cut into pp x v stages, the schedule run in the pipeline simulator; "
          "a split backward is half input, half weight gradient\n"
-      << "- memory: weights, gradients and optimizer state of the rank's stage(s) (ZeRO-1 divides "
+      << "- memory: " << machine.base_bytes_per_rank / double(1 << 20)
+      << " MiB per rank before training, weights, gradients and optimizer state of the rank's "
+         "stage(s) (ZeRO-1 divides "
          "the optimizer state by dp), a gradient buffer when dp > 1, and the saved activations of "
          "the most microbatches the schedule stores at once";
   if (machine.memory_per_rank > 0) {

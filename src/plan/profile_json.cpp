@@ -114,7 +114,8 @@ std::string profile_to_json(const PlanProfile& profile) {
                 {"p2p_bandwidth", c.p2p_bandwidth},
                 {"p2p_latency", c.p2p_latency},
                 {"cores", c.cores},
-                {"memory_per_rank", c.memory_per_rank}}}};
+                {"memory_per_rank", c.memory_per_rank},
+                {"base_bytes_per_rank", c.base_bytes_per_rank}}}};
   return out.dump(2) + "\n";
 }
 
@@ -177,6 +178,7 @@ PlanProfile profile_from_json(const std::string& text, const std::string& source
   p.machine.p2p_latency = machine.get<double>("p2p_latency");
   p.machine.cores = machine.get<int>("cores", 0);
   p.machine.memory_per_rank = machine.get<std::int64_t>("memory_per_rank", 0);
+  p.machine.base_bytes_per_rank = machine.get<std::int64_t>("base_bytes_per_rank", 0);
   machine.finish();
   top.finish();
   try {

@@ -269,6 +269,10 @@ TEST(Planner, DataParallelGradientsAndZero) {
   const Prediction zero = predict(model, machine, s, dp);
   EXPECT_DOUBLE_EQ(zero.step_seconds, plain.step_seconds);
   EXPECT_EQ(zero.state_bytes, 4'000'000 * 3 + 8'000'000 / 4);
+  // What the process holds before training is added to every rank's peak.
+  MachineProfile based = machine;
+  based.base_bytes_per_rank = 300 << 20;
+  EXPECT_EQ(predict(model, based, s, dp).peak_bytes, zero.peak_bytes + (300 << 20));
   machine.memory_per_rank = zero.peak_bytes;
   EXPECT_TRUE(predict(model, machine, s, dp).fits);
   dp.zero = false;
@@ -364,6 +368,7 @@ PlanProfile small_profile() {
   p.machine.all_reduce_bandwidth = 2.5e9;
   p.machine.cores = 2;
   p.machine.memory_per_rank = 1 << 30;
+  p.machine.base_bytes_per_rank = 123 << 20;
   p.machine_description = "a test machine";
   return p;
 }
@@ -376,6 +381,7 @@ TEST(Planner, ProfilesRoundTripThroughJson) {
   EXPECT_EQ(back.model.partition, Partition::kBalanced);
   EXPECT_EQ(back.model.layers[1].replicated_saved_bytes, 111);
   EXPECT_EQ(back.machine.cores, 2);
+  EXPECT_EQ(back.machine.base_bytes_per_rank, 123 << 20);
   EXPECT_EQ(back.machine_description, "a test machine");
   SearchSpace s;
   s.world = 2;

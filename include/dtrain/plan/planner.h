@@ -31,10 +31,11 @@
 //  * time of a collective of n bytes over k ranks: latency + 2 (k-1)/k n / B,
 //    B the bus bandwidth as allreduce_perf reports it; a point-to-point
 //    message: latency + n / B_p2p.
-//  * memory per rank: parameters, gradients and optimizer state of its stage
-//    (its tp share; ZeRO-1 divides the optimizer state by dp), DDP's gradient
-//    buffer when dp > 1, and the saved activations of the most microbatches
-//    its schedule keeps at once.
+//  * memory per rank: the machine's base bytes (the process before it
+//    trains), parameters, gradients and optimizer state of its stage (its tp
+//    share; ZeRO-1 divides the optimizer state by dp), DDP's gradient buffer
+//    when dp > 1, and the saved activations of the most microbatches its
+//    schedule keeps at once.
 // assumptions() prints this list with the machine's numbers.
 //
 // Thread-safety: pure functions of their arguments.
@@ -173,6 +174,9 @@ struct MachineProfile {
   int cores = 0;
   /// Memory per rank in bytes; 0: no limit.
   std::int64_t memory_per_rank = 0;
+  /// What a rank holds before it trains (the runtime, its libraries, the
+  /// loader's buffers), added to every rank's predicted peak.
+  std::int64_t base_bytes_per_rank = 0;
 
   void validate() const;
 };
