@@ -52,6 +52,7 @@
 #include "dtrain/parallel/pipeline/engine.h"
 #include "dtrain/runtime.h"
 #include "src/cli/cli.h"
+#include "src/common/torch_compat.h"
 
 namespace {
 
@@ -99,7 +100,7 @@ struct SleepLayerImpl : torch::nn::Module {
     scale = register_parameter("scale", torch::ones({1}));
   }
   torch::Tensor forward(torch::Tensor x) {
-    return SleepFunction::apply(x, scale, f_ms, i_ms, w_ms);
+    return dtrain::detail::apply_autograd_function<SleepFunction>(x, scale, f_ms, i_ms, w_ms);
   }
   double f_ms, i_ms, w_ms;
   torch::Tensor scale;

@@ -10,11 +10,21 @@
 #
 # Usage:
 #   scripts/compat/trixie.sh [CTEST_ARGS...]   build what the unit and mpi tests
-#                                               run, then ctest -L 'unit|mpi'
-#                                               (CTEST_ARGS replace the label
-#                                               filter, and everything is built)
+#                                               run, then run the trixie test set:
+#                                               ctest -L 'unit|mpi' -E '_np[134]$'
+#                                               (CTEST_ARGS replace it, and
+#                                               everything is built)
+#   scripts/compat/trixie.sh --build-only       make (or find) the root and build
+#                                               what the unit and mpi tests run
 #   scripts/compat/trixie.sh --shell [CMD]      a shell inside the root (or runs CMD there)
 #   scripts/compat/trixie.sh --root-only        only make (or find) the cached root
+#   scripts/compat/trixie.sh --print-tests      print the trixie test set's ctest
+#                                               arguments, one a line
+#
+# The trixie test set: every unit- and mpi-labelled ctest entry except the
+# 1-, 3- and 4-rank runs (_np1, _np3, _np4) of programs that also run at 2
+# ranks: each program runs once, multi-rank, on the new stack, and the whole
+# set fits in CI's time (docs/compat.md).
 #
 # Environment:
 #   DTRAIN_COMPAT_CACHE      where roots live (default /var/cache/dtrain/compat)
@@ -26,8 +36,19 @@
 # mount namespace that disappears with the script, and is also unmounted on
 # exit. Runs one after another reuse the root; concurrent runs share it, and
 # wait for each other only while a root is made or on the same build directory.
-# Exit status: ctest's, or 2 where it cannot run (not root, no namespaces).
+# Exit status: ctest's (--build-only: the build's), or 2 where it cannot run
+# (not root, no namespaces).
 set -euo pipefail
+
+# The trixie test set (above) and the labels whose programs are built for it:
+# the same programs (tests/scripts/test_compat_tests.py checks that).
+test_labels='unit|mpi'
+test_set=(-L "$test_labels" -E '_np[134]$')
+build_for=$test_labels
+if [ "${1:-}" = --print-tests ]; then
+  printf '%s\n' "${test_set[@]}"
+  exit 0
+fi
 
 suite=trixie
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -44,7 +65,7 @@ die() {
 # --- can it run here? ----------------------------------------------------------
 cannot_run() {
   say "cannot run here: $*"
-  say "(scripts/test.sh runs this build only with DTRAIN_COMPAT=1)"
+  say "(scripts/test.sh runs this build unless DTRAIN_COMPAT=0; docs/compat.md)"
   exit 2
 }
 [ "$(uname -s)" = Linux ] || cannot_run "needs Linux"
@@ -99,8 +120,11 @@ mode=test
 case "${1:-}" in
   --shell) mode=shell; shift ;;
   --root-only) mode=root; shift ;;
+  --build-only) mode=build; shift ;;
   -h | --help) sed -n '2,/^set -euo/p' "$self" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
+
+[ "$mode" = build ] && [ $# -gt 0 ] && die "--build-only takes no other arguments (given: $*)"
 
 if ! command -v debootstrap >/dev/null; then
   say "installing debootstrap"
@@ -296,12 +320,12 @@ cpu_seconds() {
 load() { cut -d' ' -f1 /proc/loadavg; }
 
 # Without ctest arguments: build only what the unit and mpi tests run (no
-# benchmark without a test, no header example, no cluster probe); with
-# them, everything.
-build_for=""
+# benchmark without a test, no header example, no cluster probe), and run the
+# trixie test set; with them, build everything.
 if [ $# -eq 0 ]; then
-  build_for='unit|mpi'
-  set -- -L "$build_for"
+  set -- "${test_set[@]}"
+else
+  build_for=""
 fi
 started=$SECONDS
 cpu_seconds started_cpu
@@ -312,6 +336,7 @@ in_root "$rootfs" "${ccache_env[@]}" DTRAIN_BUILD_DIR=/build DTRAIN_BUILD_FOR_TE
 built=$SECONDS
 cpu_seconds built_cpu
 say "built in $((built - started)) s, $((built_cpu - started_cpu)) s of processor time (load average $(load))"
+[ "$mode" = build ] && exit 0
 rc=0
 in_root "$rootfs" bash -c 'cd /build && ctest --output-on-failure --parallel "$(nproc)" --timeout 900 "$@"' \
   ctest "$@" || rc=$?
