@@ -38,7 +38,8 @@ struct Sizes {
   int microbatches;
 };
 
-std::shared_ptr<CountingCommunicator> counting(std::shared_ptr<dtrain::collectives::Communicator> c) {
+std::shared_ptr<CountingCommunicator> counting(
+    std::shared_ptr<dtrain::collectives::Communicator> c) {
   return std::dynamic_pointer_cast<CountingCommunicator>(std::move(c));
 }
 
@@ -112,15 +113,15 @@ void measure(const std::shared_ptr<dtrain::collectives::Communicator>& world, co
     formula_tp = 4 * ((4 * l + 2) * e + 5 * t * b);
     formula = "tp: (4L + 2) all-reduces of E + 5 T B, x 4";
   } else if (tp > 1) {
-    formula_tp =
-        4 * (2 * (4 * l + 2) * e + 5 * t * b + (2 * l + 1) * 2 * c + 2 * l * c + t * c);
+    formula_tp = 4 * (2 * (4 * l + 2) * e + 5 * t * b + (2 * l + 1) * 2 * c + 2 * l * c + t * c);
     formula = "tp+sp: 2 (4L + 2) E + 5 T B + (2L + 1) 2C + 2L C + T C, x 4";
   } else {
     formula_pp = 4 * 2 * e;
-    formula = "pp: activations out + gradients in (or back), 2 E x 4; plus the tied "
-              "embedding's all-reduce of V x C x 4 = " +
-              std::to_string(static_cast<long long>(4 * v * c)) +
-              " bytes on its own communicator (not counted here)";
+    formula =
+        "pp: activations out + gradients in (or back), 2 E x 4; plus the tied "
+        "embedding's all-reduce of V x C x 4 = " +
+        std::to_string(static_cast<long long>(4 * v * c)) +
+        " bytes on its own communicator (not counted here)";
   }
   if (ctx->rank() == 0) {
     const auto bytes = [](const std::shared_ptr<CountingCommunicator>& x) {
@@ -156,19 +157,21 @@ int main(int argc, char** argv) {
     return 2;
   }
   torch::set_num_threads(1);
-  const Sizes s{parsed["layers"].as<std::int64_t>(),  parsed["heads"].as<std::int64_t>(),
+  const Sizes s{parsed["layers"].as<std::int64_t>(),    parsed["heads"].as<std::int64_t>(),
                 parsed["embedding"].as<std::int64_t>(), parsed["context"].as<std::int64_t>(),
-                parsed["vocab"].as<std::int64_t>(),   parsed["global-batch"].as<std::int64_t>(),
+                parsed["vocab"].as<std::int64_t>(),     parsed["global-batch"].as<std::int64_t>(),
                 parsed["microbatches"].as<int>()};
   auto world = runtime.world();
   if (runtime.rank() == 0) {
-    std::printf("GPT L %lld, C %lld, T %lld, V %lld, global batch %lld, float32, 2 ranks; "
-                "MiB per step on rank 0 (counting communicator), and the formula\n\n",
-                static_cast<long long>(s.layers), static_cast<long long>(s.embedding),
-                static_cast<long long>(s.context), static_cast<long long>(s.vocab),
-                static_cast<long long>(s.global_batch));
-    std::printf("| layout | dp measured | dp formula | tp measured | tp formula | pp measured | "
-                "pp formula | formula |\n|---|---|---|---|---|---|---|---|\n");
+    std::printf(
+        "GPT L %lld, C %lld, T %lld, V %lld, global batch %lld, float32, 2 ranks; "
+        "MiB per step on rank 0 (counting communicator), and the formula\n\n",
+        static_cast<long long>(s.layers), static_cast<long long>(s.embedding),
+        static_cast<long long>(s.context), static_cast<long long>(s.vocab),
+        static_cast<long long>(s.global_batch));
+    std::printf(
+        "| layout | dp measured | dp formula | tp measured | tp formula | pp measured | "
+        "pp formula | formula |\n|---|---|---|---|---|---|---|---|\n");
   }
   measure(world, s, "dp 2", 1, 1, false);
   measure(world, s, "tp 2", 2, 1, false);

@@ -200,7 +200,8 @@ at::Tensor BlockImpl::forward(const at::Tensor& input) {
   const at::Tensor x = swap_batch_and_sequence(input);
   at::Generator dropout;
   if (is_training() && options.dropout > 0) {
-    dropout = dropout_generator(options, *rng, 1 + static_cast<std::uint64_t>(index), dropout_calls);
+    dropout =
+        dropout_generator(options, *rng, 1 + static_cast<std::uint64_t>(index), dropout_calls);
   }
   const at::Tensor h = x + attn->forward(ln1->forward(x), dropout);
   return swap_batch_and_sequence(h + mlp->forward(ln2->forward(h), dropout));

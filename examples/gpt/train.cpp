@@ -37,9 +37,9 @@
 #include "dtrain/data/token_loader.h"
 #include "dtrain/env.h"
 #include "dtrain/error.h"
+#include "dtrain/parallel/pipeline/generators.h"
 #include "dtrain/parallel/rng.h"
 #include "dtrain/parallel/tensor_parallel.h"
-#include "dtrain/parallel/pipeline/generators.h"
 #include "dtrain/train/data_parallel.h"
 #include "dtrain/train/pipeline_parallel.h"
 #include "dtrain/train/trainer.h"
@@ -393,9 +393,8 @@ class GptProgram : public train::TrainingProgram {
       po.schedule = schedule_options(ctx.pp_size());
       po.seed = c_.seed;
       po.activation_dtype = model_->embedding->wpe.scalar_type();
-      const auto partition =
-          dtrain::gpt::pipeline_partition(model_options(c_, vocabulary_.size()),
-                                          ctx.pp_size() * po.schedule.stages_per_rank);
+      const auto partition = dtrain::gpt::pipeline_partition(
+          model_options(c_, vocabulary_.size()), ctx.pp_size() * po.schedule.stages_per_rank);
       auto strategy = std::make_unique<train::PipelineParallel>(
           model_->layers(), partition,
           torch::zeros({1, c_.context}, torch::TensorOptions(run.device).dtype(torch::kLong)),

@@ -8,8 +8,8 @@
 
 #include "dtrain/checkpoint/state.h"
 #include "dtrain/error.h"
-#include "dtrain/parallel/tensor_parallel.h"
 #include "dtrain/parallel/pipeline/schedule.h"
+#include "dtrain/parallel/tensor_parallel.h"
 
 namespace dtrain::train {
 

@@ -167,8 +167,8 @@ std::string schedule_text(const Schedule& s) {
 
 // Every parameter of `split` (this rank's stages) against `dense`'s:
 // bitwise at tolerance 0, else the tied embedding (or all) within it.
-void expect_match(const Piped& split, const Piped& dense, double tolerance,
-                  bool only_tied_differs, const std::string& what) {
+void expect_match(const Piped& split, const Piped& dense, double tolerance, bool only_tied_differs,
+                  const std::string& what) {
   const auto reference = dense.parameters();
   for (const auto& [name, local] : split.parameters()) {
     const at::Tensor expected = reference.at(name);
@@ -187,9 +187,9 @@ TEST(GptPipeline, TwoStagesTrainLikeOne) {
   if (world.size() % 2 != 0) GTEST_SKIP() << "needs an even world";
   DoubleScope dtype;
   const std::vector<Schedule> schedules = {
-      {ScheduleKind::kGPipe, 1, 1},         {ScheduleKind::kOneFOneB, 1, 1},
-      {ScheduleKind::kGPipe, 4, 1},         {ScheduleKind::kOneFOneB, 4, 1},
-      {ScheduleKind::kInterleaved, 2, 2},   {ScheduleKind::kZeroBubbleH1, 2, 1},
+      {ScheduleKind::kGPipe, 1, 1},        {ScheduleKind::kOneFOneB, 1, 1},
+      {ScheduleKind::kGPipe, 4, 1},        {ScheduleKind::kOneFOneB, 4, 1},
+      {ScheduleKind::kInterleaved, 2, 2},  {ScheduleKind::kZeroBubbleH1, 2, 1},
       {ScheduleKind::kZeroBubbleH1, 4, 1},
   };
   for (const Schedule& s : schedules) {
@@ -260,8 +260,7 @@ void expect_loaded(const Piped& run, const checkpoint::Checkpoint& ckpt, const s
       const parallel::Placement p = layout.placement(item.key(), item.value());
       EXPECT_TRUE(at::equal(item.value(), ckpt.read("model/" + name, p.offset, p.shape)))
           << what << ": " << name;
-      const auto& state =
-          optimizer.state().at(dtrain::detail::optimizer_state_key(item.value()));
+      const auto& state = optimizer.state().at(dtrain::detail::optimizer_state_key(item.value()));
       const auto& adam = static_cast<const torch::optim::AdamWParamState&>(*state);
       EXPECT_TRUE(
           at::equal(adam.exp_avg(), ckpt.read("optim/" + name + "/exp_avg", p.offset, p.shape)))
@@ -297,8 +296,8 @@ TEST(GptPipeline, CheckpointMovesBetweenLayouts) {
     double tolerance;
   };
   for (const Target& t : {Target{2, 1, 0.0}, Target{1, 1, 1e-6}, Target{1, 2, 1e-6}}) {
-    const std::string what = "loaded at tp " + std::to_string(t.tp) + ", pp " +
-                             std::to_string(t.pp);
+    const std::string what =
+        "loaded at tp " + std::to_string(t.tp) + ", pp " + std::to_string(t.pp);
     Piped loaded(t.tp * t.pp == 1 ? self(world) : pairs(world), t.tp, t.pp, one);
     loaded.strategy->load_state(ckpt);
     expect_loaded(loaded, ckpt, what);

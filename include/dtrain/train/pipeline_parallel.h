@@ -152,7 +152,7 @@ class PipelineParallel : public Strategy {
   // One tag per (stage boundary, batch size): a channel carries one shape.
   std::map<std::pair<int, std::int64_t>, int> eval_tags_;
   bool holds_last_stage_ = false;
-  bool reports_ = false;  // the last stage's rank of tp rank 0 reports the sums
+  bool reports_ = false;     // the last stage's rank of tp rank 0 reports the sums
   double step_correct_ = 0;  // correct predictions of the step's microbatches
 };
 
@@ -164,7 +164,8 @@ class PipelineParallel : public Strategy {
 /// its first layer in every stage that holds it and is replicated over the
 /// pipeline axis: the copies are equal, the first stage's rank writes it and
 /// every holder reads it.
-parallel::ModuleLayout stage_layout(const torch::nn::Module& stage, int stage_index,
-                                    const std::vector<parallel::pipeline::TiedParameter>& tied = {});
+parallel::ModuleLayout stage_layout(
+    const torch::nn::Module& stage, int stage_index,
+    const std::vector<parallel::pipeline::TiedParameter>& tied = {});
 
 }  // namespace dtrain::train
