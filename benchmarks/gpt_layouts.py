@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Tokens per second of dtrain-gpt at one global batch, on the same ranks,
-for several layouts: dp 2 (tp 1), tp 2, tp 2 with sequence parallelism.
+for several layouts: dp 2 (tp 1), tp 2, tp 2 with sequence parallelism, and
+pp 2 (1f1b over --microbatches microbatches).
 
 Runs the layouts in turn, ROUNDS times (so that the machine's load falls on
 every layout alike), each for STEPS steps without evaluation or checkpoints,
@@ -9,7 +10,10 @@ WARMUP (from the metrics of rank 0), and each layout's ratio to the first
 layout's median of medians.
 
   benchmarks/gpt_layouts.py --data data/fortunes [--ranks 2] [--steps 30] [--rounds 2]
-      [--embedding 128] [--layers 4] [--heads 4] [--threads 1]
+      [--embedding 128] [--layers 4] [--heads 4] [--threads 1] [--microbatches 4]
+      [--layouts dp,tp,tp+sp,pp]
+
+The bytes each layout sends per step: benchmarks/gpt_comm_bytes.
 """
 import argparse
 import json
@@ -21,7 +25,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYOUTS = {"dp": [], "tp": ["--tp", "2"], "tp+sp": ["--tp", "2", "--sequence-parallel"]}
+LAYOUTS = {"dp": [], "tp": ["--tp", "2"], "tp+sp": ["--tp", "2", "--sequence-parallel"],
+           "pp": ["--pp", "2", "--pp-schedule", "1f1b"]}
 
 
 def main():
@@ -38,14 +43,22 @@ def main():
     p.add_argument("--embedding", type=int, default=128)
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--layouts", default="dp,tp,tp+sp,pp")
     a = p.parse_args()
+    layouts = {name: LAYOUTS[name] for name in a.layouts.split(",")}
+    layouts.setdefault("pp", [])
+    if "pp" in a.layouts.split(","):
+        layouts["pp"] = LAYOUTS["pp"] + ["--microbatches", str(a.microbatches)]
+    else:
+        del layouts["pp"]
     binary = os.path.join(a.build, "examples/gpt/dtrain-gpt")
     mpirun = os.path.join(ROOT, "scripts/launch/dtrain-mpirun")
-    results = {name: [] for name in LAYOUTS}
+    results = {name: [] for name in layouts}
     work = tempfile.mkdtemp(prefix="gpt-layouts-")
     try:
         for r in range(a.rounds):
-            for name, extra in LAYOUTS.items():
+            for name, extra in layouts.items():
                 out = os.path.join(work, f"{name}-{r}")
                 cmd = [mpirun, "-n", str(a.ranks), binary, "--train-data", a.data + "/train",
                        "--val-data", "none", "--layers", str(a.layers), "--heads", str(a.heads),
@@ -62,8 +75,9 @@ def main():
                 print(f"round {r} {name:6s} {median:8.1f} tok/s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base = statistics.median(results["dp"])
-    print(f"\n| layout | tok/s (median of {a.rounds} runs' medians) | runs | vs dp |")
+    base = statistics.median(next(iter(results.values())))
+    first = next(iter(results))
+    print(f"\n| layout | tok/s (median of {a.rounds} runs' medians) | runs | vs {first} |")
     print("|---|---|---|---|")
     for name, values in results.items():
         m = statistics.median(values)

@@ -32,6 +32,19 @@ TensorSplit activation_split(const GptOptions& o, const collectives::Communicato
   return o.sequence_parallel ? TensorSplit::over(tp, 0) : TensorSplit{};
 }
 
+// splitmix64's finalizer: a seed per (model seed, dp, layer, call).
+std::uint64_t mix(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// [B, T, C] <-> [T, B, C], contiguous.
+at::Tensor swap_batch_and_sequence(const at::Tensor& x) { return x.transpose(0, 1).contiguous(); }
+
+at::Tensor call_counter() { return at::zeros({}, at::TensorOptions().dtype(at::kLong)); }
+
 parallel::SequenceParallelLayerNorm layer_norm(const GptOptions& o,
                                                std::shared_ptr<collectives::Communicator> tp) {
   parallel::SequenceParallelLayerNormOptions ln;
@@ -63,6 +76,15 @@ void GptOptions::validate(int tp) const {
                    " is not divisible by the sequence-parallel size ", tp,
                    " (sequence parallelism splits each sequence over the tp ranks); choose a "
                    "context that is a multiple of it, or turn sequence parallelism off");
+}
+
+at::Generator dropout_generator(const GptOptions& options, const parallel::RngStreams& rng,
+                                std::uint64_t layer, at::Tensor& calls) {
+  const auto call = static_cast<std::uint64_t>(calls.item<std::int64_t>());
+  calls.add_(1);
+  const std::uint64_t dp = static_cast<std::uint64_t>(rng.coord().dp);
+  return at::make_generator<at::CPUGeneratorImpl>(
+      mix(mix(mix(mix(options.init_seed) + dp) + layer) + call));
 }
 
 std::string describe(const GptOptions& o) {
@@ -99,7 +121,7 @@ void AttentionImpl::reset() {
   proj = register_module("proj", parallel::RowParallelLinear(out, tp));
 }
 
-at::Tensor AttentionImpl::forward(const at::Tensor& x) {
+at::Tensor AttentionImpl::forward(const at::Tensor& x, at::Generator& dropout) {
   const std::int64_t heads = options.heads / tp->size();
   const std::int64_t head_dim = options.embedding / options.heads;
   const at::Tensor h = qkv->forward(x);  // [T, B, heads * 3 * head_dim], the whole sequence
@@ -113,13 +135,13 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x) {
   const at::Tensor future =
       at::ones({t, t}, at::TensorOptions().dtype(at::kBool).device(att.device())).triu(1);
   att = at::softmax(att.masked_fill(future, -std::numeric_limits<double>::infinity()), -1);
-  att = parallel::tensor_parallel_dropout(att, options.dropout, is_training(), *rng,
+  att = parallel::tensor_parallel_dropout(att, options.dropout, is_training(), dropout,
                                           TensorSplit::over(*tp, 1));
   const at::Tensor y = at::matmul(att, v)  // [B, heads, T, head_dim]
                            .permute({2, 0, 1, 3})
                            .reshape({t, b, heads * head_dim});
-  return parallel::tensor_parallel_dropout(proj->forward(y), options.dropout, is_training(), *rng,
-                                           activation_split(options, *tp));
+  return parallel::tensor_parallel_dropout(proj->forward(y), options.dropout, is_training(),
+                                           dropout, activation_split(options, *tp));
 }
 
 // --- MLP ---------------------------------------------------------------------------
@@ -149,9 +171,9 @@ void MlpImpl::reset() {
   proj = register_module("proj", parallel::RowParallelLinear(down, tp));
 }
 
-at::Tensor MlpImpl::forward(const at::Tensor& x) {
+at::Tensor MlpImpl::forward(const at::Tensor& x, at::Generator& dropout) {
   const at::Tensor y = proj->forward(at::gelu(fc->forward(x)));
-  return parallel::tensor_parallel_dropout(y, options.dropout, is_training(), *rng,
+  return parallel::tensor_parallel_dropout(y, options.dropout, is_training(), dropout,
                                            activation_split(options, *tp));
 }
 
@@ -171,24 +193,30 @@ void BlockImpl::reset() {
   attn = register_module("attn", Attention(options, seed, tp, rng));
   ln2 = register_module("ln2", layer_norm(options, tp));
   mlp = register_module("mlp", Mlp(options, seed, tp, rng));
+  dropout_calls = register_buffer("dropout_calls", call_counter());
 }
 
-at::Tensor BlockImpl::forward(const at::Tensor& x) {
-  const at::Tensor h = x + attn->forward(ln1->forward(x));
-  return h + mlp->forward(ln2->forward(h));
+at::Tensor BlockImpl::forward(const at::Tensor& input) {
+  const at::Tensor x = swap_batch_and_sequence(input);
+  at::Generator dropout;
+  if (is_training() && options.dropout > 0) {
+    dropout =
+        dropout_generator(options, *rng, 1 + static_cast<std::uint64_t>(index), dropout_calls);
+  }
+  const at::Tensor h = x + attn->forward(ln1->forward(x), dropout);
+  return swap_batch_and_sequence(h + mlp->forward(ln2->forward(h), dropout));
 }
 
-// --- the model ---------------------------------------------------------------------
+// --- embedding and head ------------------------------------------------------------
 
-GptImpl::GptImpl(GptOptions options_, std::shared_ptr<collectives::Communicator> tp_,
-                 std::shared_ptr<parallel::RngStreams> rng_)
+EmbeddingImpl::EmbeddingImpl(const GptOptions& options_,
+                             std::shared_ptr<collectives::Communicator> tp_,
+                             std::shared_ptr<parallel::RngStreams> rng_)
     : options(options_), tp(std::move(tp_)), rng(std::move(rng_)) {
-  DTRAIN_CHECK_ARG(tp && rng, "GPT needs a tensor-parallel communicator and RNG streams");
-  options.validate(tp->size());
   reset();
 }
 
-void GptImpl::reset() {
+void EmbeddingImpl::reset() {
   parallel::VocabParallelEmbeddingOptions e;
   e.num_embeddings = options.vocab_size;
   e.embedding_dim = options.embedding;
@@ -199,12 +227,10 @@ void GptImpl::reset() {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(layer_seed(options.init_seed, 2));
   wpe = register_parameter(
       "wpe", at::empty({options.context, options.embedding}).normal_(0, kInitStd, gen));
-  blocks = register_module("blocks", torch::nn::ModuleList());
-  for (std::int64_t i = 0; i < options.layers; ++i) blocks->push_back(Block(options, i, tp, rng));
-  ln_f = register_module("ln_f", layer_norm(options, tp));
+  dropout_calls = register_buffer("dropout_calls", call_counter());
 }
 
-at::Tensor GptImpl::forward(const at::Tensor& ids) {
+at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) {
   DTRAIN_CHECK_ARG(ids.dim() == 2, "GPT: expected token ids [batch, sequence], got ", ids.dim(),
                    " dimensions");
   const std::int64_t t = ids.size(1);
@@ -224,10 +250,72 @@ at::Tensor GptImpl::forward(const at::Tensor& ids) {
   } else {
     x = x + wpe.narrow(0, 0, t).unsqueeze(1);
   }
-  x = parallel::tensor_parallel_dropout(x, options.dropout, is_training(), *rng,
+  at::Generator dropout;
+  if (is_training() && options.dropout > 0) {
+    dropout = dropout_generator(options, *rng, 0, dropout_calls);
+  }
+  x = parallel::tensor_parallel_dropout(x, options.dropout, is_training(), dropout,
                                         activation_split(options, *tp));
-  for (const auto& block : *blocks) x = block->as<BlockImpl>()->forward(x);
-  return wte->logits(ln_f->forward(x));
+  return swap_batch_and_sequence(x);
+}
+
+HeadImpl::HeadImpl(parallel::VocabParallelEmbedding wte_) : wte(std::move(wte_)) {
+  weight = register_parameter("weight", wte->weight);
+}
+
+at::Tensor HeadImpl::forward(const at::Tensor& x) {
+  return wte->logits(swap_batch_and_sequence(x));
+}
+
+std::map<std::string, parallel::Placement> HeadImpl::placements() const {
+  return wte->placements();
+}
+
+// --- the model ---------------------------------------------------------------------
+
+GptImpl::GptImpl(GptOptions options_, std::shared_ptr<collectives::Communicator> tp_,
+                 std::shared_ptr<parallel::RngStreams> rng_)
+    : options(options_), tp(std::move(tp_)), rng(std::move(rng_)) {
+  DTRAIN_CHECK_ARG(tp && rng, "GPT needs a tensor-parallel communicator and RNG streams");
+  options.validate(tp->size());
+  reset();
+}
+
+void GptImpl::reset() {
+  embedding = register_module("embedding", Embedding(options, tp, rng));
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (std::int64_t i = 0; i < options.layers; ++i) blocks->push_back(Block(options, i, tp, rng));
+  ln_f = register_module("ln_f", layer_norm(options, tp));
+  head = Head(embedding->wte);
+}
+
+std::vector<parallel::pipeline::Layer> GptImpl::layers() const {
+  std::vector<parallel::pipeline::Layer> out;
+  out.push_back({"embedding", torch::nn::AnyModule(embedding)});
+  for (std::size_t i = 0; i < blocks->size(); ++i) {
+    out.push_back({"blocks." + std::to_string(i), torch::nn::AnyModule(blocks->ptr<BlockImpl>(i))});
+  }
+  out.push_back({"ln_f", torch::nn::AnyModule(ln_f)});
+  out.push_back({"head", torch::nn::AnyModule(head)});
+  return out;
+}
+
+parallel::pipeline::StagePartition pipeline_partition(const GptOptions& options, int stages) {
+  DTRAIN_CHECK_ARG(stages >= 1 && options.layers % stages == 0, "GPT: ", stages,
+                   " pipeline stages do not divide the ", options.layers,
+                   " transformer blocks (each stage runs the same number of blocks); choose a "
+                   "pipeline size (times the stages per rank) that divides --layers");
+  const std::int64_t per_stage = options.layers / stages;
+  std::vector<int> cuts;
+  // Layer 0 is the embedding: stage s starts at block s * per_stage.
+  for (int s = 1; s < stages; ++s) cuts.push_back(static_cast<int>(1 + s * per_stage));
+  return parallel::pipeline::partition_at(static_cast<int>(options.layers + 3), cuts);
+}
+
+at::Tensor GptImpl::forward(const at::Tensor& ids) {
+  at::Tensor x = ids;
+  for (auto& layer : layers()) x = layer.module.forward(x);
+  return x;
 }
 
 // --- objective ---------------------------------------------------------------------
@@ -275,7 +363,7 @@ std::vector<std::int64_t> sample(Gpt& model, const std::vector<std::int64_t>& pr
   const bool was_training = model->is_training();
   model->eval();
   const std::int64_t context = model->options.context;
-  const at::Device device = model->wpe.device();
+  const at::Device device = model->embedding->wpe.device();
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   std::vector<std::int64_t> ids = prompt;
   for (std::int64_t n = 0; n < tokens; ++n) {
@@ -285,7 +373,7 @@ std::vector<std::int64_t> sample(Gpt& model, const std::vector<std::int64_t>& pr
     std::copy(ids.end() - used, ids.end(), window.begin());
     const at::Tensor local =
         model->forward(at::tensor(window).view({1, context}).to(device));  // [T, 1, block]
-    const at::Tensor logits = model->wte->gather_logits(local)[used - 1][0].to(at::kCPU);
+    const at::Tensor logits = model->embedding->wte->gather_logits(local)[used - 1][0].to(at::kCPU);
     const at::Tensor probs = at::softmax(logits.to(at::kDouble) / temperature, -1);
     ids.push_back(at::multinomial(probs, 1, false, gen).item<std::int64_t>());
   }

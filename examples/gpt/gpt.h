@@ -3,12 +3,16 @@
 // from the tensor-parallel layers of dtrain/parallel/tensor_parallel.h, for
 // dtrain-gpt and its tests.
 //
-//   ids [B, T] -> wte (VocabParallelEmbedding) + wpe -> dropout
+//   ids [B, T] -> embedding: wte (VocabParallelEmbedding) + wpe -> dropout
 //     -> blocks.0 .. blocks.{L-1}:  x = x + attn(ln1(x));  x = x + mlp(ln2(x))
-//     -> ln_f -> wte.logits (the tied output layer) -> this rank's logits
+//     -> ln_f -> head: wte's logits (the tied output layer) -> this rank's logits
 //
-// Activations are [T, B, C] (sequence first, as Megatron-LM lays them out),
-// so that sequence parallelism splits them into contiguous shards.
+// Inside a block activations are [T, B, C] (sequence first, as Megatron-LM
+// lays them out), so that sequence parallelism splits them into contiguous
+// shards. Between the layers (embedding, blocks, ln_f, head) they are
+// batch first, [B, T, C] ([B, T / tp, C] with sequence parallelism): any
+// two layers can be pipeline stages apart, and the pipeline cuts
+// microbatches and sends activations along dimension 0 (layers()).
 //
 //   attn  qkv: ColumnParallelLinear(C, 3C): its output features are ordered
 //         by head ([head][q, k, v][head dim]), so tp rank r holds the q, k
@@ -23,9 +27,14 @@
 // LayerNorms, dropouts and residual adds run on sequence shards [T/tp, B, C]
 // and the boundaries are all-gathers and reduce-scatters instead.
 //
-// Dropout draws every mask from the RngStreams' tensor-shared stream, the
-// whole tensor's mask at any tp size (tensor_parallel_dropout), so training
-// with dropout on at tp = k matches tp = 1.
+// Dropout draws the whole tensor's mask at any tp size
+// (tensor_parallel_dropout), so training with dropout on at tp = k matches
+// tp = 1. The masks are keyed, not streamed: each call of the embedding or
+// of a block draws from a generator seeded with (init_seed, the dp
+// coordinate, the layer, the layer's call count). The count is a buffer
+// ("dropout_calls", in checkpoints), so the masks do not depend on which
+// pipeline stage runs the layer or in what order the stages run, and a
+// resumed run draws what an uninterrupted one would.
 //
 // Initialization: GPT-2's (normal(0, 0.02), the residual projections
 // 0.02 / sqrt(2 L), zero biases, LayerNorms 1 and 0); each layer draws its
@@ -33,9 +42,13 @@
 // layer's index), so a model built at tp = k starts bitwise equal to the one
 // built at tp = 1. Weights are in LibTorch's default dtype.
 //
-// Names: the parameters' names are the model's global names at every tp size
-// ("blocks.3.attn.qkv.weight"); the model is a sequence of blocks, so a
-// pipeline split can take a range of them and keep the names.
+// Names: the parameters' names are the model's global names at every tp and
+// pp size ("embedding.wte.weight", "embedding.wpe", "blocks.3.attn.qkv.weight",
+// "ln_f.weight"); layers() lists the model as pipeline layers under those
+// names, the tied output layer "head" holding embedding.wte.weight as
+// "head.weight" (the pipeline's tied-weight support keeps the copies of the
+// first and last stage equal; checkpoints store it once, under its first
+// name).
 //
 // Errors (InvalidArgument naming the numbers, at construction, before
 // anything is communicated): a tp size that does not divide the heads (so
@@ -50,10 +63,13 @@
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "dtrain/collectives/communicator.h"
+#include "dtrain/parallel/pipeline/partition.h"
 #include "dtrain/parallel/rng.h"
 #include "dtrain/parallel/tensor_parallel.h"
 #include "dtrain/train/strategy.h"
@@ -84,8 +100,9 @@ class AttentionImpl : public torch::nn::Cloneable<AttentionImpl> {
                 std::shared_ptr<collectives::Communicator> tp,
                 std::shared_ptr<parallel::RngStreams> rng);
   void reset() override;
-  /// [T, B, C] (a sequence shard with sequence parallelism) -> the same.
-  at::Tensor forward(const at::Tensor& x);
+  /// [T, B, C] (a sequence shard with sequence parallelism) -> the same;
+  /// dropout masks from `dropout` (the block's generator of this call).
+  at::Tensor forward(const at::Tensor& x, at::Generator& dropout);
 
   GptOptions options;
   std::uint64_t seed;
@@ -101,7 +118,7 @@ class MlpImpl : public torch::nn::Cloneable<MlpImpl> {
   MlpImpl(const GptOptions& options, std::uint64_t seed,
           std::shared_ptr<collectives::Communicator> tp, std::shared_ptr<parallel::RngStreams> rng);
   void reset() override;
-  at::Tensor forward(const at::Tensor& x);
+  at::Tensor forward(const at::Tensor& x, at::Generator& dropout);
 
   GptOptions options;
   std::uint64_t seed;
@@ -112,6 +129,30 @@ class MlpImpl : public torch::nn::Cloneable<MlpImpl> {
 };
 TORCH_MODULE(Mlp);
 
+/// The dropout generator of one call of a layer: seeded with (init_seed,
+/// the dp coordinate of `rng`, `layer`, the count in `calls`), which it
+/// increments. The same on every rank of a tp group and at every pp split.
+at::Generator dropout_generator(const GptOptions& options, const parallel::RngStreams& rng,
+                                std::uint64_t layer, at::Tensor& calls);
+
+/// Token and position embeddings and their dropout: ids [B, T] -> [B, T, C]
+/// ([B, T / tp, C] with sequence parallelism).
+class EmbeddingImpl : public torch::nn::Cloneable<EmbeddingImpl> {
+ public:
+  EmbeddingImpl(const GptOptions& options, std::shared_ptr<collectives::Communicator> tp,
+                std::shared_ptr<parallel::RngStreams> rng);
+  void reset() override;
+  at::Tensor forward(const at::Tensor& ids);
+
+  GptOptions options;
+  std::shared_ptr<collectives::Communicator> tp;
+  std::shared_ptr<parallel::RngStreams> rng;
+  parallel::VocabParallelEmbedding wte{nullptr};
+  at::Tensor wpe;            ///< [context, C], whole on every rank
+  at::Tensor dropout_calls;  ///< int64 scalar buffer
+};
+TORCH_MODULE(Embedding);
+
 /// One pre-LayerNorm transformer block.
 class BlockImpl : public torch::nn::Cloneable<BlockImpl> {
  public:
@@ -119,6 +160,7 @@ class BlockImpl : public torch::nn::Cloneable<BlockImpl> {
             std::shared_ptr<collectives::Communicator> tp,
             std::shared_ptr<parallel::RngStreams> rng);
   void reset() override;
+  /// [B, T, C] (a sequence shard [B, T / tp, C]) -> the same.
   at::Tensor forward(const at::Tensor& x);
 
   GptOptions options;
@@ -129,8 +171,23 @@ class BlockImpl : public torch::nn::Cloneable<BlockImpl> {
   Attention attn{nullptr};
   parallel::SequenceParallelLayerNorm ln2{nullptr};
   Mlp mlp{nullptr};
+  at::Tensor dropout_calls;  ///< int64 scalar buffer
 };
 TORCH_MODULE(Block);
+
+/// The tied output layer: [B, T, C] (a sequence shard) -> this rank's logits
+/// [T, B, its vocabulary block] through the token embedding's weight, which
+/// it registers as "weight" (the same tensor).
+class HeadImpl : public torch::nn::Module, public parallel::TensorParallelModule {
+ public:
+  explicit HeadImpl(parallel::VocabParallelEmbedding wte);
+  at::Tensor forward(const at::Tensor& x);
+  std::map<std::string, parallel::Placement> placements() const override;
+
+  parallel::VocabParallelEmbedding wte;  ///< not registered: its weight is
+  at::Tensor weight;
+};
+TORCH_MODULE(Head);
 
 class GptImpl : public torch::nn::Cloneable<GptImpl> {
  public:
@@ -140,18 +197,29 @@ class GptImpl : public torch::nn::Cloneable<GptImpl> {
           std::shared_ptr<parallel::RngStreams> rng);
   void reset() override;
   /// Token ids [B, T] (int64, T <= context) -> this rank's logits
-  /// [T, B, its vocabulary block] (wte->range()), for vocab_parallel_loss.
+  /// [T, B, its vocabulary block] (wte->range()), for vocab_parallel_loss:
+  /// the layers() in order.
   at::Tensor forward(const at::Tensor& ids);
+
+  /// The model as pipeline layers (partition.h), sharing this model's
+  /// modules: "embedding", "blocks.0" .. "blocks.{L-1}", "ln_f", "head".
+  std::vector<parallel::pipeline::Layer> layers() const;
 
   GptOptions options;
   std::shared_ptr<collectives::Communicator> tp;
   std::shared_ptr<parallel::RngStreams> rng;
-  parallel::VocabParallelEmbedding wte{nullptr};
-  at::Tensor wpe;  ///< [context, C], whole on every rank
+  Embedding embedding{nullptr};
   torch::nn::ModuleList blocks{nullptr};
   parallel::SequenceParallelLayerNorm ln_f{nullptr};
+  Head head{nullptr};  ///< not registered: it holds embedding->wte's weight
 };
 TORCH_MODULE(Gpt);
+
+/// The cut of GptImpl::layers() into `stages` pipeline stages of
+/// L / stages blocks each, the embedding with the first, ln_f and the head
+/// with the last. InvalidArgument naming the numbers unless `stages`
+/// divides the layers.
+parallel::pipeline::StagePartition pipeline_partition(const GptOptions& options, int stages);
 
 /// The training objective over the tp group's logits (GptImpl::forward's
 /// output) and next-token targets [B, T]: the mean cross-entropy (loss),

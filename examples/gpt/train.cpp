@@ -1,11 +1,15 @@
 // dtrain-gpt: a GPT (examples/gpt/gpt.h) trained on a token data set (the
 // fortunes, `dtrain-data convert-text`) with tensor parallelism inside each
-// group of --tp ranks and data parallelism (DDP) across the groups, on the
-// library's trainer: checkpoints with automatic resume (at any tp size),
-// evaluation on the held-out split, metrics, traces, SIGTERM.
+// group of --tp ranks, pipeline parallelism over --pp ranks (the blocks cut
+// into stages, PipelineParallel) and data parallelism (DDP) over the rest,
+// dp = ranks / (pp x tp), on the library's trainer: checkpoints with
+// automatic resume (at any tp and pp size), evaluation on the held-out
+// split, metrics, traces, SIGTERM.
 //
 //   dtrain-gpt --train-data data/fortunes/train --val-data data/fortunes/val
 //   scripts/launch/dtrain-mpirun -n 4 build/examples/gpt/dtrain-gpt --tp 2 ...
+//   scripts/launch/dtrain-mpirun -n 4 build/examples/gpt/dtrain-gpt --pp 2 --tp 2
+//       --microbatches 4 --pp-schedule 1f1b ...
 //
 // It reports the training and validation loss (cross-entropy in nats per
 // token, and in bits: bits per character at char level), the unigram
@@ -33,9 +37,11 @@
 #include "dtrain/data/token_loader.h"
 #include "dtrain/env.h"
 #include "dtrain/error.h"
+#include "dtrain/parallel/pipeline/generators.h"
 #include "dtrain/parallel/rng.h"
 #include "dtrain/parallel/tensor_parallel.h"
 #include "dtrain/train/data_parallel.h"
+#include "dtrain/train/pipeline_parallel.h"
 #include "dtrain/train/trainer.h"
 #include "examples/gpt/gpt.h"
 #include "src/cli/cli.h"
@@ -59,6 +65,9 @@ struct Config {
   double dropout = 0.0;
   int tp = 1;
   int pp = 1;
+  int microbatches = 1;
+  std::string pp_schedule = "1f1b";
+  int pp_stages_per_rank = 0;  // 0: 2 for interleaved, 1 otherwise
   bool sequence_parallel = false;
   int epochs = 1;
   std::int64_t steps = 0;
@@ -78,13 +87,17 @@ struct Config {
   std::int64_t sample_tokens = 300;
   double temperature = 0.8;
   int comm_timeout_s = 300;
+
+  // The pipeline strategy runs with --pp > 1, or --microbatches > 1 (at pp 1:
+  // gradient accumulation over the microbatches).
+  bool pipeline() const { return pp > 1 || microbatches > 1; }
 };
 
 cxxopts::Options make_cli() {
   cxxopts::Options cli("dtrain-gpt",
-                       "GPT training on a token data set with tensor and data parallelism, "
-                       "checkpoints and automatic resume.\nRun under mpirun/srun for several "
-                       "ranks (dp = ranks / tp); runs alone as one rank.");
+                       "GPT training on a token data set with tensor, pipeline and data "
+                       "parallelism, checkpoints and automatic resume.\nRun under mpirun/srun "
+                       "for several ranks (dp = ranks / (pp x tp)); runs alone as one rank.");
   // clang-format off
   cli.add_options("Model and data")
     ("train-data", "training token data set (dtrain-data convert-text)", cxxopts::value<std::string>()->default_value("data/fortunes/train"))
@@ -109,8 +122,11 @@ cxxopts::Options make_cli() {
     ("schedule", "after warm-up: cosine (to 0) or constant", cxxopts::value<std::string>()->default_value("cosine"))
     ("seed", "seed of weights, data order and dropout", cxxopts::value<std::uint64_t>()->default_value("0"));
   cli.add_options("Parallelism")
-    ("tp", "tensor-parallel size (divides the ranks and --heads); dp = ranks / tp", cxxopts::value<int>()->default_value("1"))
-    ("pp", "pipeline-parallel size (only 1 for now)", cxxopts::value<int>()->default_value("1"))
+    ("tp", "tensor-parallel size (divides --heads); dp = ranks / (pp x tp)", cxxopts::value<int>()->default_value("1"))
+    ("pp", "pipeline ranks: the blocks are cut into pp x stages-per-rank stages (dividing --layers)", cxxopts::value<int>()->default_value("1"))
+    ("microbatches", "microbatches per step and replica (dividing global batch / dp); above 1 with --pp 1 accumulates gradients over them", cxxopts::value<int>()->default_value("1"))
+    ("pp-schedule", "gpipe, 1f1b, interleaved or zb-h1", cxxopts::value<std::string>()->default_value("1f1b"))
+    ("pp-stages-per-rank", "stages per pipeline rank (interleaved only; 0: 2 for interleaved, 1 otherwise)", cxxopts::value<int>()->default_value("0"))
     ("sequence-parallel", "keep LayerNorm, dropout and residuals as sequence shards over the tp ranks (--tp must divide --context)", cxxopts::value<bool>()->default_value("false"));
   cli.add_options("Execution")
     ("device", "cpu or cuda (cuda: --tp 1 only)", cxxopts::value<std::string>()->default_value("cpu"))
@@ -152,6 +168,9 @@ Config parse_config(cxxopts::ParseResult& p) {
   c.seed = p["seed"].as<std::uint64_t>();
   c.tp = p["tp"].as<int>();
   c.pp = p["pp"].as<int>();
+  c.microbatches = p["microbatches"].as<int>();
+  c.pp_schedule = p["pp-schedule"].as<std::string>();
+  c.pp_stages_per_rank = p["pp-stages-per-rank"].as<int>();
   c.sequence_parallel = p["sequence-parallel"].as<bool>();
   c.device = p["device"].as<std::string>();
   c.threads = p["threads"].as<int>();
@@ -159,10 +178,21 @@ Config parse_config(cxxopts::ParseResult& p) {
   c.eval_batch = p["eval-batch"].as<std::int64_t>();
   c.val_windows = p["val-windows"].as<std::int64_t>();
 
-  DTRAIN_CHECK_ARG(c.pp == 1, "--pp ", c.pp,
-                   ": dtrain-gpt does not split the model into pipeline stages yet; use --pp 1 "
-                   "(tensor parallelism with --tp, data parallelism over the remaining ranks)");
   DTRAIN_CHECK_ARG(c.tp >= 1, "--tp must be >= 1, got ", c.tp);
+  DTRAIN_CHECK_ARG(c.pp >= 1, "--pp must be >= 1, got ", c.pp);
+  DTRAIN_CHECK_ARG(c.microbatches >= 1, "--microbatches must be >= 1, got ", c.microbatches);
+  // The schedule's name (InvalidArgument listing the known ones).
+  dtrain::parallel::pipeline::parse_schedule_kind(c.pp_schedule);
+  const bool interleaved = c.pp_schedule == "interleaved";
+  DTRAIN_CHECK_ARG(c.pp_stages_per_rank >= 0, "--pp-stages-per-rank must be >= 0, got ",
+                   c.pp_stages_per_rank);
+  if (c.pp_stages_per_rank == 0) c.pp_stages_per_rank = interleaved ? 2 : 1;
+  DTRAIN_CHECK_ARG(c.pp_stages_per_rank == 1 || interleaved, "--pp-stages-per-rank ",
+                   c.pp_stages_per_rank, " needs --pp-schedule interleaved (", c.pp_schedule,
+                   " runs one stage per rank)");
+  DTRAIN_CHECK_ARG(!(c.pipeline() && c.device == "cuda"),
+                   "--pp and --microbatches run on --device cpu only (the stages' messages go "
+                   "over MPI)");
   DTRAIN_CHECK_ARG(c.epochs >= 1 || c.steps >= 1, "--epochs or --steps must be >= 1");
   DTRAIN_CHECK_ARG(c.steps >= 0, "--steps must be >= 0");
   DTRAIN_CHECK_ARG(c.global_batch >= 1, "--global-batch must be >= 1, got ", c.global_batch);
@@ -312,7 +342,7 @@ class GptProgram : public train::TrainingProgram {
     const int replicas = run.context->data_world_size();
     DTRAIN_CHECK_ARG(c_.global_batch % replicas == 0, "--global-batch ", c_.global_batch,
                      " is not divisible by the number of data-parallel ranks (", replicas, " = ",
-                     run.world_size, " ranks / --tp ", c_.tp, ")");
+                     run.world_size, " ranks / (--pp ", c_.pp, " x --tp ", c_.tp, "))");
     DTRAIN_CHECK_ARG(c_.val_data == "none" || c_.eval_batch % replicas == 0, "--eval-batch ",
                      c_.eval_batch, " is not divisible by the number of data-parallel ranks (",
                      replicas, ")");
@@ -336,6 +366,7 @@ class GptProgram : public train::TrainingProgram {
     }
     // Sizes against tp, before anything is built (every rank agrees).
     model_options(c_, vocabulary_.size()).validate(c_.tp);
+    if (c_.pipeline()) check_pipeline(replicas);
     const std::int64_t windows = data::token_windows(train_set_->size(), c_.context, c_.context);
     DTRAIN_CHECK_ARG(windows >= c_.global_batch, c_.train_data, " holds ", windows, " windows of ",
                      c_.context, " tokens, fewer than one global batch (", c_.global_batch, ")");
@@ -356,6 +387,22 @@ class GptProgram : public train::TrainingProgram {
       return std::make_unique<torch::optim::AdamW>(
           params, torch::optim::AdamWOptions(lr).betas({0.9, beta2}).weight_decay(wd));
     };
+    auto objective = dtrain::gpt::vocab_parallel_objective(vocabulary_.size(), tp_);
+    if (c_.pipeline()) {
+      train::PipelineParallelOptions po;
+      po.schedule = schedule_options(ctx.pp_size());
+      po.seed = c_.seed;
+      po.activation_dtype = model_->embedding->wpe.scalar_type();
+      const auto partition = dtrain::gpt::pipeline_partition(
+          model_options(c_, vocabulary_.size()), ctx.pp_size() * po.schedule.stages_per_rank);
+      auto strategy = std::make_unique<train::PipelineParallel>(
+          model_->layers(), partition,
+          torch::zeros({1, c_.context}, torch::TensorOptions(run.device).dtype(torch::kLong)),
+          run.context, make_optimizer, std::move(objective), po);
+      pipeline_ = strategy.get();
+      partition_ = partition;
+      return strategy;
+    }
     train::DataParallelOptions o;
     o.layout = dtrain::parallel::tensor_parallel_layout(*model_);
     o.rng = rng_;
@@ -365,7 +412,7 @@ class GptProgram : public train::TrainingProgram {
     auto dp = c_.device == "cuda" ? run.train_comm : ctx.dp();
     return std::make_unique<train::DataParallel>(
         model_.ptr(), [m = model_.ptr()](const at::Tensor& x) { return m->forward(x); }, dp,
-        make_optimizer, dtrain::gpt::vocab_parallel_objective(vocabulary_.size(), tp_), o);
+        make_optimizer, std::move(objective), o);
   }
 
   std::unique_ptr<train::DataSource> train_data(const train::RunContext& run,
@@ -392,6 +439,7 @@ class GptProgram : public train::TrainingProgram {
 
   void finish(const train::RunContext& run) override {
     if (c_.sample_tokens == 0) return;
+    if (pipeline_ != nullptr && run.context->pp_size() > 1) gather_stages(*run.context);
     // A newline starts the sample (a fortune's first line) when the
     // vocabulary has one; otherwise id 0.
     std::vector<std::int64_t> prompt{0};
@@ -429,7 +477,8 @@ class GptProgram : public train::TrainingProgram {
     return "dtrain-gpt: " + dtrain::gpt::describe(model_options(c_, vocabulary_.size())) + " on " +
            c_.train_data + " (" + std::to_string(train_set_->size()) + " tokens, " +
            data::token_level_name(vocabulary_.level) + " level), tp " + std::to_string(c_.tp) +
-           (c_.sequence_parallel ? " with sequence parallelism" : "") + baseline;
+           (c_.sequence_parallel ? " with sequence parallelism" : "") + ", pp " +
+           std::to_string(c_.pp) + baseline;
   }
 
   nlohmann::json config() const override {
@@ -442,6 +491,10 @@ class GptProgram : public train::TrainingProgram {
             {"dropout", c_.dropout},
             {"tp", c_.tp},
             {"sequence_parallel", c_.sequence_parallel},
+            {"pp", c_.pp},
+            {"microbatches", c_.microbatches},
+            {"pp_schedule", c_.pp_schedule},
+            {"pp_stages_per_rank", c_.pp_stages_per_rank},
             {"global_batch", c_.global_batch},
             {"epochs", c_.epochs},
             {"optimizer", "adamw"},
@@ -453,11 +506,59 @@ class GptProgram : public train::TrainingProgram {
   }
 
  private:
+  dtrain::parallel::pipeline::ScheduleOptions schedule_options(int pp) const {
+    dtrain::parallel::pipeline::ScheduleOptions o;
+    o.kind = dtrain::parallel::pipeline::parse_schedule_kind(c_.pp_schedule);
+    o.num_ranks = pp;
+    o.num_microbatches = c_.microbatches;
+    o.stages_per_rank = c_.pp_stages_per_rank;
+    return o;
+  }
+
+  // The pipeline's inputs against the layout, before anything is built.
+  void check_pipeline(int replicas) const {
+    const std::int64_t per_replica = c_.global_batch / replicas;
+    DTRAIN_CHECK_ARG(per_replica % c_.microbatches == 0, "--microbatches ", c_.microbatches,
+                     " does not divide the batch of each data-parallel replica (", per_replica,
+                     " = --global-batch ", c_.global_batch, " over ", replicas,
+                     " replicas): choose a divisor of ", per_replica);
+    const auto schedule = schedule_options(c_.pp);
+    try {
+      schedule.validate();
+    } catch (const dtrain::InvalidArgument& e) {
+      DTRAIN_THROW(dtrain::InvalidArgument, "--pp-schedule ", c_.pp_schedule, " with --pp ", c_.pp,
+                   " and --microbatches ", c_.microbatches, ": ", e.what());
+    }
+    try {
+      dtrain::gpt::pipeline_partition(model_options(c_, vocabulary_.size()),
+                                      c_.pp * schedule.stages_per_rank);
+    } catch (const dtrain::InvalidArgument& e) {
+      DTRAIN_THROW(dtrain::InvalidArgument, "--pp ", c_.pp, " x ", schedule.stages_per_rank,
+                   " stage(s) per rank with --layers ", c_.layers, ": ", e.what());
+    }
+  }
+
   data::TokenLoaderOptions loader_options() const {
     data::TokenLoaderOptions o;
     o.context = c_.context;
     o.workers = c_.loader_workers;
     return o;
+  }
+
+  // Every rank builds the whole model but trains only its stages: before
+  // sampling, each stage's owner broadcasts its parameters over the pp ranks,
+  // so that every rank holds the trained model.
+  void gather_stages(const dtrain::parallel::ParallelContext& ctx) {
+    torch::NoGradGuard no_grad;
+    const auto& schedule = pipeline_->engine().schedule();
+    const auto layers = model_->layers();
+    for (int i = 0; i < static_cast<int>(layers.size()); ++i) {
+      dtrain::collectives::BroadcastOptions from;
+      from.root = schedule.rank_of_stage(partition_.stage_of_layer(i));
+      for (auto& param : layers[static_cast<std::size_t>(i)].module.ptr()->parameters()) {
+        ctx.pp()->broadcast(param, from)->wait();
+      }
+    }
   }
 
   Config c_;
@@ -468,6 +569,8 @@ class GptProgram : public train::TrainingProgram {
   std::shared_ptr<dtrain::collectives::Communicator> tp_;
   std::shared_ptr<dtrain::parallel::RngStreams> rng_;
   dtrain::gpt::Gpt model_{nullptr};
+  train::PipelineParallel* pipeline_ = nullptr;  // owned by the trainer, with --pp
+  dtrain::parallel::pipeline::StagePartition partition_;
 };
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include <mutex>
+#include <set>
 
 #include "dtrain/error.h"
 #include "dtrain/parallel/zero_optimizer.h"
@@ -281,6 +282,20 @@ void set_default_cpu_state(const at::Tensor& state, const std::string& source) {
   }
 }
 
+// The module's parameters, each tensor once, under the first name the module
+// gives it: a weight that two submodules register (tied input and output
+// embeddings) is one tensor, stored and restored once.
+torch::OrderedDict<std::string, at::Tensor> distinct_parameters(const torch::nn::Module& module) {
+  torch::OrderedDict<std::string, at::Tensor> out;
+  std::set<const void*> seen;
+  for (const auto& item : module.named_parameters(true)) {
+    if (seen.insert(item.value().unsafeGetTensorImpl()).second) {
+      out.insert(item.key(), item.value());
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -288,7 +303,7 @@ void set_default_cpu_state(const at::Tensor& state, const std::string& source) {
 
 void add_module(StateDict& state, const torch::nn::Module& module,
                 const parallel::ModuleLayout& layout, const std::string& prefix) {
-  for (const auto& item : module.named_parameters(true)) {
+  for (const auto& item : distinct_parameters(module)) {
     state.add(prefix + layout.global(item.key()), item.value().detach(),
               layout.placement(item.key(), item.value()));
   }
@@ -310,7 +325,7 @@ void load_module(const Checkpoint& checkpoint, torch::nn::Module& module,
     parallel::Placement placement;
   };
   std::vector<Target> targets;
-  for (const auto& item : module.named_parameters(true)) {
+  for (const auto& item : distinct_parameters(module)) {
     targets.push_back({item.value(), prefix + layout.global(item.key()),
                        layout.placement(item.key(), item.value())});
   }
@@ -352,7 +367,7 @@ void load_module(const Checkpoint& checkpoint, torch::nn::Module& module,
 void add_optimizer(StateDict& state, const torch::optim::Optimizer& optimizer,
                    const torch::nn::Module& module, const parallel::ModuleLayout& layout,
                    const std::string& prefix) {
-  for (const auto& item : module.named_parameters(true)) {
+  for (const auto& item : distinct_parameters(module)) {
     const std::string base = prefix + layout.global(item.key()) + "/";
     const parallel::Placement placement = layout.placement(item.key(), item.value());
     for (const auto& [name, tensor] : param_state(optimizer, item.value())) {
@@ -371,7 +386,7 @@ void load_optimizer(const Checkpoint& checkpoint, torch::optim::Optimizer& optim
                     const torch::nn::Module& module, const parallel::ModuleLayout& layout,
                     const std::string& prefix) {
   const FieldIndex index(checkpoint, prefix);
-  for (const auto& item : module.named_parameters(true)) {
+  for (const auto& item : distinct_parameters(module)) {
     const std::string param = layout.global(item.key());
     const parallel::Placement placement = layout.placement(item.key(), item.value());
     std::map<std::string, at::Tensor> fields;

@@ -3,10 +3,13 @@
 #include <torch/utils.h>
 
 #include <chrono>
+#include <map>
+#include <string>
 
 #include "dtrain/checkpoint/state.h"
 #include "dtrain/error.h"
 #include "dtrain/parallel/pipeline/schedule.h"
+#include "dtrain/parallel/tensor_parallel.h"
 
 namespace dtrain::train {
 
@@ -38,11 +41,27 @@ void PipelineParallelOptions::validate(int pp_size) const {
   ddp.validate();
 }
 
-parallel::ModuleLayout stage_layout(const torch::nn::Module& stage, int stage_index) {
-  parallel::ModuleLayout layout;
+parallel::ModuleLayout stage_layout(const torch::nn::Module& stage, int stage_index,
+                                    const std::vector<pl::TiedParameter>& tied) {
+  parallel::ModuleLayout layout = parallel::tensor_parallel_layout(stage);
+  std::map<std::string, std::string> first_name;
+  for (const pl::TiedParameter& t : tied) {
+    for (const std::string& name : t.names) first_name[name] = t.names.front();
+  }
   for (const auto& item : stage.named_parameters(/*recurse=*/true)) {
-    layout.placements[item.key()] =
-        parallel::Placement::replicated(item.value().sizes().vec()).on_stage(stage_index);
+    parallel::Placement p = layout.placement(item.key(), item.value());
+    if (first_name.count(item.key()) != 0) {
+      p.replicated_over = p.replicated_over.with(parallel::Axis::kPipeline);
+    } else {
+      p = p.on_stage(stage_index);
+    }
+    layout.placements[item.key()] = p;
+  }
+  if (!first_name.empty()) {
+    layout.global_name = [first_name](const std::string& local) {
+      const auto it = first_name.find(local);
+      return it == first_name.end() ? local : it->second;
+    };
   }
   for (const auto& item : stage.named_buffers(/*recurse=*/true)) {
     layout.placements[item.key()] =
@@ -65,10 +84,6 @@ PipelineParallel::PipelineParallel(std::vector<pl::Layer> layers,
                    "PipelineParallel needs a parallel context and an optimizer factory");
   DTRAIN_CHECK_ARG(objective_.loss && objective_.loss_sum && objective_.correct,
                    "PipelineParallel needs an Objective with loss, loss_sum and correct");
-  DTRAIN_CHECK_ARG(context_->tp_size() == 1,
-                   "PipelineParallel does not split tensors: the layout "
-                   "has tp = ",
-                   context_->tp_size(), "; use tp = 1");
   options_.validate(context_->pp_size());
   stage_input_shapes_ = pl::stage_input_shapes(layers_, partition, sample_input);
 
@@ -77,11 +92,14 @@ PipelineParallel::PipelineParallel(std::vector<pl::Layer> layers,
   engine_options.schedule.num_ranks = context_->pp_size();
   engine_options.stage_input_shapes = stage_input_shapes_;
   engine_options.ddp = options_.ddp;
+  engine_options.activation_dtype = options_.activation_dtype;
   engine_ = std::make_unique<pl::PipelineEngine>(layers_, partition, *context_, engine_options);
   optimizer_ = make_optimizer(engine_->parameters());
   rng_ = std::make_unique<parallel::RngStreams>(*context_, options_.seed, sample_input.device());
   const auto& schedule = engine_->schedule();
   holds_last_stage_ = schedule.rank_of_stage(schedule.num_stages() - 1) == context_->pp_rank();
+  reports_ = holds_last_stage_ && context_->tp_rank() == 0;
+  tied_ = pl::find_tied_parameters(layers_, partition);
   collectives::SplitOptions split;
   split.name = context_->pp()->name() + "/eval";
   eval_comm_ = context_->pp()->split(0, context_->pp_rank(), split);
@@ -117,7 +135,7 @@ StepResult PipelineParallel::train_step(Batch& batch, const StepInfo& info) {
   const SystemTime s3 = SystemClock::now();
 
   StepResult r;
-  if (holds_last_stage_) {
+  if (reports_) {
     const double n = static_cast<double>(batch.targets.numel());
     r.local_loss = result.loss.item<double>();
     r.sums.loss_sum = r.local_loss * n;
@@ -195,7 +213,7 @@ ReportSums PipelineParallel::eval_step(Batch& batch) {
     } else if (const int from = schedule.rank_of_stage(s - 1); from != me) {
       std::vector<std::int64_t> shape{n};
       shape.insert(shape.end(), stage_input_shapes_[s].begin(), stage_input_shapes_[s].end());
-      x = torch::empty(shape, batch.inputs.options().dtype(at::kFloat));
+      x = torch::empty(shape, batch.inputs.options().dtype(options_.activation_dtype));
       eval_comm_->recv(x, from, tag_of(s - 1))->wait();
     }
     x = engine_->stage(s)->forward(x);
@@ -206,9 +224,14 @@ ReportSums PipelineParallel::eval_step(Batch& batch) {
     }
   }
   if (holds_last_stage_) {
-    sums.loss_sum = objective_.loss_sum(x, batch.targets).item<double>();
-    sums.correct = objective_.correct(x, batch.targets).item<double>();
-    sums.samples = static_cast<double>(batch.targets.numel());
+    // Collective over tp (the objective); counted by tp rank 0.
+    const double loss_sum = objective_.loss_sum(x, batch.targets).item<double>();
+    const double correct = objective_.correct(x, batch.targets).item<double>();
+    if (reports_) {
+      sums.loss_sum = loss_sum;
+      sums.correct = correct;
+      sums.samples = static_cast<double>(batch.targets.numel());
+    }
   }
   return sums;
 }
@@ -217,7 +240,7 @@ checkpoint::StateDict PipelineParallel::state_dict() const {
   checkpoint::StateDict state;
   for (int s : engine_->stage_ids()) {
     const pl::PipelineStage stage = engine_->stage(s);
-    const parallel::ModuleLayout layout = stage_layout(*stage, s);
+    const parallel::ModuleLayout layout = stage_layout(*stage, s, tied_);
     checkpoint::add_module(state, *stage, layout);
     checkpoint::add_optimizer(state, *optimizer_, *stage, layout);
   }
@@ -228,7 +251,7 @@ checkpoint::StateDict PipelineParallel::state_dict() const {
 void PipelineParallel::load_state(const checkpoint::Checkpoint& checkpoint) {
   for (int s : engine_->stage_ids()) {
     pl::PipelineStage stage = engine_->stage(s);
-    const parallel::ModuleLayout layout = stage_layout(*stage, s);
+    const parallel::ModuleLayout layout = stage_layout(*stage, s, tied_);
     checkpoint::load_module(checkpoint, *stage, layout);
     checkpoint::load_optimizer(checkpoint, *optimizer_, *stage, layout);
   }

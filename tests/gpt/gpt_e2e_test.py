@@ -3,9 +3,12 @@
 dtrain-data convert-text: a run at tp 2 with sequence parallelism reports
 the unigram baseline, training and validation loss in bits and a text
 sample, and writes checkpoints; a second run at tp 1 (dp 2) resumes from
-the tp 2 checkpoint and finishes; SIGTERM under dtrain-launch stops a tp 2
-run with a checkpoint of its last step and exit 75; bad sizes and --pp > 1
-exit 2 naming the numbers, before anything is written.
+the tp 2 checkpoint and finishes; a third at pp 2 (1f1b, 2 microbatches)
+resumes from that one, trains and prints a sample from the stages' weights;
+SIGTERM under dtrain-launch stops a tp 2 run with a checkpoint of its last
+step and exit 75; bad sizes (heads, context, a --pp that does not divide
+the blocks or the ranks, too few microbatches for zb-h1) exit 2 naming the
+numbers, before anything is written.
 
     gpt_e2e_test.py MPIEXEC DTRAIN_GPT DTRAIN_DATA WORK DTRAIN_LAUNCH
 """
@@ -54,7 +57,7 @@ def text_source():
 
 
 def gpt_args(out, data, extra):
-    return [GPT, "--train-data", data + "/train", "--val-data", data + "/val", "--layers", "1",
+    return [GPT, "--train-data", data + "/train", "--val-data", data + "/val", "--layers", "2",
             "--heads", "2", "--embedding", "16", "--context", "16", "--global-batch", "4",
             "--eval-batch", "4", "--val-windows", "8", "--sample-tokens", "40",
             "--checkpoint-every", "3", "--async-checkpoint", "false", "--progress", "lines",
@@ -122,12 +125,26 @@ def main():
     if "eval  step 9" not in p.stdout or "sample (40 tokens" not in p.stdout:
         fail("the resumed run did not finish at step 9 with a sample")
 
+    p = gpt(2, out, data, ["--pp", "2", "--microbatches", "2", "--pp-schedule", "1f1b",
+                           "--dropout", "0.1", "--steps", "12"])
+    if p.returncode != 0:
+        fail("the pp 2 resume exited %d" % p.returncode)
+    if "resumed from" not in p.stdout or "step 9" not in p.stdout or ", pp 2" not in p.stdout:
+        fail("the pp 2 run did not resume from the tp 1 checkpoint at step 9")
+    m = re.search(r"eval  step 12  val loss ([0-9.]+)", p.stdout)
+    if not m or "sample (40 tokens" not in p.stdout:
+        fail("the pp 2 run did not finish at step 12 with an evaluation and a sample")
+
     sigterm(data)
 
     for extra, message in (
             (["--tp", "2", "--heads", "3", "--embedding", "12"],
              "tensor-parallel size 2 does not divide the number of heads 3"),
-            (["--pp", "2"], "--pp 2"),
+            (["--pp", "2", "--layers", "3"],
+             "2 pipeline stages do not divide the 3 transformer blocks"),
+            (["--pp", "3", "--layers", "3"], "not divisible by tp * pp = 1 * 3 = 3"),
+            (["--pp", "2", "--pp-schedule", "zb-h1", "--microbatches", "1"],
+             "zb-h1 schedule on 2 pipeline ranks needs at least 2 microbatches"),
             (["--tp", "2", "--sequence-parallel", "--context", "15"],
              "context length 15 is not divisible by the sequence-parallel size 2")):
         bad = os.path.join(WORK, "bad")

@@ -49,7 +49,9 @@ class ZeroRedundancyOptimizer;
 namespace dtrain::checkpoint {
 
 /// Parameters and buffers of `module` as "<prefix><global name>", each with
-/// the placement `layout` gives it.
+/// the placement `layout` gives it. A parameter that the module registers under
+/// two names (a tied weight) is stored, restored and given optimizer state
+/// once, under its first name (the same for the functions below).
 void add_module(StateDict& state, const torch::nn::Module& module,
                 const parallel::ModuleLayout& layout, const std::string& prefix = "model/");
 /// Copies into each parameter and buffer the region of its global tensor

@@ -268,5 +268,11 @@ struct TensorSplit {
 /// 0 <= p < 1.
 at::Tensor tensor_parallel_dropout(const at::Tensor& input, double p, bool training,
                                    RngStreams& rng, TensorSplit split = {});
+/// The same with the whole mask drawn from `generator` (CPU): a caller that
+/// keys its masks itself (by layer and call, say, so that they do not
+/// depend on the order in which pipeline stages run) passes a generator
+/// seeded alike on every rank of the tp group.
+at::Tensor tensor_parallel_dropout(const at::Tensor& input, double p, bool training,
+                                   at::Generator& generator, TensorSplit split = {});
 
 }  // namespace dtrain::parallel

@@ -31,8 +31,9 @@
 // sees microbatches, and sums round differently).
 //
 // Report sums are counted once: only the rank that holds the last stage
-// reports the loss, correct predictions and samples; the others report
-// zeros (and local_loss 0). The train line gets pipeline_s (the engine's
+// (of tp rank 0 when the stages are split over tp) reports the loss,
+// correct predictions and samples; the others report zeros (and
+// local_loss 0). The train line gets pipeline_s (the engine's
 // step, its gradient reduction included), compute_s (this rank's F/B/I/W
 // time), input_wait_s (time actions waited for their input),
 // idle_fraction (1 - compute_s / pipeline_s, this rank) and optimizer_s. A
@@ -50,6 +51,12 @@
 // per global parameter (checkpoint/state.h), and the RNG streams by grid
 // coordinate; load_state reads them for this rank's stages whatever split
 // (or DataParallel run) wrote them.
+//
+// Tensor parallelism: with tp > 1 every rank builds its tp shard of the
+// layers (the tensor-parallel layers of dtrain/parallel/tensor_parallel.h,
+// over the context's tp communicator); the stages of one tp group run
+// together, their collectives inside the stages' forward and backward.
+// Checkpoints place the tp blocks as the layers say (stage_layout).
 //
 // Limits: ZeRO-1 is not available per stage (the engine wraps each stage in
 // DDP); messages go over the context's pp communicator, which is MPI, so
@@ -90,6 +97,9 @@ struct PipelineParallelOptions {
   /// Seed of the tensor-parallel RNG streams (RngStreams), checkpointed
   /// with the rank stream.
   std::uint64_t seed = 0;
+  /// dtype of the activations and gradients sent between stages (and of the
+  /// evaluation's messages): the model's floating dtype.
+  at::ScalarType activation_dtype = at::kFloat;
 
   /// InvalidArgument naming the bad value (the schedule's own checks).
   void validate(int pp_size) const;
@@ -134,6 +144,7 @@ class PipelineParallel : public Strategy {
   Objective objective_;
   PipelineParallelOptions options_;
   std::vector<std::vector<std::int64_t>> stage_input_shapes_;
+  std::vector<parallel::pipeline::TiedParameter> tied_;
   std::unique_ptr<parallel::pipeline::PipelineEngine> engine_;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
   std::unique_ptr<parallel::RngStreams> rng_;
@@ -141,12 +152,20 @@ class PipelineParallel : public Strategy {
   // One tag per (stage boundary, batch size): a channel carries one shape.
   std::map<std::pair<int, std::int64_t>, int> eval_tags_;
   bool holds_last_stage_ = false;
+  bool reports_ = false;     // the last stage's rank of tp rank 0 reports the sums
   double step_correct_ = 0;  // correct predictions of the step's microbatches
 };
 
-/// The placements of a pipeline stage's tensors for checkpoint/state.h: every
-/// parameter and buffer whole, owned by stage `stage`, under its own (global)
-/// name.
-parallel::ModuleLayout stage_layout(const torch::nn::Module& stage, int stage_index);
+/// The placements of a pipeline stage's tensors for checkpoint/state.h:
+/// tensor-parallel blocks as the stage's tensor-parallel layers give them
+/// (tensor_parallel_layout), every other parameter and buffer whole; owned
+/// by stage `stage_index`, under its own (global) name. A tied parameter
+/// (`tied`, find_tied_parameters of the same partition) takes the name of
+/// its first layer in every stage that holds it and is replicated over the
+/// pipeline axis: the copies are equal, the first stage's rank writes it and
+/// every holder reads it.
+parallel::ModuleLayout stage_layout(
+    const torch::nn::Module& stage, int stage_index,
+    const std::vector<parallel::pipeline::TiedParameter>& tied = {});
 
 }  // namespace dtrain::train

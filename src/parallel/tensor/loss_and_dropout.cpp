@@ -3,6 +3,7 @@
 #include <torch/autograd.h>
 #include <torch/torch.h>
 
+#include <functional>
 #include <vector>
 
 #include "dtrain/error.h"
@@ -105,8 +106,12 @@ TensorSplit TensorSplit::over(const collectives::Communicator& comm, std::int64_
   return TensorSplit{dim, comm.rank(), comm.size()};
 }
 
-at::Tensor tensor_parallel_dropout(const at::Tensor& input, double p, bool training,
-                                   RngStreams& rng, TensorSplit split) {
+namespace {
+
+// The whole tensor's mask from `draw` (one bernoulli over the whole shape),
+// this rank's part of it applied to `input`.
+at::Tensor apply_dropout(const at::Tensor& input, double p, bool training, TensorSplit split,
+                         const std::function<at::Tensor(std::vector<std::int64_t>, double)>& draw) {
   DTRAIN_CHECK_ARG(p >= 0 && p < 1, "tensor_parallel_dropout: p must be in [0, 1), got ", p);
   DTRAIN_CHECK_ARG(input.defined(), "tensor_parallel_dropout: the input is undefined");
   DTRAIN_CHECK_ARG(split.parts >= 1 && split.index >= 0 && split.index < split.parts,
@@ -118,16 +123,32 @@ at::Tensor tensor_parallel_dropout(const at::Tensor& input, double p, bool train
   if (!training || p == 0) return input;
   std::vector<std::int64_t> shape = input.sizes().vec();
   if (split.parts > 1) shape[static_cast<std::size_t>(split.dim)] *= split.parts;
-  at::Tensor mask;
-  {
-    auto scope = rng.fork(RngStream::kTensorShared);
-    mask = at::empty(shape, input.options().requires_grad(false)).bernoulli_(1 - p);
-  }
+  at::Tensor mask = draw(std::move(shape), 1 - p);
   if (split.parts > 1) {
     const std::int64_t size = input.size(split.dim);
     mask = mask.narrow(split.dim, split.index * size, size);
   }
   return input * mask.mul_(1 / (1 - p));
+}
+
+}  // namespace
+
+at::Tensor tensor_parallel_dropout(const at::Tensor& input, double p, bool training,
+                                   RngStreams& rng, TensorSplit split) {
+  return apply_dropout(input, p, training, split, [&](std::vector<std::int64_t> shape, double q) {
+    auto scope = rng.fork(RngStream::kTensorShared);
+    return at::empty(shape, input.options().requires_grad(false)).bernoulli_(q);
+  });
+}
+
+at::Tensor tensor_parallel_dropout(const at::Tensor& input, double p, bool training,
+                                   at::Generator& generator, TensorSplit split) {
+  return apply_dropout(input, p, training, split, [&](std::vector<std::int64_t> shape, double q) {
+    // Drawn on the generator's device, then moved to the input's.
+    return at::empty(shape, input.options().device(generator.device()).requires_grad(false))
+        .bernoulli_(q, generator)
+        .to(input.device());
+  });
 }
 
 }  // namespace dtrain::parallel
