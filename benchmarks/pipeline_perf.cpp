@@ -18,7 +18,8 @@
 // memory: stages of elementwise layers whose boundary tensor is --act-mib per
 // microbatch; the peak heap bytes in use (glibc, after each action) above the
 // step's start, per rank, for GPipe and 1F1B, with and without releasing sent
-// outputs.
+// outputs, and with deallocation but without posting receives ahead
+// (PipelineOptions::receive_ahead; "ahead" column), the engine before it.
 //
 // throughput: an MLP at equal global batch: pp = 2 with 1F1B and m
 // microbatches against dp = 2 with DistributedDataParallel, rounds
@@ -242,8 +243,8 @@ void memory_table(std::shared_ptr<dtrain::collectives::Communicator> world, doub
   if (world->rank() == 0) {
     std::printf("# memory: p = %d, m = %d, %.1f MiB per microbatch at each stage boundary\n", p, m,
                 act_bytes / (1 << 20));
-    std::printf("%-8s %-8s %5s %14s %14s %14s\n", "schedule", "dealloc", "rank", "peak_MiB",
-                "sent_MiB", "released_MiB");
+    std::printf("%-8s %-8s %-6s %5s %14s %14s %14s\n", "schedule", "dealloc", "ahead", "rank",
+                "peak_MiB", "sent_MiB", "released_MiB");
   }
   torch::nn::Sequential model;
   for (int s = 0; s < p; ++s) {
@@ -254,10 +255,13 @@ void memory_table(std::shared_ptr<dtrain::collectives::Communicator> world, doub
   const auto layers = layers_of(model);
   const auto partition = partition_uniform(static_cast<int>(layers.size()), p);
   const torch::Tensor x = torch::randn({rows * m, features});
-  double peak[2][2] = {{0, 0}, {0, 0}};  // [gpipe?][dealloc?] on this rank
+  double peak[2][2] = {{0, 0}, {0, 0}};  // [gpipe?][dealloc?] on this rank, receiving ahead
+  double peak_not_ahead[2] = {0, 0};     // [gpipe?] deallocating, not receiving ahead
   for (ScheduleKind kind : {ScheduleKind::kGPipe, ScheduleKind::kOneFOneB}) {
-    for (bool dealloc : {true, false}) {
+    for (const auto& [dealloc, ahead] :
+         {std::pair<bool, bool>{true, true}, {false, true}, {true, false}}) {
       PipelineOptions options;
+      options.receive_ahead = ahead;
       options.schedule.kind = kind;
       options.schedule.num_microbatches = m;
       options.stage_input_shapes = stage_input_shapes(layers, partition, x.narrow(0, 0, 1));
@@ -273,12 +277,13 @@ void memory_table(std::shared_ptr<dtrain::collectives::Communicator> world, doub
         best =
             std::min(best, static_cast<double>(stats.peak_heap_bytes - stats.heap_bytes_at_start));
       }
-      peak[kind == ScheduleKind::kGPipe][dealloc] = best;
+      (ahead ? peak[kind == ScheduleKind::kGPipe][dealloc]
+             : peak_not_ahead[kind == ScheduleKind::kGPipe]) = best;
       for (int r = 0; r < p; ++r) {
         world->barrier()->wait();
         if (r != world->rank()) continue;
-        std::printf("%-8s %-8s %5d %14.1f %14.1f %14.1f\n", schedule_kind_name(kind),
-                    dealloc ? "on" : "off", r, best / (1 << 20),
+        std::printf("%-8s %-8s %-6s %5d %14.1f %14.1f %14.1f\n", schedule_kind_name(kind),
+                    dealloc ? "on" : "off", ahead ? "on" : "off", r, best / (1 << 20),
                     stats.sent_output_bytes / double(1 << 20),
                     stats.deallocated_bytes / double(1 << 20));
         std::fflush(stdout);
@@ -290,9 +295,11 @@ void memory_table(std::shared_ptr<dtrain::collectives::Communicator> world, doub
     if (r != world->rank()) continue;
     std::printf(
         "rank %d: gpipe - 1f1b peak = %.1f MiB (0.8 (m-p) x activation = %.1f MiB); "
-        "deallocation saved %.1f MiB in gpipe, %.1f MiB in 1f1b\n",
+        "deallocation saved %.1f MiB in gpipe, %.1f MiB in 1f1b (%.1f, %.1f without receiving "
+        "ahead)\n",
         r, (peak[1][1] - peak[0][1]) / (1 << 20), 0.8 * (m - p) * act_bytes / (1 << 20),
-        (peak[1][0] - peak[1][1]) / (1 << 20), (peak[0][0] - peak[0][1]) / (1 << 20));
+        (peak[1][0] - peak[1][1]) / (1 << 20), (peak[0][0] - peak[0][1]) / (1 << 20),
+        (peak[1][0] - peak_not_ahead[1]) / (1 << 20), (peak[0][0] - peak_not_ahead[0]) / (1 << 20));
     std::fflush(stdout);
   }
 }

@@ -50,7 +50,10 @@
 //    its send, the output's storage is released if nothing but the send
 //    and the output hold it (autograd did not save it); the graph stays, and
 //    the memory returns once the send completes. last_stats() counts the
-//    bytes.
+//    bytes. A send completes once the receiver has posted its receive: the
+//    receiver posts receives of activations ahead (receive_ahead), each
+//    its own batch in list order, so that the sender's memory returns as
+//    soon as the message has arrived.
 //  * Tied weights (find_tied_parameters): at construction the first holding
 //    stage's value is copied to the other holders; in each step, once every
 //    holding stage of a rank has passed its reduce action, the copies'
@@ -123,6 +126,14 @@ struct PipelineOptions {
   LossScaling loss_scaling = LossScaling::kMean;
   /// Release a sent output's storage when nothing else holds it.
   bool deallocate_sent_outputs = true;
+  /// Post the receives of activations ahead of their place in the list:
+  /// the batches that only receive activations, up to the next batch that
+  /// sends or receives a gradient, as long as the stored activations and
+  /// the received ones not yet consumed stay within the schedule's peak
+  /// (the simulator's peak_stored for this rank). The previous stage's
+  /// sends then complete when their messages arrive, not when this rank
+  /// reaches the receive, so their outputs are released sooner.
+  bool receive_ahead = true;
   /// Record the heap bytes in use (glibc mallinfo2) after each action.
   bool record_memory = false;
   /// For DistributedDataParallel, used when dp > 1.
