@@ -23,7 +23,12 @@
 //
 // throughput: an MLP at equal global batch: pp = 2 with 1F1B and m
 // microbatches against dp = 2 with DistributedDataParallel, rounds
-// alternating, samples per second.
+// alternating, samples per second; then per rank where a step's time went
+// (ms per step, over all timed steps): pp_step = the engine's step,
+// pp_compute its F/B time, pp_wait the compute actions' waits for their
+// input, pp_rest the remainder (posting messages, waiting for sends at the
+// end, bookkeeping); dp_compute forward + backward, dp_sync DDP's wait for
+// its all-reduce; *_opt the optimizer.
 //
 // compute: the bubble of GPipe and 1F1B with stages that compute (--layers
 // Linear + ReLU layers of --width per stage, --rows rows per microbatch, one
@@ -390,12 +395,31 @@ void throughput_table(std::shared_ptr<dtrain::collectives::Communicator> world, 
   const torch::Tensor xl = x.narrow(0, world->rank() * local, local);
   const torch::Tensor yl = y.narrow(0, world->rank() * local, local);
 
+  // Where the time goes, summed over the timed steps of all rounds, per rank:
+  // pp: the engine's step, its F/B compute, the waits of compute actions for
+  // their input, the optimizer; dp: forward + backward, DDP's synchronize,
+  // the optimizer.
+  double pp_step = 0, pp_compute = 0, pp_wait = 0, pp_opt = 0;
+  double dp_compute = 0, dp_sync = 0, dp_opt = 0;
+  int pp_steps = 0, dp_steps = 0;
+  bool timed = false;
   auto time_pp = [&](int steps) {
     world->barrier()->wait();
     const double start = now_seconds();
     for (int i = 0; i < steps; ++i) {
+      const double t0 = now_seconds();
       engine.step(x, y, ce_loss);
+      const double t1 = now_seconds();
       pp_sgd.step();
+      if (!timed) continue;
+      pp_step += t1 - t0;
+      pp_opt += now_seconds() - t1;
+      for (const ActionRecord& r : engine.last_trace()) {
+        if (!r.action.is_compute()) continue;
+        pp_compute += r.end_seconds - r.start_seconds;
+        pp_wait += r.wait_seconds;
+      }
+      ++pp_steps;
     }
     world->barrier()->wait();
     return now_seconds() - start;
@@ -404,10 +428,18 @@ void throughput_table(std::shared_ptr<dtrain::collectives::Communicator> world, 
     world->barrier()->wait();
     const double start = now_seconds();
     for (int i = 0; i < steps; ++i) {
+      const double t0 = now_seconds();
       ddp.zero_grad();
       ce_loss(dp_model->forward(xl), yl).backward();
+      const double t1 = now_seconds();
       ddp.synchronize();
+      const double t2 = now_seconds();
       dp_sgd.step();
+      if (!timed) continue;
+      dp_compute += t1 - t0;
+      dp_sync += t2 - t1;
+      dp_opt += now_seconds() - t2;
+      ++dp_steps;
     }
     world->barrier()->wait();
     return now_seconds() - start;
@@ -419,13 +451,29 @@ void throughput_table(std::shared_ptr<dtrain::collectives::Communicator> world, 
                 global_batch, m);
     std::printf("%5s %14s %14s %8s\n", "round", "pp_samples/s", "dp_samples/s", "pp/dp");
   }
+  timed = true;
   for (int r = 0; r < rounds; ++r) {
     const double tp = time_pp(iters);
     const double td = time_dp(iters);
     if (world->rank() == 0) {
       std::printf("%5d %14.1f %14.1f %8.3f\n", r, iters * global_batch / tp,
                   iters * global_batch / td, td / tp);
+      std::fflush(stdout);
     }
+  }
+  // Per rank, ms per step.
+  for (int r = 0; r < n; ++r) {
+    world->barrier()->wait();
+    if (r != world->rank()) continue;
+    if (r == 0) {
+      std::printf("%4s %9s %10s %8s %8s %8s | %10s %8s %8s\n", "rank", "pp_step", "pp_compute",
+                  "pp_wait", "pp_rest", "pp_opt", "dp_compute", "dp_sync", "dp_opt");
+    }
+    const double ps = pp_steps > 0 ? 1e3 / pp_steps : 0, ds = dp_steps > 0 ? 1e3 / dp_steps : 0;
+    std::printf("%4d %9.2f %10.2f %8.2f %8.2f %8.2f | %10.2f %8.2f %8.2f\n", r, pp_step * ps,
+                pp_compute * ps, pp_wait * ps, (pp_step - pp_compute - pp_wait) * ps, pp_opt * ps,
+                dp_compute * ds, dp_sync * ds, dp_opt * ds);
+    std::fflush(stdout);
   }
 }
 
