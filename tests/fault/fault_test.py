@@ -556,7 +556,6 @@ def case_pp_bad_input():
                      ranks=2)
     expect_bad_input(base + ["--pp-partition", "4,x"], "--pp-partition '4,x' is not")
     expect_bad_input(base + ["--pp-schedule", "pipedream"], "unknown --pp-schedule 'pipedream'")
-    expect_bad_input(base + ["--pp", "2", "--zero"], "--zero is not available with --pp")
     expect_bad_input(base + ["--pp-stages-per-rank", "2"], "needs --pp-schedule interleaved")
 
 

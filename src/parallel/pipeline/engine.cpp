@@ -310,7 +310,7 @@ PipelineEngine::PipelineEngine(const std::vector<Layer>& layers, const StagePart
     set_comms[index]->broadcast(param.detach(), root)->wait();
   }
 
-  if (context_.dp_size() > 1) {
+  if (context_.dp_size() > 1 && options_.dp_reduction == DataParallelReduction::kDdp) {
     im.ddp.resize(static_cast<std::size_t>(num_stages));
     for (int s : stage_ids_) {
       im.ddp[s] = std::make_unique<DistributedDataParallel>(im.stages[s].ptr(), context_.dp(),

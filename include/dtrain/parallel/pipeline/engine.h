@@ -59,8 +59,8 @@
 //    holding stage of a rank has passed its reduce action, the copies'
 //    gradients are summed over the holding ranks (their own communicator),
 //    before the data-parallel average. The copies stay bitwise equal.
-//  * Data parallel: with dp > 1 each stage is wrapped in
-//    DistributedDataParallel over the dp communicator. All backward passes
+//  * Data parallel: with dp > 1 (and dp_reduction kDdp, the default) each
+//    stage is wrapped in DistributedDataParallel over the dp communicator. All backward passes
 //    run under no_sync(); the stage's all-reduce starts at its reduce action
 //    (its last backward of the step is done) and is waited at the end of
 //    step(), which leaves the averaged gradients in .grad.
@@ -110,6 +110,17 @@ enum class LossScaling {
   kNone,
 };
 
+/// How the engine reduces each stage's gradients over the dp axis (dp > 1).
+enum class DataParallelReduction {
+  /// Each stage in DistributedDataParallel; its all-reduce starts at the
+  /// stage's reduce action and step() returns averaged gradients.
+  kDdp,
+  /// None: step() returns this replica's gradients (its microbatches summed,
+  /// tied copies summed over their stages) for the caller to reduce, e.g.
+  /// a ZeroRedundancyOptimizer per stage over the dp communicator.
+  kNone,
+};
+
 struct PipelineOptions {
   /// The generated schedule (num_ranks is taken from the context's pp size
   /// and may be left at 1). Ignored when custom_schedule is set.
@@ -136,8 +147,9 @@ struct PipelineOptions {
   bool receive_ahead = true;
   /// Record the heap bytes in use (glibc mallinfo2) after each action.
   bool record_memory = false;
-  /// For DistributedDataParallel, used when dp > 1.
+  /// For DistributedDataParallel, used when dp > 1 with kDdp.
   DdpOptions ddp;
+  DataParallelReduction dp_reduction = DataParallelReduction::kDdp;
 
   /// Throws InvalidArgument naming the bad value.
   void validate() const;
