@@ -8,7 +8,7 @@
 //  * a checkpoint written at pp = 2 loads at pp = 1 and (4 ranks) at pp = 4:
 //    every parameter, buffer and momentum buffer equal to the saved global
 //    tensor, and one more step equal to pp = 2 continuing;
-//  * ZeRO-1 per stage at pp 2 x dp 2: losses and parameters bitwise equal
+//  * ZeRO-1 per stage at pp 2 x dp 2: losses, parameters and buffers bitwise equal
 //    to DDP per stage after 3 steps; its checkpoint resumes under ZeRO-1
 //    and under DDP with the next step equal to the uninterrupted run's;
 //  * bad options refused before any communication.
@@ -270,17 +270,8 @@ TEST(PipelineStrategy, ACheckpointAtPp2ResumesAtPp1AndPp4) {
   }
 }
 
-// The parameters of this rank's stages, by global name.
-std::map<std::string, torch::Tensor> parameters_of(PipelineParallel& s) {
-  std::map<std::string, torch::Tensor> out;
-  for (const auto& [name, tensor] : s.engine().named_parameters()) out[name] = tensor;
-  return out;
-}
-
-// pp 2 x dp 2. BatchNorm's running statistics are not compared: ZeRO-1
-// copies dp rank 0's buffers to the other replica in each step, DDP per
-// stage leaves each replica's own (training uses the batch's statistics,
-// so the parameters do not depend on them).
+// pp 2 x dp 2: parameters and BatchNorm buffers (both copy dp rank 0's
+// buffers to the other replica in each step).
 TEST(PipelineStrategy, ZeroPerStageEqualsDdpPerStageAndResumes) {
   if (world().size() != 4) GTEST_SKIP() << "needs 4 ranks (pp 2 x dp 2)";
   const std::string dir = dtrain::testing::shared_temp_dir(world(), "dtrain-pp-zero-ckpt");
@@ -301,8 +292,8 @@ TEST(PipelineStrategy, ZeroPerStageEqualsDdpPerStageAndResumes) {
     const StepResult rz = zero->train_step(a, info);
     const StepResult rd = ddp->train_step(b, info);
     EXPECT_EQ(rz.local_loss, rd.local_loss);
-    const auto pd = parameters_of(*ddp);
-    for (const auto& [name, tensor] : parameters_of(*zero)) {
+    const auto pd = tensors_of(*ddp);
+    for (const auto& [name, tensor] : tensors_of(*zero)) {
       EXPECT_TRUE(torch::equal(tensor, pd.at(name))) << name;
     }
     if (step == 1) {  // a checkpoint after 2 steps
@@ -314,7 +305,7 @@ TEST(PipelineStrategy, ZeroPerStageEqualsDdpPerStageAndResumes) {
       manager.save(2, zero->state_dict());
     }
   }
-  const auto after = parameters_of(*zero);
+  const auto after = tensors_of(*zero);
   const auto ckpt = checkpoint::Checkpoint::open(dir + "/step-000000002");
   // Resumed under ZeRO-1 and under DDP: the third step equals the run's.
   for (bool resume_zero : {true, false}) {
@@ -326,7 +317,7 @@ TEST(PipelineStrategy, ZeroPerStageEqualsDdpPerStageAndResumes) {
     Batch b = batch(2);
     info.step = 2;
     s->train_step(b, info);
-    for (const auto& [name, tensor] : parameters_of(*s)) {
+    for (const auto& [name, tensor] : tensors_of(*s)) {
       EXPECT_TRUE(torch::equal(tensor, after.at(name))) << name;
     }
   }
