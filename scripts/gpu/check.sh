@@ -335,6 +335,8 @@ check_cache() {
   local bad
   bad=$(grep -E '^(MPI_CXX_HEADER_DIR|MPI_mpi_LIBRARY|HDF5_C_INCLUDE_DIR|HDF5_C_LIBRARY_hdf5|GTest_DIR|cxxopts_DIR|nlohmann_json_DIR|XXHASH_INCLUDE_DIR):' "$1/CMakeCache.txt" | grep -v "=$D" || true)
   [ -z "$bad" ] || { echo "not from the carried dependencies: $bad"; return 1; }
+  # Header-only dependencies are named by directory: the header must be there.
+  [ -f "$D/usr/include/xxhash.h" ] || { echo "xxhash.h is not among the carried files (scripts/gpu/prepare.sh)"; return 1; }
 }
 configure() {
   if configure_with_config && check_cache "$build/tree"; then

@@ -13,6 +13,7 @@
 
 #include "dtrain/config.h"
 #include "dtrain/error.h"
+#include "dtrain/runtime.h"
 #if DTRAIN_HAVE_NCCL
 #include "dtrain/collectives/nccl.h"
 #endif
@@ -464,7 +465,8 @@ int Trainer::run() {
                    {"lr", lr},
                    {o_.rate_name, samples_per_s},
                    {"step_s", step_s},
-                   {"data_wait_s", seconds(info.data_ready - t0)}};
+                   {"data_wait_s", seconds(info.data_ready - t0)},
+                   {"max_rss_bytes", max_rss_bytes()}};
       line.update(result.metrics);
       metrics_->write(std::move(line));
     }

@@ -250,6 +250,13 @@ TEST(Trainer, RunsEveryStepAndReportsGlobalSums) {
     EXPECT_DOUBLE_EQ(train[i]["fake_s"].get<double>(), 0.5);
     EXPECT_TRUE(train[i].contains("images_per_s"));
     EXPECT_TRUE(train[i].contains("data_wait_s"));
+    // The process's high-water mark: at least the LibTorch it has loaded,
+    // and never lower than at an earlier step.
+    EXPECT_GT(train[i]["max_rss_bytes"].get<std::int64_t>(), 10 << 20);
+    if (i > 0) {
+      EXPECT_GE(train[i]["max_rss_bytes"].get<std::int64_t>(),
+                train[i - 1]["max_rss_bytes"].get<std::int64_t>());
+    }
     EXPECT_EQ(train[i]["lr"], 1.0);
   }
   const auto runs = metrics_of(dir, "run");

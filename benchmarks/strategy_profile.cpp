@@ -1,0 +1,233 @@
+// strategy_profile: writes the profile dtrain-plan reads (planner.h) for one
+// of the examples' models on this machine: each layer measured per sample
+// (plan::measure_layers) and the machine's all-reduce and point-to-point
+// latency and bandwidth, fitted from two message sizes.
+//
+//   mpiexec -n 2 strategy_profile --model resnet20 --microbatch 64 --out resnet20.json
+//
+// Rank 0 measures the layers alone, with --threads intra-op threads, while
+// the other ranks sleep (they poll for its end every millisecond, so they
+// take no core from it); then all ranks time all-reduces over the world and
+// ranks 0 and 1 time a ping-pong. Run it on as many ranks as the layouts to
+// compare will use: the collectives then cross the same processes.
+
+#include <mpi.h>
+
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "benchmarks/harness.h"
+#include "dtrain/collectives/communicator.h"
+#include "dtrain/error.h"
+#include "dtrain/plan/measure.h"
+#include "dtrain/plan/planner.h"
+#include "dtrain/runtime.h"
+#include "examples/resnet/resnet.h"
+
+namespace {
+
+using dtrain::collectives::Communicator;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Ranks other than 0 wait here, asleep, until rank 0 has finished alone.
+void others_sleep_while_rank0_works(int rank, int size, const std::function<void()>& work) {
+  constexpr int kTag = 7001;
+  if (rank == 0) {
+    work();
+    int token = 1;
+    for (int r = 1; r < size; ++r) MPI_Send(&token, 1, MPI_INT, r, kTag, MPI_COMM_WORLD);
+    return;
+  }
+  int token = 0;
+  MPI_Request request = MPI_REQUEST_NULL;
+  MPI_Irecv(&token, 1, MPI_INT, 0, kTag, MPI_COMM_WORLD, &request);
+  int done = 0;
+  while (!done) {
+    MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+// The slowest rank's mean time of `iters` ops after `warmup`.
+double time_op(Communicator& world, int warmup, int iters, const std::function<void()>& op) {
+  for (int i = 0; i < warmup; ++i) op();
+  world.barrier()->wait();
+  const auto start = Clock::now();
+  for (int i = 0; i < iters; ++i) op();
+  double mine = seconds_since(start) / iters;
+  at::Tensor t = at::full({1}, mine, at::kDouble);
+  dtrain::collectives::AllReduceOptions max;
+  max.op = dtrain::collectives::ReduceOp::kMax;
+  world.all_reduce(t, max)->wait();
+  return t.item<double>();
+}
+
+// latency + bytes / bandwidth through two points (small, large).
+void fit(double small_bytes, double small_s, double large_bytes, double large_s, double& latency,
+         double& bandwidth) {
+  DTRAIN_CHECK_ARG(large_s > small_s, "the large message (", large_s,
+                   " s) was not slower than the small one (", small_s,
+                   " s): the machine was too noisy to fit a bandwidth; run again");
+  bandwidth = (large_bytes - small_bytes) / (large_s - small_s);
+  latency = std::max(0.0, small_s - small_bytes / bandwidth);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  dtrain::Runtime runtime(&argc, &argv);
+  cxxopts::Options cli("strategy_profile", "the dtrain-plan profile of a model on this machine");
+  cli.add_options()("model", "resnet20, resnet32, resnet56, resnet18, resnet34 or resnet50",
+                    cxxopts::value<std::string>()->default_value("resnet20"))(
+      "image", "input image as C,H,W", cxxopts::value<std::string>()->default_value("1,28,28"))(
+      "classes", "classes", cxxopts::value<int>()->default_value("10"))(
+      "microbatch", "samples per measured microbatch", cxxopts::value<int>()->default_value("64"))(
+      "threads", "intra-op threads while measuring the layers",
+      cxxopts::value<int>()->default_value("1"))("timed-runs",
+                                                 "timed runs per layer (the median counts)",
+                                                 cxxopts::value<int>()->default_value("5"))(
+      "optimizer-states", "optimizer state per parameter (SGD with momentum 1, Adam 2)",
+      cxxopts::value<int>()->default_value("1"))(
+      "cores", "cores the ranks share (0: one per rank; default: this machine's)",
+      cxxopts::value<int>()->default_value(std::to_string(std::thread::hardware_concurrency())))(
+      "out", "the profile to write", cxxopts::value<std::string>())("h,help", "print this help");
+  auto world = runtime.world();
+  std::string model_name, out_path;
+  std::vector<std::int64_t> image;
+  int classes = 10, microbatch = 64, threads = 1, timed_runs = 5, optimizer_states = 1, cores = 0;
+  try {
+    const auto parsed = dtrain::cli::parse(cli, argc, argv);
+    if (parsed.count("help")) {
+      if (world->rank() == 0) std::cout << cli.help();
+      return 0;
+    }
+    DTRAIN_CHECK_ARG(parsed.count("out") > 0, "--out FILE is required");
+    out_path = parsed["out"].as<std::string>();
+    model_name = parsed["model"].as<std::string>();
+    for (const std::string& d : {parsed["image"].as<std::string>()}) {
+      std::size_t start = 0;
+      while (start <= d.size()) {
+        const std::size_t comma = std::min(d.find(',', start), d.size());
+        image.push_back(std::stoll(d.substr(start, comma - start)));
+        start = comma + 1;
+      }
+    }
+    DTRAIN_CHECK_ARG(image.size() == 3, "--image must be C,H,W");
+    classes = parsed["classes"].as<int>();
+    microbatch = parsed["microbatch"].as<int>();
+    threads = parsed["threads"].as<int>();
+    timed_runs = parsed["timed-runs"].as<int>();
+    optimizer_states = parsed["optimizer-states"].as<int>();
+    cores = parsed["cores"].as<int>();
+    DTRAIN_CHECK_ARG(microbatch >= 1 && threads >= 1 && timed_runs >= 1 && classes >= 1 &&
+                         cores >= 0 && optimizer_states >= 0,
+                     "--microbatch, --threads, --timed-runs and --classes must be >= 1, --cores "
+                     "and --optimizer-states >= 0");
+    DTRAIN_CHECK_ARG(world->size() >= 2,
+                     "run it on at least 2 ranks (the point-to-point probe "
+                     "needs two), got ",
+                     world->size());
+    dtrain::resnet::resnet_options(model_name, image[0], classes);  // refuses an unknown name
+  } catch (const std::exception& e) {
+    if (world->rank() == 0) std::cerr << "strategy_profile: " << e.what() << " (see --help)\n";
+    return 2;
+  }
+
+  dtrain::plan::PlanProfile profile;
+  // What a rank holds before training: the runtime and its libraries, read
+  // on the last rank, which builds no model.
+  at::Tensor base = at::full({1}, static_cast<double>(dtrain::max_rss_bytes()), at::kDouble);
+  dtrain::collectives::BroadcastOptions from_last;
+  from_last.root = world->size() - 1;
+  world->broadcast(base, from_last)->wait();
+  profile.machine.base_bytes_per_rank = static_cast<std::int64_t>(base.item<double>());
+  others_sleep_while_rank0_works(world->rank(), world->size(), [&] {
+    at::set_num_threads(threads);
+    torch::manual_seed(0);
+    dtrain::resnet::ResNet model = dtrain::resnet::make_resnet(model_name, image[0], classes);
+    model->train();
+    std::vector<std::int64_t> shape = {microbatch};
+    shape.insert(shape.end(), image.begin(), image.end());
+    dtrain::parallel::pipeline::LayerTimingOptions timing;
+    timing.timed_runs = timed_runs;
+    profile.model.layers =
+        dtrain::plan::measure_layers(model->layers(), torch::randn(shape), timing);
+  });
+  // The layers travel to the other ranks only in the file rank 0 writes.
+  profile.model.name = model_name;
+  profile.model.unit = "images";
+  profile.model.optimizer_states = optimizer_states;
+  profile.model.limits.layers = static_cast<int>(profile.model.layers.size());
+
+  const int n = world->size();
+  const std::size_t small = 4 << 10, large = 16 << 20;
+  at::Tensor buffer = at::zeros({static_cast<std::int64_t>(large / 4)}, at::kFloat);
+  double t_small =
+      time_op(*world, 3, 50, [&] { world->all_reduce(buffer.narrow(0, 0, small / 4))->wait(); });
+  double t_large = time_op(*world, 2, 8, [&] { world->all_reduce(buffer)->wait(); });
+  dtrain::plan::MachineProfile& machine = profile.machine;
+  const double factor = 2.0 * (n - 1) / n;
+  int fitted = 1;
+  try {
+    fit(factor * small, t_small, factor * large, t_large, machine.all_reduce_latency,
+        machine.all_reduce_bandwidth);
+    // Ping-pong between ranks 0 and 1: half the round trip.
+    auto ping_pong = [&](std::size_t bytes) {
+      at::Tensor m = buffer.narrow(0, 0, static_cast<std::int64_t>(bytes / 4));
+      dtrain::collectives::PointToPointOptions channel;  // one shape per (peer, tag)
+      channel.tag = bytes > small ? 1 : 0;
+      return time_op(*world, 3, bytes > small ? 8 : 50,
+                     [&] {
+                       if (world->rank() == 0) {
+                         world->send(m, 1, channel)->wait();
+                         world->recv(m, 1, channel)->wait();
+                       } else if (world->rank() == 1) {
+                         world->recv(m, 0, channel)->wait();
+                         world->send(m, 0, channel)->wait();
+                       }
+                     }) /
+             2;
+    };
+    const double p_small = ping_pong(small);
+    const double p_large = ping_pong(large);
+    fit(small, p_small, large, p_large, machine.p2p_latency, machine.p2p_bandwidth);
+  } catch (const dtrain::InvalidArgument& e) {
+    if (world->rank() == 0) std::cerr << "strategy_profile: " << e.what() << "\n";
+    fitted = 0;
+  }
+  if (!fitted) return 1;
+  machine.cores = cores;
+  char description[256];
+  std::snprintf(description, sizeof(description),
+                "measured by strategy_profile on %d ranks, %d core(s); layers on 1 rank with %d "
+                "thread(s), microbatch %d",
+                n, cores, threads, microbatch);
+  profile.machine_description = description;
+  if (world->rank() == 0) {
+    std::ofstream out(out_path);
+    out << dtrain::plan::profile_to_json(profile);
+    if (!out.good()) {
+      std::cerr << "strategy_profile: cannot write " << out_path << "\n";
+      return 2;
+    }
+    std::printf("%s: %zu layers, all-reduce %.1f us + %.2f GB/s, p2p %.1f us + %.2f GB/s -> %s\n",
+                model_name.c_str(), profile.model.layers.size(), machine.all_reduce_latency * 1e6,
+                machine.all_reduce_bandwidth / 1e9, machine.p2p_latency * 1e6,
+                machine.p2p_bandwidth / 1e9, out_path.c_str());
+  }
+  return 0;
+}
