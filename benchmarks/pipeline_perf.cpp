@@ -18,11 +18,17 @@
 // memory: stages of elementwise layers whose boundary tensor is --act-mib per
 // microbatch; the peak heap bytes in use (glibc, after each action) above the
 // step's start, per rank, for GPipe and 1F1B, with and without releasing sent
-// outputs.
+// outputs, and with deallocation but without posting receives ahead
+// (PipelineOptions::receive_ahead; "ahead" column), the engine before it.
 //
 // throughput: an MLP at equal global batch: pp = 2 with 1F1B and m
 // microbatches against dp = 2 with DistributedDataParallel, rounds
-// alternating, samples per second.
+// alternating, samples per second; then per rank where a step's time went
+// (ms per step, over all timed steps): pp_step = the engine's step,
+// pp_compute its F/B time, pp_wait the compute actions' waits for their
+// input, pp_rest the remainder (posting messages, waiting for sends at the
+// end, bookkeeping); dp_compute forward + backward, dp_sync DDP's wait for
+// its all-reduce; *_opt the optimizer.
 //
 // compute: the bubble of GPipe and 1F1B with stages that compute (--layers
 // Linear + ReLU layers of --width per stage, --rows rows per microbatch, one
@@ -243,8 +249,8 @@ void memory_table(std::shared_ptr<dtrain::collectives::Communicator> world, doub
   if (world->rank() == 0) {
     std::printf("# memory: p = %d, m = %d, %.1f MiB per microbatch at each stage boundary\n", p, m,
                 act_bytes / (1 << 20));
-    std::printf("%-8s %-8s %5s %14s %14s %14s\n", "schedule", "dealloc", "rank", "peak_MiB",
-                "sent_MiB", "released_MiB");
+    std::printf("%-8s %-8s %-6s %5s %14s %14s %14s\n", "schedule", "dealloc", "ahead", "rank",
+                "peak_MiB", "sent_MiB", "released_MiB");
   }
   torch::nn::Sequential model;
   for (int s = 0; s < p; ++s) {
@@ -255,10 +261,13 @@ void memory_table(std::shared_ptr<dtrain::collectives::Communicator> world, doub
   const auto layers = layers_of(model);
   const auto partition = partition_uniform(static_cast<int>(layers.size()), p);
   const torch::Tensor x = torch::randn({rows * m, features});
-  double peak[2][2] = {{0, 0}, {0, 0}};  // [gpipe?][dealloc?] on this rank
+  double peak[2][2] = {{0, 0}, {0, 0}};  // [gpipe?][dealloc?] on this rank, receiving ahead
+  double peak_not_ahead[2] = {0, 0};     // [gpipe?] deallocating, not receiving ahead
   for (ScheduleKind kind : {ScheduleKind::kGPipe, ScheduleKind::kOneFOneB}) {
-    for (bool dealloc : {true, false}) {
+    for (const auto& [dealloc, ahead] :
+         {std::pair<bool, bool>{true, true}, {false, true}, {true, false}}) {
       PipelineOptions options;
+      options.receive_ahead = ahead;
       options.schedule.kind = kind;
       options.schedule.num_microbatches = m;
       options.stage_input_shapes = stage_input_shapes(layers, partition, x.narrow(0, 0, 1));
@@ -274,12 +283,13 @@ void memory_table(std::shared_ptr<dtrain::collectives::Communicator> world, doub
         best =
             std::min(best, static_cast<double>(stats.peak_heap_bytes - stats.heap_bytes_at_start));
       }
-      peak[kind == ScheduleKind::kGPipe][dealloc] = best;
+      (ahead ? peak[kind == ScheduleKind::kGPipe][dealloc]
+             : peak_not_ahead[kind == ScheduleKind::kGPipe]) = best;
       for (int r = 0; r < p; ++r) {
         world->barrier()->wait();
         if (r != world->rank()) continue;
-        std::printf("%-8s %-8s %5d %14.1f %14.1f %14.1f\n", schedule_kind_name(kind),
-                    dealloc ? "on" : "off", r, best / (1 << 20),
+        std::printf("%-8s %-8s %-6s %5d %14.1f %14.1f %14.1f\n", schedule_kind_name(kind),
+                    dealloc ? "on" : "off", ahead ? "on" : "off", r, best / (1 << 20),
                     stats.sent_output_bytes / double(1 << 20),
                     stats.deallocated_bytes / double(1 << 20));
         std::fflush(stdout);
@@ -291,9 +301,11 @@ void memory_table(std::shared_ptr<dtrain::collectives::Communicator> world, doub
     if (r != world->rank()) continue;
     std::printf(
         "rank %d: gpipe - 1f1b peak = %.1f MiB (0.8 (m-p) x activation = %.1f MiB); "
-        "deallocation saved %.1f MiB in gpipe, %.1f MiB in 1f1b\n",
+        "deallocation saved %.1f MiB in gpipe, %.1f MiB in 1f1b (%.1f, %.1f without receiving "
+        "ahead)\n",
         r, (peak[1][1] - peak[0][1]) / (1 << 20), 0.8 * (m - p) * act_bytes / (1 << 20),
-        (peak[1][0] - peak[1][1]) / (1 << 20), (peak[0][0] - peak[0][1]) / (1 << 20));
+        (peak[1][0] - peak[1][1]) / (1 << 20), (peak[0][0] - peak[0][1]) / (1 << 20),
+        (peak[1][0] - peak_not_ahead[1]) / (1 << 20), (peak[0][0] - peak_not_ahead[0]) / (1 << 20));
     std::fflush(stdout);
   }
 }
@@ -384,12 +396,31 @@ void throughput_table(std::shared_ptr<dtrain::collectives::Communicator> world, 
   const torch::Tensor xl = x.narrow(0, world->rank() * local, local);
   const torch::Tensor yl = y.narrow(0, world->rank() * local, local);
 
+  // Where the time goes, summed over the timed steps of all rounds, per rank:
+  // pp: the engine's step, its F/B compute, the waits of compute actions for
+  // their input, the optimizer; dp: forward + backward, DDP's synchronize,
+  // the optimizer.
+  double pp_step = 0, pp_compute = 0, pp_wait = 0, pp_opt = 0;
+  double dp_compute = 0, dp_sync = 0, dp_opt = 0;
+  int pp_steps = 0, dp_steps = 0;
+  bool timed = false;
   auto time_pp = [&](int steps) {
     world->barrier()->wait();
     const double start = now_seconds();
     for (int i = 0; i < steps; ++i) {
+      const double t0 = now_seconds();
       engine.step(x, y, ce_loss);
+      const double t1 = now_seconds();
       pp_sgd.step();
+      if (!timed) continue;
+      pp_step += t1 - t0;
+      pp_opt += now_seconds() - t1;
+      for (const ActionRecord& r : engine.last_trace()) {
+        if (!r.action.is_compute()) continue;
+        pp_compute += r.end_seconds - r.start_seconds;
+        pp_wait += r.wait_seconds;
+      }
+      ++pp_steps;
     }
     world->barrier()->wait();
     return now_seconds() - start;
@@ -398,10 +429,18 @@ void throughput_table(std::shared_ptr<dtrain::collectives::Communicator> world, 
     world->barrier()->wait();
     const double start = now_seconds();
     for (int i = 0; i < steps; ++i) {
+      const double t0 = now_seconds();
       ddp.zero_grad();
       ce_loss(dp_model->forward(xl), yl).backward();
+      const double t1 = now_seconds();
       ddp.synchronize();
+      const double t2 = now_seconds();
       dp_sgd.step();
+      if (!timed) continue;
+      dp_compute += t1 - t0;
+      dp_sync += t2 - t1;
+      dp_opt += now_seconds() - t2;
+      ++dp_steps;
     }
     world->barrier()->wait();
     return now_seconds() - start;
@@ -413,13 +452,29 @@ void throughput_table(std::shared_ptr<dtrain::collectives::Communicator> world, 
                 global_batch, m);
     std::printf("%5s %14s %14s %8s\n", "round", "pp_samples/s", "dp_samples/s", "pp/dp");
   }
+  timed = true;
   for (int r = 0; r < rounds; ++r) {
     const double tp = time_pp(iters);
     const double td = time_dp(iters);
     if (world->rank() == 0) {
       std::printf("%5d %14.1f %14.1f %8.3f\n", r, iters * global_batch / tp,
                   iters * global_batch / td, td / tp);
+      std::fflush(stdout);
     }
+  }
+  // Per rank, ms per step.
+  for (int r = 0; r < n; ++r) {
+    world->barrier()->wait();
+    if (r != world->rank()) continue;
+    if (r == 0) {
+      std::printf("%4s %9s %10s %8s %8s %8s | %10s %8s %8s\n", "rank", "pp_step", "pp_compute",
+                  "pp_wait", "pp_rest", "pp_opt", "dp_compute", "dp_sync", "dp_opt");
+    }
+    const double ps = pp_steps > 0 ? 1e3 / pp_steps : 0, ds = dp_steps > 0 ? 1e3 / dp_steps : 0;
+    std::printf("%4d %9.2f %10.2f %8.2f %8.2f %8.2f | %10.2f %8.2f %8.2f\n", r, pp_step * ps,
+                pp_compute * ps, pp_wait * ps, (pp_step - pp_compute - pp_wait) * ps, pp_opt * ps,
+                dp_compute * ds, dp_sync * ds, dp_opt * ds);
+    std::fflush(stdout);
   }
 }
 

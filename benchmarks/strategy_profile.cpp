@@ -172,6 +172,7 @@ int main(int argc, char** argv) {
   profile.model.unit = "images";
   profile.model.optimizer_states = optimizer_states;
   profile.model.limits.layers = static_cast<int>(profile.model.layers.size());
+  profile.model.limits.zero_with_pp = true;  // dtrain-resnet --zero with --pp: ZeRO-1 per stage
 
   const int n = world->size();
   const std::size_t small = 4 << 10, large = 16 << 20;

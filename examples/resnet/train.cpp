@@ -248,9 +248,6 @@ Config parse_config(cxxopts::ParseResult& p) {
       c.pp_cuts.push_back(cut);
     }
   }
-  DTRAIN_CHECK_ARG(!(c.pipeline() && c.zero),
-                   "--zero is not available with --pp or --microbatches: each pipeline stage "
-                   "averages its gradients with DDP over the data-parallel ranks");
   DTRAIN_CHECK_ARG(!(c.pp > 1 && c.device == "cuda"), "--pp ", c.pp,
                    " runs on --device cpu only (the stages' messages go over MPI)");
   DTRAIN_CHECK_ARG(c.device != "cuda" || DTRAIN_HAVE_NCCL,
@@ -412,6 +409,7 @@ class ResNetProgram : public train::TrainingProgram {
       train::PipelineParallelOptions po;
       po.schedule = schedule_options(run.context->pp_size());
       po.ddp = ddp;
+      po.zero = c_.zero;  // ZeRO-1 per stage instead of DDP
       po.seed = c_.seed;
       auto layers = model->layers();
       const auto partition = partition_of(layers, po.schedule);

@@ -85,6 +85,10 @@ PipelineParallel::PipelineParallel(std::vector<pl::Layer> layers,
   DTRAIN_CHECK_ARG(objective_.loss && objective_.loss_sum && objective_.correct,
                    "PipelineParallel needs an Objective with loss, loss_sum and correct");
   options_.validate(context_->pp_size());
+  DTRAIN_CHECK_ARG(!options_.zero || context_->tp_size() == 1, "ZeRO-1 per pipeline stage with tp ",
+                   context_->tp_size(),
+                   " is not supported (nor in DataParallel): use DDP per stage (zero = false) "
+                   "with tensor parallelism");
   stage_input_shapes_ = pl::stage_input_shapes(layers_, partition, sample_input);
 
   pl::PipelineOptions engine_options;
@@ -93,8 +97,16 @@ PipelineParallel::PipelineParallel(std::vector<pl::Layer> layers,
   engine_options.stage_input_shapes = stage_input_shapes_;
   engine_options.ddp = options_.ddp;
   engine_options.activation_dtype = options_.activation_dtype;
+  if (options_.zero) engine_options.dp_reduction = pl::DataParallelReduction::kNone;
   engine_ = std::make_unique<pl::PipelineEngine>(layers_, partition, *context_, engine_options);
-  optimizer_ = make_optimizer(engine_->parameters());
+  if (options_.zero) {
+    for (int s : engine_->stage_ids()) {
+      zero_.push_back(std::make_unique<parallel::ZeroRedundancyOptimizer>(
+          engine_->stage(s).ptr(), context_->dp(), make_optimizer));
+    }
+  } else {
+    optimizer_ = make_optimizer(engine_->parameters());
+  }
   rng_ = std::make_unique<parallel::RngStreams>(*context_, options_.seed, sample_input.device());
   const auto& schedule = engine_->schedule();
   holds_last_stage_ = schedule.rank_of_stage(schedule.num_stages() - 1) == context_->pp_rank();
@@ -111,11 +123,23 @@ std::string PipelineParallel::name() const {
   const auto& s = engine_->schedule();
   return "pipeline " + s.name + " (pp " + std::to_string(context_->pp_size()) + ", " +
          std::to_string(s.num_stages()) + " stages, " + std::to_string(s.num_microbatches) +
-         " microbatches)" + (context_->dp_size() > 1 ? " + DDP per stage" : "");
+         " microbatches)" +
+         (options_.zero             ? " + ZeRO-1 per stage"
+          : context_->dp_size() > 1 ? " + DDP per stage"
+                                    : "");
+}
+
+torch::optim::Optimizer& PipelineParallel::optimizer() {
+  return zero_.empty() ? *optimizer_ : zero_.front()->optimizer();
 }
 
 void PipelineParallel::set_lr(double lr) {
-  for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
+  for (auto& zero : zero_) {
+    for (auto& group : zero->optimizer().param_groups()) group.options().set_lr(lr);
+  }
+  if (optimizer_) {
+    for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
+  }
 }
 
 StepResult PipelineParallel::train_step(Batch& batch, const StepInfo& info) {
@@ -130,7 +154,11 @@ StepResult PipelineParallel::train_step(Batch& batch, const StepInfo& info) {
   const auto t2 = Clock::now();
   const SystemTime s2 = SystemClock::now();
   const double steady_at_s2 = steady_seconds();
-  optimizer_->step();
+  if (zero_.empty()) {
+    optimizer_->step();
+  } else {
+    for (auto& zero : zero_) zero->step();  // the stage's reduce-scatter, update, all-gather
+  }
   const auto t3 = Clock::now();
   const SystemTime s3 = SystemClock::now();
 
@@ -238,22 +266,32 @@ ReportSums PipelineParallel::eval_step(Batch& batch) {
 
 checkpoint::StateDict PipelineParallel::state_dict() const {
   checkpoint::StateDict state;
-  for (int s : engine_->stage_ids()) {
+  for (std::size_t k = 0; k < engine_->stage_ids().size(); ++k) {
+    const int s = engine_->stage_ids()[k];
     const pl::PipelineStage stage = engine_->stage(s);
     const parallel::ModuleLayout layout = stage_layout(*stage, s, tied_);
     checkpoint::add_module(state, *stage, layout);
-    checkpoint::add_optimizer(state, *optimizer_, *stage, layout);
+    if (zero_.empty()) {
+      checkpoint::add_optimizer(state, *optimizer_, *stage, layout);
+    } else {
+      checkpoint::add_zero_optimizer(state, *zero_[k], layout);
+    }
   }
   checkpoint::add_rng_streams(state, *rng_);
   return state;
 }
 
 void PipelineParallel::load_state(const checkpoint::Checkpoint& checkpoint) {
-  for (int s : engine_->stage_ids()) {
+  for (std::size_t k = 0; k < engine_->stage_ids().size(); ++k) {
+    const int s = engine_->stage_ids()[k];
     pl::PipelineStage stage = engine_->stage(s);
     const parallel::ModuleLayout layout = stage_layout(*stage, s, tied_);
     checkpoint::load_module(checkpoint, *stage, layout);
-    checkpoint::load_optimizer(checkpoint, *optimizer_, *stage, layout);
+    if (zero_.empty()) {
+      checkpoint::load_optimizer(checkpoint, *optimizer_, *stage, layout);
+    } else {
+      checkpoint::load_zero_optimizer(checkpoint, *zero_[k], layout);
+    }
   }
   checkpoint::load_rng_streams(checkpoint, *rng_);
 }

@@ -518,15 +518,17 @@ def case_pp_kill_rank():
 def case_pp_resplit():
     """A checkpoint of pp 2 resumes as pp 1 (gradient accumulation over the
     same 4 microbatches) and as plain DDP, and a DDP checkpoint resumes at
-    pp 2: the names are those of the whole model."""
+    pp 2: the names are those of the whole model. On 4 ranks (dp 2 x pp 2),
+    a run with ZeRO-1 per stage (--zero) resumes."""
     mpirun = os.path.join(os.path.dirname(LAUNCH), "dtrain-mpirun")
-    for name, first, second in (("pp-to-pp1", PP, ["--microbatches", "4"]),
-                                ("pp-to-ddp", PP, []),
-                                ("ddp-to-pp", [], PP)):
+    for name, ranks, first, second in (("pp-to-pp1", 2, PP, ["--microbatches", "4"]),
+                                       ("pp-to-ddp", 2, PP, []),
+                                       ("ddp-to-pp", 2, [], PP),
+                                       ("pp-zero", 4, PP + ["--zero"], PP + ["--zero"])):
         out = fresh(name)
-        if run([mpirun, "-n", "2"] + trainer_args(out, 4, first)).returncode != 0:
+        if run([mpirun, "-n", str(ranks)] + trainer_args(out, 4, first)).returncode != 0:
             fail(f"{name}: the first run failed")
-        p = run([mpirun, "-n", "2"] + trainer_args(out, 8, second))
+        p = run([mpirun, "-n", str(ranks)] + trainer_args(out, 8, second))
         if p.returncode != 0 or "resuming at step 4" not in p.stdout:
             fail(f"{name}: the second run did not resume at step 4")
         if 8 not in steps_of(out + "/checkpoints"):
@@ -556,7 +558,6 @@ def case_pp_bad_input():
                      ranks=2)
     expect_bad_input(base + ["--pp-partition", "4,x"], "--pp-partition '4,x' is not")
     expect_bad_input(base + ["--pp-schedule", "pipedream"], "unknown --pp-schedule 'pipedream'")
-    expect_bad_input(base + ["--pp", "2", "--zero"], "--zero is not available with --pp")
     expect_bad_input(base + ["--pp-stages-per-rank", "2"], "needs --pp-schedule interleaved")
 
 

@@ -8,6 +8,9 @@
 //  * a checkpoint written at pp = 2 loads at pp = 1 and (4 ranks) at pp = 4:
 //    every parameter, buffer and momentum buffer equal to the saved global
 //    tensor, and one more step equal to pp = 2 continuing;
+//  * ZeRO-1 per stage at pp 2 x dp 2: losses, parameters and buffers bitwise equal
+//    to DDP per stage after 3 steps; its checkpoint resumes under ZeRO-1
+//    and under DDP with the next step equal to the uninterrupted run's;
 //  * bad options refused before any communication.
 
 #include <gtest/gtest.h>
@@ -53,9 +56,10 @@ torch::nn::Sequential make_model() {
 
 std::unique_ptr<PipelineParallel> make_strategy(
     std::shared_ptr<const parallel::ParallelContext> ctx, pl::ScheduleKind kind,
-    int stages_per_rank = 1, int microbatches = kMicrobatches) {
+    int stages_per_rank = 1, int microbatches = kMicrobatches, bool zero = false) {
   auto layers = pl::layers_of(make_model(), "net");
   PipelineParallelOptions o;
+  o.zero = zero;
   o.schedule.kind = kind;
   o.schedule.num_microbatches = microbatches;
   o.schedule.stages_per_rank = stages_per_rank;
@@ -262,6 +266,59 @@ TEST(PipelineStrategy, ACheckpointAtPp2ResumesAtPp1AndPp4) {
       if (after.count(name)) {
         EXPECT_TRUE(torch::equal(tensor, after.at(name))) << name;
       }
+    }
+  }
+}
+
+// pp 2 x dp 2: parameters and BatchNorm buffers (both copy dp rank 0's
+// buffers to the other replica in each step).
+TEST(PipelineStrategy, ZeroPerStageEqualsDdpPerStageAndResumes) {
+  if (world().size() != 4) GTEST_SKIP() << "needs 4 ranks (pp 2 x dp 2)";
+  const std::string dir = dtrain::testing::shared_temp_dir(world(), "dtrain-pp-zero-ckpt");
+  auto zero_ctx = context("pp-zero", 2);
+  auto zero = make_strategy(zero_ctx, pl::ScheduleKind::kOneFOneB, 1, kMicrobatches, true);
+  auto ddp = make_strategy(context("pp-ddp", 2), pl::ScheduleKind::kOneFOneB);
+  EXPECT_NE(zero->name().find("ZeRO-1"), std::string::npos) << zero->name();
+  zero->set_training(true);
+  ddp->set_training(true);
+  const int dp_rank = zero_ctx->dp_rank();
+  StepInfo info;
+  const auto batch = [&](int step) { return make_batch(10 * step + dp_rank); };
+  for (int step = 0; step < kSteps; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    info.step = step;
+    Batch a = batch(step);
+    Batch b = batch(step);
+    const StepResult rz = zero->train_step(a, info);
+    const StepResult rd = ddp->train_step(b, info);
+    EXPECT_EQ(rz.local_loss, rd.local_loss);
+    const auto pd = tensors_of(*ddp);
+    for (const auto& [name, tensor] : tensors_of(*zero)) {
+      EXPECT_TRUE(torch::equal(tensor, pd.at(name))) << name;
+    }
+    if (step == 1) {  // a checkpoint after 2 steps
+      checkpoint::CheckpointOptions co;
+      co.directory = dir;
+      co.async = false;
+      co.fsync = false;
+      checkpoint::CheckpointManager manager(co, *zero_ctx);
+      manager.save(2, zero->state_dict());
+    }
+  }
+  const auto after = tensors_of(*zero);
+  const auto ckpt = checkpoint::Checkpoint::open(dir + "/step-000000002");
+  // Resumed under ZeRO-1 and under DDP: the third step equals the run's.
+  for (bool resume_zero : {true, false}) {
+    SCOPED_TRACE(resume_zero ? "resumed under ZeRO-1" : "resumed under DDP");
+    auto s = make_strategy(context("pp-zero-resume", 2), pl::ScheduleKind::kOneFOneB, 1,
+                           kMicrobatches, resume_zero);
+    s->load_state(ckpt);
+    s->set_training(true);
+    Batch b = batch(2);
+    info.step = 2;
+    s->train_step(b, info);
+    for (const auto& [name, tensor] : tensors_of(*s)) {
+      EXPECT_TRUE(torch::equal(tensor, after.at(name))) << name;
     }
   }
 }

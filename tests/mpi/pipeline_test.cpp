@@ -8,7 +8,8 @@
 //    batch, an uneven one (a short last microbatch), m < p and m = 1 where
 //    the schedule takes them;
 //  * against one process on the full batch: relative error <= 1e-6;
-//  * pp 2 x dp 2 against one process on the full batch;
+//  * pp 2 x dp 2 against one process that accumulates each replica's
+//    microbatches and averages the replicas (bitwise), and on the full batch;
 //  * a stage whose output shape is not what the next stage declared: a
 //    CommError naming both shapes on both ranks of the pair, not a hang;
 //  * tied first/last weights: both copies bitwise equal after every step
@@ -131,6 +132,36 @@ struct Reference {
       losses.push_back(l.detach());
     }
   }
+  // Data parallel over `dp` replicas, replica r holding samples
+  // [r * replica_batch, (r + 1) * replica_batch) of the batch: each replica's
+  // microbatches accumulate as in backward(), then the replicas' gradients
+  // are summed in replica order and divided by dp, as the dp all-reduce
+  // (ReduceOp::kAvg) does. `losses` keeps replica `mine`'s microbatch losses.
+  void backward_replicated(const Batch& batch, int dp, int mine,
+                           const std::vector<std::int64_t>& sizes) {
+    const std::int64_t replica_batch = batch.x.size(0) / dp;
+    std::vector<torch::Tensor> sums;
+    std::vector<torch::Tensor> my_losses;
+    for (int r = 0; r < dp; ++r) {
+      backward({batch.x.narrow(0, r * replica_batch, replica_batch),
+                batch.y.narrow(0, r * replica_batch, replica_batch)},
+               sizes);
+      if (r == mine) my_losses = losses;
+      const auto params = model->parameters();
+      for (std::size_t i = 0; i < params.size(); ++i) {
+        if (r == 0) {
+          sums.push_back(params[i].grad().clone());
+        } else {
+          sums[i] += params[i].grad();
+        }
+      }
+    }
+    const auto params = model->parameters();
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      params[i].mutable_grad().copy_(sums[i] / static_cast<double>(dp));
+    }
+    losses = my_losses;
+  }
   void step() { sgd.step(); }
   torch::Tensor param(const std::string& name) {
     const auto named = model->named_parameters();
@@ -159,7 +190,8 @@ std::string describe(const Case& c, int pp, int dp) {
 }
 
 // Runs kSteps steps of `c` on a pp x dp layout of a fresh world and compares
-// with the references. `bitwise`: against the accumulating reference (dp = 1).
+// with the references. `bitwise`: against the accumulating reference (with
+// dp > 1, each replica's accumulation, then their average).
 // Adds the bytes of sent outputs this rank deallocated to `deallocated`.
 void run_case(const Case& c, int pp, torch::nn::Sequential (*model_fn)(), bool bitwise, int classes,
               std::size_t* deallocated = nullptr) {
@@ -194,7 +226,13 @@ void run_case(const Case& c, int pp, torch::nn::Sequential (*model_fn)(), bool b
     const PipelineStepResult result = engine.step(x, y, loss_fn);
     if (deallocated) *deallocated += engine.last_stats().deallocated_bytes;
     full.backward(global, {});
-    if (bitwise) accumulating.backward(global, sizes);
+    if (bitwise) {
+      if (dp == 1) {
+        accumulating.backward(global, sizes);
+      } else {
+        accumulating.backward_replicated(global, dp, ctx.dp_rank(), sizes);
+      }
+    }
 
     if (ctx.is_last_stage()) {
       ASSERT_TRUE(result.loss.defined());
@@ -265,10 +303,15 @@ TEST(PipelineEngineTest, EveryScheduleMatchesOneProcessWithAccumulationBitwise) 
   }
 }
 
+// pp 2 x dp 2: against one process that runs each replica's microbatches
+// in order with gradient accumulation and averages the two replicas'
+// gradients, bitwise (with two replicas the all-reduce's sum is one
+// addition, the same on both, and the division by 2 is exact); against one
+// process on the full batch within 1e-6.
 TEST(PipelineEngineTest, PipelineTimesDataParallelMatchesOneProcess) {
   if (world().size() != 4) GTEST_SKIP() << "needs 4 ranks (pp 2 x dp 2)";
   for (const Case& c : cases_for(2)) {
-    run_case(c, /*pp=*/2, &make_model, /*bitwise=*/false, kClasses);
+    run_case(c, /*pp=*/2, &make_model, /*bitwise=*/true, kClasses);
   }
 }
 
@@ -314,7 +357,47 @@ TEST(PipelineEngineTest, TiedFirstAndLastWeightsStayEqual) {
   }
 }
 
-TEST(PipelineEngineTest, ShapeMismatchIsACommErrorOnBothRanks) {
+TEST(PipelineEngineTest, ReceivesOfActivationsArePostedAhead) {
+  const int p = world().size();
+  if (p < 2) GTEST_SKIP() << "needs 2 ranks";
+  auto comm = fresh_world("pipeline-ahead");
+  ParallelContext ctx(comm, 1, p);
+  torch::nn::Sequential model = make_model();
+  const auto layers = layers_of(model);
+  const auto partition = partition_uniform(static_cast<int>(layers.size()), p);
+  PipelineOptions options;
+  options.schedule.kind = ScheduleKind::kGPipe;
+  options.schedule.num_microbatches = 4;
+  options.stage_input_shapes = stage_input_shapes(layers, partition, torch::zeros({1, kFeatures}));
+  PipelineEngine engine(layers, partition, ctx, options);
+  engine.step(torch::randn({16, kFeatures}), torch::randint(0, kClasses, {16}, torch::kLong),
+              loss_fn);
+  // GPipe's last stage receives only activations until its first backward:
+  // all its receives are posted before its first forward runs (the schedule
+  // lists each right before its forward), so the previous stage's sends do
+  // not wait for this rank's forwards.
+  if (ctx.is_last_stage()) {
+    double first_forward = -1;
+    int receives = 0;
+    for (const ActionRecord& r : engine.last_trace()) {
+      if (r.action.kind == ActionKind::kForward && first_forward < 0) {
+        first_forward = r.start_seconds;
+      }
+    }
+    for (const ActionRecord& r : engine.last_trace()) {
+      if (r.action.kind != ActionKind::kRecvActivation) continue;
+      ++receives;
+      EXPECT_LE(r.start_seconds, first_forward) << r.action.to_string() << " posted after F";
+    }
+    EXPECT_EQ(receives, 4);
+  }
+  comm->barrier()->wait();
+}
+
+// With 1F1B and with GPipe, whose last stage posts its receives ahead.
+class ShapeMismatchTest : public ::testing::TestWithParam<ScheduleKind> {};
+
+TEST_P(ShapeMismatchTest, IsACommErrorOnBothRanks) {
   const int n = world().size();
   if (n < 2 || n % 2 != 0) GTEST_SKIP() << "needs an even number of ranks";
   // pp 2 (x dp n/2): stage 1 declares 25 features, stage 0 sends 24.
@@ -324,6 +407,7 @@ TEST(PipelineEngineTest, ShapeMismatchIsACommErrorOnBothRanks) {
   const auto layers = layers_of(model);
   const auto partition = partition_at(static_cast<int>(layers.size()), {3});
   PipelineOptions options;
+  options.schedule.kind = GetParam();
   options.schedule.num_microbatches = 2;
   options.stage_input_shapes = {{kFeatures}, {25}};
   PipelineEngine engine(layers, partition, ctx, options);
@@ -346,6 +430,12 @@ TEST(PipelineEngineTest, ShapeMismatchIsACommErrorOnBothRanks) {
   EXPECT_THROW(engine.step(torch::randn({8, kFeatures}), torch::zeros({8}, torch::kLong), loss_fn),
                Error);
 }
+
+INSTANTIATE_TEST_SUITE_P(PipelineEngineTest, ShapeMismatchTest,
+                         ::testing::Values(ScheduleKind::kOneFOneB, ScheduleKind::kGPipe),
+                         [](const auto& info) {
+                           return info.param == ScheduleKind::kGPipe ? "GPipe" : "OneFOneB";
+                         });
 
 TEST(PipelineEngineTest, RefusedSchedulesFailBeforeAnythingRuns) {
   const int p = world().size();

@@ -9,7 +9,10 @@
 // group) read the same samples; the first stage feeds the images in, the
 // last one scores them against the labels. With dp > 1, each stage is wrapped
 // in DistributedDataParallel over the dp communicator, and its all-reduce
-// starts at the stage's reduce action (its last backward of the step).
+// starts at the stage's reduce action (its last backward of the step); or,
+// with `zero`, each stage has a ZeroRedundancyOptimizer over the dp
+// communicator (ZeRO-1: the stage's optimizer state sharded over its
+// replicas), which reduces the stage's gradients in the optimizer step.
 //
 //   auto layers = model->layers();   // global names: "stem.0", "layer1.0", ..., "fc"
 //   train::PipelineParallelOptions o;
@@ -58,9 +61,13 @@
 // together, their collectives inside the stages' forward and backward.
 // Checkpoints place the tp blocks as the layers say (stage_layout).
 //
-// Limits: ZeRO-1 is not available per stage (the engine wraps each stage in
-// DDP); messages go over the context's pp communicator, which is MPI, so
-// the stages run on CPU tensors.
+// Under ZeRO-1 the checkpoint holds each rank's share of the optimizer state
+// per global parameter (checkpoint::add_zero_optimizer), so it resumes at
+// another dp size, under DDP, or another split, like the DDP one.
+//
+// Limits: messages go over the context's pp communicator, which is MPI, so
+// the stages run on CPU tensors; ZeRO-1 with tp > 1 is refused
+// (InvalidArgument), as in DataParallel.
 //
 // Construction is collective over the context's pp communicator and, with
 // dp > 1, its dp communicator. Calls come from one thread.
@@ -84,6 +91,7 @@
 #include "dtrain/parallel/pipeline/partition.h"
 #include "dtrain/parallel/placement.h"
 #include "dtrain/parallel/rng.h"
+#include "dtrain/parallel/zero_optimizer.h"
 #include "dtrain/train/strategy.h"
 
 namespace dtrain::train {
@@ -94,6 +102,9 @@ struct PipelineParallelOptions {
   parallel::pipeline::ScheduleOptions schedule;
   /// DDP of each stage over the dp axis (dp > 1).
   parallel::DdpOptions ddp;
+  /// ZeRO-1 per stage instead of DDP: one ZeroRedundancyOptimizer per stage
+  /// of this rank over the dp communicator (any dp size).
+  bool zero = false;
   /// Seed of the tensor-parallel RNG streams (RngStreams), checkpointed
   /// with the rank stream.
   std::uint64_t seed = 0;
@@ -135,7 +146,9 @@ class PipelineParallel : public Strategy {
   checkpoint::StateDict state_dict() const override;
   void load_state(const checkpoint::Checkpoint& checkpoint) override;
 
-  torch::optim::Optimizer& optimizer() { return *optimizer_; }
+  /// The optimizer; under ZeRO-1, the wrapped optimizer of this rank's
+  /// first stage (each stage has its own).
+  torch::optim::Optimizer& optimizer();
   parallel::pipeline::PipelineEngine& engine() { return *engine_; }
 
  private:
@@ -146,7 +159,9 @@ class PipelineParallel : public Strategy {
   std::vector<std::vector<std::int64_t>> stage_input_shapes_;
   std::vector<parallel::pipeline::TiedParameter> tied_;
   std::unique_ptr<parallel::pipeline::PipelineEngine> engine_;
-  std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  std::unique_ptr<torch::optim::Optimizer> optimizer_;  // DDP (or dp = 1)
+  // ZeRO-1: one per stage of this rank, in stage_ids() order.
+  std::vector<std::unique_ptr<parallel::ZeroRedundancyOptimizer>> zero_;
   std::unique_ptr<parallel::RngStreams> rng_;
   std::shared_ptr<collectives::Communicator> eval_comm_;  // forward-only messages
   // One tag per (stage boundary, batch size): a channel carries one shape.

@@ -102,6 +102,26 @@ struct PipelineEngine::Impl {
   std::map<std::pair<int, int>, int> channels_per_link;
   bool failed = false;
 
+  // This rank's batches as the list forms them (maximal runs of send/recv
+  // actions), for posting receives ahead (PipelineOptions::receive_ahead).
+  struct PlannedBatch {
+    int first = 0;             // index of its first action in the rank's list
+    int end = 0;               // one past its last
+    int activation_recvs = 0;  // recvF actions in it
+    bool receives_activations_only = false;
+  };
+  std::vector<PlannedBatch> plan;
+  std::vector<int> plan_of_action;  // index into `plan`, -1 for other actions
+  int peak_stored = 0;              // the simulator's peak stored (stage, microbatch) pairs
+
+  // Per step: receives posted ahead.
+  std::vector<bool> plan_posted;
+  int next_unposted = 0;          // first batch of `plan` not posted yet
+  int pending_plan = -1;          // the batch of `pending_ops`
+  std::vector<double> posted_at;  // per action of the list: when its batch was posted
+  int stored = 0;                 // (stage, microbatch) pairs between F and their last backward
+  int awaiting_forward = 0;       // activations received (or being) whose F has not started
+
   // Per step.
   std::vector<std::vector<Slot>> slots;  // [stage][microbatch]
   std::vector<Batch> batches;
@@ -132,6 +152,11 @@ struct PipelineEngine::Impl {
     batches.push_back(std::move(batch));
     pending_ops.clear();
     pending_text.clear();
+    if (pending_plan >= 0) {
+      plan_posted[static_cast<std::size_t>(pending_plan)] = true;
+      next_unposted = std::max(next_unposted, pending_plan + 1);
+      pending_plan = -1;
+    }
   }
 
   void wait_batch(int index, int pp_rank) {
@@ -175,7 +200,9 @@ PipelineEngine::PipelineEngine(const std::vector<Layer>& layers, const StagePart
   }
   DTRAIN_CHECK_ARG(schedule_.num_ranks == p, "pipeline schedule '", schedule_.name, "' is for ",
                    schedule_.num_ranks, " pipeline ranks but the context has pp = ", p);
-  validate(schedule_);  // the simulator's checks: a rejected list never runs
+  // The simulator's checks (a rejected list never runs), and the peak of
+  // stored activations that bounds the receives posted ahead.
+  const SimulationReport simulated = simulate(schedule_);
   const int num_stages = schedule_.num_stages();
   partition.validate();
   DTRAIN_CHECK_ARG(partition.num_stages() == num_stages, "the partition ", partition.to_string(),
@@ -193,6 +220,24 @@ PipelineEngine::PipelineEngine(const std::vector<Layer>& layers, const StagePart
   Impl& im = *impl_;
   const int me = context_.pp_rank();
   stage_ids_ = schedule_.stages_of_rank(me);
+  im.peak_stored = simulated.ranks[static_cast<std::size_t>(me)].peak_stored;
+  const auto& list = schedule_.actions[static_cast<std::size_t>(me)];
+  im.plan_of_action.assign(list.size(), -1);
+  for (int i = 0; i < static_cast<int>(list.size()); ++i) {
+    const Action& a = list[static_cast<std::size_t>(i)];
+    if (!a.is_communication()) continue;
+    if (i == 0 || !list[static_cast<std::size_t>(i - 1)].is_communication()) {
+      im.plan.push_back({i, i, 0, true});
+    }
+    Impl::PlannedBatch& batch = im.plan.back();
+    batch.end = i + 1;
+    if (a.kind == ActionKind::kRecvActivation) {
+      ++batch.activation_recvs;
+    } else {
+      batch.receives_activations_only = false;
+    }
+    im.plan_of_action[static_cast<std::size_t>(i)] = static_cast<int>(im.plan.size()) - 1;
+  }
   im.stages.resize(static_cast<std::size_t>(num_stages), nullptr);
   im.stage_params.resize(static_cast<std::size_t>(num_stages));
   for (int s : stage_ids_) {
@@ -265,7 +310,7 @@ PipelineEngine::PipelineEngine(const std::vector<Layer>& layers, const StagePart
     set_comms[index]->broadcast(param.detach(), root)->wait();
   }
 
-  if (context_.dp_size() > 1) {
+  if (context_.dp_size() > 1 && options_.dp_reduction == DataParallelReduction::kDdp) {
     im.ddp.resize(static_cast<std::size_t>(num_stages));
     for (int s : stage_ids_) {
       im.ddp[s] = std::make_unique<DistributedDataParallel>(im.stages[s].ptr(), context_.dp(),
@@ -366,6 +411,12 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
   im.pending_ops.clear();
   im.pending_text.clear();
   im.pending_ddp.clear();
+  im.plan_posted.assign(im.plan.size(), false);
+  im.next_unposted = 0;
+  im.pending_plan = -1;
+  im.posted_at.assign(schedule_.actions[static_cast<std::size_t>(me)].size(), 0.0);
+  im.stored = 0;
+  im.awaiting_forward = 0;
   trace_.clear();
   stats_ = PipelineStepStats{};
 
@@ -398,11 +449,63 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
     return shape;
   };
   const auto wire_options = torch::TensorOptions().dtype(options_.activation_dtype);
+  // Adds the receive of an activation to the batch being collected.
+  const auto add_recv_activation = [&](const Action& a) {
+    Impl::Slot& slot = im.slots[a.stage][a.microbatch];
+    torch::Tensor buffer =
+        torch::empty(wire_shape(a.stage, a.microbatch), wire_options);  // fresh each time
+    im.pending_ops.push_back(
+        P2POp::recv(buffer, a.peer, im.tag_for(a.stage - 1, 0, sizes[a.microbatch])));
+    slot.input = buffer.requires_grad_(true);
+    slot.input_batch = static_cast<int>(im.batches.size());  // the batch being collected
+    im.pending_text += (im.pending_text.empty() ? "" : " ") + a.to_string();
+    ++im.awaiting_forward;
+  };
+  // Receives posted ahead (PipelineOptions::receive_ahead): the batches
+  // after action `here` that only receive activations are posted now, in
+  // list order, each as its own batch, up to the first batch that sends or
+  // receives a gradient, while the rank's stored activations and the
+  // received ones waiting for their F stay within the simulator's peak of
+  // stored activations for this rank (so 1F1B keeps its memory bound).
+  // The rank's batches keep their order on its stream and are only posted
+  // earlier, so every batch begins no later than without it and no
+  // deadlock is added; the sender's messages complete as soon as they
+  // arrive, which releases its sent outputs (deallocation) sooner.
+  const auto& my_list = schedule_.actions[static_cast<std::size_t>(me)];
+  const auto post_ahead = [&](int here) {
+    if (!options_.receive_ahead) return;
+    while (im.next_unposted < static_cast<int>(im.plan.size())) {
+      const Impl::PlannedBatch& next = im.plan[static_cast<std::size_t>(im.next_unposted)];
+      if (next.first <= here || !next.receives_activations_only ||
+          im.stored + im.awaiting_forward + next.activation_recvs > im.peak_stored) {
+        return;
+      }
+      im.pending_plan = im.next_unposted;
+      for (int i = next.first; i < next.end; ++i) {
+        add_recv_activation(my_list[static_cast<std::size_t>(i)]);
+        im.posted_at[static_cast<std::size_t>(i)] = now_seconds();
+      }
+      im.flush(pp);
+    }
+  };
 
-  for (const Action& a : schedule_.actions[me]) {
+  for (int index = 0; index < static_cast<int>(my_list.size()); ++index) {
+    const Action& a = my_list[static_cast<std::size_t>(index)];
     ActionRecord record;
     record.action = a;
-    if (!a.is_communication()) im.flush(pp);
+    const int planned = im.plan_of_action[static_cast<std::size_t>(index)];
+    if (planned >= 0 && im.plan_posted[static_cast<std::size_t>(planned)]) {
+      // Posted ahead: already in flight.
+      record.start_seconds = record.end_seconds = im.posted_at[static_cast<std::size_t>(index)];
+      trace_.push_back(record);
+      continue;
+    }
+    if (a.is_communication()) {
+      im.pending_plan = planned;
+    } else {
+      im.flush(pp);
+      post_ahead(index);
+    }
     im.release_completed(me);
     const int s = a.stage;
     const int mb = a.microbatch;
@@ -419,6 +522,8 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
                      " has no input (the schedule passed validation; this is a bug)");
         record.start_seconds = now_seconds();
         record.wait_seconds = record.start_seconds - wait_start;
+        ++im.stored;
+        if (s > 0 && slot.input_batch >= 0) --im.awaiting_forward;
         torch::Tensor out = im.stages[s]->forward(slot.input);
         if (s == num_stages - 1) {
           torch::Tensor l = loss(out, targets[mb]);
@@ -478,6 +583,7 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
           slot.output = torch::Tensor();
           slot.output_grad = torch::Tensor();
           slot.input = torch::Tensor();
+          --im.stored;
         }
         record.end_seconds = now_seconds();
         break;
@@ -512,12 +618,7 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
         break;
       }
       case ActionKind::kRecvActivation: {
-        Impl::Slot& slot = im.slots[s][mb];
-        torch::Tensor buffer = torch::empty(wire_shape(s, mb), wire_options);  // fresh each time
-        im.pending_ops.push_back(P2POp::recv(buffer, a.peer, im.tag_for(s - 1, 0, sizes[mb])));
-        slot.input = buffer.requires_grad_(true);
-        slot.input_batch = static_cast<int>(im.batches.size());  // the batch being collected
-        im.pending_text += (im.pending_text.empty() ? "" : " ") + a.to_string();
+        add_recv_activation(a);
         record.start_seconds = record.end_seconds = now_seconds();
         break;
       }

@@ -50,14 +50,17 @@
 //    its send, the output's storage is released if nothing but the send
 //    and the output hold it (autograd did not save it); the graph stays, and
 //    the memory returns once the send completes. last_stats() counts the
-//    bytes.
+//    bytes. A send completes once the receiver has posted its receive: the
+//    receiver posts receives of activations ahead (receive_ahead), each
+//    its own batch in list order, so that the sender's memory returns as
+//    soon as the message has arrived.
 //  * Tied weights (find_tied_parameters): at construction the first holding
 //    stage's value is copied to the other holders; in each step, once every
 //    holding stage of a rank has passed its reduce action, the copies'
 //    gradients are summed over the holding ranks (their own communicator),
 //    before the data-parallel average. The copies stay bitwise equal.
-//  * Data parallel: with dp > 1 each stage is wrapped in
-//    DistributedDataParallel over the dp communicator. All backward passes
+//  * Data parallel: with dp > 1 (and dp_reduction kDdp, the default) each
+//    stage is wrapped in DistributedDataParallel over the dp communicator. All backward passes
 //    run under no_sync(); the stage's all-reduce starts at its reduce action
 //    (its last backward of the step is done) and is waited at the end of
 //    step(), which leaves the averaged gradients in .grad.
@@ -107,6 +110,17 @@ enum class LossScaling {
   kNone,
 };
 
+/// How the engine reduces each stage's gradients over the dp axis (dp > 1).
+enum class DataParallelReduction {
+  /// Each stage in DistributedDataParallel; its all-reduce starts at the
+  /// stage's reduce action and step() returns averaged gradients.
+  kDdp,
+  /// None: step() returns this replica's gradients (its microbatches summed,
+  /// tied copies summed over their stages) for the caller to reduce, e.g.
+  /// a ZeroRedundancyOptimizer per stage over the dp communicator.
+  kNone,
+};
+
 struct PipelineOptions {
   /// The generated schedule (num_ranks is taken from the context's pp size
   /// and may be left at 1). Ignored when custom_schedule is set.
@@ -123,10 +137,19 @@ struct PipelineOptions {
   LossScaling loss_scaling = LossScaling::kMean;
   /// Release a sent output's storage when nothing else holds it.
   bool deallocate_sent_outputs = true;
+  /// Post the receives of activations ahead of their place in the list:
+  /// the batches that only receive activations, up to the next batch that
+  /// sends or receives a gradient, as long as the stored activations and
+  /// the received ones not yet consumed stay within the schedule's peak
+  /// (the simulator's peak_stored for this rank). The previous stage's
+  /// sends then complete when their messages arrive, not when this rank
+  /// reaches the receive, so their outputs are released sooner.
+  bool receive_ahead = true;
   /// Record the heap bytes in use (glibc mallinfo2) after each action.
   bool record_memory = false;
-  /// For DistributedDataParallel, used when dp > 1.
+  /// For DistributedDataParallel, used when dp > 1 with kDdp.
   DdpOptions ddp;
+  DataParallelReduction dp_reduction = DataParallelReduction::kDdp;
 
   /// Throws InvalidArgument naming the bad value.
   void validate() const;
