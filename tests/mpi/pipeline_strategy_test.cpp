@@ -342,7 +342,24 @@ TEST(PipelineStrategy, RefusesBadOptionsBeforeCommunicating) {
   EXPECT_THROW(PipelineParallel(layers, pl::partition_uniform(kLayers, 2 * world().size()),
                                 torch::zeros({1, kFeatures}), ctx, optimizer, classification(), o),
                InvalidArgument);
-  // Both refusals happened before any message: the context still works.
+  // ZeRO-1 per stage with tp > 1 (as DataParallel refuses it), naming tp.
+  if (world().size() % 2 == 0) {
+    auto tp2 = std::make_shared<const parallel::ParallelContext>(fresh_world("pp-zero-tp"), 2,
+                                                                 world().size() / 2);
+    PipelineParallelOptions z;
+    z.zero = true;
+    z.schedule.num_microbatches = 4;
+    try {
+      PipelineParallel(layers, pl::partition_uniform(kLayers, world().size() / 2),
+                       torch::zeros({1, kFeatures}), tp2, optimizer, classification(), z);
+      ADD_FAILURE() << "ZeRO-1 with tp 2 was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("ZeRO-1 per pipeline stage with tp 2"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  // The refusals happened before any message: the context still works.
   auto t = torch::ones({1});
   ctx->world()->all_reduce(t)->wait();
   EXPECT_EQ(t.item<float>(), world().size());
