@@ -90,6 +90,13 @@ std::string layout_problem(const ModelLimits& model, const SearchSpace& space, c
         << " stage(s) per rank is more stages than the " << model.layers << " layers";
     return why.str();
   }
+  for (std::int64_t x : model.stages_must_divide) {
+    if (x % (l.pp * l.stages_per_rank) != 0) {
+      why << "pp " << l.pp << " x " << l.stages_per_rank << " stage(s) per rank do not divide "
+          << x;
+      return why.str();
+    }
+  }
   const std::int64_t batch = space.global_batch / l.dp;
   if (l.pp == 1) {
     if (l.microbatches != 1 || l.stages_per_rank != 1) {
@@ -214,8 +221,10 @@ std::vector<RejectedLayout> rejected_factorizations(const ModelLimits& model,
 
 void ModelProfile::validate() const {
   DTRAIN_CHECK_ARG(!layers.empty(), "model profile '", name, "' has no layers");
-  DTRAIN_CHECK_ARG(static_cast<int>(layers.size()) == limits.layers, "model profile '", name,
-                   "' has ", layers.size(), " layers but its limits say ", limits.layers);
+  const auto units = std::count_if(layers.begin(), layers.end(),
+                                   [](const LayerProfile& l) { return l.stage_unit; });
+  DTRAIN_CHECK_ARG(units >= 1 && units == limits.layers, "model profile '", name, "' has ", units,
+                   " stage unit(s) among its layers but its limits say ", limits.layers);
   for (const LayerProfile& l : layers) {
     DTRAIN_CHECK_ARG(
         finite_non_negative(l.forward_seconds) && finite_non_negative(l.backward_seconds),
@@ -287,16 +296,32 @@ Prediction predict(const ModelProfile& model, const MachineProfile& machine,
   const int num_layers = static_cast<int>(model.layers.size());
 
   auto share = [tp](const LayerProfile& l, double v) { return l.tensor_parallel ? v / tp : v; };
-  pipeline::StagePartition cut;
-  if (model.partition == Partition::kUniform) {
-    cut = pipeline::partition_uniform(num_layers, num_stages);
-  } else {
-    std::vector<double> weights;
-    for (const LayerProfile& l : model.layers) {
-      weights.push_back(share(l, l.forward_seconds + l.backward_seconds));
+  // The stage units, each with the layers that go with it: unit k holds
+  // layers [first[k], first[k + 1]); the layers before the first unit go
+  // with it.
+  std::vector<int> first;
+  std::vector<double> unit_weights;
+  double leading = 0.0;
+  for (int i = 0; i < num_layers; ++i) {
+    const LayerProfile& l = model.layers[i];
+    const double w = share(l, l.forward_seconds + l.backward_seconds);
+    if (l.stage_unit) {
+      first.push_back(first.empty() ? 0 : i);
+      unit_weights.push_back(first.size() == 1 ? leading : 0.0);
     }
-    cut = pipeline::partition_balanced(weights, num_stages);
+    if (unit_weights.empty()) {
+      leading += w;
+    } else {
+      unit_weights.back() += w;
+    }
   }
+  const pipeline::StagePartition units =
+      model.partition == Partition::kUniform
+          ? pipeline::partition_uniform(static_cast<int>(first.size()), num_stages)
+          : pipeline::partition_balanced(unit_weights, num_stages);
+  pipeline::StagePartition cut;
+  for (int s = 0; s < num_stages; ++s) cut.bounds.push_back(first[units.bounds[s]]);
+  cut.bounds.push_back(num_layers);
 
   std::vector<StageCost> stages(num_stages);
   for (int s = 0; s < num_stages; ++s) {

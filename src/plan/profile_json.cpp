@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <set>
 #include <string>
 #include <vector>
@@ -89,7 +90,8 @@ std::string profile_to_json(const PlanProfile& profile) {
                       {"saved_bytes", l.saved_bytes},
                       {"replicated_saved_bytes", l.replicated_saved_bytes},
                       {"tensor_parallel", l.tensor_parallel},
-                      {"tp_all_reduces", l.tp_all_reduces}});
+                      {"tp_all_reduces", l.tp_all_reduces},
+                      {"stage_unit", l.stage_unit}});
   }
   const MachineProfile& c = profile.machine;
   json out = {{"format", kFormat},
@@ -103,6 +105,7 @@ std::string profile_to_json(const PlanProfile& profile) {
                 {"partition", partition_name(m.partition)},
                 {"limits",
                  {{"tp_must_divide", m.limits.tp_must_divide},
+                  {"stages_must_divide", m.limits.stages_must_divide},
                   {"sequence", m.limits.sequence},
                   {"zero_with_tp", m.limits.zero_with_tp},
                   {"zero_with_pp", m.limits.zero_with_pp}}},
@@ -147,6 +150,8 @@ PlanProfile profile_from_json(const std::string& text, const std::string& source
   Reader limits(model.object("limits"), "model.limits", source);
   p.model.limits.tp_must_divide =
       limits.get<std::vector<std::int64_t>>("tp_must_divide", std::vector<std::int64_t>{});
+  p.model.limits.stages_must_divide =
+      limits.get<std::vector<std::int64_t>>("stages_must_divide", std::vector<std::int64_t>{});
   p.model.limits.sequence = limits.get<std::int64_t>("sequence", 0);
   p.model.limits.zero_with_tp = limits.get<bool>("zero_with_tp", false);
   p.model.limits.zero_with_pp = limits.get<bool>("zero_with_pp", false);
@@ -165,10 +170,13 @@ PlanProfile profile_from_json(const std::string& text, const std::string& source
     l.replicated_saved_bytes = r.get<std::int64_t>("replicated_saved_bytes", 0);
     l.tensor_parallel = r.get<bool>("tensor_parallel", false);
     l.tp_all_reduces = r.get<int>("tp_all_reduces", 0);
+    l.stage_unit = r.get<bool>("stage_unit", true);
     r.finish();
     p.model.layers.push_back(l);
   }
-  p.model.limits.layers = static_cast<int>(p.model.layers.size());
+  p.model.limits.layers =
+      static_cast<int>(std::count_if(p.model.layers.begin(), p.model.layers.end(),
+                                     [](const LayerProfile& l) { return l.stage_unit; }));
   model.finish();
   Reader machine(top.object("machine"), "machine", source);
   p.machine_description = machine.get<std::string>("description", std::string());

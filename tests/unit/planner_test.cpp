@@ -176,6 +176,38 @@ MachineProfile free_network() {
   return m;
 }
 
+TEST(Planner, LayersThatAreNotStageUnitsGoWithTheirNeighbours) {
+  // The GPT's shape: embedding | 4 blocks | ln_f | head, cut by blocks, the
+  // stage count dividing them.
+  ModelProfile gpt = unit_layers(7);
+  gpt.limits.layers = 4;
+  gpt.limits.stages_must_divide = {4};
+  for (int i : {0, 5, 6}) gpt.layers[static_cast<std::size_t>(i)].stage_unit = false;
+  for (LayerProfile& l : gpt.layers) l.saved_bytes = 1;  // one byte per sample and layer
+  SearchSpace s;
+  s.world = 2;
+  s.global_batch = 2;
+  Layout pp2;
+  pp2.pp = 2;
+  pp2.microbatches = 2;
+  pp2.schedule = ScheduleKind::kGPipe;
+  // Stage 0: embedding + 2 blocks (F 3, B 6 per microbatch); stage 1: 2
+  // blocks + ln_f + head (F 4, B 8): GPipe's step is F0 + 2 F1 + 2 B1 + B0.
+  const Prediction p = predict(gpt, free_network(), s, pp2);
+  EXPECT_DOUBLE_EQ(p.step_seconds, 3.0 + 2 * 4.0 + 2 * 8.0 + 6.0);
+  EXPECT_EQ(p.activation_bytes, 2 * 4);  // stage 1 stores 2 microbatches of 4 layers
+  // 3 stages do not divide the 4 blocks; 5 are more than the units.
+  SearchSpace three = s;
+  three.world = 3;
+  three.global_batch = 3;
+  Layout pp3;
+  pp3.pp = 3;
+  pp3.microbatches = 3;
+  EXPECT_EQ(layout_problem(gpt.limits, three, pp3), "pp 3 x 1 stage(s) per rank do not divide 4");
+  gpt.limits.layers = 7;
+  EXPECT_THROW(gpt.validate(), InvalidArgument);  // 4 units, not 7
+}
+
 TEST(Planner, AllReduceBytesAndTime) {
   EXPECT_DOUBLE_EQ(all_reduce_bytes_sent(1000.0, 4), 1500.0);
   EXPECT_DOUBLE_EQ(all_reduce_bytes_sent(1000.0, 2), 1000.0);
@@ -359,6 +391,7 @@ PlanProfile small_profile() {
   p.model.limits.tp_must_divide = {4, 128};
   p.model.limits.sequence = 64;
   p.model.limits.zero_with_pp = true;
+  p.model.limits.stages_must_divide = {2};
   p.model.layers[1].tensor_parallel = true;
   p.model.layers[1].tp_all_reduces = 2;
   p.model.layers[1].parameters = 12345;

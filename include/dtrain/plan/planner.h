@@ -52,9 +52,12 @@ using parallel::pipeline::ScheduleKind;
 
 /// What limits a model's layouts.
 struct ModelLimits {
-  /// Units a pipeline can cut between (>= 1): pp * stages_per_rank must not
-  /// exceed it.
+  /// Units a pipeline can cut between (>= 1; the profile's layers that are
+  /// stage units): pp * stages_per_rank must not exceed it.
   int layers = 1;
+  /// Numbers pp * stages_per_rank must divide (the GPT's blocks: its program
+  /// gives every stage the same number). Empty: any stage count.
+  std::vector<std::int64_t> stages_must_divide;
   /// Numbers tp must divide (attention heads, hidden and MLP widths). Empty:
   /// the model has no tensor-parallel layers, tp must be 1.
   std::vector<std::int64_t> tp_must_divide;
@@ -141,8 +144,15 @@ struct LayerProfile {
   /// All-reduces of output_bytes per sample in its forward under tp > 1 (as
   /// many in its backward).
   int tp_all_reduces = 0;
+  /// Whether the pipeline splits by it. A layer that is not (the GPT's
+  /// embedding, final LayerNorm and head) stays on the stage of the unit
+  /// before it, or of the first unit when none is before it.
+  bool stage_unit = true;
 };
 
+/// How the stage units are cut into stages: uniformly by count (as the
+/// programs do by default; the later stages take the extra units), or
+/// balanced by time (pipeline::partition_balanced).
 enum class Partition { kUniform, kBalanced };
 
 struct ModelProfile {
