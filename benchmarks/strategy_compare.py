@@ -33,9 +33,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = {
-    # program, what throughput counts, samples' units, data set under data/
+    # program, what throughput counts, units per sample, data set under data/,
+    # the program's arguments that every layout shares; ZeRO-1 only where the
+    # program has it (dtrain-gpt has not).
     "resnet20": dict(program="examples/resnet/dtrain-resnet", unit="images", units_per_sample=1,
-                     data="fashion-mnist/train"),
+                     data="fashion-mnist/train", args=["--model", "resnet20", "--test-data", "none"],
+                     zero=True),
+    "gpt": dict(program="examples/gpt/dtrain-gpt", unit="tokens", units_per_sample=64,
+                data="fortunes/train", args=["--val-data", "none", "--sample-tokens", "0"],
+                zero=False),
 }
 
 
@@ -75,7 +81,7 @@ def layout_flags(l):
     if l["tp"] > 1:
         flags += ["--tp", str(l["tp"])]
         if l["sequence_parallel"]:
-            flags += ["--sequence-parallel"]
+            flags += ["--sequence-parallel=true"]
     if l["zero"]:
         flags += ["--zero=true"]
     return flags
@@ -83,8 +89,8 @@ def layout_flags(l):
 
 def measure(args, model, layout, out_dir):
     """One run of one layout: a dict of measurements, or {'error': reason}."""
-    cmd = [args.program, "--model", args.model, "--train-data", args.data,
-           "--test-data", "none", "--checkpoint-dir", "none", "--out", out_dir,
+    cmd = [args.program] + model["args"] + ["--train-data", args.data, "--checkpoint-dir", "none",
+                                             "--out", out_dir,
            "--steps", str(args.steps), "--global-batch", str(args.global_batch),
            "--threads", str(args.threads), "--progress", "lines", "--log-every", "1000",
            "--resume=false"] + layout_flags(layout)
@@ -175,8 +181,12 @@ def main():
     log(f"strategy_compare: {args.model}, {note}, global batch {args.global_batch}")
 
     profile = os.path.join(args.out, "profile.json")
-    ok, output = run(mpirun([args.profiler, "--model",
-                             args.model, "--out", profile], max(2, args.ranks)), args.timeout)
+    profile_args = [args.profiler, "--model", args.model, "--out", profile]
+    if args.model == "gpt":
+        # The data set's vocabulary (docs/data.md) sizes the embedding.
+        manifest = json.load(open(os.path.join(args.data, "manifest.json")))
+        profile_args += ["--vocab", str(manifest["vocabulary"]["size"]), "--microbatch", "16"]
+    ok, output = run(mpirun(profile_args, max(2, args.ranks)), args.timeout)
     if not ok:
         sys.exit("strategy_compare: strategy_profile failed:\n" + output)
     log(output.strip().splitlines()[-1])
@@ -184,7 +194,7 @@ def main():
     plan_cmd = [args.planner, profile, "--world", str(args.ranks),
                 "--global-batch", str(args.global_batch), "--schedules", args.schedules,
                 "--microbatch-multiples", args.microbatch_multiples, "--json", predicted_path]
-    if args.no_zero:
+    if args.no_zero or not model["zero"]:
         plan_cmd.append("--no-zero")
     if args.no_sequence_parallel:
         plan_cmd.append("--no-sequence-parallel")

@@ -4,6 +4,15 @@
 // latency and bandwidth, fitted from two message sizes.
 //
 //   mpiexec -n 2 strategy_profile --model resnet20 --microbatch 64 --out resnet20.json
+//   mpiexec -n 2 strategy_profile --model gpt --vocab 96 --microbatch 16 --out gpt.json
+//
+// For the GPT (examples/gpt, its layers embedding | blocks | ln_f | head),
+// measured dense (tp = 1), the profile marks what tensor parallelism splits
+// and the all-reduces it adds (docs/gpt.md's count: the embedding's and each
+// block's two forward all-reduces, as many backward); of a block's kept bytes
+// three activations of [T, C] per sample (the LayerNorm inputs and the
+// residual stream) are counted as replicated over tp, split only by
+// sequence parallelism.
 //
 // Rank 0 measures the layers alone, with --threads intra-op threads, while
 // the other ranks sleep (they poll for its end every millisecond, so they
@@ -29,9 +38,12 @@
 #include "benchmarks/harness.h"
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/error.h"
+#include "dtrain/parallel/parallel_context.h"
+#include "dtrain/parallel/rng.h"
 #include "dtrain/plan/measure.h"
 #include "dtrain/plan/planner.h"
 #include "dtrain/runtime.h"
+#include "examples/gpt/gpt.h"
 #include "examples/resnet/resnet.h"
 
 namespace {
@@ -91,8 +103,13 @@ void fit(double small_bytes, double small_s, double large_bytes, double large_s,
 int main(int argc, char** argv) {
   dtrain::Runtime runtime(&argc, &argv);
   cxxopts::Options cli("strategy_profile", "the dtrain-plan profile of a model on this machine");
-  cli.add_options()("model", "resnet20, resnet32, resnet56, resnet18, resnet34 or resnet50",
+  cli.add_options()("model", "gpt, resnet20, resnet32, resnet56, resnet18, resnet34 or resnet50",
                     cxxopts::value<std::string>()->default_value("resnet20"))(
+      "vocab", "gpt: vocabulary size", cxxopts::value<std::int64_t>()->default_value("96"))(
+      "layers", "gpt: transformer blocks", cxxopts::value<std::int64_t>()->default_value("4"))(
+      "heads", "gpt: attention heads", cxxopts::value<std::int64_t>()->default_value("4"))(
+      "embedding", "gpt: embedding size", cxxopts::value<std::int64_t>()->default_value("128"))(
+      "context", "gpt: tokens per window", cxxopts::value<std::int64_t>()->default_value("64"))(
       "image", "input image as C,H,W", cxxopts::value<std::string>()->default_value("1,28,28"))(
       "classes", "classes", cxxopts::value<int>()->default_value("10"))(
       "microbatch", "samples per measured microbatch", cxxopts::value<int>()->default_value("64"))(
@@ -109,6 +126,7 @@ int main(int argc, char** argv) {
   std::string model_name, out_path;
   std::vector<std::int64_t> image;
   int classes = 10, microbatch = 64, threads = 1, timed_runs = 5, optimizer_states = 1, cores = 0;
+  dtrain::gpt::GptOptions gpt;
   try {
     const auto parsed = dtrain::cli::parse(cli, argc, argv);
     if (parsed.count("help")) {
@@ -141,7 +159,16 @@ int main(int argc, char** argv) {
                      "run it on at least 2 ranks (the point-to-point probe "
                      "needs two), got ",
                      world->size());
-    dtrain::resnet::resnet_options(model_name, image[0], classes);  // refuses an unknown name
+    if (model_name == "gpt") {
+      gpt.vocab_size = parsed["vocab"].as<std::int64_t>();
+      gpt.layers = parsed["layers"].as<std::int64_t>();
+      gpt.heads = parsed["heads"].as<std::int64_t>();
+      gpt.embedding = parsed["embedding"].as<std::int64_t>();
+      gpt.context = parsed["context"].as<std::int64_t>();
+      gpt.validate(1);
+    } else {
+      dtrain::resnet::resnet_options(model_name, image[0], classes);  // refuses an unknown name
+    }
   } catch (const std::exception& e) {
     if (world->rank() == 0) std::cerr << "strategy_profile: " << e.what() << " (see --help)\n";
     return 2;
@@ -155,24 +182,60 @@ int main(int argc, char** argv) {
   from_last.root = world->size() - 1;
   world->broadcast(base, from_last)->wait();
   profile.machine.base_bytes_per_rank = static_cast<std::int64_t>(base.item<double>());
+  // The GPT's tp communicator and dropout streams: this rank alone (a split
+  // is collective, so every rank takes part).
+  auto self = world->split(world->rank(), 0);
+  auto alone = std::make_shared<const dtrain::parallel::ParallelContext>(self, 1, 1);
+  dtrain::parallel::pipeline::LayerTimingOptions timing;
+  timing.timed_runs = timed_runs;
   others_sleep_while_rank0_works(world->rank(), world->size(), [&] {
     at::set_num_threads(threads);
     torch::manual_seed(0);
-    dtrain::resnet::ResNet model = dtrain::resnet::make_resnet(model_name, image[0], classes);
-    model->train();
-    std::vector<std::int64_t> shape = {microbatch};
-    shape.insert(shape.end(), image.begin(), image.end());
-    dtrain::parallel::pipeline::LayerTimingOptions timing;
-    timing.timed_runs = timed_runs;
-    profile.model.layers =
-        dtrain::plan::measure_layers(model->layers(), torch::randn(shape), timing);
+    if (model_name == "gpt") {
+      auto rng = std::make_shared<dtrain::parallel::RngStreams>(*alone, 0);
+      dtrain::gpt::Gpt model(gpt, alone->tp(), rng);
+      model->train();
+      const torch::Tensor ids =
+          torch::randint(gpt.vocab_size, {microbatch, gpt.context}, torch::kLong);
+      profile.model.layers = dtrain::plan::measure_layers(model->layers(), ids, timing);
+    } else {
+      dtrain::resnet::ResNet model = dtrain::resnet::make_resnet(model_name, image[0], classes);
+      model->train();
+      std::vector<std::int64_t> shape = {microbatch};
+      shape.insert(shape.end(), image.begin(), image.end());
+      profile.model.layers =
+          dtrain::plan::measure_layers(model->layers(), torch::randn(shape), timing);
+    }
   });
   // The layers travel to the other ranks only in the file rank 0 writes.
   profile.model.name = model_name;
-  profile.model.unit = "images";
   profile.model.optimizer_states = optimizer_states;
   profile.model.limits.layers = static_cast<int>(profile.model.layers.size());
-  profile.model.limits.zero_with_pp = true;  // dtrain-resnet --zero with --pp: ZeRO-1 per stage
+  if (model_name == "gpt") {
+    // dtrain-gpt cuts by blocks, the same number per stage (gpt.h,
+    // pipeline_partition): the embedding goes with the first, ln_f and the
+    // head with the last.
+    profile.model.limits.layers = static_cast<int>(gpt.layers);
+    profile.model.limits.stages_must_divide = {gpt.layers};
+    profile.model.unit = "tokens";
+    profile.model.units_per_sample = gpt.context;
+    profile.model.limits.tp_must_divide = {gpt.heads, gpt.embedding};  // the vocabulary is padded
+    profile.model.limits.sequence = gpt.context;
+    for (dtrain::plan::LayerProfile& l : profile.model.layers) {
+      const bool block = l.name.rfind("blocks.", 0) == 0;
+      l.tensor_parallel = l.name != "ln_f";
+      l.stage_unit = block;
+      l.tp_all_reduces = block ? 2 : l.name == "embedding" ? 1 : 0;
+      if (block || l.name == "ln_f") {
+        const std::int64_t replicated = std::min(l.saved_bytes, 3 * l.output_bytes);
+        l.replicated_saved_bytes = block ? replicated : l.saved_bytes;
+        l.saved_bytes -= l.replicated_saved_bytes;
+      }
+    }
+  } else {
+    profile.model.unit = "images";
+    profile.model.limits.zero_with_pp = true;  // dtrain-resnet --zero with --pp: ZeRO-1 per stage
+  }
 
   const int n = world->size();
   const std::size_t small = 4 << 10, large = 16 << 20;
