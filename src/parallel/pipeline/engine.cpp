@@ -11,7 +11,6 @@
 
 #include "dtrain/parallel/pipeline/engine.h"
 
-#include <malloc.h>
 #include <torch/autograd.h>
 #include <torch/nn/modules/container/any.h>
 
@@ -25,6 +24,7 @@
 
 #include "dtrain/error.h"
 #include "dtrain/parallel/pipeline/simulator.h"
+#include "dtrain/runtime.h"
 
 namespace dtrain::parallel::pipeline {
 
@@ -45,11 +45,6 @@ constexpr int kMaxTag = 1'000'000;
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-std::size_t heap_in_use() {
-  const struct mallinfo2 info = mallinfo2();
-  return info.uordblks + info.hblkhd;
 }
 
 std::string shape_string(const std::vector<std::int64_t>& shape) {
@@ -433,7 +428,7 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
     }
   }
   if (options_.record_memory) {
-    stats_.heap_bytes_at_start = heap_in_use();
+    stats_.heap_bytes_at_start = heap_bytes_in_use();
     stats_.peak_heap_bytes = stats_.heap_bytes_at_start;
   }
 
@@ -651,7 +646,7 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
       }
     }
     if (options_.record_memory) {
-      record.heap_bytes = heap_in_use();
+      record.heap_bytes = heap_bytes_in_use();
       stats_.peak_heap_bytes = std::max(stats_.peak_heap_bytes, record.heap_bytes);
     }
     trace_.push_back(record);
