@@ -489,12 +489,7 @@ class ResNetProgram : public train::TrainingProgram {
 
  private:
   dtrain::parallel::pipeline::ScheduleOptions schedule_options(int pp) const {
-    dtrain::parallel::pipeline::ScheduleOptions o;
-    o.kind = dtrain::parallel::pipeline::parse_schedule_kind(c_.pp_schedule);
-    o.num_ranks = pp;
-    o.num_microbatches = c_.microbatches;
-    o.stages_per_rank = c_.pp_stages_per_rank;
-    return o;
+    return train::schedule_from_flags(c_.pp_schedule, pp, c_.microbatches, c_.pp_stages_per_rank);
   }
 
   dtrain::parallel::pipeline::StagePartition partition_of(
@@ -525,18 +520,8 @@ class ResNetProgram : public train::TrainingProgram {
   // do not divide a replica's batch, a schedule refused for this pp and m,
   // more stages than layers, bad cut points.
   void check_pipeline(int replicas) const {
-    const std::int64_t per_replica = c_.global_batch / replicas;
-    DTRAIN_CHECK_ARG(per_replica % c_.microbatches == 0, "--microbatches ", c_.microbatches,
-                     " does not divide the batch of each data-parallel replica (", per_replica,
-                     " = --global-batch ", c_.global_batch, " over ", replicas,
-                     " replicas): choose a divisor of ", per_replica);
-    const auto schedule = schedule_options(c_.pp);
-    try {
-      schedule.validate();
-    } catch (const dtrain::InvalidArgument& e) {
-      DTRAIN_THROW(dtrain::InvalidArgument, "--pp-schedule ", c_.pp_schedule, " with --pp ", c_.pp,
-                   " and --microbatches ", c_.microbatches, ": ", e.what());
-    }
+    const auto schedule = train::checked_schedule_from_flags(
+        c_.pp_schedule, c_.pp, c_.microbatches, c_.pp_stages_per_rank, c_.global_batch, replicas);
     const auto model = dtrain::resnet::make_resnet(c_.model, channels_, classes_);
     partition_of(model->layers(), schedule);
   }

@@ -48,4 +48,35 @@ void read_output_options(const cxxopts::ParseResult& p, TrainerOptions& o) {
                    "--checkpoint-every and --eval-every must be >= 0");
 }
 
+parallel::pipeline::ScheduleOptions schedule_from_flags(const std::string& schedule, int pp,
+                                                        int microbatches, int stages_per_rank) {
+  parallel::pipeline::ScheduleOptions o;
+  o.kind = parallel::pipeline::parse_schedule_kind(schedule);
+  o.num_ranks = pp;
+  o.num_microbatches = microbatches;
+  o.stages_per_rank = stages_per_rank;
+  return o;
+}
+
+parallel::pipeline::ScheduleOptions checked_schedule_from_flags(const std::string& schedule, int pp,
+                                                                int microbatches,
+                                                                int stages_per_rank,
+                                                                std::int64_t global_batch,
+                                                                int replicas) {
+  const std::int64_t per_replica = global_batch / replicas;
+  DTRAIN_CHECK_ARG(per_replica % microbatches == 0, "--microbatches ", microbatches,
+                   " does not divide the batch of each data-parallel replica (", per_replica,
+                   " = --global-batch ", global_batch, " over ", replicas,
+                   " replicas): choose a divisor of ", per_replica);
+  const parallel::pipeline::ScheduleOptions o =
+      schedule_from_flags(schedule, pp, microbatches, stages_per_rank);
+  try {
+    o.validate();
+  } catch (const InvalidArgument& e) {
+    DTRAIN_THROW(InvalidArgument, "--pp-schedule ", schedule, " with --pp ", pp,
+                 " and --microbatches ", microbatches, ": ", e.what());
+  }
+  return o;
+}
+
 }  // namespace dtrain::train

@@ -16,6 +16,7 @@
 
 #include <cxxopts.hpp>
 
+#include "dtrain/parallel/pipeline/generators.h"
 #include "dtrain/train/trainer.h"
 
 namespace dtrain::train {
@@ -31,5 +32,22 @@ void add_output_options(cxxopts::Options& cli, const std::string& default_out);
 /// InvalidArgument naming the option for an unknown --progress, --keep < 1,
 /// or a negative --checkpoint-every or --eval-every.
 void read_output_options(const cxxopts::ParseResult& parsed, TrainerOptions& options);
+
+/// The schedule that the pipeline flags every training program takes
+/// (--pp-schedule, --microbatches, --pp-stages-per-rank) give for `pp`
+/// pipeline ranks, not validated. Throws InvalidArgument listing the names
+/// for an unknown schedule.
+parallel::pipeline::ScheduleOptions schedule_from_flags(const std::string& schedule, int pp,
+                                                        int microbatches, int stages_per_rank);
+
+/// schedule_from_flags, checked before anything runs: --microbatches must
+/// divide each of `replicas` data-parallel replicas' share of
+/// `global_batch`, and the generator must accept the schedule. Throws
+/// InvalidArgument naming the flags and their values.
+parallel::pipeline::ScheduleOptions checked_schedule_from_flags(const std::string& schedule, int pp,
+                                                                int microbatches,
+                                                                int stages_per_rank,
+                                                                std::int64_t global_batch,
+                                                                int replicas);
 
 }  // namespace dtrain::train

@@ -67,5 +67,29 @@ TEST(TrainerCli, BadValuesNameTheOption) {
             "--checkpoint-every and --eval-every must be >= 0");
 }
 
+TEST(TrainerCli, PipelineFlagsAreCheckedBeforeAnythingRuns) {
+  const auto ok = checked_schedule_from_flags("interleaved", 2, 4, 2, 64, 2);
+  EXPECT_EQ(ok.kind, parallel::pipeline::ScheduleKind::kInterleaved);
+  EXPECT_EQ(ok.num_ranks, 2);
+  EXPECT_EQ(ok.num_microbatches, 4);
+  EXPECT_EQ(ok.stages_per_rank, 2);
+  const auto refused = [](auto call, const std::string& part) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted; expected: " << part;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  };
+  refused([] { checked_schedule_from_flags("1f1b", 2, 3, 1, 64, 2); },
+          "--microbatches 3 does not divide the batch of each data-parallel replica (32 = "
+          "--global-batch 64 over 2 replicas)");
+  refused([] { checked_schedule_from_flags("zb-h1", 2, 1, 1, 64, 1); },
+          "--pp-schedule zb-h1 with --pp 2 and --microbatches 1: ");
+  refused([] { checked_schedule_from_flags("interleaved", 2, 3, 2, 48, 1); },
+          "--pp-schedule interleaved with --pp 2 and --microbatches 3: ");
+  refused([] { schedule_from_flags("pipedream", 2, 2, 1); }, "pipedream");
+}
+
 }  // namespace
 }  // namespace dtrain::train
