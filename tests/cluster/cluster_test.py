@@ -39,10 +39,25 @@ def fail(message, output=None):
     sys.exit(1)
 
 
+# Each host of a cluster has its own /tmp and /dev/shm (cluster.py), so a
+# program under them is not there for the hosts: mpiexec then waits for
+# daemons that never start, until the test's timeout.
+PRIVATE_DIRS = ("/tmp", "/dev/shm")
+
+
+def visible_to_hosts(path):
+    real = os.path.realpath(path)
+    return not any(real == d or real.startswith(d + "/") for d in PRIVATE_DIRS)
+
+
 def binary(var):
     path = os.environ.get(var)
     if not path or not os.access(path, os.X_OK):
         fail("%s is not set to an executable (ctest sets it)" % var)
+    if not visible_to_hosts(path):
+        fail("%s is %s, under %s, which each cluster host has a private copy of: build "
+             "outside them (a checkout in /tmp cannot run the cluster tests)"
+             % (var, path, " or ".join(PRIVATE_DIRS)))
     return path
 
 
