@@ -32,6 +32,7 @@
 #include "dtrain/train/pipeline_parallel.h"
 #include "examples/gpt/gpt.h"
 #include "src/common/torch_compat.h"
+#include "tests/mpi/gpt_test_util.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace dtrain::gpt {
@@ -40,39 +41,15 @@ namespace {
 using parallel::ParallelContext;
 using parallel::pipeline::ScheduleKind;
 
-constexpr std::int64_t kVocab = 11;
-constexpr std::int64_t kContext = 8;
-constexpr std::int64_t kGlobalBatch = 4;
-constexpr std::uint64_t kSeed = 5;
+using fixtures::DoubleScope;
+using fixtures::global_tokens;
+using fixtures::kContext;
+using fixtures::kGlobalBatch;
+using fixtures::kSeed;
+using fixtures::kVocab;
 
-GptOptions tiny(bool sequence_parallel = false) {
-  GptOptions o;
-  o.vocab_size = kVocab;
-  o.layers = 4;  // 4 stages: pp 2 x 2 stages per rank (interleaved)
-  o.heads = 4;
-  o.embedding = 16;
-  o.context = kContext;
-  o.dropout = 0.1;
-  o.sequence_parallel = sequence_parallel;
-  o.init_seed = 3;
-  return o;
-}
-
-class DoubleScope {
- public:
-  DoubleScope() : previous_(at::get_default_dtype()) {
-    at::set_default_dtype(caffe2::TypeMeta::Make<double>());
-  }
-  ~DoubleScope() { at::set_default_dtype(previous_); }
-
- private:
-  caffe2::TypeMeta previous_;
-};
-
-at::Tensor global_tokens(std::int64_t step) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1000 + step);
-  return at::randint(kVocab, {kGlobalBatch, kContext + 1}, gen, at::kLong);
-}
+// 4 blocks: 4 stages, pp 2 x 2 stages per rank (interleaved).
+GptOptions tiny(bool sequence_parallel = false) { return fixtures::tiny(4, sequence_parallel); }
 
 struct Schedule {
   ScheduleKind kind = ScheduleKind::kOneFOneB;

@@ -27,6 +27,7 @@
 #include "dtrain/train/data_parallel.h"
 #include "examples/gpt/gpt.h"
 #include "src/common/torch_compat.h"
+#include "tests/mpi/gpt_test_util.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace dtrain::gpt {
@@ -34,42 +35,14 @@ namespace {
 
 using parallel::ParallelContext;
 
-constexpr std::int64_t kVocab = 11;  // uneven vocabulary blocks at tp 2
-constexpr std::int64_t kContext = 8;
-constexpr std::int64_t kGlobalBatch = 4;
-constexpr std::uint64_t kSeed = 5;
+using fixtures::DoubleScope;
+using fixtures::global_tokens;
+using fixtures::kContext;
+using fixtures::kGlobalBatch;
+using fixtures::kSeed;
+using fixtures::kVocab;
 
-GptOptions tiny(bool sequence_parallel) {
-  GptOptions o;
-  o.vocab_size = kVocab;
-  o.layers = 2;
-  o.heads = 4;
-  o.embedding = 16;
-  o.context = kContext;
-  o.dropout = 0.1;
-  o.sequence_parallel = sequence_parallel;
-  o.init_seed = 3;
-  return o;
-}
-
-// float64 for the models built in a scope.
-class DoubleScope {
- public:
-  DoubleScope() : previous_(at::get_default_dtype()) {
-    at::set_default_dtype(caffe2::TypeMeta::Make<double>());
-  }
-  ~DoubleScope() { at::set_default_dtype(previous_); }
-
- private:
-  caffe2::TypeMeta previous_;
-};
-
-// Global batch `step`: token ids [kGlobalBatch, kContext + 1], the same on
-// every rank and at every layout.
-at::Tensor global_tokens(std::int64_t step) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1000 + step);
-  return at::randint(kVocab, {kGlobalBatch, kContext + 1}, gen, at::kLong);
-}
+GptOptions tiny(bool sequence_parallel) { return fixtures::tiny(2, sequence_parallel); }
 
 // A GPT and its DataParallel strategy over one layout.
 struct Trained {
