@@ -179,17 +179,8 @@ Config parse_config(cxxopts::ParseResult& p) {
   c.val_windows = p["val-windows"].as<std::int64_t>();
 
   DTRAIN_CHECK_ARG(c.tp >= 1, "--tp must be >= 1, got ", c.tp);
-  DTRAIN_CHECK_ARG(c.pp >= 1, "--pp must be >= 1, got ", c.pp);
-  DTRAIN_CHECK_ARG(c.microbatches >= 1, "--microbatches must be >= 1, got ", c.microbatches);
-  // The schedule's name (InvalidArgument listing the known ones).
-  dtrain::parallel::pipeline::parse_schedule_kind(c.pp_schedule);
-  const bool interleaved = c.pp_schedule == "interleaved";
-  DTRAIN_CHECK_ARG(c.pp_stages_per_rank >= 0, "--pp-stages-per-rank must be >= 0, got ",
-                   c.pp_stages_per_rank);
-  if (c.pp_stages_per_rank == 0) c.pp_stages_per_rank = interleaved ? 2 : 1;
-  DTRAIN_CHECK_ARG(c.pp_stages_per_rank == 1 || interleaved, "--pp-stages-per-rank ",
-                   c.pp_stages_per_rank, " needs --pp-schedule interleaved (", c.pp_schedule,
-                   " runs one stage per rank)");
+  c.pp_stages_per_rank =
+      train::check_pipeline_flags(c.pp, c.microbatches, c.pp_schedule, c.pp_stages_per_rank);
   DTRAIN_CHECK_ARG(!(c.pipeline() && c.device == "cuda"),
                    "--pp and --microbatches run on --device cpu only (the stages' messages go "
                    "over MPI)");

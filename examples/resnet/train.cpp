@@ -219,19 +219,8 @@ Config parse_config(cxxopts::ParseResult& p) {
                    "--compression applies to DDP's all-reduce; it cannot be combined with --zero");
   DTRAIN_CHECK_ARG(c.eval_batch >= 1, "--eval-batch must be >= 1");
   DTRAIN_CHECK_ARG(c.comm_timeout_s >= 1, "--comm-timeout must be >= 1 s");
-  DTRAIN_CHECK_ARG(c.pp >= 1, "--pp must be >= 1, got ", c.pp);
-  DTRAIN_CHECK_ARG(c.microbatches >= 1, "--microbatches must be >= 1, got ", c.microbatches);
-  const char* const schedules[] = {"gpipe", "1f1b", "interleaved", "zb-h1"};
-  DTRAIN_CHECK_ARG(
-      std::find(std::begin(schedules), std::end(schedules), c.pp_schedule) != std::end(schedules),
-      "unknown --pp-schedule '", c.pp_schedule, "' (gpipe, 1f1b, interleaved, zb-h1)");
-  const bool interleaved = c.pp_schedule == "interleaved";
-  DTRAIN_CHECK_ARG(c.pp_stages_per_rank >= 0, "--pp-stages-per-rank must be >= 0, got ",
-                   c.pp_stages_per_rank);
-  if (c.pp_stages_per_rank == 0) c.pp_stages_per_rank = interleaved ? 2 : 1;
-  DTRAIN_CHECK_ARG(c.pp_stages_per_rank == 1 || interleaved, "--pp-stages-per-rank ",
-                   c.pp_stages_per_rank, " needs --pp-schedule interleaved (", c.pp_schedule,
-                   " runs one stage per rank)");
+  c.pp_stages_per_rank =
+      train::check_pipeline_flags(c.pp, c.microbatches, c.pp_schedule, c.pp_stages_per_rank);
   if (c.pp_partition != "uniform" && c.pp_partition != "params") {
     std::stringstream in(c.pp_partition);
     std::string item;

@@ -1,6 +1,8 @@
 #include "src/train/trainer_cli.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 
 #include "dtrain/error.h"
 
@@ -46,6 +48,23 @@ void read_output_options(const cxxopts::ParseResult& p, TrainerOptions& o) {
   DTRAIN_CHECK_ARG(o.keep >= 1, "--keep must be >= 1");
   DTRAIN_CHECK_ARG(o.checkpoint_every >= 0 && o.eval_every >= 0,
                    "--checkpoint-every and --eval-every must be >= 0");
+}
+
+int check_pipeline_flags(int pp, int microbatches, const std::string& schedule,
+                         int stages_per_rank) {
+  DTRAIN_CHECK_ARG(pp >= 1, "--pp must be >= 1, got ", pp);
+  DTRAIN_CHECK_ARG(microbatches >= 1, "--microbatches must be >= 1, got ", microbatches);
+  const char* const schedules[] = {"gpipe", "1f1b", "interleaved", "zb-h1"};
+  DTRAIN_CHECK_ARG(
+      std::find(std::begin(schedules), std::end(schedules), schedule) != std::end(schedules),
+      "unknown --pp-schedule '", schedule, "' (gpipe, 1f1b, interleaved, zb-h1)");
+  const bool interleaved = schedule == "interleaved";
+  DTRAIN_CHECK_ARG(stages_per_rank >= 0, "--pp-stages-per-rank must be >= 0, got ",
+                   stages_per_rank);
+  if (stages_per_rank == 0) stages_per_rank = interleaved ? 2 : 1;
+  DTRAIN_CHECK_ARG(stages_per_rank == 1 || interleaved, "--pp-stages-per-rank ", stages_per_rank,
+                   " needs --pp-schedule interleaved (", schedule, " runs one stage per rank)");
+  return stages_per_rank;
 }
 
 parallel::pipeline::ScheduleOptions schedule_from_flags(const std::string& schedule, int pp,

@@ -33,6 +33,14 @@ void add_output_options(cxxopts::Options& cli, const std::string& default_out);
 /// or a negative --checkpoint-every or --eval-every.
 void read_output_options(const cxxopts::ParseResult& parsed, TrainerOptions& options);
 
+/// Checks the pipeline flags every training program takes on their own
+/// (--pp >= 1, --microbatches >= 1, a known --pp-schedule, --pp-stages-per-rank
+/// >= 0 and above 1 only for interleaved) and returns the stages per rank,
+/// 0 resolved to 2 for interleaved and 1 otherwise. Throws InvalidArgument
+/// naming the flag.
+int check_pipeline_flags(int pp, int microbatches, const std::string& schedule,
+                         int stages_per_rank);
+
 /// The schedule that the pipeline flags every training program takes
 /// (--pp-schedule, --microbatches, --pp-stages-per-rank) give for `pp`
 /// pipeline ranks, not validated. Throws InvalidArgument listing the names

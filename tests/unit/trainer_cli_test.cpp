@@ -89,6 +89,16 @@ TEST(TrainerCli, PipelineFlagsAreCheckedBeforeAnythingRuns) {
   refused([] { checked_schedule_from_flags("interleaved", 2, 3, 2, 48, 1); },
           "--pp-schedule interleaved with --pp 2 and --microbatches 3: ");
   refused([] { schedule_from_flags("pipedream", 2, 2, 1); }, "pipedream");
+  EXPECT_EQ(check_pipeline_flags(2, 4, "interleaved", 0), 2);
+  EXPECT_EQ(check_pipeline_flags(2, 4, "1f1b", 0), 1);
+  refused([] { check_pipeline_flags(0, 1, "1f1b", 0); }, "--pp must be >= 1, got 0");
+  refused([] { check_pipeline_flags(1, 0, "1f1b", 0); }, "--microbatches must be >= 1, got 0");
+  refused([] { check_pipeline_flags(2, 2, "pipedream", 0); },
+          "unknown --pp-schedule 'pipedream' (gpipe, 1f1b, interleaved, zb-h1)");
+  refused([] { check_pipeline_flags(2, 2, "gpipe", 2); },
+          "--pp-stages-per-rank 2 needs --pp-schedule interleaved (gpipe runs one stage per rank)");
+  refused([] { check_pipeline_flags(2, 2, "interleaved", -1); },
+          "--pp-stages-per-rank must be >= 0, got -1");
 }
 
 }  // namespace
