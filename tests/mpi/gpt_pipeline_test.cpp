@@ -87,12 +87,8 @@ struct Piped {
   }
 
   void train(std::int64_t first, std::int64_t count) {
-    const std::int64_t local = kGlobalBatch / ctx->data_world_size();
     for (std::int64_t s = first; s < first + count; ++s) {
-      const at::Tensor tokens = global_tokens(s).narrow(0, ctx->data_rank() * local, local);
-      train::Batch batch;
-      batch.inputs = tokens.narrow(1, 0, kContext).contiguous();
-      batch.targets = tokens.narrow(1, 1, kContext).contiguous();
+      train::Batch batch = fixtures::local_batch(s, ctx->data_rank(), ctx->data_world_size());
       strategy->train_step(batch, train::StepInfo{});
     }
   }

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "dtrain/train/strategy.h"
 #include "examples/gpt/gpt.h"
 
 namespace dtrain::gpt::fixtures {
@@ -48,6 +49,17 @@ class DoubleScope {
 inline at::Tensor global_tokens(std::int64_t step) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1000 + step);
   return at::randint(kVocab, {kGlobalBatch, kContext + 1}, gen, at::kLong);
+}
+
+/// This data rank's part of global batch `step`: inputs [B, kContext] and
+/// next-token targets.
+inline train::Batch local_batch(std::int64_t step, int data_rank, int data_world_size) {
+  const std::int64_t local = kGlobalBatch / data_world_size;
+  const at::Tensor tokens = global_tokens(step).narrow(0, data_rank * local, local);
+  train::Batch batch;
+  batch.inputs = tokens.narrow(1, 0, kContext).contiguous();
+  batch.targets = tokens.narrow(1, 1, kContext).contiguous();
+  return batch;
 }
 
 }  // namespace dtrain::gpt::fixtures
