@@ -38,6 +38,7 @@
 #include "benchmarks/harness.h"
 #include "dtrain/collectives/communicator.h"
 #include "dtrain/error.h"
+#include "dtrain/memory.h"
 #include "dtrain/parallel/parallel_context.h"
 #include "dtrain/parallel/rng.h"
 #include "dtrain/plan/measure.h"

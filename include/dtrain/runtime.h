@@ -62,16 +62,6 @@ MallocPolicy plan_malloc_policy();
 /// false if the C library refused (or is not glibc). Process-wide.
 bool apply_malloc_policy(const MallocPolicy& policy);
 
-/// Bytes the C library's allocator has handed out and not taken back
-/// (glibc's mallinfo2: heap blocks in use plus mmapped blocks; 0 with another
-/// C library). CPU tensors live there, so the difference across a
-/// computation is what it kept.
-std::size_t heap_bytes_in_use();
-
-/// The process's resident-set high-water mark in bytes (getrusage's
-/// ru_maxrss): the most memory it has held at once so far.
-std::size_t max_rss_bytes();
-
 /// The heartbeat between the ranks of a job: how fast a dead or cut-off
 /// host ends the job, whatever the collectives' timeouts (a slow rank never
 /// trips it: it beats from a thread of its own). Every rank sends a UDP

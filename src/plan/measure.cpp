@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "dtrain/error.h"
-#include "dtrain/runtime.h"
+#include "dtrain/memory.h"
 
 namespace dtrain::plan {
 

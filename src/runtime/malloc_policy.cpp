@@ -3,8 +3,6 @@
 #include <optional>
 #include <string>
 
-#include <sys/resource.h>
-
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
@@ -55,21 +53,6 @@ bool apply_malloc_policy(const MallocPolicy& policy) {
 #else
   return false;
 #endif
-}
-
-std::size_t heap_bytes_in_use() {
-#if defined(__GLIBC__)
-  const struct mallinfo2 info = mallinfo2();
-  return info.uordblks + info.hblkhd;
-#else
-  return 0;
-#endif
-}
-
-std::size_t max_rss_bytes() {
-  struct rusage usage {};
-  if (getrusage(RUSAGE_SELF, &usage) != 0) return 0;
-  return static_cast<std::size_t>(usage.ru_maxrss) * 1024;  // Linux: KiB
 }
 
 }  // namespace dtrain

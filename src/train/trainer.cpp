@@ -13,6 +13,7 @@
 
 #include "dtrain/config.h"
 #include "dtrain/error.h"
+#include "dtrain/memory.h"
 #include "dtrain/runtime.h"
 #if DTRAIN_HAVE_NCCL
 #include "dtrain/collectives/nccl.h"

@@ -19,7 +19,7 @@ namespace dtrain::plan {
 ///    options) minus its forward;
 ///  * output_bytes: the layer's output;
 ///  * saved_bytes: the heap bytes a forward keeps until its backward, the
-///    output included (heap_bytes_in_use() after the forward, output and
+///    output included (heap_bytes_in_use() (dtrain/memory.h) after the forward, output and
 ///    graph alive, minus before): what the layer adds to a stored
 ///    microbatch. CPU tensors only; on a GPU this counts host memory.
 ///  * parameters: pipeline::parameter_counts.

@@ -23,8 +23,8 @@
 #include <utility>
 
 #include "dtrain/error.h"
+#include "dtrain/memory.h"
 #include "dtrain/parallel/pipeline/simulator.h"
-#include "dtrain/runtime.h"
 
 namespace dtrain::parallel::pipeline {
 
