@@ -67,6 +67,7 @@ struct Config {
   int pp = 1;
   int microbatches = 1;
   std::string pp_schedule = "1f1b";
+  std::string pp_tied_sum = "step";
   int pp_stages_per_rank = 0;  // 0: 2 for interleaved, 1 otherwise
   bool sequence_parallel = false;
   int epochs = 1;
@@ -127,6 +128,7 @@ cxxopts::Options make_cli() {
     ("microbatches", "microbatches per step and replica (dividing global batch / dp); above 1 with --pp 1 accumulates gradients over them", cxxopts::value<int>()->default_value("1"))
     ("pp-schedule", "gpipe, 1f1b, interleaved or zb-h1", cxxopts::value<std::string>()->default_value("1f1b"))
     ("pp-stages-per-rank", "stages per pipeline rank (interleaved only; 0: 2 for interleaved, 1 otherwise)", cxxopts::value<int>()->default_value("0"))
+    ("pp-tied-sum", "the tied embedding's gradient over its two stages: step (one all-reduce per step) or microbatch (bitwise the --pp 1 run's)", cxxopts::value<std::string>()->default_value("step"))
     ("sequence-parallel", "keep LayerNorm, dropout and residuals as sequence shards over the tp ranks (--tp must divide --context)", cxxopts::value<bool>()->default_value("false"));
   cli.add_options("Execution")
     ("device", "cpu or cuda (cuda: --tp 1 only)", cxxopts::value<std::string>()->default_value("cpu"))
@@ -171,6 +173,11 @@ Config parse_config(cxxopts::ParseResult& p) {
   c.microbatches = p["microbatches"].as<int>();
   c.pp_schedule = p["pp-schedule"].as<std::string>();
   c.pp_stages_per_rank = p["pp-stages-per-rank"].as<int>();
+  c.pp_tied_sum = p["pp-tied-sum"].as<std::string>();
+  if (c.pp_tied_sum != "step" && c.pp_tied_sum != "microbatch") {
+    DTRAIN_THROW(dtrain::InvalidArgument, "--pp-tied-sum '", c.pp_tied_sum,
+                 "' is not step or microbatch");
+  }
   c.sequence_parallel = p["sequence-parallel"].as<bool>();
   c.device = p["device"].as<std::string>();
   c.threads = p["threads"].as<int>();
@@ -384,6 +391,9 @@ class GptProgram : public train::TrainingProgram {
       po.schedule = schedule_options(ctx.pp_size());
       po.seed = c_.seed;
       po.activation_dtype = model_->embedding->wpe.scalar_type();
+      po.tied_gradients = c_.pp_tied_sum == "microbatch"
+                              ? dtrain::parallel::pipeline::TiedGradientSum::kPerMicrobatch
+                              : dtrain::parallel::pipeline::TiedGradientSum::kPerStep;
       const auto partition = dtrain::gpt::pipeline_partition(
           model_options(c_, vocabulary_.size()), ctx.pp_size() * po.schedule.stages_per_rank);
       auto strategy = std::make_unique<train::PipelineParallel>(
@@ -485,6 +495,7 @@ class GptProgram : public train::TrainingProgram {
             {"pp", c_.pp},
             {"microbatches", c_.microbatches},
             {"pp_schedule", c_.pp_schedule},
+            {"pp_tied_sum", c_.pp_tied_sum},
             {"pp_stages_per_rank", c_.pp_stages_per_rank},
             {"global_batch", c_.global_batch},
             {"epochs", c_.epochs},

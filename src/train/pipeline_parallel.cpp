@@ -97,6 +97,7 @@ PipelineParallel::PipelineParallel(std::vector<pl::Layer> layers,
   engine_options.stage_input_shapes = stage_input_shapes_;
   engine_options.ddp = options_.ddp;
   engine_options.activation_dtype = options_.activation_dtype;
+  engine_options.tied_gradients = options_.tied_gradients;
   if (options_.zero) engine_options.dp_reduction = pl::DataParallelReduction::kNone;
   engine_ = std::make_unique<pl::PipelineEngine>(layers_, partition, *context_, engine_options);
   if (options_.zero) {

@@ -146,7 +146,8 @@ def main():
             (["--pp", "2", "--pp-schedule", "zb-h1", "--microbatches", "1"],
              "zb-h1 schedule on 2 pipeline ranks needs at least 2 microbatches"),
             (["--tp", "2", "--sequence-parallel", "--context", "15"],
-             "context length 15 is not divisible by the sequence-parallel size 2")):
+             "context length 15 is not divisible by the sequence-parallel size 2"),
+            (["--pp", "2", "--pp-tied-sum", "token"], "--pp-tied-sum 'token' is not step or microbatch")):
         bad = os.path.join(WORK, "bad")
         p = gpt(2, bad, data, extra + ["--steps", "2"])
         if p.returncode != 2 or message not in p.stdout:

@@ -12,7 +12,8 @@
 //    microbatches and averages the replicas (bitwise), and on the full batch;
 //  * a stage whose output shape is not what the next stage declared: a
 //    CommError naming both shapes on both ranks of the pair, not a hang;
-//  * tied first/last weights: both copies bitwise equal after every step
+//  * tied first/last weights: both copies bitwise equal after every step;
+//    summed per microbatch, bitwise the one-process gradients
 //    and within 1e-6 of one process;
 //  * schedules refused before anything runs.
 
@@ -20,6 +21,7 @@
 
 #include <torch/torch.h>
 
+#include <set>
 #include <string>
 #include <vector>
 
@@ -194,7 +196,8 @@ std::string describe(const Case& c, int pp, int dp) {
 // dp > 1, each replica's accumulation, then their average).
 // Adds the bytes of sent outputs this rank deallocated to `deallocated`.
 void run_case(const Case& c, int pp, torch::nn::Sequential (*model_fn)(), bool bitwise, int classes,
-              std::size_t* deallocated = nullptr) {
+              std::size_t* deallocated = nullptr,
+              TiedGradientSum tied = TiedGradientSum::kPerStep) {
   auto comm = fresh_world("pipeline-" + describe(c, pp, 0));
   ParallelContext ctx(comm, /*tp=*/1, pp);
   const int dp = ctx.dp_size();
@@ -209,6 +212,7 @@ void run_case(const Case& c, int pp, torch::nn::Sequential (*model_fn)(), bool b
   options.schedule.num_microbatches = c.microbatches;
   options.schedule.stages_per_rank = c.stages_per_rank;
   options.stage_input_shapes = stage_input_shapes(layers, partition, torch::zeros({1, kFeatures}));
+  options.tied_gradients = tied;
   PipelineEngine engine(layers, partition, ctx, options);
   torch::optim::SGD sgd(engine.parameters(), torch::optim::SGDOptions(kLearningRate).momentum(0.9));
 
@@ -323,6 +327,17 @@ TEST(PipelineEngineTest, TiedFirstAndLastWeightsStayEqual) {
     // One process within 1e-6 (the copies' sum adds in another order).
     run_case(c, p, &make_tied_model, /*bitwise=*/false, kFeatures);
   }
+  // Summed per microbatch, the copies' gradients are bitwise those of the
+  // one process accumulating the same microbatches.
+  for (ScheduleKind kind :
+       {ScheduleKind::kGPipe, ScheduleKind::kOneFOneB, ScheduleKind::kZeroBubbleH1}) {
+    // zb-h1 needs m >= p.
+    for (int m : std::set<int>{kind == ScheduleKind::kZeroBubbleH1 ? p : 1, std::max(4, p)}) {
+      const Case c{kind, 1, m, 12};
+      run_case(c, p, &make_tied_model, /*bitwise=*/true, kFeatures, nullptr,
+               TiedGradientSum::kPerMicrobatch);
+    }
+  }
   // Bitwise equal copies: the first and the last stage train the same tensor.
   std::vector<int> pps{p};
   if (p > 2 && p % 2 == 0) pps.push_back(2);  // with dp 2 as well
@@ -355,6 +370,48 @@ TEST(PipelineEngineTest, TiedFirstAndLastWeightsStayEqual) {
     }
     comm->barrier()->wait();
   }
+}
+
+// The first layer's weight used again by stages 1 and 3: with pp 2 x v 2,
+// pipeline rank 1 holds it in two stages, which the per-microbatch sum
+// cannot tell apart; every rank refuses before the first step.
+torch::nn::Sequential make_thrice_tied_model() {
+  torch::manual_seed(13);
+  namespace nn = torch::nn;
+  nn::Linear first(kFeatures, kFeatures);
+  return nn::Sequential(first, nn::Tanh(), TiedOutput(first->weight), nn::ReLU(),
+                        nn::Linear(kFeatures, kFeatures), nn::Tanh(),
+                        nn::Linear(kFeatures, kFeatures), TiedOutput(first->weight));
+}
+
+TEST(PipelineEngineTest, PerMicrobatchTiedSumNeedsOneStagePerRank) {
+  if (world().size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  auto comm = fresh_world("pipeline-thrice-tied");
+  ParallelContext ctx(comm, 1, 2);
+  torch::nn::Sequential model = make_thrice_tied_model();
+  const auto layers = layers_of(model);
+  const auto partition = partition_uniform(static_cast<int>(layers.size()), 4);
+  PipelineOptions options;
+  options.schedule.kind = ScheduleKind::kInterleaved;
+  options.schedule.stages_per_rank = 2;
+  options.schedule.num_microbatches = 2;
+  options.stage_input_shapes = stage_input_shapes(layers, partition, torch::zeros({1, kFeatures}));
+  options.tied_gradients = TiedGradientSum::kPerMicrobatch;
+  try {
+    PipelineEngine engine(layers, partition, ctx, options);
+    ADD_FAILURE() << "the engine accepted a tied weight held twice on one rank";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("pipeline rank 1 holds the tied parameter"),
+              std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("in 2 stages"), std::string::npos) << e.what();
+  }
+  // Summed per step, the same model trains.
+  options.tied_gradients = TiedGradientSum::kPerStep;
+  PipelineEngine engine(layers, partition, ctx, options);
+  const auto batches = make_batches(4, kFeatures);
+  engine.step(batches[0].x, batches[0].y, loss_fn);
+  comm->barrier()->wait();
 }
 
 TEST(PipelineEngineTest, ReceivesOfActivationsArePostedAhead) {

@@ -111,6 +111,11 @@ struct PipelineParallelOptions {
   /// dtype of the activations and gradients sent between stages (and of the
   /// evaluation's messages): the model's floating dtype.
   at::ScalarType activation_dtype = at::kFloat;
+  /// How the gradients of weights tied across stages' ranks are summed: per
+  /// step (one all-reduce) or per microbatch (bitwise pp = 1's gradients;
+  /// parallel::pipeline::TiedGradientSum).
+  parallel::pipeline::TiedGradientSum tied_gradients =
+      parallel::pipeline::TiedGradientSum::kPerStep;
 
   /// InvalidArgument naming the bad value (the schedule's own checks).
   void validate(int pp_size) const;

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <numeric>
 #include <set>
 #include <sstream>
 #include <tuple>
@@ -55,6 +56,64 @@ std::string shape_string(const std::vector<std::int64_t>& shape) {
   return os.str();
 }
 
+// TiedGradientSum::kPerMicrobatch at the end of a step: every holder's
+// gradient of each microbatch (`captured`, undefined where its use got none)
+// gathered over `comm`, then added as autograd adds them on one stage that
+// holds every use: per microbatch the uses from the latest stage to the
+// first, then into .grad microbatch by microbatch in `order`. Every holder
+// computes the same sum in the same order, so the copies stay bitwise equal.
+void sum_tied_per_microbatch(const std::shared_ptr<Communicator>& comm, torch::Tensor& param,
+                             bool grad_defined_at_start, const std::vector<torch::Tensor>& captured,
+                             const std::vector<int>& holder_stages, const std::vector<int>& order) {
+  torch::NoGradGuard no_grad;
+  const auto m = static_cast<std::int64_t>(captured.size());
+  std::vector<torch::Tensor> rows;
+  torch::Tensor present = torch::zeros({m}, torch::kDouble);
+  for (std::int64_t k = 0; k < m; ++k) {
+    const torch::Tensor& g = captured[static_cast<std::size_t>(k)];
+    rows.push_back(g.defined() ? g.reshape(param.sizes()) : torch::zeros_like(param));
+    present[k] = g.defined() ? 1.0 : 0.0;
+  }
+  const auto holders = static_cast<std::int64_t>(comm->size());
+  std::vector<std::int64_t> shape{holders, m};
+  shape.insert(shape.end(), param.sizes().begin(), param.sizes().end());
+  torch::Tensor all = torch::empty(shape, param.options());
+  comm->all_gather(all, torch::stack(rows))->wait();
+  torch::Tensor all_present = torch::empty({holders, m}, torch::kDouble);
+  comm->all_gather(all_present, present)->wait();
+  // The holders from the latest stage to the first.
+  std::vector<std::int64_t> by_stage(static_cast<std::size_t>(holders));
+  std::iota(by_stage.begin(), by_stage.end(), 0);
+  std::sort(by_stage.begin(), by_stage.end(), [&](std::int64_t a, std::int64_t b) {
+    return holder_stages[static_cast<std::size_t>(a)] > holder_stages[static_cast<std::size_t>(b)];
+  });
+  // .grad holds this copy's own accumulation, which the sum replaces. It
+  // starts as autograd's would: zero if it was (zeroed) at the step's start,
+  // else the first microbatch's sum itself.
+  torch::Tensor grad;
+  if (grad_defined_at_start) grad = param.mutable_grad().zero_();
+  for (int k : order) {
+    torch::Tensor sum;
+    for (std::int64_t h : by_stage) {
+      if (all_present[h][k].item<double>() == 0.0) continue;
+      const torch::Tensor part = all[h][k];
+      sum = sum.defined() ? sum + part : part.clone();
+    }
+    if (!sum.defined()) continue;
+    if (grad.defined()) {
+      grad.add_(sum);
+    } else {
+      grad = sum;
+    }
+  }
+  if (!grad.defined()) grad = torch::zeros_like(param);
+  if (!param.grad().defined()) {
+    param.mutable_grad() = grad;
+  } else if (!grad.is_same(param.grad())) {
+    param.mutable_grad().copy_(grad);  // keeps .grad's storage (a DDP bucket view)
+  }
+}
+
 }  // namespace
 
 void PipelineOptions::validate() const {
@@ -87,6 +146,14 @@ struct PipelineEngine::Impl {
     std::shared_ptr<Communicator> comm;
     std::vector<torch::Tensor> params;
     std::vector<int> local_stages;  // this rank's stages that hold them
+    // TiedGradientSum::kPerMicrobatch, per parameter: the stage each member
+    // of `comm` holds it in (by comm rank), the microbatches in the order the
+    // first holding stage runs their backward, and this step's gradient of
+    // each microbatch (by microbatch).
+    std::vector<std::vector<int>> holder_stages;
+    std::vector<std::vector<int>> microbatch_order;
+    std::vector<std::vector<torch::Tensor>> captured;
+    std::vector<bool> grad_defined_at_start;  // this step's, by parameter
   };
 
   std::vector<PipelineStage> stages;                          // by global stage id (ours only)
@@ -124,6 +191,7 @@ struct PipelineEngine::Impl {
   std::vector<P2POp> pending_ops;
   std::string pending_text;
   std::vector<int> pending_ddp;  // stages whose DDP waits for the tied sum
+  int backward_microbatch = -1;  // the microbatch of the running B or W (tied capture)
 
   int tag_for(int link, int direction, std::int64_t size) {
     const auto key = std::make_tuple(link, direction, size);
@@ -261,6 +329,20 @@ PipelineEngine::PipelineEngine(const std::vector<Layer>& layers, const StagePart
                      "; with dp > 1 each stage's DistributedDataParallel would own its gradient: "
                      "place those stages on different ranks or cut the model elsewhere");
     if (set.size() < 2) continue;  // all uses on one rank: autograd sums them
+    // Per microbatch, each holding rank's copy must see one use's gradient
+    // per backward: one stage per holding rank (checked on every rank alike).
+    std::vector<int> holders;
+    for (int r : set) {
+      std::vector<int> held;
+      for (int s : t.stages) {
+        if (schedule_.rank_of_stage(s) == r) held.push_back(s);
+      }
+      DTRAIN_CHECK_ARG(
+          options_.tied_gradients != TiedGradientSum::kPerMicrobatch || held.size() == 1,
+          "TiedGradientSum::kPerMicrobatch: pipeline rank ", r, " holds the tied parameter '",
+          t.names.front(), "' in ", held.size(), " stages; it needs one stage per holding rank");
+      holders.push_back(held.front());
+    }
     auto found = std::find(rank_sets.begin(), rank_sets.end(), set);
     std::size_t index = static_cast<std::size_t>(found - rank_sets.begin());
     if (found == rank_sets.end()) {
@@ -295,6 +377,34 @@ PipelineEngine::PipelineEngine(const std::vector<Layer>& layers, const StagePart
       group->local_stages = local;
     }
     group->params.push_back(param);
+    if (options_.tied_gradients == TiedGradientSum::kPerMicrobatch) {
+      std::vector<int> order;
+      const int first = t.stages.front();
+      for (const Action& a :
+           schedule_.actions[static_cast<std::size_t>(schedule_.rank_of_stage(first))]) {
+        if (a.stage == first &&
+            (a.kind == ActionKind::kBackward || a.kind == ActionKind::kBackwardWeight)) {
+          order.push_back(a.microbatch);
+        }
+      }
+      group->holder_stages.push_back(holders);
+      group->microbatch_order.push_back(std::move(order));
+      group->captured.emplace_back();
+      const std::size_t slot = group->captured.size() - 1;
+      const std::size_t group_index = static_cast<std::size_t>(group - im.tied.data());
+      // The hook sees the gradient of this microbatch's uses on this stage
+      // before autograd adds it to .grad (which keeps its own copy: this
+      // one holds a reference, so autograd never takes it over).
+      Impl* impl = &im;
+      param.register_hook([impl, group_index, slot](const torch::Tensor& grad) {
+        const int mb = impl->backward_microbatch;
+        auto& captured = impl->tied[group_index].captured[slot];
+        if (mb < 0 || mb >= static_cast<int>(captured.size())) return;
+        captured[static_cast<std::size_t>(mb)] = captured[static_cast<std::size_t>(mb)].defined()
+                                                     ? captured[static_cast<std::size_t>(mb)] + grad
+                                                     : grad;
+      });
+    }
     // The first holding stage's value everywhere.
     collectives::BroadcastOptions root;
     const int first_rank = schedule_.rank_of_stage(t.stages.front());
@@ -412,6 +522,12 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
   im.posted_at.assign(schedule_.actions[static_cast<std::size_t>(me)].size(), 0.0);
   im.stored = 0;
   im.awaiting_forward = 0;
+  im.backward_microbatch = -1;
+  for (auto& g : im.tied) {
+    for (auto& captured : g.captured) captured.assign(static_cast<std::size_t>(m), torch::Tensor());
+    g.grad_defined_at_start.clear();
+    for (const auto& param : g.params) g.grad_defined_at_start.push_back(param.grad().defined());
+  }
   trace_.clear();
   stats_ = PipelineStepStats{};
 
@@ -555,6 +671,7 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
         const std::vector<torch::Tensor> roots{slot.output};
         std::vector<torch::Tensor> root_grads{slot.output_grad};
         const bool input_needs_grad = slot.input.defined() && slot.input.requires_grad();
+        im.backward_microbatch = mb;
         if (!slot.output.requires_grad()) {
           // Nothing to differentiate: a first stage without parameters.
         } else if (a.kind == ActionKind::kBackward) {
@@ -571,6 +688,7 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
           torch::autograd::backward(roots, root_grads, /*retain_graph=*/false,
                                     /*create_graph=*/false, im.stage_params[s]);
         }
+        im.backward_microbatch = -1;
         if (slot.input_grad.defined() && local(s - 1)) {
           im.slots[s - 1][mb].output_grad = slot.input_grad;
         }
@@ -659,7 +777,13 @@ PipelineStepResult PipelineEngine::step(const std::vector<torch::Tensor>& inputs
   // inline_max_bytes), and the holder of the last stage reaches its reduce
   // before the first stage has received its last gradient.
   for (auto& g : im.tied) {
-    for (auto& param : g.params) {
+    for (std::size_t j = 0; j < g.params.size(); ++j) {
+      torch::Tensor& param = g.params[j];
+      if (options_.tied_gradients == TiedGradientSum::kPerMicrobatch) {
+        sum_tied_per_microbatch(g.comm, param, g.grad_defined_at_start[j], g.captured[j],
+                                g.holder_stages[j], g.microbatch_order[j]);
+        continue;
+      }
       if (!param.grad().defined()) param.mutable_grad() = torch::zeros_like(param);
       g.comm->all_reduce(param.grad())->wait();
     }

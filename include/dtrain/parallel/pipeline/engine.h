@@ -58,7 +58,9 @@
 //    stage's value is copied to the other holders; in each step, once every
 //    holding stage of a rank has passed its reduce action, the copies'
 //    gradients are summed over the holding ranks (their own communicator),
-//    before the data-parallel average. The copies stay bitwise equal.
+//    before the data-parallel average, per step or, for results bitwise
+//    equal to pp = 1, per microbatch (PipelineOptions::tied_gradients). The
+//    copies stay bitwise equal.
 //  * Data parallel: with dp > 1 (and dp_reduction kDdp, the default) each
 //    stage is wrapped in DistributedDataParallel over the dp communicator. All backward passes
 //    run under no_sync(); the stage's all-reduce starts at its reduce action
@@ -121,6 +123,25 @@ enum class DataParallelReduction {
   kNone,
 };
 
+/// How the gradients of a weight tied across ranks' stages (an embedding
+/// and the output layer) are combined.
+enum class TiedGradientSum {
+  /// Each copy accumulates its own stage's gradient over the step's
+  /// microbatches; at the end of the step the copies' sums are all-reduced.
+  /// One all-reduce of the weight per step. The result equals the one-stage
+  /// model's up to the order of the floating-point additions.
+  kPerStep,
+  /// Each copy keeps its stage's gradient of every microbatch; at the end of
+  /// the step they are all-gathered and added as one stage holding every use
+  /// adds them: per microbatch the uses' gradients (the latest stage's
+  /// first), then the microbatches in the order in which the first holding
+  /// stage ran their backward. The gradients are then bitwise those of the
+  /// same model at pp = 1 with the same microbatches. Costs m copies of the
+  /// weight's gradient on each holding rank and an all-gather of them. Each
+  /// holding rank must hold one of the weight's stages.
+  kPerMicrobatch,
+};
+
 struct PipelineOptions {
   /// The generated schedule (num_ranks is taken from the context's pp size
   /// and may be left at 1). Ignored when custom_schedule is set.
@@ -150,6 +171,7 @@ struct PipelineOptions {
   /// For DistributedDataParallel, used when dp > 1 with kDdp.
   DdpOptions ddp;
   DataParallelReduction dp_reduction = DataParallelReduction::kDdp;
+  TiedGradientSum tied_gradients = TiedGradientSum::kPerStep;
 
   /// Throws InvalidArgument naming the bad value.
   void validate() const;
