@@ -185,7 +185,13 @@ void Trainer::agree(const std::string& problem, const char* other_rank) {
 void Trainer::setup() {
   // Collective; a layout that does not fit the ranks is InvalidArgument on
   // every rank before any split.
-  auto context = std::make_shared<const parallel::ParallelContext>(world_, o_.tp, o_.pp);
+  // The layout's communicators are counted: each step's metrics say what the
+  // strategy handed to them (the trainer's own agreement over world_ is not
+  // counted).
+  auto counted =
+      std::make_shared<collectives::CountingCommunicator>(world_, /*keep_records=*/false);
+  counters_ = {counted};
+  auto context = std::make_shared<const parallel::ParallelContext>(counted, o_.tp, o_.pp);
   run_ = std::make_unique<RunContext>(RunContext{runtime_, world_, context, nullptr,
                                                  torch::Device(torch::kCPU), runtime_.rank(),
                                                  runtime_.size()});
@@ -214,14 +220,16 @@ void Trainer::setup() {
 
   run_->device = o_.device == "cuda" ? torch::Device(torch::kCUDA, runtime_.launch().local_rank)
                                      : torch::Device(torch::kCPU);
-  run_->train_comm = world_;
+  run_->train_comm = counted;
 #if DTRAIN_HAVE_NCCL
   if (run_->device.is_cuda()) {
     collectives::NcclOptions nccl;
     nccl.name = "gpu-world";
     nccl.device = run_->device.index();
     nccl.timeout = std::chrono::seconds(o_.comm_timeout_s);
-    run_->train_comm = collectives::make_nccl_communicator(*world_, nccl);
+    counters_.push_back(std::make_shared<collectives::CountingCommunicator>(
+        collectives::make_nccl_communicator(*world_, nccl), /*keep_records=*/false));
+    run_->train_comm = counters_.back();
   }
 #else
   DTRAIN_CHECK_ARG(!run_->device.is_cuda(),
@@ -423,7 +431,18 @@ int Trainer::run() {
   strategy_->set_training(true);
   bool stopped = false;
   bool signalled = false;
+  const auto comm_totals = [this] {
+    collectives::OpTally sum;
+    for (const auto& c : counters_) {
+      const collectives::OpTally t = c->tree_data_ops();
+      sum.calls += t.calls;
+      sum.bytes += t.bytes;
+      sum.sent_bytes += t.sent_bytes;
+    }
+    return sum;
+  };
   while (step_ < total_steps_) {
+    const collectives::OpTally comm_before = comm_totals();
     const auto t0 = Clock::now();
     const SystemTime s0 = std::chrono::system_clock::now();
     Batch batch = data_->next();
@@ -447,6 +466,7 @@ int Trainer::run() {
                                     StopSignals::requested() ? 1.0 : 0.0, over_time ? 1.0 : 0.0},
                                    at::kDouble);
     world_->all_reduce(agreed)->wait();
+    const collectives::OpTally comm_after = comm_totals();
     const auto t6 = Clock::now();
     const double step_s = seconds(t6 - t0);
     const double global_n = agreed[2].item<double>();
@@ -467,7 +487,10 @@ int Trainer::run() {
                    {o_.rate_name, samples_per_s},
                    {"step_s", step_s},
                    {"data_wait_s", seconds(info.data_ready - t0)},
-                   {"max_rss_bytes", max_rss_bytes()}};
+                   {"max_rss_bytes", max_rss_bytes()},
+                   {"comm_ops", comm_after.calls - comm_before.calls},
+                   {"comm_bytes", comm_after.bytes - comm_before.bytes},
+                   {"comm_sent_bytes", comm_after.sent_bytes - comm_before.sent_bytes}};
       line.update(result.metrics);
       metrics_->write(std::move(line));
     }

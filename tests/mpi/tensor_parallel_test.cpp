@@ -114,6 +114,36 @@ struct Fixture {
   std::shared_ptr<collectives::Communicator> solo;
 };
 
+// The bytes each op sends from this rank, by the bus-bytes convention, on
+// k real ranks; and the tree's totals over a split.
+TEST(CountingCommunicatorTest, SentBytesFollowTheRingShares) {
+  auto& world = testing::world();
+  const std::int64_t k = world.size();
+  CountingCommunicator comm(world.split(0, world.rank(), {"counting", std::nullopt}),
+                            /*keep_records=*/false);
+  comm.all_reduce(at::ones({6}))->wait();                          // 24 bytes
+  comm.all_gather(at::empty({4 * k}), at::ones({4}))->wait();      // 16 k bytes
+  comm.reduce_scatter(at::empty({4}), at::ones({4 * k}))->wait();  // 16 k bytes
+  comm.broadcast(at::ones({2}, at::kDouble))->wait();              // 16 bytes
+  const int next = static_cast<int>((world.rank() + 1) % k);
+  const int previous = static_cast<int>((world.rank() + k - 1) % k);
+  comm.batch_send_recv({collectives::P2POp::send(at::ones({3}), next),
+                        collectives::P2POp::recv(at::empty({3}), previous)})
+      ->wait();  // 12 + 12 bytes
+  EXPECT_EQ(comm.tally(OpKind::kAllReduce).sent_bytes, 2 * (24 * (k - 1) / k));
+  EXPECT_EQ(comm.tally(OpKind::kAllGather).sent_bytes, 16 * (k - 1));
+  EXPECT_EQ(comm.tally(OpKind::kReduceScatter).sent_bytes, 16 * (k - 1));
+  EXPECT_EQ(comm.tally(OpKind::kBroadcast).sent_bytes, k > 1 ? 16 : 0);
+  EXPECT_EQ(comm.tally(OpKind::kBatchSendRecv).bytes, 24);
+  EXPECT_EQ(comm.tally(OpKind::kBatchSendRecv).sent_bytes, 12);
+  auto half = comm.split(world.rank() % 2, world.rank());
+  half->all_reduce(at::ones({1}, at::kDouble))->wait();
+  const std::int64_t half_size = half->size();
+  EXPECT_EQ(comm.tree_data_ops().calls, 6);
+  EXPECT_EQ(comm.tree_data_ops().sent_bytes,
+            comm.data_ops().sent_bytes + 2 * (8 * (half_size - 1) / half_size));
+}
+
 TEST(TensorParallelTest, RegionsIssueTheirCollectivesAndInvertEachOther) {
   Fixture f("tp-regions");
   for (int tp : tp_sizes(f.world->size())) {

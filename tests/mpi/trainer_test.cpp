@@ -65,12 +65,18 @@ class CountingData : public DataSource {
 };
 
 // "Trains" a scalar: w += lr * (batch value + 1). Its loss is the step
-// number; every other step's prediction is correct.
+// number; every other step's prediction is correct. Given the run's
+// communicators, it all-reduces step + 1 floats over train_comm and one
+// double over the dp axis each step (the trainer counts them).
 class CountingStrategy : public Strategy {
  public:
   std::string name() const override { return "counting"; }
   void set_lr(double lr) override { lr_ = lr; }
   StepResult train_step(Batch& batch, const StepInfo& info) override {
+    if (run_ != nullptr) {
+      run_->train_comm->all_reduce(at::ones({info.step + 1}))->wait();
+      run_->context->dp()->all_reduce(at::ones({1}, at::kDouble))->wait();
+    }
     seen_steps.push_back(info.step);
     seen_inputs.push_back(batch.inputs.item<double>());
     w_ += lr_ * (batch.inputs.item<double>() + 1);
@@ -101,6 +107,7 @@ class CountingStrategy : public Strategy {
   std::vector<double> seen_inputs;
   int eval_batches = 0;
   std::optional<std::int64_t> raise_at;  // SIGTERM in this step (1-based), on rank 0
+  const RunContext* run_ = nullptr;
 
  private:
   double lr_ = 0;
@@ -115,8 +122,9 @@ class FakeProgram : public TrainingProgram {
                      " dislikes its input");
     return kBatchesPerEpoch;
   }
-  std::unique_ptr<Strategy> make_strategy(const RunContext&) override {
+  std::unique_ptr<Strategy> make_strategy(const RunContext& run) override {
     auto s = std::make_unique<CountingStrategy>();
+    s->run_ = &run;
     if (raise_at && testing::runtime().rank() == 0) s->raise_at = raise_at;
     strategy = s.get();
     return s;
@@ -258,6 +266,15 @@ TEST(Trainer, RunsEveryStepAndReportsGlobalSums) {
                 train[i - 1]["max_rss_bytes"].get<std::int64_t>());
     }
     EXPECT_EQ(train[i]["lr"], 1.0);
+    // What the strategy handed to the layout's communicators in this step:
+    // step + 1 floats over the world and a double over dp, bus bytes as a
+    // ring over k ranks sends them (the trainer's own all-reduce is not
+    // counted).
+    const std::int64_t k = testing::world().size();
+    const std::int64_t floats = 4 * static_cast<std::int64_t>(i + 1);
+    EXPECT_EQ(train[i]["comm_ops"], 2);
+    EXPECT_EQ(train[i]["comm_bytes"], floats + 8);
+    EXPECT_EQ(train[i]["comm_sent_bytes"], 2 * (floats * (k - 1) / k) + 2 * (8 * (k - 1) / k));
   }
   const auto runs = metrics_of(dir, "run");
   ASSERT_EQ(runs.size(), 1u);
@@ -389,8 +406,10 @@ TEST(Trainer, ACheckpointOfTwoStagesResumesInOneStage) {
   ASSERT_EQ(reference.run(), kExitOk);
   ASSERT_EQ(whole.staged->w_.size(), 2u);
 
+  // Each program's strategy lives as long as its trainer: keep them.
   StagedProgram first;
-  ASSERT_EQ(Trainer(two_stages, first, testing::runtime()).run(), kExitOk);
+  Trainer split(two_stages, first, testing::runtime());
+  ASSERT_EQ(split.run(), kExitOk);
   ASSERT_EQ(first.staged->w_.size(), 1u);
   const auto runs = metrics_of(dir + "/split", "run");
   ASSERT_EQ(runs.size(), 1u);
@@ -409,7 +428,8 @@ TEST(Trainer, ACheckpointOfTwoStagesResumesInOneStage) {
   }
 
   StagedProgram second;  // one stage: both layers on every rank
-  ASSERT_EQ(Trainer(options_in(dir + "/split", 10), second, testing::runtime()).run(), kExitOk);
+  Trainer resumed(options_in(dir + "/split", 10), second, testing::runtime());
+  ASSERT_EQ(resumed.run(), kExitOk);
   EXPECT_EQ(second.started_at, "1 1");
   EXPECT_EQ(second.staged->w_, whole.staged->w_);
 }

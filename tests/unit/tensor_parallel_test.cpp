@@ -63,14 +63,30 @@ TEST(CountingCommunicatorTest, RecordsEveryOpByKindAndBytes) {
   EXPECT_EQ(comm.tally(OpKind::kAllReduce).calls, 1);
   EXPECT_EQ(comm.data_ops().calls, 5);
   EXPECT_EQ(comm.data_ops().bytes, 48 + 48 + 40 + 40 + 96);
+  // On one rank only the batch's send sends anything.
+  EXPECT_EQ(comm.data_ops().sent_bytes, 48);
+  EXPECT_EQ(records[4].sent_bytes, 48);
   // The child counts its own ops.
   auto* counting_child = dynamic_cast<CountingCommunicator*>(child.get());
   ASSERT_NE(counting_child, nullptr);
   child->all_reduce(f)->wait();
   EXPECT_EQ(counting_child->tally(OpKind::kAllReduce).calls, 1);
   EXPECT_EQ(comm.tally(OpKind::kAllReduce).calls, 1);
+  // The tree's totals: the parent's data ops and the child's.
+  EXPECT_EQ(comm.tree_data_ops().calls, 6);
+  EXPECT_EQ(comm.tree_data_ops().bytes, 48 + 48 + 40 + 40 + 96 + 48);
+  EXPECT_EQ(counting_child->tree_data_ops().calls, 6);
   comm.reset();
   EXPECT_TRUE(comm.records().empty());
+  EXPECT_EQ(comm.data_ops().calls, 0);
+  EXPECT_EQ(comm.tree_data_ops().calls, 6);
+  // Without records: the tallies only, inherited by a split.
+  CountingCommunicator tallying(std::make_shared<FakeCommunicator>(0, 1), /*keep_records=*/false);
+  tallying.all_reduce(f)->wait();
+  tallying.split(0, 0)->all_reduce(d)->wait();
+  EXPECT_TRUE(tallying.records().empty());
+  EXPECT_EQ(tallying.tally(OpKind::kAllReduce).calls, 1);
+  EXPECT_EQ(tallying.tree_data_ops().bytes, 48 + 40);
   // An op the inner communicator refuses leaves no record.
   CountingCommunicator refusing(std::make_shared<FakeCommunicator>(0, 2));
   EXPECT_THROW(refusing.all_reduce(f), Error);

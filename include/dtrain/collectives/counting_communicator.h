@@ -23,9 +23,19 @@
 //   barrier, split          0
 // Ops the inner communicator rejects (InvalidArgument) are not recorded.
 //
+// Each op also records the bytes this rank sends for it, by nccl-tests'
+// bus-bytes convention (what a ring algorithm sends; other algorithms move
+// about as much): all_reduce 2 (k-1)/k x its size over k ranks, all_gather
+// and reduce_scatter (k-1)/k x theirs, broadcast its size (k > 1), send and
+// the sends of batch_send_recv their tensors, recv 0.
+//
 // split() records a kSplit here and returns a new CountingCommunicator over
 // the inner communicator's child (nullptr for a negative color), with counts
-// of its own.
+// of its own; tree_data_ops() sums the data ops of a communicator and of
+// every communicator split from it, directly or not (a trainer wraps its
+// world once and reads what the whole layout sent). Without keep_records the
+// per-op list is not kept (a long run issues millions of ops); the tallies
+// are.
 //
 // Thread-safety: like the inner communicator; the counts are guarded by a
 // mutex, so they may be read from any thread.
@@ -61,26 +71,35 @@ struct OpRecord {
   OpKind kind = OpKind::kAllReduce;
   /// As the header comment defines it per kind.
   std::int64_t bytes = 0;
+  /// The bytes this rank sends for it (bus bytes, above).
+  std::int64_t sent_bytes = 0;
 };
 
 /// Ops of one kind: how many, and their bytes summed.
 struct OpTally {
   std::int64_t calls = 0;
   std::int64_t bytes = 0;
+  std::int64_t sent_bytes = 0;
 };
 
 class CountingCommunicator final : public Communicator {
  public:
-  /// Forwards to `inner` (not null), which it keeps alive.
-  explicit CountingCommunicator(std::shared_ptr<Communicator> inner);
+  /// Forwards to `inner` (not null), which it keeps alive. keep_records:
+  /// keep the list of ops (records()); communicators split from it inherit
+  /// the choice.
+  explicit CountingCommunicator(std::shared_ptr<Communicator> inner, bool keep_records = true);
 
-  /// Every op recorded since construction or the last reset(), in issue order.
+  /// Every op recorded since construction or the last reset(), in issue order
+  /// (empty without keep_records).
   std::vector<OpRecord> records() const;
   /// The ops of one kind.
   OpTally tally(OpKind kind) const;
   /// Every op but barrier and split: the ops that move data.
   OpTally data_ops() const;
-  /// Forgets every record.
+  /// data_ops() of this communicator and of every one split from it,
+  /// directly or not, since each was made (reset() does not change it).
+  OpTally tree_data_ops() const;
+  /// Forgets every record and tally of this communicator.
   void reset();
 
   const std::shared_ptr<Communicator>& inner() const noexcept { return inner_; }
@@ -109,11 +128,17 @@ class CountingCommunicator final : public Communicator {
   bool failed() const override { return inner_->failed(); }
 
  private:
-  void record(OpKind kind, std::int64_t bytes);
+  struct TreeTotals;
+  CountingCommunicator(std::shared_ptr<Communicator> inner, bool keep_records,
+                       std::shared_ptr<TreeTotals> totals);
+  void record(OpKind kind, std::int64_t bytes, std::int64_t sent_bytes);
 
   std::shared_ptr<Communicator> inner_;
+  bool keep_records_ = true;
+  std::shared_ptr<TreeTotals> totals_;  // shared with the communicators split from it
   mutable std::mutex mutex_;
   std::vector<OpRecord> records_;
+  std::vector<OpTally> by_kind_;  // indexed by OpKind
 };
 
 }  // namespace dtrain::collectives

@@ -67,6 +67,7 @@
 
 #include "dtrain/checkpoint/checkpoint.h"
 #include "dtrain/collectives/communicator.h"
+#include "dtrain/collectives/counting_communicator.h"
 #include "dtrain/env.h"
 #include "dtrain/parallel/parallel_context.h"
 #include "dtrain/runtime.h"
@@ -279,6 +280,8 @@ class Trainer {
   RunEnvironment env_;
   bool started_ = false;
   std::shared_ptr<collectives::Communicator> world_;
+  // The layout's communicators and train_comm, counted (comm_bytes per step).
+  std::vector<std::shared_ptr<collectives::CountingCommunicator>> counters_;
   std::unique_ptr<RunContext> run_;
   std::int64_t steps_per_epoch_ = 1;
   std::int64_t total_steps_ = 0;
