@@ -16,7 +16,8 @@ For the model, the world size and the global batch it
 
 Per layout it records throughput, the step split into compute, communication
 and bubble (from the trainer's metrics, on the rank with the most compute),
-and the peak resident set per rank. A layout that fails is a row with its
+the peak resident set per rank, and the bytes the rank that sends most sends
+per step (the trainer's comm_sent_bytes: its CountingCommunicator, bus bytes). A layout that fails is a row with its
 reason; the run goes on. More ranks than cores oversubscribe, and the output
 says so.
 """
@@ -132,6 +133,8 @@ def measure(args, model, layout, out_dir):
         "communication_s": comm,
         "bubble_s": bubble,
         "peak_rss_bytes": max(s[-1].get("max_rss_bytes", 0) for s in ranks),
+        # The rank that sends the most: its median over the timed steps.
+        "sent_bytes": max(statistics.median(x.get("comm_sent_bytes", 0) for x in s) for s in ranks),
     }
 
 
@@ -227,7 +230,7 @@ def main():
         if not done:
             row["error"] = runs[p["layout"]][0]["error"]
         else:
-            for k in ("step_s", "throughput", "compute_s", "communication_s", "bubble_s"):
+            for k in ("step_s", "throughput", "compute_s", "communication_s", "bubble_s", "sent_bytes"):
                 row[k] = statistics.median(m[k] for m in done)
             row["peak_rss_bytes"] = max(m["peak_rss_bytes"] for m in done)
         rows.append(row)
@@ -251,9 +254,11 @@ def markdown(args, model, rows, note, wall):
     mib = lambda b: f"{b / 2**20:.0f}"
     head = [f"{args.model}, {note}, global batch {args.global_batch}; {args.steps} steps per run "
             f"({args.warmup} warm-up), median of {args.repeats} round(s); {wall:.0f} s in all.", ""]
-    cols = ["layout", unit, "step ms", "compute ms", "comm ms", "bubble ms", "peak RSS MiB"]
+    cols = ["layout", unit, "step ms", "compute ms", "comm ms", "bubble ms", "peak RSS MiB",
+            "sent MB/step"]
     if args.predict:
-        cols += [f"predicted {unit}", "predicted step ms", "step pred/meas", "predicted peak MiB"]
+        cols += [f"predicted {unit}", "predicted step ms", "step pred/meas", "predicted peak MiB",
+                 "predicted sent MB"]
     head += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if "throughput" not in r:
@@ -261,11 +266,12 @@ def markdown(args, model, rows, note, wall):
             continue
         cells = [r["layout"], f"{r['throughput']:.1f}", f"{r['step_s'] * 1e3:.1f}",
                  f"{r['compute_s'] * 1e3:.1f}", f"{r['communication_s'] * 1e3:.1f}",
-                 f"{r['bubble_s'] * 1e3:.1f}", mib(r["peak_rss_bytes"])]
+                 f"{r['bubble_s'] * 1e3:.1f}", mib(r["peak_rss_bytes"]), f"{r['sent_bytes'] / 1e6:.2f}"]
         if args.predict:
             p = r["predicted"]
             cells += [f"{p['throughput']:.1f}", f"{p['step_seconds'] * 1e3:.1f}",
-                      f"{p['step_seconds'] / r['step_s']:.2f}", mib(p["peak_bytes"])]
+                      f"{p['step_seconds'] / r['step_s']:.2f}", mib(p["peak_bytes"]),
+                      f"{p['bytes_sent_per_step'] / 1e6:.2f}"]
         head.append("| " + " | ".join(cells) + " |")
     measured = [r for r in rows if "throughput" in r]
     if args.predict and measured:
