@@ -11,7 +11,10 @@ For the model, the world size and the global batch it
   3. runs each layout through the model's program for --steps steps, the
      layouts alternated over --repeats rounds (forward order, then reversed),
      and takes the median of the rounds,
-  4. writes strategies.json, strategies.md (sorted by measured throughput, the
+  4. predicts the layouts again with the base memory per rank the program
+     itself reported in those runs (the trainer's base_rss_bytes, the median;
+     the profiler's process is not the training program),
+  5. writes strategies.json, strategies.md (sorted by measured throughput, the
      prediction beside each row with --predict) and strategies.png.
 
 Per layout it records throughput, the step split into compute, communication
@@ -99,12 +102,14 @@ def measure(args, model, layout, out_dir):
     if not ok:
         return {"error": failure_reason(output)}
     ranks = []
+    bases = []
     for r in range(args.ranks):
         path = os.path.join(out_dir, "metrics", f"metrics-rank{r:05d}.jsonl")
         try:
             rows = [json.loads(l) for l in open(path) if l.strip()]
         except OSError as e:
             return {"error": f"no metrics from rank {r}: {e}"}
+        bases.append(max([x.get("base_rss_bytes", 0) for x in rows if x.get("kind") == "run"] or [0]))
         steps = [x for x in rows if x.get("kind") == "train"][args.warmup:]
         if not steps:
             return {"error": f"rank {r} logged no step after {args.warmup} warm-up steps"}
@@ -135,6 +140,7 @@ def measure(args, model, layout, out_dir):
         "peak_rss_bytes": max(s[-1].get("max_rss_bytes", 0) for s in ranks),
         # The rank that sends the most: its median over the timed steps.
         "sent_bytes": max(statistics.median(x.get("comm_sent_bytes", 0) for x in s) for s in ranks),
+        "base_rss_bytes": max(bases),
     }
 
 
@@ -220,6 +226,29 @@ def main():
                 log(f"  round {r + 1}: {name:<34} "
                     + (f"{m['throughput']:10.1f} {model['unit']}/s" if "error" not in m else "failed: " + m["error"]))
 
+    # The planner's base memory per rank, from the program itself: what each
+    # rank held before it built its model (the trainer's base_rss_bytes),
+    # median over the runs, instead of the profiler's own process. The
+    # layouts are predicted again with it.
+    bases = [m["base_rss_bytes"] for ms in runs.values() for m in ms
+             if "error" not in m and m["base_rss_bytes"] > 0]
+    base_note = ""
+    if bases:
+        calibrated = json.load(open(profile))
+        profiled_base = calibrated["machine"]["base_bytes_per_rank"]
+        calibrated["machine"]["base_bytes_per_rank"] = int(statistics.median(bases))
+        calibrated_path = os.path.join(args.out, "profile-calibrated.json")
+        json.dump(calibrated, open(calibrated_path, "w"), indent=2)
+        plan_cmd[1] = calibrated_path
+        ok, plan_output = run(plan_cmd, 120)
+        if not ok:
+            sys.exit("strategy_compare: dtrain-plan failed on the calibrated profile:\n" + plan_output)
+        again = {p["layout"]: p for p in json.load(open(predicted_path))}
+        layouts = [again.get(p["layout"], p) for p in layouts]
+        base_note = (f"base memory per rank {int(statistics.median(bases)) / 2**20:.0f} MiB "
+                     f"(the program's, measured; the profiler's process: {profiled_base / 2**20:.0f} MiB)")
+        log("calibrated: " + base_note)
+
     rows = []
     for p in layouts:
         done = [m for m in runs[p["layout"]] if "error" not in m]
@@ -238,6 +267,8 @@ def main():
     for name, reason in rejected:
         rows.append({"layout": name.strip(), "error": "not valid: " + reason.strip()})
     wall = time.time() - started
+    if base_note:
+        note += "; " + base_note
     json.dump({"model": args.model, "ranks": args.ranks, "cores": cores, "global_batch": args.global_batch,
                "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "note": note,
                "wall_seconds": wall, "profile": json.load(open(profile)), "rows": rows},

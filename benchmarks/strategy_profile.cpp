@@ -14,10 +14,12 @@
 // residual stream) are counted as replicated over tp, split only by
 // sequence parallelism.
 //
-// Rank 0 measures the layers alone, with --threads intra-op threads, while
-// the other ranks sleep (they poll for its end every millisecond, so they
-// take no core from it); then all ranks time all-reduces over the world and
-// ranks 0 and 1 time a ping-pong. Run it on as many ranks as the layouts to
+// As many ranks as the machine has cores (--cores) measure the layers at
+// once, with --threads intra-op threads each, as training runs them, and each
+// layer's time is their mean (--alone: rank 0 measures alone); the other
+// ranks sleep meanwhile (they poll for the end every millisecond, so they take
+// no core). Then all ranks time all-reduces over the world and ranks 0 and 1
+// time a ping-pong. Run it on as many ranks as the layouts to
 // compare will use: the collectives then cross the same processes.
 
 #include <mpi.h>
@@ -56,22 +58,26 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// Ranks other than 0 wait here, asleep, until rank 0 has finished alone.
-void others_sleep_while_rank0_works(int rank, int size, const std::function<void()>& work) {
+// Ranks 0 .. workers-1 run `work` at the same time; the others wait here,
+// asleep, until every worker has finished.
+void others_sleep_while_workers_work(int rank, int size, int workers,
+                                     const std::function<void()>& work) {
   constexpr int kTag = 7001;
-  if (rank == 0) {
+  if (rank < workers) {
     work();
     int token = 1;
-    for (int r = 1; r < size; ++r) MPI_Send(&token, 1, MPI_INT, r, kTag, MPI_COMM_WORLD);
+    for (int r = workers; r < size; ++r) MPI_Send(&token, 1, MPI_INT, r, kTag, MPI_COMM_WORLD);
     return;
   }
-  int token = 0;
-  MPI_Request request = MPI_REQUEST_NULL;
-  MPI_Irecv(&token, 1, MPI_INT, 0, kTag, MPI_COMM_WORLD, &request);
-  int done = 0;
-  while (!done) {
-    MPI_Test(&request, &done, MPI_STATUS_IGNORE);
-    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  for (int w = 0; w < workers; ++w) {
+    int token = 0;
+    MPI_Request request = MPI_REQUEST_NULL;
+    MPI_Irecv(&token, 1, MPI_INT, w, kTag, MPI_COMM_WORLD, &request);
+    int done = 0;
+    while (!done) {
+      MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+      if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
   }
 }
 
@@ -122,11 +128,13 @@ int main(int argc, char** argv) {
       cxxopts::value<int>()->default_value("1"))(
       "cores", "cores the ranks share (0: one per rank; default: this machine's)",
       cxxopts::value<int>()->default_value(std::to_string(std::thread::hardware_concurrency())))(
+      "alone", "measure the layers on rank 0 alone (default: on as many ranks as cores, at once)")(
       "out", "the profile to write", cxxopts::value<std::string>())("h,help", "print this help");
   auto world = runtime.world();
   std::string model_name, out_path;
   std::vector<std::int64_t> image;
   int classes = 10, microbatch = 64, threads = 1, timed_runs = 5, optimizer_states = 1, cores = 0;
+  bool measure_alone = false;
   dtrain::gpt::GptOptions gpt;
   try {
     const auto parsed = dtrain::cli::parse(cli, argc, argv);
@@ -149,6 +157,7 @@ int main(int argc, char** argv) {
     classes = parsed["classes"].as<int>();
     microbatch = parsed["microbatch"].as<int>();
     threads = parsed["threads"].as<int>();
+    measure_alone = parsed.count("alone") > 0;
     timed_runs = parsed["timed-runs"].as<int>();
     optimizer_states = parsed["optimizer-states"].as<int>();
     cores = parsed["cores"].as<int>();
@@ -189,7 +198,12 @@ int main(int argc, char** argv) {
   auto alone = std::make_shared<const dtrain::parallel::ParallelContext>(self, 1, 1);
   dtrain::parallel::pipeline::LayerTimingOptions timing;
   timing.timed_runs = timed_runs;
-  others_sleep_while_rank0_works(world->rank(), world->size(), [&] {
+  // As many ranks as there are cores measure at once (training runs every
+  // rank at once, and they share the memory system); with more ranks than
+  // cores the planner scales the time itself (MachineProfile::cores).
+  const int workers =
+      measure_alone ? 1 : std::max(1, std::min(world->size(), cores > 0 ? cores : world->size()));
+  others_sleep_while_workers_work(world->rank(), world->size(), workers, [&] {
     at::set_num_threads(threads);
     torch::manual_seed(0);
     if (model_name == "gpt") {
@@ -208,7 +222,27 @@ int main(int argc, char** argv) {
           dtrain::plan::measure_layers(model->layers(), torch::randn(shape), timing);
     }
   });
-  // The layers travel to the other ranks only in the file rank 0 writes.
+  // Each layer's time: the mean over the ranks that measured it. The layers
+  // travel to the other ranks only in the file rank 0 writes.
+  {
+    const std::int64_t n = static_cast<std::int64_t>(profile.model.layers.size());
+    at::Tensor count = at::full({1}, static_cast<std::int64_t>(n), at::kLong);
+    dtrain::collectives::AllReduceOptions most;
+    most.op = dtrain::collectives::ReduceOp::kMax;
+    world->all_reduce(count, most)->wait();
+    at::Tensor times = at::zeros({2 * count.item<std::int64_t>()}, at::kDouble);
+    for (std::int64_t i = 0; i < n; ++i) {
+      times[2 * i] = profile.model.layers[static_cast<std::size_t>(i)].forward_seconds;
+      times[2 * i + 1] = profile.model.layers[static_cast<std::size_t>(i)].backward_seconds;
+    }
+    world->all_reduce(times)->wait();
+    for (std::int64_t i = 0; i < n; ++i) {
+      profile.model.layers[static_cast<std::size_t>(i)].forward_seconds =
+          times[2 * i].item<double>() / workers;
+      profile.model.layers[static_cast<std::size_t>(i)].backward_seconds =
+          times[2 * i + 1].item<double>() / workers;
+    }
+  }
   profile.model.name = model_name;
   profile.model.optimizer_states = optimizer_states;
   profile.model.limits.layers = static_cast<int>(profile.model.layers.size());

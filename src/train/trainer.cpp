@@ -183,6 +183,7 @@ void Trainer::agree(const std::string& problem, const char* other_rank) {
 // Everything that can be wrong with the input is checked here, on every rank,
 // and agreed on before anything is trained or written.
 void Trainer::setup() {
+  base_rss_bytes_ = max_rss_bytes();
   // Collective; a layout that does not fit the ranks is InvalidArgument on
   // every rank before any split.
   // The layout's communicators are counted: each step's metrics say what the
@@ -414,6 +415,7 @@ int Trainer::run() {
                        {"tp", run_->context->tp_size()}}},
                      {"resumed_from_step", resumed_from_ ? json(*resumed_from_) : json(nullptr)},
                      {"malloc_tuning", runtime_.malloc_policy().tune},
+                     {"base_rss_bytes", base_rss_bytes_},
                      {"config", config}});
   }
   const auto& shape = run_->context->shape();

@@ -280,6 +280,10 @@ TEST(Trainer, RunsEveryStepAndReportsGlobalSums) {
   ASSERT_EQ(runs.size(), 1u);
   EXPECT_EQ(runs[0]["config"]["steps"], 6);
   EXPECT_EQ(runs[0]["config"]["model"], "counting");
+  // The base: at least the loaded libraries, at most what the steps reached.
+  EXPECT_GT(runs[0]["base_rss_bytes"].get<std::int64_t>(), 10 << 20);
+  EXPECT_LE(runs[0]["base_rss_bytes"].get<std::int64_t>(),
+            train.back()["max_rss_bytes"].get<std::int64_t>());
   // Saves at steps 2 and 4 (every 2, not at the last step) and the final one at 6.
   std::vector<std::int64_t> saved;
   for (const auto& c : metrics_of(dir, "checkpoint")) saved.push_back(c["step"]);

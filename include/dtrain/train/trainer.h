@@ -283,6 +283,7 @@ class Trainer {
   // The layout's communicators and train_comm, counted (comm_bytes per step).
   std::vector<std::shared_ptr<collectives::CountingCommunicator>> counters_;
   std::unique_ptr<RunContext> run_;
+  std::size_t base_rss_bytes_ = 0;  // the resident set before the program built anything
   std::int64_t steps_per_epoch_ = 1;
   std::int64_t total_steps_ = 0;
   LrSchedule schedule_;
