@@ -372,6 +372,41 @@ TEST(PipelineEngineTest, TiedFirstAndLastWeightsStayEqual) {
   }
 }
 
+// The per-microbatch sum's hooks go with their engine (it removes them):
+// the model's tied weight outlives it, and a backward through the model
+// afterwards must give autograd's own gradient, untouched by any hook. (A
+// hook left behind would read the destroyed engine; a sanitizer build,
+// DTRAIN_SANITIZE=address, reports that here.)
+TEST(PipelineEngineTest, PerMicrobatchTiedHooksEndWithTheEngine) {
+  const int p = world().size();
+  if (p < 2) GTEST_SKIP() << "needs 2 ranks";
+  auto comm = fresh_world("pipeline-tied-hooks");
+  ParallelContext ctx(comm, 1, p);
+  torch::nn::Sequential model = make_tied_model();
+  const auto batches = make_batches(8, kFeatures);
+  {
+    const auto layers = layers_of(model);
+    const auto partition = partition_uniform(static_cast<int>(layers.size()), p);
+    PipelineOptions options;
+    options.schedule.num_microbatches = p;
+    options.stage_input_shapes = stage_input_shapes(layers, partition, torch::zeros({1, 12}));
+    options.tied_gradients = TiedGradientSum::kPerMicrobatch;
+    PipelineEngine engine(layers, partition, ctx, options);
+    engine.step(batches[0].x, batches[0].y, loss_fn);
+  }
+  torch::nn::Sequential reference = make_tied_model();
+  for (torch::nn::Sequential* m : {&model, &reference}) {
+    for (auto& param : (*m)->parameters()) {
+      if (param.grad().defined()) param.mutable_grad().zero_();
+    }
+    loss_fn((*m)->forward(batches[1].x), batches[1].y).backward();
+  }
+  const torch::Tensor tied = model[0]->named_parameters()["weight"];
+  const torch::Tensor expected = reference[0]->named_parameters()["weight"];
+  EXPECT_TRUE(torch::equal(tied.grad(), expected.grad()));
+  comm->barrier()->wait();
+}
+
 // The first layer's weight used again by stages 1 and 3: with pp 2 x v 2,
 // pipeline rank 1 holds it in two stages, which the per-microbatch sum
 // cannot tell apart; every rank refuses before the first step.

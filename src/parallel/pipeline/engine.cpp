@@ -192,6 +192,9 @@ struct PipelineEngine::Impl {
   std::string pending_text;
   std::vector<int> pending_ddp;  // stages whose DDP waits for the tied sum
   int backward_microbatch = -1;  // the microbatch of the running B or W (tied capture)
+  // The hooks on tied parameters (kPerMicrobatch), removed with the engine:
+  // the parameters belong to the caller's model and outlive it.
+  std::vector<std::pair<torch::Tensor, unsigned>> hooks;
 
   int tag_for(int link, int direction, std::int64_t size) {
     const auto key = std::make_tuple(link, direction, size);
@@ -396,14 +399,17 @@ PipelineEngine::PipelineEngine(const std::vector<Layer>& layers, const StagePart
       // before autograd adds it to .grad (which keeps its own copy: this
       // one holds a reference, so autograd never takes it over).
       Impl* impl = &im;
-      param.register_hook([impl, group_index, slot](const torch::Tensor& grad) {
-        const int mb = impl->backward_microbatch;
-        auto& captured = impl->tied[group_index].captured[slot];
-        if (mb < 0 || mb >= static_cast<int>(captured.size())) return;
-        captured[static_cast<std::size_t>(mb)] = captured[static_cast<std::size_t>(mb)].defined()
-                                                     ? captured[static_cast<std::size_t>(mb)] + grad
-                                                     : grad;
-      });
+      const unsigned hook =
+          param.register_hook([impl, group_index, slot](const torch::Tensor& grad) {
+            const int mb = impl->backward_microbatch;
+            auto& captured = impl->tied[group_index].captured[slot];
+            if (mb < 0 || mb >= static_cast<int>(captured.size())) return;
+            captured[static_cast<std::size_t>(mb)] =
+                captured[static_cast<std::size_t>(mb)].defined()
+                    ? captured[static_cast<std::size_t>(mb)] + grad
+                    : grad;
+          });
+      im.hooks.emplace_back(param, hook);
     }
     // The first holding stage's value everywhere.
     collectives::BroadcastOptions root;
@@ -426,6 +432,7 @@ PipelineEngine::PipelineEngine(const std::vector<Layer>& layers, const StagePart
 
 PipelineEngine::~PipelineEngine() {
   if (!impl_) return;
+  for (auto& [param, hook] : impl_->hooks) param.remove_hook(hook);
   for (auto& batch : impl_->batches) {
     if (batch.waited || !batch.work) continue;
     try {
